@@ -1,0 +1,288 @@
+"""Training images from a Hub dataset, a local image folder, local parquet/arrow files, or the built-in set.
+
+Map-style datasets are decoded once, resized and center-cropped into one uint8 tensor [N, C, H, W]
+(`ImageBank`); batches are then gathered by index and flipped/scaled on the device. `--streaming`
+sets are decoded on the fly instead (`stream_batches`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import socket
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_DATASETS = ("digits",)
+
+# Short names for common unconditional image sets on the Hub.
+DATASET_ALIASES = {
+    "cifar10": "uoft-cs/cifar10",
+    "cifar100": "uoft-cs/cifar100",
+    "mnist": "ylecun/mnist",
+    "fashion_mnist": "zalando-datasets/fashion_mnist",
+    "celeba-hq": "korexyz/celeba-hq-256x256",
+    "butterflies": "huggan/smithsonian_butterflies_subset",
+    "flowers": "huggan/flowers-102-categories",
+    "pokemon": "huggan/pokemon",
+}
+
+LOCAL_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class DatasetUnavailableError(RuntimeError):
+    """A dataset that cannot be loaded here (offline and not cached, or not found)."""
+
+
+class BadImageError(ValueError):
+    """An image that cannot be decoded, with where it came from."""
+
+
+def _builtin_digits():
+    """scikit-learn's bundled 1,797 8x8 handwritten digits (UCI), as 8-bit grayscale images."""
+    import datasets
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = [Image.fromarray((img * (255 / 16)).round().astype(np.uint8), mode="L") for img in digits.images]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+    return datasets.Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
+
+
+def _local_files(path: Path) -> Optional[tuple]:
+    """(builder, files) for a parquet/arrow file or a folder of them; None for anything else."""
+    if path.is_file():
+        builder = LOCAL_FILE_BUILDERS.get(path.suffix.lower())
+        return (builder, [str(path)]) if builder else None
+    for suffix, builder in LOCAL_FILE_BUILDERS.items():
+        files = sorted(str(p) for p in path.rglob(f"*{suffix}"))
+        if files:
+            return builder, files
+    return None
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hub endpoint (HF_ENDPOINT) accepts a TCP connection, and offline mode is off."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _offline_mode():
+    """Make `datasets` use only its cache (as with HF_HUB_OFFLINE=1) instead of retrying an unreachable Hub."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
+def load_image_dataset(
+    dataset: str,
+    dataset_config: Optional[str] = None,
+    split: str = "train",
+    streaming: bool = False,
+    cache_dir: Optional[str] = None,
+):
+    """Load `dataset`: `digits` (built in), a local folder of images (recursive), local parquet/arrow
+    file(s), an alias from DATASET_ALIASES, or any Hub dataset id."""
+    import datasets
+
+    if dataset in BUILTIN_DATASETS:
+        ds = _builtin_digits()
+        return ds.to_iterable_dataset() if streaming else ds
+    path = Path(dataset).expanduser()
+    if path.exists():
+        local = _local_files(path)
+        if local is not None:
+            builder, files = local
+            return datasets.load_dataset(builder, data_files={"train": files}, split="train", streaming=streaming, cache_dir=cache_dir)
+        if path.is_dir():
+            if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")):
+                raise DatasetUnavailableError(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) and no parquet/arrow files.")
+            return datasets.load_dataset("imagefolder", data_dir=str(path), split="train", streaming=streaming, cache_dir=cache_dir)
+        raise DatasetUnavailableError(f"{path} is neither a folder of images nor a .parquet/.arrow file.")
+    repo_id = DATASET_ALIASES.get(dataset, dataset)
+    try:
+        with contextlib.nullcontext() if hub_reachable() else _offline_mode():
+            return datasets.load_dataset(repo_id, dataset_config, split=split, streaming=streaming, cache_dir=cache_dir)
+    except (ConnectionError, OSError, FileNotFoundError, ValueError) as e:
+        raise DatasetUnavailableError(
+            f"Cannot load the Hub dataset {repo_id!r} (split {split!r}): it is not cached here and the Hub cannot "
+            f"be reached, or it does not exist ({type(e).__name__}). Point --dataset at local files instead: a folder "
+            "of images, or .parquet/.arrow files (e.g. --dataset path/to/train.parquet)."
+        ) from e
+
+
+def find_image_column(features, requested: Optional[str] = None) -> str:
+    """The image column: `requested`, else `img` or `image`, else the only Image feature."""
+    import datasets
+
+    names = list(features)
+    if requested is not None:
+        if requested not in names:
+            raise ValueError(f"--image_column {requested!r} is not a column of this dataset; its columns are {names}.")
+        return requested
+    image_columns = [k for k, v in features.items() if isinstance(v, datasets.Image)]
+    for preferred in ("img", "image"):
+        if preferred in image_columns:
+            return preferred
+    if len(image_columns) == 1:
+        return image_columns[0]
+    raise ValueError(
+        f"Cannot tell which column holds the images (Image columns: {image_columns or 'none'}; all columns: {names}); "
+        "name it with --image_column."
+    )
+
+
+def decode_image(value, where: str) -> Image.Image:
+    """A PIL image from a datasets Image value ({'bytes', 'path'} when not decoded, or a PIL image)."""
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, dict) and value.get("bytes") is not None:
+            image = Image.open(io.BytesIO(value["bytes"]))
+        elif isinstance(value, dict) and value.get("path"):
+            image = Image.open(value["path"])
+        else:
+            raise BadImageError(f"{where}: no image data")
+        image.load()
+        return image
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise BadImageError(f"{where}: cannot decode image ({e})") from e
+
+
+def to_uint8_array(image: Image.Image, channels: int, resolution: int, center_crop: bool = True) -> np.ndarray:
+    """Convert to `channels` (1: grayscale, 3: RGB; alpha is composited on white), resize the short side to
+    `resolution` (bicubic, antialiased) and center-crop (or squash, without center_crop) to a square. HxWxC uint8."""
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    if channels == 1:
+        image = image.convert("L")
+    elif channels == 3:
+        image = image.convert("RGB")
+    else:
+        raise ValueError(f"--channels={channels} is not supported; use 1 (grayscale) or 3 (RGB).")
+    w, h = image.size
+    if center_crop:
+        scale = resolution / min(w, h)
+        nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+        if (nw, nh) != (w, h):
+            image = image.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
+        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+    elif (w, h) != (resolution, resolution):
+        image = image.resize((resolution, resolution), Image.BICUBIC)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def _where(row: dict, column: str, index: int) -> str:
+    value = row.get(column)
+    path = value.get("path") if isinstance(value, dict) else None
+    return f"image {index}" + (f" ({path})" if path else "")
+
+
+@dataclass
+class ImageBank:
+    """Every training image decoded once: uint8 [N, C, H, W] on the CPU."""
+
+    images: torch.Tensor
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def _undecoded(ds, column):
+    import datasets
+
+    if isinstance(ds.features[column], datasets.Image):
+        return ds.cast_column(column, datasets.Image(decode=False))
+    return ds
+
+
+def build_image_bank(ds, column: str, channels: int, resolution: int, center_crop: bool = True,
+                     on_bad_image: str = "stop", progress: bool = True) -> ImageBank:
+    """Decode a map-style dataset once into an `ImageBank`. A bad image stops with its index and file, or
+    (on_bad_image='skip') is left out and counted."""
+    from tqdm.auto import tqdm
+
+    if on_bad_image not in ("stop", "skip"):
+        raise ValueError(f"on_bad_image={on_bad_image!r} is not one of 'stop', 'skip'.")
+    ds = _undecoded(ds, column).select_columns([column])
+    out = np.empty((len(ds), resolution, resolution, channels), dtype=np.uint8)
+    n, skipped = 0, 0
+    for index, row in enumerate(tqdm(ds, desc="Decoding images", disable=not progress, unit="img")):
+        where = _where(row, column, index)
+        try:
+            out[n] = to_uint8_array(decode_image(row[column], where), channels, resolution, center_crop)
+            n += 1
+        except BadImageError as e:
+            if on_bad_image == "stop":
+                raise BadImageError(f"{e}. Fix or remove it, or pass --on_bad_image skip to leave bad images out.") from e
+            skipped += 1
+            logger.warning("Skipping %s", e)
+    if n == 0:
+        raise ValueError("The dataset holds no usable images.")
+    return ImageBank(torch.from_numpy(out[:n]).permute(0, 3, 1, 2).contiguous(), skipped)
+
+
+def stream_batches(ds, column: str, batch_size: int, channels: int, resolution: int, center_crop: bool,
+                   on_bad_image: str, rank: int, world_size: int, seed: int, epoch: int) -> Iterator[torch.Tensor]:
+    """uint8 batches [B, C, H, W] from a streaming dataset: this rank's shard of epoch `epoch`, shuffled
+    through a buffer; bad images are skipped (counted in the log) or stop the run as with ImageBank."""
+    from datasets.distributed import split_dataset_by_node
+
+    ds = _undecoded(ds, column)
+    ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+    ds = ds.shuffle(seed=seed, buffer_size=1000)
+    ds.set_epoch(epoch)
+    batch: List[np.ndarray] = []
+    for index, row in enumerate(ds):
+        where = _where(row, column, index)
+        try:
+            batch.append(to_uint8_array(decode_image(row[column], where), channels, resolution, center_crop))
+        except BadImageError as e:
+            if on_bad_image == "stop":
+                raise BadImageError(f"{e}. Fix or remove it, or pass --on_bad_image skip to leave bad images out.") from e
+            logger.warning("Skipping %s", e)
+            continue
+        if len(batch) == batch_size:
+            yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
+            batch = []
+
+
+def to_model_range(batch: torch.Tensor, random_flip: bool, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """uint8 [B, C, H, W] -> float in [-1, 1], each image flipped left-right with probability 1/2."""
+    x = batch.float().div_(127.5).sub_(1.0)
+    if random_flip:
+        flip = torch.rand(x.shape[0], generator=generator, device=generator.device if generator else "cpu") < 0.5
+        x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+    return x

@@ -1,0 +1,384 @@
+"""A from-scratch DDPM scheduler (Ho et al. 2020, https://arxiv.org/abs/2006.11239).
+
+`DDPMScheduler` is a drop-in for `diffusers.DDPMScheduler`: it subclasses it (so every pipeline and
+`isinstance` check that accepts diffusers' class accepts ours) and has exactly its config keys (so a
+`scheduler_config.json` written by either class loads in the other), but every method is ours: no
+call reaches diffusers' DDPM math. The differences are deliberate:
+
+* schedules and all per-timestep coefficients are computed in float64 and cast once to the sample's
+  dtype (diffusers computes ᾱ_t and 1 - ᾱ_t/ᾱ_{t'} in float32, which loses ~1e-3 relative accuracy
+  in β_t for the first timesteps);
+* `variance_type="fixed_large_log"` gives the fixed_large variance (diffusers returns NaN);
+* no noise is added on the last step of a chain (the step that lands on x_0), as in Algorithm 2 of
+  the paper, also when the chain does not end at t = 0 (diffusers adds noise there unless t == 0);
+* invalid configurations raise `ValueError` naming the key and the allowed values.
+
+Equation numbers refer to the DDPM paper.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler as _DiffusersDDPMScheduler
+from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+
+__all__ = ["DDPMScheduler", "DDPMSchedulerOutput", "make_beta_schedule", "extract_into_tensor"]
+
+
+def _check_choice(key: str, value, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not supported; use one of {', '.join(map(repr, allowed))}.")
+
+
+def make_beta_schedule(
+    beta_schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float
+) -> np.ndarray:
+    """The betas β_1..β_T of a named schedule, in float64."""
+    _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+    if beta_schedule != "squaredcos_cap_v2" and not 0 < beta_start < beta_end < 1:
+        raise ValueError(
+            f"beta_start={beta_start} and beta_end={beta_end} must satisfy 0 < beta_start < beta_end < 1 "
+            f"for beta_schedule={beta_schedule!r} (the paper uses beta_start=1e-4, beta_end=0.02)."
+        )
+    T = num_train_timesteps
+    if beta_schedule == "linear":  # the paper's schedule, Sec. 4
+        return np.linspace(beta_start, beta_end, T, dtype=np.float64)
+    elif beta_schedule == "scaled_linear":  # linear in sqrt(beta), as in latent diffusion
+        return np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
+    elif beta_schedule == "squaredcos_cap_v2":
+        # Nichol & Dhariwal 2021, Eq. 17: ᾱ(t) = cos²((t/T + s)/(1 + s) · π/2), β_t = 1 - ᾱ(t)/ᾱ(t-1) <= 0.999
+        s = 0.008
+        t = np.arange(T + 1, dtype=np.float64) / T
+        alpha_bar = np.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+        return np.minimum(1 - alpha_bar[1:] / alpha_bar[:-1], 0.999)
+    elif beta_schedule == "sigmoid":  # GeoDiff (Xu et al. 2022)
+        x = np.linspace(-6, 6, T, dtype=np.float64)
+        return 1 / (1 + np.exp(-x)) * (beta_end - beta_start) + beta_start
+    else:  # unreachable: _check_choice above
+        raise ValueError(f"beta_schedule={beta_schedule!r}")
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2023 (arXiv:2305.08891), Algorithm 1: shift and scale sqrt(ᾱ_t) so that ᾱ_T = 0."""
+    sqrt_ab = np.sqrt(np.cumprod(1 - betas))
+    first, last = sqrt_ab[0], sqrt_ab[-1]
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    ab = sqrt_ab**2
+    alphas = np.concatenate([ab[:1], ab[1:] / ab[:-1]])
+    return 1 - alphas
+
+
+def extract_into_tensor(table: torch.Tensor, timesteps, shape: Sequence[int], dtype, device) -> torch.Tensor:
+    """Per-timestep coefficients `table[timesteps]`, shaped to broadcast against a batch of `shape`.
+
+    `table` is a float64 tensor indexed by training timestep; `timesteps` an int, a 0-d tensor or one
+    timestep per sample. The result has shape `[B, 1, 1, ...]` (or `[1, 1, ...]` for a scalar timestep).
+    """
+    t = torch.as_tensor(timesteps, device=table.device).long().reshape(-1)
+    out = table[t].to(device=device, dtype=dtype)
+    return out.reshape(out.shape[0], *([1] * (len(shape) - 1)))
+
+
+class DDPMScheduler(_DiffusersDDPMScheduler):
+    """Denoising diffusion probabilistic model scheduler, written from the paper.
+
+    The constructor's arguments are its config (`scheduler_config.json`), key for key those of
+    `diffusers.DDPMScheduler`:
+
+    Args:
+        num_train_timesteps: T, the number of diffusion steps the model was trained with.
+        beta_start, beta_end: β_1 and β_T of the `linear`, `scaled_linear` and `sigmoid` schedules.
+        beta_schedule: `linear` (the paper), `scaled_linear`, `squaredcos_cap_v2` (improved DDPM cosine)
+            or `sigmoid`.
+        trained_betas: explicit betas (overrides `beta_schedule`), each in (0, 1).
+        variance_type: σ_t² of the reverse process: `fixed_small` (β̃_t, the posterior variance),
+            `fixed_large` (β_t), their `_log` forms, or `learned` / `learned_range` (the model outputs
+            2C channels; the second half is the variance, or an interpolation weight in [-1, 1]
+            between log β̃_t and log β_t as in improved DDPM).
+        clip_sample, clip_sample_range: clamp x̂_0 to [-range, range].
+        prediction_type: what the model predicts: `epsilon` (the paper), `sample` (x_0) or
+            `v_prediction` (v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0).
+        thresholding, dynamic_thresholding_ratio, sample_max_value: Imagen's dynamic thresholding of
+            x̂_0 (instead of clipping).
+        timestep_spacing: how `set_timesteps(n)` picks n of the T timesteps: `leading`, `linspace`
+            or `trailing` (Lin et al. 2023, Table 2).
+        steps_offset: added to the `leading` timesteps.
+        rescale_betas_zero_snr: rescale the betas so that ᾱ_T = 0 (zero terminal SNR).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Optional[Union[np.ndarray, Sequence[float]]] = None,
+        variance_type: str = "fixed_small",
+        clip_sample: bool = True,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+    ):
+        if not isinstance(num_train_timesteps, (int, np.integer)) or num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps={num_train_timesteps!r} must be a positive integer (e.g. 1000).")
+        _check_choice("variance_type", variance_type, VARIANCE_TYPES)
+        _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        if not 0 < dynamic_thresholding_ratio < 1:
+            raise ValueError(f"dynamic_thresholding_ratio={dynamic_thresholding_ratio} must be in (0, 1), e.g. 0.995.")
+
+        # 1. β_t in float64 (Sec. 2: the forward process variances)
+        if trained_betas is not None:
+            betas = np.asarray(trained_betas, dtype=np.float64).reshape(-1)
+            if len(betas) != num_train_timesteps:
+                raise ValueError(
+                    f"trained_betas has {len(betas)} values but num_train_timesteps={num_train_timesteps}; "
+                    "give one beta per training timestep."
+                )
+        else:
+            betas = make_beta_schedule(beta_schedule, num_train_timesteps, beta_start, beta_end)
+        if not np.all((betas > 0) & (betas < 1)):
+            bad = int(np.flatnonzero(~((betas > 0) & (betas < 1)))[0])
+            raise ValueError(
+                f"betas must lie in (0, 1), but beta[{bad}]={float(betas[bad])!r}; fix trained_betas or beta_start/beta_end."
+            )
+        if rescale_betas_zero_snr:
+            betas = rescale_zero_terminal_snr(betas)  # the last beta becomes exactly 1 (ᾱ_T = 0)
+
+        # 2. α_t = 1 - β_t and ᾱ_t = Π_{s<=t} α_s (Eq. 4), float64 tables; float32 views as in diffusers
+        alphas_cumprod = np.cumprod(1 - betas)
+        self._alphas_cumprod64 = torch.from_numpy(alphas_cumprod)
+        self._sqrt_alphas_cumprod64 = torch.from_numpy(np.sqrt(alphas_cumprod))
+        self._sqrt_one_minus_alphas_cumprod64 = torch.from_numpy(np.sqrt(1 - alphas_cumprod))
+        self.betas = torch.from_numpy(betas).float()
+        self.alphas = torch.from_numpy(1 - betas).float()
+        self.alphas_cumprod = torch.from_numpy(alphas_cumprod).float()
+        self.one = torch.tensor(1.0)
+        self.init_noise_sigma = 1.0  # x_T ~ N(0, I)
+
+        # 3. the default chain: all T timesteps, descending
+        self.num_inference_steps = None
+        self.custom_timesteps = False
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
+        self._prev = None  # {t: t'} for a chain set by set_timesteps; None means t' = t - 1
+        self.variance_type = variance_type
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Optional[int] = None) -> torch.Tensor:
+        """DDPM feeds x_t to the model unscaled."""
+        return sample
+
+    # ------------------------------------------------------------------ timesteps
+
+    def set_timesteps(
+        self,
+        num_inference_steps: Optional[int] = None,
+        device: Union[str, torch.device, None] = None,
+        timesteps: Optional[Sequence[int]] = None,
+    ) -> None:
+        """Choose the chain of timesteps to sample with: a count (spaced by `timestep_spacing`) or
+        explicit descending `timesteps`. With fewer steps than T, each step jumps t -> t' with
+        α = ᾱ_t / ᾱ_{t'} (a strided DDPM whose marginals q(x_t | x_0) are unchanged)."""
+        T = self.config.num_train_timesteps
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("set_timesteps takes exactly one of num_inference_steps or timesteps.")
+        if timesteps is not None:
+            ts = np.asarray([int(t) for t in timesteps], dtype=np.int64)
+            if len(ts) == 0:
+                raise ValueError("timesteps is empty; give at least one timestep.")
+            if np.any(np.diff(ts) >= 0):
+                raise ValueError(f"timesteps must be strictly descending, got {ts.tolist()}.")
+            if ts[0] >= T or ts[-1] < 0:
+                raise ValueError(f"timesteps must lie in [0, {T - 1}] (num_train_timesteps={T}), got {ts.tolist()}.")
+            self.custom_timesteps = True
+            self.num_inference_steps = len(ts)
+        else:
+            n = int(num_inference_steps)
+            if not 1 <= n <= T:
+                raise ValueError(
+                    f"num_inference_steps={num_inference_steps} must be between 1 and num_train_timesteps={T}."
+                )
+            spacing = self.config.timestep_spacing
+            if spacing == "linspace":
+                ts = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
+            elif spacing == "leading":
+                ts = (np.arange(n) * (T // n))[::-1].astype(np.int64) + self.config.steps_offset
+            elif spacing == "trailing":
+                ts = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+            else:
+                raise ValueError(f"timestep_spacing={spacing!r} is not one of {TIMESTEP_SPACINGS}.")
+            if ts.max() >= T:
+                raise ValueError(
+                    f"steps_offset={self.config.steps_offset} pushes timestep {int(ts.max())} past "
+                    f"num_train_timesteps={T}; lower steps_offset or num_inference_steps."
+                )
+            self.custom_timesteps = False
+            self.num_inference_steps = n
+        ts = np.ascontiguousarray(ts)
+        self._prev = {int(t): int(p) for t, p in zip(ts, list(ts[1:]) + [-1])}
+        self.timesteps = torch.from_numpy(ts).to(device)
+
+    def previous_timestep(self, timestep) -> int:
+        """t' of the step from t in the current chain; -1 for the last step (the one that lands on x_0)."""
+        t = int(timestep)
+        if self._prev is None:
+            return t - 1
+        if t not in self._prev:
+            raise ValueError(f"timestep {t} is not in the chain set by set_timesteps ({self.timesteps.tolist()[:8]}...).")
+        return self._prev[t]
+
+    # ------------------------------------------------------------------ closed-form quantities
+
+    def _alpha_bar(self, t: int) -> float:
+        """ᾱ_t, with ᾱ_{-1} = 1 (before any noise)."""
+        return 1.0 if t < 0 else float(self._alphas_cumprod64[t])
+
+    def posterior_coefficients(self, timestep: int, prev_timestep: Optional[int] = None):
+        """The posterior q(x_{t'} | x_t, x_0) = N(c0·x_0 + ct·x_t, β̃) of Eqs. 6-7 for the step t -> t'
+        (t' = t - 1 by default). Returns (c0, ct, β̃, β) as float64 Python floats, where β = 1 - ᾱ_t/ᾱ_{t'}
+        is the step's forward variance."""
+        t = int(timestep)
+        tp = t - 1 if prev_timestep is None else int(prev_timestep)
+        ab_t, ab_prev = self._alpha_bar(t), self._alpha_bar(tp)
+        beta = 1.0 - ab_t / ab_prev  # β_t of the (possibly strided) step
+        alpha = ab_t / ab_prev
+        c0 = math.sqrt(ab_prev) * beta / (1.0 - ab_t)  # Eq. 7, coefficient of x_0
+        ct = math.sqrt(alpha) * (1.0 - ab_prev) / (1.0 - ab_t)  # Eq. 7, coefficient of x_t
+        var = (1.0 - ab_prev) / (1.0 - ab_t) * beta  # Eq. 7, β̃_t
+        return c0, ct, var, beta
+
+    def _get_variance(self, t, predicted_variance=None, variance_type=None):
+        """σ_t² of the reverse step from t (Sec. 3.2), or for `learned_range` its log.
+
+        Kept under diffusers' private name so that code written against diffusers' class works."""
+        variance_type = variance_type or self.config.variance_type
+        _, _, var_small, var_large = self.posterior_coefficients(t, self.previous_timestep(t))
+        var_small = max(var_small, 1e-20)  # β̃ = 0 on the step to x_0; keep its log finite
+        if variance_type in ("fixed_small", "fixed_small_log"):
+            return torch.tensor(var_small, dtype=torch.float64)
+        elif variance_type in ("fixed_large", "fixed_large_log"):
+            return torch.tensor(var_large, dtype=torch.float64)
+        elif variance_type == "learned":
+            return predicted_variance
+        elif variance_type == "learned_range":
+            frac = (predicted_variance + 1) / 2  # improved DDPM, Eq. 15: interpolate the log-variances
+            return frac * math.log(var_large) + (1 - frac) * math.log(var_small)
+        else:
+            raise ValueError(f"variance_type={variance_type!r} is not one of {VARIANCE_TYPES}.")
+
+    def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
+        """Dynamic thresholding (Saharia et al. 2022, Sec. 2.3): per sample, s = the
+        `dynamic_thresholding_ratio` quantile of |x̂_0| clamped to [1, sample_max_value]; x̂_0 <- clamp(x̂_0, -s, s) / s."""
+        dtype = sample.dtype
+        flat = sample.reshape(sample.shape[0], -1)
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.float()  # quantile needs float32/64
+        s = torch.quantile(flat.abs(), self.config.dynamic_thresholding_ratio, dim=1)
+        s = s.clamp(min=1.0, max=self.config.sample_max_value)[:, None]
+        return (torch.maximum(torch.minimum(flat, s), -s) / s).reshape(sample.shape).to(dtype)
+
+    # ------------------------------------------------------------------ forward process
+
+    def _coefficient(self, table: torch.Tensor, timesteps, like: torch.Tensor) -> torch.Tensor:
+        return extract_into_tensor(table, timesteps, like.shape, like.dtype, like.device)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε, a draw from q(x_t | x_0) (Eq. 4)."""
+        return (
+            self._coefficient(self._sqrt_alphas_cumprod64, timesteps, original_samples) * original_samples
+            + self._coefficient(self._sqrt_one_minus_alphas_cumprod64, timesteps, original_samples) * noise
+        )
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho 2022), the v_prediction target."""
+        return (
+            self._coefficient(self._sqrt_alphas_cumprod64, timesteps, sample) * noise
+            - self._coefficient(self._sqrt_one_minus_alphas_cumprod64, timesteps, sample) * sample
+        )
+
+    # ------------------------------------------------------------------ reverse process
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int,
+        sample: torch.Tensor,
+        generator: Union[torch.Generator, list, None] = None,
+        return_dict: bool = True,
+    ) -> Union[DDPMSchedulerOutput, tuple]:
+        """One ancestral step x_t -> x_{t'} ~ p(x_{t'} | x_t) (Algorithm 2), where t' is the next timestep
+        of the chain. Returns `prev_sample` (x_{t'}) and `pred_original_sample` (x̂_0)."""
+        t = int(timestep)
+        prev_t = self.previous_timestep(t)
+        C = sample.shape[1]
+        learned = self.config.variance_type in ("learned", "learned_range")
+        if learned:
+            if model_output.shape[1] != 2 * C:
+                raise ValueError(
+                    f"variance_type={self.config.variance_type!r} needs a model output of {2 * C} channels "
+                    f"(prediction and variance), got {model_output.shape[1]}; use a fixed variance_type or a "
+                    "model with out_channels = 2 * in_channels."
+                )
+            model_output, predicted_variance = model_output.split(C, dim=1)
+        else:
+            predicted_variance = None
+
+        # 1. ᾱ_t, ᾱ_{t'}, and the step's β = 1 - ᾱ_t / ᾱ_{t'} (all float64)
+        ab_t = self._alpha_bar(t)
+        c0, ct, _, _ = self.posterior_coefficients(t, prev_t)
+
+        # 2. x̂_0 from the model output: Eq. 15 for ε; x_0 itself; or from v = sqrt(ᾱ)ε - sqrt(1-ᾱ)x_0
+        prediction_type = self.config.prediction_type
+        if prediction_type == "epsilon":
+            pred_original_sample = (sample - math.sqrt(1 - ab_t) * model_output) / math.sqrt(ab_t)
+        elif prediction_type == "sample":
+            pred_original_sample = model_output
+        elif prediction_type == "v_prediction":
+            pred_original_sample = math.sqrt(ab_t) * sample - math.sqrt(1 - ab_t) * model_output
+        else:
+            raise ValueError(f"prediction_type={prediction_type!r} is not one of {PREDICTION_TYPES}.")
+
+        # 3. clip or dynamically threshold x̂_0
+        if self.config.thresholding:
+            pred_original_sample = self._threshold_sample(pred_original_sample)
+        elif self.config.clip_sample:
+            r = self.config.clip_sample_range
+            pred_original_sample = pred_original_sample.clamp(-r, r)
+
+        # 4. posterior mean μ̃_t(x_t, x̂_0) = c0·x̂_0 + ct·x_t (Eq. 7)
+        prev_sample = c0 * pred_original_sample + ct * sample
+
+        # 5. add σ_t z, z ~ N(0, I), except on the step that lands on x_0 (Algorithm 2, line 3)
+        if prev_t >= 0:
+            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+            variance = self._get_variance(t, predicted_variance=predicted_variance)
+            if self.config.variance_type == "learned_range":
+                std = torch.exp(0.5 * variance)  # variance is log σ² here
+            elif isinstance(variance, torch.Tensor) and variance.dim() > 0:
+                std = variance**0.5  # learned: the model's variance itself
+            else:
+                std = math.sqrt(float(variance))
+            prev_sample = prev_sample + std * noise
+
+        if not return_dict:
+            return (prev_sample, pred_original_sample)
+        return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)

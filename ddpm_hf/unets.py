@@ -1,0 +1,106 @@
+"""Named `UNet2DModel` configurations: the paper's networks and small ones that train on a CPU.
+
+`ddpm-cifar10-32` is key for key the config of the Hub repo `google/ddpm-cifar10-32` (35,746,307
+parameters) plus the paper's training dropout of 0.1; the 256x256 presets are those of
+`google/ddpm-celebahq-256` and the LSUN repos (one architecture, 113,673,219 parameters).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any, Dict, Optional
+
+from diffusers import UNet2DModel
+
+# The paper's conventions, shared by every preset: sinusoidal embedding without flip and with shift 1,
+# GroupNorm eps 1e-6, no padding before the strided downsampling conv, single-head attention.
+_PAPER_CONVENTIONS: Dict[str, Any] = dict(
+    act_fn="silu",
+    attention_head_dim=None,
+    center_input_sample=False,
+    downsample_padding=0,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    mid_block_scale_factor=1,
+    norm_eps=1e-6,
+    norm_num_groups=32,
+    time_embedding_type="positional",
+    in_channels=3,
+    out_channels=3,
+    layers_per_block=2,
+)
+
+_DDPM_256 = dict(
+    _PAPER_CONVENTIONS,
+    sample_size=256,
+    block_out_channels=[128, 128, 256, 256, 512, 512],
+    down_block_types=["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4,
+    dropout=0.0,
+)
+
+UNET_PRESETS: Dict[str, Dict[str, Any]] = {
+    # Ho et al. 2020, Appendix B: 35.7M parameters, attention at 16x16, dropout 0.1 on CIFAR-10.
+    "ddpm-cifar10-32": dict(
+        _PAPER_CONVENTIONS,
+        sample_size=32,
+        block_out_channels=[128, 256, 256, 256],
+        down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+        dropout=0.1,
+    ),
+    "ddpm-celebahq-256": _DDPM_256,
+    "ddpm-lsun-church-256": _DDPM_256,
+    "ddpm-lsun-bedroom-256": _DDPM_256,
+    "ddpm-lsun-cat-256": _DDPM_256,
+    # 1.1M parameters: learns 32x32 digits in minutes on 2 CPU cores.
+    "cpu-small": dict(
+        _PAPER_CONVENTIONS,
+        sample_size=32,
+        block_out_channels=[32, 64, 64],
+        down_block_types=["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
+        up_block_types=["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+        layers_per_block=1,
+        norm_num_groups=8,
+        dropout=0.0,
+    ),
+    # 0.18M parameters: for tests.
+    "cpu-tiny": dict(
+        _PAPER_CONVENTIONS,
+        sample_size=16,
+        block_out_channels=[16, 32],
+        down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+        up_block_types=["AttnUpBlock2D", "UpBlock2D"],
+        layers_per_block=1,
+        norm_num_groups=8,
+        dropout=0.0,
+    ),
+}
+
+
+def unet_config(
+    preset: str,
+    sample_size: Optional[int] = None,
+    in_channels: Optional[int] = None,
+    **overrides: Any,
+) -> Dict[str, Any]:
+    """The `UNet2DModel` config of a preset, with `sample_size`, `in_channels` (which also sets
+    `out_channels`) and any other key overridden."""
+    if preset not in UNET_PRESETS:
+        raise ValueError(f"Unknown UNet preset {preset!r}; choose one of {', '.join(sorted(UNET_PRESETS))}.")
+    config = copy.deepcopy(UNET_PRESETS[preset])
+    if sample_size is not None:
+        config["sample_size"] = sample_size
+    if in_channels is not None:
+        config["in_channels"] = config["out_channels"] = in_channels
+    unknown = set(overrides) - set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
+    if unknown:
+        raise ValueError(f"Unknown UNet2DModel config keys {sorted(unknown)}; see diffusers' UNet2DModel.")
+    config.update(overrides)
+    return config
+
+
+def build_unet(preset: str, **kwargs: Any) -> UNet2DModel:
+    """A freshly initialised `UNet2DModel` from a preset (see `unet_config` for the arguments)."""
+    return UNet2DModel.from_config(unet_config(preset, **kwargs))

@@ -1,0 +1,167 @@
+"""`DDPMPipeline`: unconditional image generation with a UNet and any diffusers scheduler.
+
+This file is the pipeline code that also goes to the Hub: it needs only torch and diffusers. With
+`ddpm_hf` installed, loading swaps diffusers' `DDPMScheduler` for ours (same config, float64 math);
+what it saves names only diffusers classes, so plain diffusers loads it too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from typing import List, Optional, Union
+
+import diffusers
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
+from diffusers.utils.torch_utils import randn_tensor
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+def _diffusers_equivalent(library: str, class_name: str) -> Optional[str]:
+    """The diffusers class that `library.class_name` is a drop-in subclass of (same name), if any."""
+    if library in (None, "diffusers") or class_name is None:
+        return None
+    try:
+        cls = getattr(importlib.import_module(library), class_name)
+    except (ImportError, AttributeError):
+        return None
+    base = getattr(diffusers, class_name, None)
+    if isinstance(base, type) and isinstance(cls, type) and issubclass(cls, base):
+        return class_name
+    return None
+
+
+def denoise(
+    unet: torch.nn.Module,
+    scheduler: SchedulerMixin,
+    noise: torch.Tensor,
+    num_inference_steps: int,
+    generator: Union[torch.Generator, List[torch.Generator], None] = None,
+    eta: Optional[float] = None,
+    progress=lambda it: it,
+) -> torch.Tensor:
+    """The reverse process: from x_T = `noise` (scaled by the scheduler's init_noise_sigma) down to x_0
+    in `num_inference_steps` scheduler steps. Returns x_0 in the model's range ([-1, 1])."""
+    scheduler.set_timesteps(num_inference_steps, device=noise.device)
+    extra = {}
+    step_params = inspect.signature(scheduler.step).parameters
+    if "generator" in step_params:
+        extra["generator"] = generator
+    if eta is not None:
+        if "eta" not in step_params:
+            raise ValueError(f"eta={eta} was given but {type(scheduler).__name__}.step takes no eta; use DDIMScheduler.")
+        extra["eta"] = eta
+    x = noise * scheduler.init_noise_sigma
+    for t in progress(scheduler.timesteps):
+        model_output = unet(scheduler.scale_model_input(x, t), t).sample  # 1. predict ε (or x_0, or v)
+        x = scheduler.step(model_output, t, x, **extra).prev_sample  # 2. x_t -> x_{t-1}
+    return x
+
+
+def to_output(images: torch.Tensor, output_type: str):
+    """Model-range images [-1, 1] (NCHW) to [0, 1] as a tensor (`pt`, NCHW), an array (`np`, NHWC) or PIL images."""
+    images = (images / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return images
+    elif output_type in ("np", "pil"):
+        array = images.cpu().permute(0, 2, 3, 1).float().numpy()
+        return array if output_type == "np" else DiffusionPipeline.numpy_to_pil(array)
+    else:
+        raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}.")
+
+
+class DDPMPipeline(DiffusionPipeline):
+    """Pipeline for unconditional image generation (Ho et al. 2020).
+
+    Args:
+        unet: a `UNet2DModel` that predicts the noise (or x_0, or v, per the scheduler config).
+        scheduler: `ddpm_hf.DDPMScheduler` by default; any diffusers scheduler works (for example
+            `DDIMScheduler.from_config(pipe.scheduler.config)` or `DPMSolverMultistepScheduler`).
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    def register_to_config(self, **kwargs):
+        # A drop-in subclass (ddpm_hf.DDPMScheduler) is recorded as the diffusers class it replaces,
+        # so that model_index.json loads in plain diffusers; our from_pretrained swaps it back in.
+        for name, value in kwargs.items():
+            if isinstance(value, (tuple, list)) and len(value) == 2:
+                equivalent = _diffusers_equivalent(*value)
+                if equivalent is not None:
+                    kwargs[name] = ("diffusers", equivalent)
+        super().register_to_config(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load a saved pipeline: a folder, a Hub repo id, or a cached repo id with `HF_HUB_OFFLINE=1`.
+        Repos laid out like `google/ddpm-cifar10-32` (weights and configs at the root) load too."""
+        explicit_scheduler = "scheduler" in kwargs
+        try:
+            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except OSError as e:
+            if os.path.isdir(pretrained_model_name_or_path) or "cached" not in str(e):
+                raise
+            raise OSError(
+                f"Cannot load {pretrained_model_name_or_path!r}: it is not a local folder, not in the Hugging Face "
+                "cache, and the Hub cannot be reached (offline or HF_HUB_OFFLINE=1). Pass a folder written by "
+                "save_pretrained, or download the repo where there is internet "
+                f"(`hf download {pretrained_model_name_or_path}`) and copy the cache (HF_HOME)."
+            ) from None
+        if not explicit_scheduler and type(pipe.scheduler) is diffusers.DDPMScheduler:
+            try:
+                from ddpm_hf.scheduler import DDPMScheduler
+            except ImportError:  # running as Hub pipeline code without ddpm_hf: keep diffusers' class
+                return pipe
+            pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        return pipe
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: Union[torch.Generator, List[torch.Generator], None] = None,
+        num_inference_steps: int = 1000,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        eta: Optional[float] = None,
+    ):
+        """Generate `batch_size` images.
+
+        Args:
+            batch_size: number of images.
+            generator: a `torch.Generator`, or one per image (then image i depends only on generator i:
+                the same image whatever the batch it is drawn in).
+            num_inference_steps: scheduler steps (1000 is the paper's full chain; fewer is a strided chain).
+            output_type: `pil` (list of PIL images), `np` (NHWC float array in [0, 1]) or `pt` (NCHW tensor in [0, 1]).
+            return_dict: return an `ImagePipelineOutput` rather than a tuple.
+            eta: DDIM's eta, for schedulers whose `step` takes it.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}.")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"Got {len(generator)} generators for batch_size={batch_size}; pass one generator per image or a single one."
+            )
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        shape = (batch_size, self.unet.config.in_channels, *size)
+        device = self._execution_device
+        noise = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        was_training = self.unet.training
+        self.unet.eval()  # sampling never uses dropout, also when called on a model that is training
+        try:
+            images = denoise(self.unet, self.scheduler, noise, num_inference_steps, generator, eta, self.progress_bar)
+        finally:
+            self.unet.train(was_training)
+        images = to_output(images, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
