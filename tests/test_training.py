@@ -23,6 +23,16 @@ from ddpm_hf.training import NonFiniteLossError, _seed, make_unet, train
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps one process-wide state; each in-process run here starts from a clean one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
 TINY = dict(
     dataset="digits", max_train_samples=40, channels=1, resolution=8, unet_preset="cpu-tiny", dropout=0.1,
     batch_size=8, learning_rate=1e-3, lr_scheduler="cosine", lr_warmup_steps=2, ema_decay=0.99, ema_warmup=True,
@@ -246,3 +256,44 @@ def test_cli_offline_hub_dataset_error_is_one_clear_line(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: Cannot load the Hub dataset 'someone/uncached'") and "Point --dataset at local files" in last
     assert not (tmp_path / "out" / "checkpoint-1").exists()
+
+
+# ---------------------------------------------------------------- options end to end
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(prediction_type="v_prediction", snr_gamma=5.0),
+        dict(prediction_type="sample", mixed_precision="bf16"),
+        dict(channels_last=True, gradient_accumulation_steps=2, lr_scheduler="linear"),
+    ],
+    ids=["v-minsnr", "x0-bf16", "channels_last-accum"],
+)
+def test_options_train_with_finite_losses(tmp_path, options):
+    train(tiny_config(tmp_path, max_train_steps=3, checkpointing_steps=3, **options))
+    state = json.loads((tmp_path / "checkpoint-3" / "trainer_state.json").read_text())
+    assert len(state["history"]) == 3 and all(np.isfinite(h["loss"]) for h in state["history"])
+    pipe = DDPMPipeline.from_pretrained(tmp_path)
+    assert pipe.scheduler.config.prediction_type == options.get("prediction_type", "epsilon")
+
+
+def test_trains_on_the_cifar10_parquet_and_logs_to_tensorboard(tmp_path, shared_dir):
+    config = resolve_config(dict(
+        TINY, dataset=str(shared_dir / "data" / "cifar10" / "test.parquet"), channels=3, max_train_samples=64,
+        max_train_steps=2, checkpointing_steps=2, report_to="tensorboard", output_dir=str(tmp_path)))
+    train(config)
+    assert DDPMPipeline.from_pretrained(tmp_path).unet.config.in_channels == 3
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_streaming_from_local_parquet(tmp_path, shared_dir):
+    config = resolve_config(dict(
+        TINY, dataset=str(shared_dir / "data" / "mnist" / "test.parquet"), streaming=True, max_train_samples=64,
+        max_train_steps=3, checkpointing_steps=3, output_dir=str(tmp_path)))
+    train(config)
+    state = json.loads((tmp_path / "checkpoint-3" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["history"]] == [1, 2, 3]
+    with pytest.raises(ValueError, match=r"--num_epochs needs the dataset size; with --streaming give --max_train_steps"):
+        train(resolve_config(dict(TINY, dataset=str(shared_dir / "data" / "mnist" / "test.parquet"), streaming=True,
+                                  num_epochs=1, output_dir=str(tmp_path / "e"))))
