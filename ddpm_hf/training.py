@@ -257,6 +257,7 @@ def train(config: TrainingConfig) -> Path:
     log_sum = torch.zeros(5, device=device)  # loss sum over samples: all, then by timestep quartile
     log_count = torch.zeros(5, device=device)
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not accelerator.is_local_main_process, desc="Training")
+    last_log_time, last_log_step = time.perf_counter(), start_step
     for step in bar:
         generator = torch.Generator(device).manual_seed(_seed(config.seed, step, rank))
         torch.manual_seed(_seed(config.seed, step, rank, 0xD0))  # dropout
@@ -310,14 +311,19 @@ def train(config: TrainingConfig) -> Path:
             sums = accelerator.reduce(log_sum, reduction="sum")
             counts = accelerator.reduce(log_count, reduction="sum")
             means = (sums / counts.clamp(min=1)).tolist()
-            entry = {"step": done, "loss": means[0], "lr": lr_scheduler.get_last_lr()[0], "ema_decay": ema.current_decay()}
+            now = time.perf_counter()
+            seconds, last_log_time = now - last_log_time, now
+            entry = {"step": done, "loss": means[0], "lr": lr_scheduler.get_last_lr()[0], "ema_decay": ema.current_decay(),
+                     "seconds": seconds, "images_per_s": (done - last_log_step) * config.batch_size / seconds}
+            last_log_step = done
             entry.update({f"loss_t_q{q}": means[q] for q in range(1, 5) if counts[q] > 0})
             history.append(entry)
             log_sum.zero_()
             log_count.zero_()
-            accelerator.log({**{k: v for k, v in entry.items() if k != "step"}, "nonfinite_total": counters["nonfinite_total"]}, step=done)
+            accelerator.log({**{k: v for k, v in entry.items() if k not in ("step", "seconds")}, "nonfinite_total": counters["nonfinite_total"]}, step=done)
             bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}", ema=f"{entry['ema_decay']:.4f}")
 
+        pause = time.perf_counter()
         if done % config.save_images_steps == 0 or done == total_steps:
             grid_images = sample_images(ema.model, scheduler.config, config, accelerator, device)
             if is_main:
@@ -334,6 +340,7 @@ def train(config: TrainingConfig) -> Path:
                 if history:
                     plot_loss_curve(history, output_dir / "loss_curve.png")
             accelerator.wait_for_everyone()
+        last_log_time += time.perf_counter() - pause  # grids and checkpoints are not training time
 
     # 5. the final pipeline, with the EMA weights
     if is_main:
