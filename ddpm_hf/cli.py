@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 
@@ -68,7 +70,66 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
                                   progress=state.is_local_main_process)
     except (OSError, ValueError) as e:
         return _fail(str(e), 1)
+    if state.is_main_process:  # the protocol, for ddpm-metrics' metrics.json
+        from .outputs import atomic_write_json
+
+        atomic_write_json(Path(args.output_dir) / "sampling.json", {
+            "pipeline": args.pipeline, "num_images": args.num_images, "scheduler": args.scheduler,
+            "num_inference_steps": args.num_inference_steps, "eta": args.eta, "seed": args.seed,
+            "weights": "EMA" if (Path(args.pipeline) / "training_config.json").is_file() else "as published",
+        })
     rate = f"{result['images_per_s']:.2f} images/s" if result["images_per_s"] else "nothing to draw"
     print(f"process {state.process_index}: wrote {result['written']}, kept {result['kept']} already complete; {rate}")
     state.wait_for_everyone()
+    return 0
+
+
+def metrics_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`ddpm-metrics`: FID (clean-fid), KID and Inception Score of a folder of samples against a reference
+    folder or dataset split; writes metrics.json with the protocol."""
+    import argparse
+
+    from .evaluation import INCEPTION_FILE, MODES, default_cache_dir
+
+    parser = argparse.ArgumentParser(description=metrics_main.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("samples", nargs="?", help="folder of generated images (e.g. from ddpm-sample)")
+    parser.add_argument("--reference", help="a folder of images, or a dataset as for train_ddpm.py --dataset (cifar10, a Hub id, parquet files)")
+    parser.add_argument("--split", default="train", help="the reference dataset's split")
+    parser.add_argument("--resolution", type=int, default=None, help="reference images are resized/cropped to this (the samples' size)")
+    parser.add_argument("--channels", type=int, default=3, choices=(1, 3))
+    parser.add_argument("--mode", choices=MODES, default="clean", help="clean-fid's resizing protocol")
+    parser.add_argument("--inception_weights", default=None, help=f"path to {INCEPTION_FILE}")
+    parser.add_argument("--cache_dir", default=None, help=f"reference statistics and weights cache (default {default_cache_dir()})")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--kid", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--is", dest="isc", action=argparse.BooleanOptionalAction, default=True, help="Inception Score")
+    parser.add_argument("--output", default=None, help="where to write metrics.json (default: in the samples folder)")
+    parser.add_argument("--download_inception", action="store_true", help="fetch the Inception weights into the cache and exit")
+    args = parser.parse_args(argv)
+
+    from .evaluation import InceptionWeightsMissing, download_inception, evaluate_folder, inception_network, resolve_inception_weights
+
+    if args.download_inception:
+        try:
+            print(f"saved {download_inception(args.cache_dir)}")
+        except OSError as e:
+            return _fail(f"could not download the Inception weights ({e}); copy {INCEPTION_FILE} from a machine with internet and pass --inception_weights.", 1)
+        return 0
+    if not args.samples or not args.reference:
+        return _fail("give the samples folder and --reference.")
+    try:
+        weights = resolve_inception_weights(args.inception_weights, args.cache_dir)  # first: fail before any work
+    except InceptionWeightsMissing as e:
+        return _fail(str(e), 1)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        result = evaluate_folder(args.samples, args.reference, inception_network(weights, device), args.mode, args.cache_dir,
+                                 args.split, args.resolution, args.channels, kid=args.kid, isc=args.isc,
+                                 output=args.output, batch_size=args.batch_size, device=device)
+    except (OSError, ValueError) as e:
+        return _fail(str(e), 1)
+    summary = {k: v for k, v in result.items() if k != "protocol"}
+    print(json.dumps(summary, indent=2))
     return 0

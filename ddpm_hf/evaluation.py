@@ -1,0 +1,207 @@
+"""FID, KID and Inception Score of a folder of samples against a reference, with the protocol recorded.
+
+Features go through clean-fid's folder pipeline (`get_folder_features`: its resizing for the chosen
+mode, then the feature network). The network is Inception-v3 (the 2015-12-05 TensorFlow weights as
+clean-fid's TorchScript file) loaded from a local file, or any `FeatureNetwork` (tests use a stand-in).
+Reference statistics of a dataset are cached in an explicit folder, named by dataset, split,
+resolution, mode and feature network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+
+from .metrics import feature_statistics, frechet_distance, inception_score, kernel_inception_distance
+from .outputs import _tmp_sibling, atomic_write_bytes, atomic_write_json, replace_dir
+
+MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
+INCEPTION_FILE = "inception-2015-12-05.pt"
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+WEIGHTS_ENV = "DDPM_HF_INCEPTION_WEIGHTS"
+CACHE_ENV = "DDPM_HF_CACHE"
+
+
+class InceptionWeightsMissing(FileNotFoundError):
+    pass
+
+
+def default_cache_dir() -> Path:
+    """$DDPM_HF_CACHE, else ~/.cache/ddpm_hf (never site-packages or /tmp)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ddpm_hf")
+
+
+def resolve_inception_weights(path: Optional[str] = None, cache_dir: Optional[Path] = None) -> Path:
+    """The Inception weights file: `path`, else $DDPM_HF_INCEPTION_WEIGHTS, else the cache. Raises one clear
+    error naming every place looked at and how to provide the file."""
+    cache_dir = Path(cache_dir or default_cache_dir())
+    candidates = [Path(p) for p in (path, os.environ.get(WEIGHTS_ENV)) if p] + [cache_dir / INCEPTION_FILE]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise InceptionWeightsMissing(
+        f"No Inception-v3 weights ({INCEPTION_FILE}) at {', '.join(map(str, candidates))}. Pass --inception_weights PATH, "
+        f"set {WEIGHTS_ENV}=PATH, or run `ddpm-metrics --download_inception` where there is internet "
+        f"(it saves {INCEPTION_URL} into {cache_dir})."
+    )
+
+
+def download_inception(cache_dir: Optional[Path] = None) -> Path:
+    cache_dir = Path(cache_dir or default_cache_dir())
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / INCEPTION_FILE
+    with urllib.request.urlopen(INCEPTION_URL, timeout=60) as response:
+        atomic_write_bytes(target, response.read())
+    return target
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class FeatureNetwork:
+    """A feature network for clean-fid: `fn(images float [B, 3, 299, 299] in 0..255) -> [B, D (+ K logits)]`.
+    `num_features` columns are the FID/KID features; the rest (if any) are class logits for the IS."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    name: str
+    weights_sha256: str
+    num_features: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def inception_network(weights: Path, device) -> FeatureNetwork:
+    """clean-fid's TorchScript Inception-v3 (the TF 2015-12-05 weights): 2048 pool features, and the 1008
+    class log-probabilities (StyleGAN2-ADA's convention for the IS: no output bias)."""
+    net = torch.jit.load(str(weights), map_location=device).eval()
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            pool = net.layers.forward((x - 128) / 128).reshape(x.shape[0], 2048)
+            probs = net(x, no_output_bias=True)
+        return torch.cat([pool, probs.clamp_min(1e-30).log()], dim=1)
+
+    return FeatureNetwork(fn, "inception-v3-tf-2015-12-05 (clean-fid TorchScript)", sha256_of(weights), 2048)
+
+
+def folder_features(folder, network: FeatureNetwork, mode: str = "clean", batch_size: int = 64, device="cpu",
+                    num_workers: int = 0) -> np.ndarray:
+    """Features of every image under `folder` (recursively) through clean-fid's resizing for `mode`."""
+    from cleanfid.fid import get_folder_features
+
+    if mode not in MODES:
+        raise ValueError(f"--mode {mode!r} is not one of {', '.join(MODES)}.")
+    files = [p for p in Path(folder).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")]
+    if len(files) < 2:
+        raise ValueError(f"{folder} holds {len(files)} images; FID needs at least 2 (use thousands).")
+    return get_folder_features(str(folder), network, num_workers=num_workers, batch_size=batch_size,
+                               device=torch.device(device), mode=mode, verbose=False)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+def dataset_reference(dataset: str, split: str, resolution: int, channels: int, cache_dir: Path,
+                      max_images: Optional[int] = None) -> Path:
+    """The reference images of a dataset split, exported once as PNGs into the cache (atomically)."""
+    from .data import build_image_bank, find_image_column, load_image_dataset
+
+    folder = Path(cache_dir) / "reference-images" / _safe(f"{dataset}-{split}-{resolution}px-{channels}ch-{max_images or 'all'}")
+    if folder.is_dir():
+        return folder
+    ds = load_image_dataset(dataset, split=split)
+    if max_images:
+        ds = ds.select(range(min(max_images, len(ds))))
+    bank = build_image_bank(ds, find_image_column(ds.features), channels, resolution, progress=True)
+    from PIL import Image
+
+    tmp = _tmp_sibling(folder)
+    tmp.mkdir(parents=True)
+    for i, image in enumerate(bank.images.permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(image[:, :, 0] if channels == 1 else image).save(tmp / f"{i:06d}.png")
+    replace_dir(tmp, folder)
+    return folder
+
+
+def reference_features(reference: str, network: FeatureNetwork, mode: str, cache_dir: Path, split: str = "train",
+                       resolution: Optional[int] = None, channels: int = 3, **kw) -> tuple:
+    """(features, description) of the reference: a folder (computed each time), or a dataset (features
+    cached in cache_dir/stats, named by dataset, split, resolution, mode and network)."""
+    if Path(reference).is_dir() and not any(Path(reference).glob("*.parquet")):
+        return folder_features(reference, network, mode, **kw), {"kind": "folder", "path": str(Path(reference).resolve())}
+    if resolution is None:
+        raise ValueError("A dataset reference needs --resolution (the size the samples were drawn at).")
+    key = _safe(f"{reference}-{split}-{resolution}px-{mode}-{network.name.split(' ')[0]}-{network.weights_sha256[:12]}")
+    stats = Path(cache_dir) / "stats" / f"{key}.npy"
+    description = {"kind": "dataset", "dataset": reference, "split": split, "resolution": resolution, "cache": str(stats)}
+    if stats.is_file():
+        return np.load(stats), description
+    folder = dataset_reference(reference, split, resolution, channels, cache_dir)
+    features = folder_features(folder, network, mode, **kw)
+    stats.parent.mkdir(parents=True, exist_ok=True)
+    buf = __import__("io").BytesIO()
+    np.save(buf, features)
+    atomic_write_bytes(stats, buf.getvalue())
+    return features, description
+
+
+def versions() -> Dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("ddpm_hf", "torch", "diffusers", "clean-fid", "torch-fidelity", "numpy", "scipy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def evaluate_folder(samples, reference: str, network: FeatureNetwork, mode: str = "clean", cache_dir=None,
+                    split: str = "train", resolution: Optional[int] = None, channels: int = 3, kid: bool = True,
+                    isc: bool = True, output: Optional[Path] = None, **kw) -> dict:
+    """FID (and KID, IS) of the images in `samples` against `reference`; writes metrics.json into the
+    samples folder (or `output`) with the numbers and the protocol."""
+    cache_dir = Path(cache_dir or default_cache_dir())
+    sample_all = folder_features(samples, network, mode, **kw)
+    ref_all, ref_description = reference_features(reference, network, mode, cache_dir, split, resolution, channels, **kw)
+    d = network.num_features
+    result = {"fid": frechet_distance(*feature_statistics(sample_all[:, :d]), *feature_statistics(ref_all[:, :d]))}
+    if kid:
+        result["kid"] = kernel_inception_distance(sample_all[:, :d], ref_all[:, :d])
+    if isc and sample_all.shape[1] > d:
+        mean, std = inception_score(sample_all[:, d:], splits=10)
+        result["inception_score"] = {"mean": mean, "std": std, "splits": 10,
+                                     "from": "the same network's class log-probabilities, torch-fidelity's isc_features_to_metric"}
+    sampling_file = Path(samples) / "sampling.json"
+    result["protocol"] = {
+        "num_samples": int(sample_all.shape[0]),
+        "num_reference": int(ref_all.shape[0]),
+        "samples": str(Path(samples).resolve()),
+        "sampling": json.loads(sampling_file.read_text()) if sampling_file.is_file() else None,
+        "reference": ref_description,
+        "mode": mode,
+        "feature_network": {"name": network.name, "weights_sha256": network.weights_sha256},
+        "fid_implementation": "clean-fid frechet_distance",
+        "versions": versions(),
+    }
+    atomic_write_json(Path(output) if output else Path(samples) / "metrics.json", result)
+    return result

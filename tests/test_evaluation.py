@@ -1,0 +1,120 @@
+"""FID/KID/IS of folders through clean-fid's real folder path, with a stand-in feature network; the real
+Inception network when its weights are present; the offline error when they are not."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpm_hf.evaluation import (
+    FeatureNetwork,
+    InceptionWeightsMissing,
+    evaluate_folder,
+    folder_features,
+    inception_network,
+    resolve_inception_weights,
+)
+from ddpm_hf.metrics import fid_from_features
+
+
+def stand_in_network():
+    """A fixed random projection of 8x8-pooled images: 16 'features' and 10 'class logits'."""
+    g = torch.Generator().manual_seed(0)
+    proj = torch.randn(3 * 8 * 8, 26, generator=g) / 8
+
+    def fn(x):
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x / 255, 8).flatten(1)
+        return pooled @ proj
+
+    return FeatureNetwork(fn, "stand-in random projection", "0" * 64, 16)
+
+
+def write_images(folder: Path, n: int, seed: int, shift: int = 0):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        array = np.clip(rng.normal(128 + shift, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(array).save(folder / f"{i:04d}.png")
+    return folder
+
+
+def test_fid_of_a_folder_against_itself_is_zero_and_protocol_is_recorded(tmp_path):
+    samples = write_images(tmp_path / "s", 40, seed=0)
+    (samples / "sampling.json").write_text(json.dumps({"scheduler": "ddpm", "num_inference_steps": 1000}))
+    result = evaluate_folder(samples, str(samples), stand_in_network(), cache_dir=tmp_path / "cache")
+    assert abs(result["fid"]) < 1e-6
+    assert abs(result["kid"]) < 0.05
+    saved = json.loads((samples / "metrics.json").read_text())
+    assert saved["fid"] == result["fid"]
+    protocol = saved["protocol"]
+    assert protocol["num_samples"] == 40 and protocol["mode"] == "clean"
+    assert protocol["sampling"] == {"scheduler": "ddpm", "num_inference_steps": 1000}
+    assert protocol["feature_network"] == {"name": "stand-in random projection", "weights_sha256": "0" * 64}
+    assert protocol["reference"]["kind"] == "folder"
+    assert {"torch", "diffusers", "clean-fid", "torch-fidelity"} <= set(protocol["versions"])
+    assert 1.0 <= result["inception_score"]["mean"] <= 10.0
+
+
+def test_folder_fid_equals_fid_of_the_folder_features(tmp_path):
+    a, b = write_images(tmp_path / "a", 30, seed=1), write_images(tmp_path / "b", 30, seed=2, shift=30)
+    net = stand_in_network()
+    fa, fb = folder_features(a, net), folder_features(b, net)
+    assert fa.shape == (30, 26)
+    result = evaluate_folder(a, str(b), net, cache_dir=tmp_path / "cache", kid=False, isc=False)
+    assert result["fid"] == pytest.approx(fid_from_features(fa[:, :16], fb[:, :16]), rel=1e-9)
+    assert result["fid"] > 0.01
+
+
+def test_dataset_reference_is_exported_once_and_its_statistics_cached(tmp_path):
+    samples = write_images(tmp_path / "s", 20, seed=3)
+    net = stand_in_network()
+    first = evaluate_folder(samples, "digits", net, cache_dir=tmp_path / "cache", resolution=8, channels=1, kid=False)
+    stats = Path(first["protocol"]["reference"]["cache"])
+    assert stats.is_file() and stats.parent == tmp_path / "cache" / "stats"
+    assert "digits-train-8px-clean-stand-in" in stats.name
+    assert len(list(list((tmp_path / "cache" / "reference-images").iterdir())[0].glob("*.png"))) == 1797
+    assert first["protocol"]["num_reference"] == 1797
+    before = stats.stat().st_mtime_ns
+    again = evaluate_folder(samples, "digits", net, cache_dir=tmp_path / "cache", resolution=8, channels=1, kid=False)
+    assert again["fid"] == first["fid"] and stats.stat().st_mtime_ns == before
+
+
+def test_missing_inception_weights_fail_at_once_with_how_to_provide_them(tmp_path):
+    samples = write_images(tmp_path / "s", 4, seed=4)
+    env = {k: v for k, v in os.environ.items() if k != "DDPM_HF_INCEPTION_WEIGHTS"}
+    env.update(DDPM_HF_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "ddpm_hf.metrics_cli", str(samples), "--reference", "cifar10", "--resolution", "32"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: No Inception-v3 weights (inception-2015-12-05.pt)")
+    assert "--inception_weights PATH" in lines[0] and "DDPM_HF_INCEPTION_WEIGHTS" in lines[0]
+    assert not (tmp_path / "cache").exists()  # no work was done
+    with pytest.raises(InceptionWeightsMissing, match=r"No Inception-v3 weights"):
+        resolve_inception_weights(None, tmp_path / "cache")
+
+
+def _inception_weights():
+    try:
+        return resolve_inception_weights()
+    except InceptionWeightsMissing:
+        return None
+
+
+@pytest.mark.skipif(_inception_weights() is None, reason="Inception weights absent (offline machine): pass them via DDPM_HF_INCEPTION_WEIGHTS to run this")
+def test_real_inception_network(tmp_path):
+    samples = write_images(tmp_path / "s", 20, seed=5)
+    net = inception_network(_inception_weights(), "cpu")
+    feats = folder_features(samples, net)
+    assert feats.shape == (20, 2048 + 1008)
+    result = evaluate_folder(samples, str(samples), net, cache_dir=tmp_path / "cache", kid=False)
+    assert abs(result["fid"]) < 1e-4
+    assert result["inception_score"]["mean"] >= 1.0
