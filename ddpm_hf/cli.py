@@ -29,11 +29,12 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         print(config.to_json())
         print(f"UNet parameters: {n:,}")
         return 0
+    from .evaluation import InceptionWeightsMissing
     from .training import NonFiniteLossError, train
 
     try:
         train(config)
-    except (DatasetUnavailableError, BadImageError, NonFiniteLossError) as e:
+    except (DatasetUnavailableError, BadImageError, NonFiniteLossError, InceptionWeightsMissing) as e:
         return _fail(str(e), 1)
     return 0
 

@@ -80,6 +80,13 @@ class TrainingConfig:
     num_sample_images: int = _f(16, "images in each sample grid")
     sample_inference_steps: Optional[int] = _f(None, "sampler steps for grids (default: all T)")
     logging_steps: int = _f(50, "log the loss every N steps")
+    # ---- evaluation during training
+    eval_every: Optional[int] = _f(None, "every N steps, sample --eval_samples images from the EMA model and compute FID (and IS) against the training set")
+    eval_samples: int = _f(1000, "images sampled for each evaluation (shared over all processes)")
+    eval_steps: int = _f(50, "DDIM steps for the evaluation samples")
+    keep_best: bool = _f(False, "keep the checkpoint with the best FID in best_checkpoint/ (outside the rotation limit)")
+    inception_weights: Optional[str] = _f(None, "Inception weights file for --eval_every (else $DDPM_HF_INCEPTION_WEIGHTS or the cache)")
+    eval_cache_dir: Optional[str] = _f(None, "where reference statistics are cached (default $DDPM_HF_CACHE or ~/.cache/ddpm_hf)")
     report_to: str = _f("tensorboard", "experiment tracker", ("tensorboard", "wandb", "none"))
     preset: Optional[str] = _f(None, "a training recipe whose values replace the defaults (flags still win)")
 
@@ -94,8 +101,10 @@ class TrainingConfig:
             raise ValueError("--max_train_steps / --num_epochs must be at least 1.")
         if self.channels not in (1, 3):
             raise ValueError(f"--channels={self.channels} is not supported; use 1 or 3.")
+        if self.keep_best and not self.eval_every:
+            raise ValueError("--keep_best needs --eval_every N (the FID it keeps the best checkpoint by).")
         for name in ("batch_size", "gradient_accumulation_steps", "resolution", "checkpointing_steps",
-                     "save_images_steps", "logging_steps", "num_sample_images"):
+                     "save_images_steps", "logging_steps", "num_sample_images", "eval_samples", "eval_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}={getattr(self, name)} must be at least 1.")
 

@@ -68,10 +68,11 @@ def _contiguous(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def save_checkpoint(output_dir: Path, step: int, unet, ema_model, optimizer, trainer_state: dict) -> Path:
-    """Write checkpoint-<step>/ (UNet and EMA weights as safetensors, optimizer state, trainer_state.json
-    holding the step) under a temporary name, then rename it into place."""
-    final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+def save_checkpoint(output_dir: Path, step: int, unet, ema_model, optimizer, trainer_state: dict,
+                    name: Optional[str] = None) -> Path:
+    """Write checkpoint-<step>/ (or `name`/: UNet and EMA weights as safetensors, optimizer state,
+    trainer_state.json holding the step) under a temporary name, then rename it into place."""
+    final = Path(output_dir) / (name or f"{CHECKPOINT_PREFIX}{step}")
     tmp = _tmp_sibling(final)
     tmp.mkdir(parents=True)
     save_file(_contiguous(unet.state_dict()), str(tmp / "unet.safetensors"))

@@ -164,9 +164,52 @@ def sample_images(unet, scheduler_config, config: TrainingConfig, accelerator, d
     return torch.stack([img for _, img in gathered])
 
 
-def train(config: TrainingConfig) -> Path:
+def features_of_images(images01: torch.Tensor, network, mode: str = "clean") -> torch.Tensor:
+    """Feature-network outputs for images in [0, 1] (NCHW), through the same uint8 quantisation as a saved
+    PNG and clean-fid's resizing for `mode`, so that they match features of the same images in a folder."""
+    import numpy as np
+    from cleanfid.resize import build_resizer
+
+    resize = build_resizer(mode)
+    arrays = (images01.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+    if arrays.shape[-1] == 1:
+        arrays = np.repeat(arrays, 3, axis=-1)
+    batch = torch.stack([torch.from_numpy(np.asarray(resize(a), dtype=np.float32)).permute(2, 0, 1) for a in arrays])
+    with torch.no_grad():
+        return network(batch).float().cpu()
+
+
+def evaluate_during_training(unet, scheduler_config, config: TrainingConfig, accelerator, device, network, reference) -> dict:
+    """FID (and IS) of `eval_samples` images from `unet` drawn with DDIM in `eval_steps` steps, each process
+    drawing its share (image i from seed (seed, i)); every process returns the same numbers."""
+    from accelerate.utils import gather_object
+    from diffusers import DDIMScheduler
+
+    from .metrics import feature_statistics, frechet_distance, inception_score
+    from .pipelines.pipeline_ddpm import DDPMPipeline
+
+    pipe = DDPMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+    mine = list(range(accelerator.process_index, config.eval_samples, accelerator.num_processes))
+    chunk = max(1, config.batch_size // (accelerator.num_processes * config.gradient_accumulation_steps))
+    rows = []
+    for i in range(0, len(mine), chunk):
+        ids = mine[i : i + chunk]
+        gens = [torch.Generator(device).manual_seed(_seed(config.seed, k, 0xE7A1)) for k in ids]
+        images = pipe(batch_size=len(ids), generator=gens, num_inference_steps=config.eval_steps, output_type="pt", eta=0.0).images
+        rows += list(zip(ids, features_of_images(images, network)))
+    gathered = sorted(gather_object(rows), key=lambda pair: pair[0])
+    feats = torch.stack([f for _, f in gathered]).double().numpy()
+    d = network.num_features
+    result = {"fid": frechet_distance(*feature_statistics(feats[:, :d]), *reference)}
+    if feats.shape[1] > d and feats.shape[0] >= 10:
+        result["inception_score"] = inception_score(feats[:, d:], splits=10)[0]
+    return result
+
+
+def train(config: TrainingConfig, feature_network=None) -> Path:
     """Train as `config` says; return the output folder (pipeline with EMA weights, grids, loss curve,
-    training_config.json, checkpoints)."""
+    training_config.json, checkpoints). `feature_network` replaces Inception-v3 for --eval_every."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
@@ -192,6 +235,10 @@ def train(config: TrainingConfig) -> Path:
         )
     micro = config.batch_size // (world * accum)
     is_main = accelerator.is_main_process
+    if config.eval_every and feature_network is None:
+        from .evaluation import inception_network, resolve_inception_weights
+
+        feature_network = inception_network(resolve_inception_weights(config.inception_weights, config.eval_cache_dir), device)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     # 1. data
@@ -228,14 +275,14 @@ def train(config: TrainingConfig) -> Path:
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(output_dir)
     accelerator.wait_for_everyone()
-    start_step, history = 0, []
+    start_step, history, evals = 0, [], []
     counters = {"nonfinite_total": 0, "nonfinite_in_a_row": 0}
     checkpoint = resolve_checkpoint(output_dir, config.resume_from_checkpoint)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, raw_unet, ema.model, optimizer)
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         ema.load_state(state["ema"])
-        start_step, history = state["step"], state["history"]
+        start_step, history, evals = state["step"], state["history"], state.get("evals", [])
         counters = {k: state[k] for k in counters}
         logger.info("Resumed from %s at step %d.", checkpoint, start_step)
     elif config.resume_from_checkpoint == "latest":
@@ -245,6 +292,19 @@ def train(config: TrainingConfig) -> Path:
     if is_main:
         config.save(output_dir)
         (output_dir / "samples").mkdir(exist_ok=True)
+    reference, best = None, None
+    if config.eval_every:
+        from .evaluation import default_cache_dir, reference_features
+        from .metrics import feature_statistics
+
+        cache = Path(config.eval_cache_dir or default_cache_dir())
+        for turn in (0, 1):  # the main process computes and caches the training set's features; the others read them
+            if (turn == 0) == is_main:
+                ref, _ = reference_features(config.dataset, feature_network, "clean", cache, config.split,
+                                            config.resolution, config.channels)
+                reference = feature_statistics(ref[:, : feature_network.num_features])
+            accelerator.wait_for_everyone()
+        best = (checkpoint and state.get("best")) or None
     if config.report_to != "none":
         accelerator.init_trackers("logs", config=_tracker_config(config))
     logger.info(
@@ -332,9 +392,24 @@ def train(config: TrainingConfig) -> Path:
                 atomic_save_image(grid, output_dir / "samples.png")
                 _log_images(accelerator, grid, done)
 
+        if config.eval_every and (done % config.eval_every == 0 or done == total_steps):
+            metrics = evaluate_during_training(ema.model, scheduler.config, config, accelerator, device, feature_network, reference)
+            evals.append({"step": done, **metrics})
+            accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=done)
+            logger.info("Step %d: FID %.4f (%d samples, DDIM %d steps)%s", done, metrics["fid"], config.eval_samples,
+                        config.eval_steps, f", IS {metrics['inception_score']:.3f}" if "inception_score" in metrics else "")
+            if config.keep_best and (best is None or metrics["fid"] < best["fid"]):
+                best = {"step": done, "fid": metrics["fid"]}
+                if is_main:
+                    state = {"lr_scheduler": lr_scheduler.state_dict(), "ema": ema.state(), "history": history, "evals": evals,
+                             "best": best, **counters}
+                    save_checkpoint(output_dir, done, raw_unet, ema.model, optimizer, state, name="best_checkpoint")
+                accelerator.wait_for_everyone()
+
         if done % config.checkpointing_steps == 0 or done == total_steps:
             if is_main:
-                state = {"lr_scheduler": lr_scheduler.state_dict(), "ema": ema.state(), "history": history, **counters}
+                state = {"lr_scheduler": lr_scheduler.state_dict(), "ema": ema.state(), "history": history, "evals": evals,
+                         "best": best, **counters}
                 save_checkpoint(output_dir, done, raw_unet, ema.model, optimizer, state)
                 rotate_checkpoints(output_dir, config.checkpoints_total_limit)
                 if history:
@@ -348,6 +423,7 @@ def train(config: TrainingConfig) -> Path:
         atomic_write_json(output_dir / "train_summary.json", {
             "steps": total_steps, "images_seen": total_steps * config.batch_size, "skipped_images": source.skipped,
             "nonfinite_steps": counters["nonfinite_total"], "final_loss": history[-1]["loss"] if history else None,
+            "evals": evals, "best": best,
             "checkpoints": [str(f.name) for _, f in list_checkpoints(output_dir)],
         })
         logger.info("Saved the pipeline (EMA weights) to %s.", output_dir)

@@ -118,3 +118,17 @@ def test_real_inception_network(tmp_path):
     result = evaluate_folder(samples, str(samples), net, cache_dir=tmp_path / "cache", kid=False)
     assert abs(result["fid"]) < 1e-4
     assert result["inception_score"]["mean"] >= 1.0
+
+
+def test_in_memory_features_match_folder_features(tmp_path):
+    """Features computed during training (from tensors) equal those of the same images saved as PNGs."""
+    from diffusers import DiffusionPipeline
+
+    from ddpm_hf.training import features_of_images
+
+    images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    (tmp_path / "f").mkdir()
+    for i, pil in enumerate(DiffusionPipeline.numpy_to_pil(images.permute(0, 2, 3, 1).numpy())):
+        pil.save(tmp_path / "f" / f"{i}.png")
+    net = stand_in_network()
+    np.testing.assert_allclose(features_of_images(images, net).numpy(), folder_features(tmp_path / "f", net), atol=1e-5, rtol=0)

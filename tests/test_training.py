@@ -297,3 +297,35 @@ def test_streaming_from_local_parquet(tmp_path, shared_dir):
     with pytest.raises(ValueError, match=r"--num_epochs needs the dataset size; with --streaming give --max_train_steps"):
         train(resolve_config(dict(TINY, dataset=str(shared_dir / "data" / "mnist" / "test.parquet"), streaming=True,
                                   num_epochs=1, output_dir=str(tmp_path / "e"))))
+
+
+def test_evaluation_during_training_and_keep_best(tmp_path):
+    """--eval_every with a stand-in feature network: FID and IS every N steps from EMA samples drawn by
+    DDIM, reference statistics cached, the best checkpoint kept outside the rotation."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_evaluation import stand_in_network
+
+    config = tiny_config(tmp_path / "run", max_train_steps=4, checkpointing_steps=2, checkpoints_total_limit=1,
+                         eval_every=2, eval_samples=12, eval_steps=3, keep_best=True, eval_cache_dir=str(tmp_path / "cache"))
+    train(config, feature_network=stand_in_network())
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert [e["step"] for e in summary["evals"]] == [2, 4]
+    assert all(np.isfinite(e["fid"]) and e["fid"] > 0 and 1.0 <= e["inception_score"] <= 10.0 for e in summary["evals"])
+    best = min(summary["evals"], key=lambda e: e["fid"])
+    assert summary["best"] == {"step": best["step"], "fid": best["fid"]}
+    best_state = json.loads((tmp_path / "run" / "best_checkpoint" / "trainer_state.json").read_text())
+    assert best_state["step"] == best["step"]
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [4]  # rotation limit 1; best_checkpoint is outside it
+    assert list((tmp_path / "cache" / "stats").glob("digits-train-8px-clean-*.npy"))
+
+
+def test_eval_without_inception_weights_fails_before_training(tmp_path, monkeypatch):
+    monkeypatch.delenv("DDPM_HF_INCEPTION_WEIGHTS", raising=False)
+    config = tiny_config(tmp_path / "run", max_train_steps=2, eval_every=1, eval_cache_dir=str(tmp_path / "cache"))
+    from ddpm_hf.evaluation import InceptionWeightsMissing
+
+    with pytest.raises(InceptionWeightsMissing, match=r"No Inception-v3 weights .* --inception_weights PATH"):
+        train(config)
+    assert not (tmp_path / "run" / "checkpoint-1").exists()
+    with pytest.raises(ValueError, match=r"--keep_best needs --eval_every N"):
+        tiny_config(tmp_path, max_train_steps=2, keep_best=True)
