@@ -94,7 +94,8 @@ def metrics_main(argv: Optional[Sequence[str]] = None) -> int:
 
     parser = argparse.ArgumentParser(description=metrics_main.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("samples", nargs="?", help="folder of generated images (e.g. from ddpm-sample)")
-    parser.add_argument("--reference", help="a folder of images, or a dataset as for train_ddpm.py --dataset (cifar10, a Hub id, parquet files)")
+    parser.add_argument("--reference", help="a folder of images; a dataset as for train_ddpm.py --dataset (cifar10, a Hub id, parquet "
+                        "files); or clean-fid's precomputed statistics, cleanfid:NAME:SPLIT:RES (e.g. cleanfid:cifar10:train:32)")
     parser.add_argument("--split", default="train", help="the reference dataset's split")
     parser.add_argument("--resolution", type=int, default=None, help="reference images are resized/cropped to this (the samples' size)")
     parser.add_argument("--channels", type=int, default=3, choices=(1, 3))

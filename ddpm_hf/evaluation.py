@@ -163,6 +163,42 @@ def reference_features(reference: str, network: FeatureNetwork, mode: str, cache
     return features, description
 
 
+CLEANFID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats/"
+
+
+def cleanfid_reference(spec: str, mode: str, cache_dir: Path, network: FeatureNetwork, kid: bool) -> tuple:
+    """clean-fid's precomputed Inception statistics, `cleanfid:NAME:SPLIT:RES` (e.g. cleanfid:cifar10:train:32):
+    ((mu, sigma), KID features or None, description). Fetched once into cache_dir/cleanfid-stats when online."""
+    parts = spec.split(":")
+    if len(parts) != 4 or not parts[3].isdigit():
+        raise ValueError(f"--reference {spec!r}: write clean-fid statistics as cleanfid:NAME:SPLIT:RES, e.g. cleanfid:cifar10:train:32.")
+    if not (network.name.startswith("inception-v3") and network.num_features == 2048):
+        raise ValueError(f"clean-fid's statistics are Inception-v3 features; they cannot be compared with {network.name!r} features.")
+    _, name, split, res = parts
+    folder = Path(cache_dir) / "cleanfid-stats"
+
+    def fetch(fname: str) -> Path:
+        path = folder / fname
+        if not path.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                with urllib.request.urlopen(CLEANFID_STATS_URL + fname, timeout=30) as response:
+                    atomic_write_bytes(path, response.read())
+            except OSError as e:
+                raise FileNotFoundError(
+                    f"clean-fid's statistics {fname} are not in {folder} and cannot be downloaded ({e}); fetch "
+                    f"{CLEANFID_STATS_URL}{fname} where there is internet and put it there, or use a folder or dataset reference."
+                ) from None
+        return path
+
+    base = f"{name}_{mode}_{split}_{res}".lower()
+    stats = np.load(fetch(base + ".npz"))
+    kid_feats = np.load(fetch(base + "_kid.npz"))["feats"] if kid else None
+    description = {"kind": "clean-fid precomputed statistics", "name": name, "split": split, "resolution": int(res),
+                   "file": str(folder / (base + ".npz"))}
+    return (stats["mu"], stats["sigma"]), kid_feats, description
+
+
 def versions() -> Dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -181,12 +217,18 @@ def evaluate_folder(samples, reference: str, network: FeatureNetwork, mode: str 
     """FID (and KID, IS) of the images in `samples` against `reference`; writes metrics.json into the
     samples folder (or `output`) with the numbers and the protocol."""
     cache_dir = Path(cache_dir or default_cache_dir())
-    sample_all = folder_features(samples, network, mode, **kw)
-    ref_all, ref_description = reference_features(reference, network, mode, cache_dir, split, resolution, channels, **kw)
     d = network.num_features
-    result = {"fid": frechet_distance(*feature_statistics(sample_all[:, :d]), *feature_statistics(ref_all[:, :d]))}
+    if reference.startswith("cleanfid:"):
+        ref_stats, ref_kid, ref_description = cleanfid_reference(reference, mode, cache_dir, network, kid)
+        sample_all = folder_features(samples, network, mode, **kw)
+        num_reference = None
+    else:
+        sample_all = folder_features(samples, network, mode, **kw)
+        ref_all, ref_description = reference_features(reference, network, mode, cache_dir, split, resolution, channels, **kw)
+        ref_stats, ref_kid, num_reference = feature_statistics(ref_all[:, :d]), ref_all[:, :d], int(ref_all.shape[0])
+    result = {"fid": frechet_distance(*feature_statistics(sample_all[:, :d]), *ref_stats)}
     if kid:
-        result["kid"] = kernel_inception_distance(sample_all[:, :d], ref_all[:, :d])
+        result["kid"] = kernel_inception_distance(sample_all[:, :d], ref_kid)
     if isc and sample_all.shape[1] > d:
         mean, std = inception_score(sample_all[:, d:], splits=10)
         result["inception_score"] = {"mean": mean, "std": std, "splits": 10,
@@ -194,7 +236,7 @@ def evaluate_folder(samples, reference: str, network: FeatureNetwork, mode: str 
     sampling_file = Path(samples) / "sampling.json"
     result["protocol"] = {
         "num_samples": int(sample_all.shape[0]),
-        "num_reference": int(ref_all.shape[0]),
+        "num_reference": num_reference,
         "samples": str(Path(samples).resolve()),
         "sampling": json.loads(sampling_file.read_text()) if sampling_file.is_file() else None,
         "reference": ref_description,

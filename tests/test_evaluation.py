@@ -132,3 +132,46 @@ def test_in_memory_features_match_folder_features(tmp_path):
         pil.save(tmp_path / "f" / f"{i}.png")
     net = stand_in_network()
     np.testing.assert_allclose(features_of_images(images, net).numpy(), folder_features(tmp_path / "f", net), atol=1e-5, rtol=0)
+
+
+def test_cleanfid_precomputed_statistics_reference(tmp_path, monkeypatch):
+    """cleanfid:NAME:SPLIT:RES reads clean-fid's statistics from the cache (fetched there once when online);
+    offline and absent it is one clear error; it refuses non-Inception features."""
+    import ddpm_hf.evaluation as ev
+    from ddpm_hf.metrics import feature_statistics
+
+    samples = write_images(tmp_path / "s", 30, seed=6)
+    stand_in = stand_in_network()
+    with pytest.raises(ValueError, match=r"clean-fid's statistics are Inception-v3 features"):
+        evaluate_folder(samples, "cleanfid:cifar10:train:32", stand_in, cache_dir=tmp_path / "cache")
+    # a 2048-feature network named as Inception stands in for it; its own statistics play clean-fid's file
+    proj = torch.randn(3 * 8 * 8, 2048, generator=torch.Generator().manual_seed(1))
+    double = FeatureNetwork(lambda x: torch.nn.functional.adaptive_avg_pool2d(x / 255, 8).flatten(1) @ proj,
+                            "inception-v3 test double", "1" * 64, 2048)
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(ev.urllib.request, "urlopen", offline)
+    with pytest.raises(FileNotFoundError, match=r"cifar10_clean_train_32.npz are not in .* cannot be downloaded"):
+        evaluate_folder(samples, "cleanfid:cifar10:train:32", double, cache_dir=tmp_path / "cache", kid=False)
+    mu, sigma = feature_statistics(folder_features(samples, double))
+    (tmp_path / "cache" / "cleanfid-stats").mkdir(parents=True, exist_ok=True)
+    np.savez(tmp_path / "cache" / "cleanfid-stats" / "cifar10_clean_train_32.npz", mu=mu, sigma=sigma)
+    result = evaluate_folder(samples, "cleanfid:cifar10:train:32", double, cache_dir=tmp_path / "cache", kid=False, isc=False)
+    # 30 samples of 2048 features: a singular covariance, so sqrtm leaves ~1e-3 where the exact value is 0
+    assert abs(result["fid"]) < 1e-2
+    assert result["protocol"]["reference"]["kind"] == "clean-fid precomputed statistics"
+
+
+def test_fid_matches_cleanfid_compute_fid_with_custom_feat_extractor(tmp_path):
+    """Our folder FID equals clean-fid's own compute_fid(custom_feat_extractor=...) on the same folders."""
+    from cleanfid import fid as cleanfid
+
+    a, b = write_images(tmp_path / "a", 24, seed=7), write_images(tmp_path / "b", 24, seed=8, shift=20)
+    net = stand_in_network()
+    features_only = FeatureNetwork(lambda x: net(x)[:, :16], net.name, net.weights_sha256, 16)
+    ours = evaluate_folder(a, str(b), net, cache_dir=tmp_path / "cache", kid=False, isc=False)["fid"]
+    theirs = cleanfid.compute_fid(str(a), str(b), mode="clean", custom_feat_extractor=features_only, num_workers=0,
+                                  batch_size=8, device=torch.device("cpu"), verbose=False)
+    assert ours == pytest.approx(theirs, rel=1e-5)  # clean-fid averages float32 features in float32
