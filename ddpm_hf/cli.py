@@ -135,3 +135,21 @@ def metrics_main(argv: Optional[Sequence[str]] = None) -> int:
     summary = {k: v for k, v in result.items() if k != "protocol"}
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def card_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`ddpm-card OUTPUT_DIR`: (re)write the model card README.md of a run's output folder, e.g. after
+    `ddpm-metrics ... --output OUTPUT_DIR/metrics.json`."""
+    import argparse
+
+    from .model_card import write_model_card
+
+    parser = argparse.ArgumentParser(description=card_main.__doc__)
+    parser.add_argument("output_dir")
+    parser.add_argument("--repo_id", default=None, help="the Hub repo id to show in the usage snippet")
+    args = parser.parse_args(argv)
+    try:
+        print(f"wrote {write_model_card(args.output_dir, args.repo_id)}")
+    except (OSError, ValueError) as e:
+        return _fail(str(e), 1)
+    return 0

@@ -143,10 +143,18 @@ RECIPES: Dict[str, Dict[str, Any]] = {
 
 
 def _argparse_type(tp):
+    """The flag's value type; an Optional field also takes `none` (its None)."""
     origin = typing.get_origin(tp)
     if origin is typing.Union:
         (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return inner
+        if inner is bool:
+            return inner
+
+        def optional(value: str, inner=inner):
+            return None if value.lower() == "none" else inner(value)
+
+        optional.__name__ = inner.__name__  # argparse names the type in its error messages
+        return optional
     return tp
 
 

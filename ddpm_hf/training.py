@@ -426,7 +426,10 @@ def train(config: TrainingConfig, feature_network=None) -> Path:
             "evals": evals, "best": best,
             "checkpoints": [str(f.name) for _, f in list_checkpoints(output_dir)],
         })
-        logger.info("Saved the pipeline (EMA weights) to %s.", output_dir)
+        from .model_card import write_model_card
+
+        write_model_card(output_dir)
+        logger.info("Saved the pipeline (EMA weights) and its model card to %s.", output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return output_dir

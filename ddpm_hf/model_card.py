@@ -1,0 +1,155 @@
+"""The model card (README.md) of a run's output folder, built with huggingface_hub's ModelCard.
+
+Written into every output folder at the end of training, so a run that is never pushed is documented
+too: metadata (license, library, tags, dataset, model-index with FID/IS/KID when metrics.json exists),
+the sample grid, the metrics and their protocol, the resolved config and the command that reproduces
+the run, the loss curve, and how to load the pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+from pathlib import Path
+from typing import Optional
+
+from .config import TrainingConfig, resolve_config
+from .data import BUILTIN_DATASETS, DATASET_ALIASES
+from .outputs import atomic_write_bytes
+
+TAGS = ["pytorch", "diffusers", "unconditional-image-generation", "ddpm"]
+
+
+def reproduce_command(config: TrainingConfig) -> str:
+    """`python train_ddpm.py` with the preset and every flag whose value differs from it."""
+    base = dataclasses.asdict(resolve_config({}, preset=config.preset))
+    args = ["python", "train_ddpm.py"] + (["--preset", config.preset] if config.preset else [])
+    for key, value in dataclasses.asdict(config).items():
+        if key in ("preset", "resume_from_checkpoint") or value == base.get(key):
+            continue
+        if isinstance(value, bool):
+            args.append(f"--{key}" if value else f"--no-{key}")
+        else:
+            args += [f"--{key}", "none" if value is None else str(value)]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def _hub_dataset(config: TrainingConfig) -> Optional[str]:
+    if config.dataset in BUILTIN_DATASETS or Path(config.dataset).exists():
+        return None
+    return DATASET_ALIASES.get(config.dataset, config.dataset)
+
+
+def build_model_card(output_dir, repo_id: Optional[str] = None):
+    """A `huggingface_hub.ModelCard` for the run in `output_dir`."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    output_dir = Path(output_dir)
+    config = TrainingConfig.load(output_dir / "training_config.json")
+    metrics_path = output_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+    name = repo_id or output_dir.resolve().name
+    dataset = _hub_dataset(config)
+    dataset_label = dataset or ("scikit-learn digits (built in)" if config.dataset == "digits" else Path(config.dataset).name)
+
+    eval_results = None
+    if metrics:
+        protocol = metrics.get("protocol", {})
+        reference = protocol.get("reference", {})
+        values = {"FID": metrics.get("fid"), "KID": metrics.get("kid"),
+                  "Inception Score": (metrics.get("inception_score") or {}).get("mean")}
+        eval_results = [
+            EvalResult(task_type="unconditional-image-generation", dataset_type=dataset or "custom",
+                       dataset_name=dataset_label, dataset_split=reference.get("split"), metric_type=metric.lower().replace(" ", "_"),
+                       metric_name=metric, metric_value=float(value))
+            for metric, value in values.items() if value is not None
+        ]
+    data = ModelCardData(
+        license="apache-2.0", library_name="diffusers", tags=TAGS, datasets=[dataset] if dataset else None,
+        model_name=name, eval_results=eval_results or None, pipeline_tag="unconditional-image-generation",
+    )
+    scheduler = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
+    unet = json.loads((output_dir / "unet" / "config.json").read_text())
+    load_id = repo_id or "path/to/this/folder"
+
+    parts = [
+        f"# {name}",
+        "",
+        f"A denoising diffusion probabilistic model ([Ho et al. 2020](https://arxiv.org/abs/2006.11239)) trained "
+        f"with [ddpm_hf](https://pypi.org/project/ddpm_hf/) on **{dataset_label}** at {config.resolution}x{config.resolution} "
+        f"({config.channels} channel{'s' if config.channels > 1 else ''}), UNet preset `{config.unet_preset}`, "
+        f"{config.max_train_steps or config.num_epochs} {'steps' if config.max_train_steps else 'epochs'} of batch {config.batch_size}. "
+        "The weights are the EMA weights.",
+        "",
+        "![Samples](samples.png)",
+        "",
+        f"*Samples from fixed seeds ({config.num_sample_images} images, "
+        f"{config.sample_inference_steps or config.num_train_timesteps} DDPM steps).*",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import DDPMPipeline  # or: from ddpm_hf import DDPMPipeline",
+        "",
+        f'pipe = DDPMPipeline.from_pretrained("{load_id}")',
+        "images = pipe(batch_size=16, generator=torch.Generator().manual_seed(0)).images",
+        "```",
+        "",
+        "## Metrics",
+        "",
+    ]
+    if metrics:
+        protocol = metrics.get("protocol", {})
+        sampling = protocol.get("sampling") or {}
+        isc = metrics.get("inception_score") or {}
+        parts += [
+            "| metric | value |",
+            "| --- | --- |",
+            f"| FID | {metrics['fid']:.4f} |",
+            *([f"| KID | {metrics['kid']:.6f} |"] if metrics.get("kid") is not None else []),
+            *([f"| Inception Score | {isc['mean']:.3f} ± {isc['std']:.3f} ({isc.get('splits', 10)} splits) |"] if isc else []),
+            "",
+            "Protocol: "
+            f"{protocol.get('num_samples')} samples ({sampling.get('scheduler', '?')} sampler, "
+            f"{sampling.get('num_inference_steps', '?')} steps, {sampling.get('weights', '?')} weights) against "
+            f"{json.dumps(protocol.get('reference'))}; clean-fid mode `{protocol.get('mode')}`; feature network "
+            f"{(protocol.get('feature_network') or {}).get('name')} (weights SHA-256 "
+            f"`{(protocol.get('feature_network') or {}).get('weights_sha256', '')[:16]}…`).",
+        ]
+    else:
+        parts += ["No metrics yet: measure with `ddpm-sample` and `ddpm-metrics --output THIS_FOLDER/metrics.json`, "
+                  "then rebuild this card with `ddpm-card THIS_FOLDER`."]
+    parts += [
+        "",
+        "## Training",
+        "",
+        "Reproduce this run:",
+        "",
+        "```bash",
+        reproduce_command(config),
+        "```",
+        "",
+        "![Loss curve](loss_curve.png)",
+        "",
+        f"Diffusion: T = {scheduler['num_train_timesteps']}, `{scheduler['beta_schedule']}` betas "
+        f"{scheduler['beta_start']}..{scheduler['beta_end']}, `{scheduler['prediction_type']}` prediction, "
+        f"`{scheduler['variance_type']}` variance. UNet channels {unet['block_out_channels']}.",
+        "",
+        "<details><summary>Resolved training config</summary>",
+        "",
+        "```json",
+        config.to_json(),
+        "```",
+        "",
+        "</details>",
+        "",
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts))
+
+
+def write_model_card(output_dir, repo_id: Optional[str] = None) -> Path:
+    path = Path(output_dir) / "README.md"
+    atomic_write_bytes(path, str(build_model_card(output_dir, repo_id)).encode())
+    return path
