@@ -156,6 +156,8 @@ def main() -> None:
 
     import statistics
 
+    import torch
+
     with tempfile.TemporaryDirectory() as tmp:
         args.data = args.data or str(make_dataset(Path(tmp), args.images, args.resolution))
         ref = spawn(args, "reference")
@@ -165,7 +167,7 @@ def main() -> None:
     ours_ips = args.steps * args.batch_size / ours_seconds
     mean_sd = lambda xs: f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
     print(f"UNet preset {args.preset}, {args.resolution}x{args.resolution} RGB, batch {args.batch_size}, "
-          f"{args.steps} timed steps after {args.warmup} warmup, torch threads {__import__('torch').get_num_threads()}, "
+          f"{args.steps} timed steps after {args.warmup} warmup, torch threads {torch.get_num_threads()}, "
           f"ours with channels_last={args.channels_last} compile={args.compile}")
     print(f"reference (diffusers example parts): {ref_ips:8.1f} images/s   peak RSS {ref['peak_rss_mb']:7.0f} MB   loss {mean_sd(ref['losses'])}")
     print(f"ddpm_hf                            : {ours_ips:8.1f} images/s   peak RSS {full['peak_rss_mb']:7.0f} MB   loss {mean_sd(full['losses'])}")

@@ -57,13 +57,12 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="image k is drawn from seed + k")
     args = parser.parse_args(argv)
 
-    import torch
     from accelerate import PartialState
 
     from .pipelines.pipeline_ddpm import DDPMPipeline
+    from .training import accelerator_available
 
-    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-    state = PartialState(cpu=not has_accelerator)
+    state = PartialState(cpu=not accelerator_available())
     try:
         pipe = use_scheduler(DDPMPipeline.from_pretrained(args.pipeline), args.scheduler).to(state.device)
         result = sample_to_folder(pipe, args.output_dir, args.num_images, args.batch_size, args.num_inference_steps,

@@ -10,6 +10,7 @@ resolution, mode and feature network.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -157,7 +158,7 @@ def reference_features(reference: str, network: FeatureNetwork, mode: str, cache
     folder = dataset_reference(reference, split, resolution, channels, cache_dir)
     features = folder_features(folder, network, mode, **kw)
     stats.parent.mkdir(parents=True, exist_ok=True)
-    buf = __import__("io").BytesIO()
+    buf = io.BytesIO()
     np.save(buf, features)
     atomic_write_bytes(stats, buf.getvalue())
     return features, description

@@ -140,6 +140,12 @@ class BatchSource:
                 self._next_streamed()
 
 
+def accelerator_available() -> bool:
+    """Whether torch sees a GPU or other accelerator. Without one, Accelerate must be told `cpu=True`,
+    or several processes (torchrun / `accelerate launch --multi_gpu`) do not form a gloo group."""
+    return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+
+
 def _tracker_config(config: TrainingConfig) -> Dict:
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in dataclasses.asdict(config).items()}
 
@@ -219,9 +225,8 @@ def train(config: TrainingConfig, feature_network=None) -> Path:
 
     config.validate()
     output_dir = Path(config.output_dir)
-    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     accelerator = Accelerator(
-        cpu=not has_accelerator,  # so that several CPU processes (torchrun / --multi_gpu launcher) use gloo
+        cpu=not accelerator_available(),
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
         project_dir=str(output_dir),
