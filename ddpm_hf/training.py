@@ -170,7 +170,7 @@ def sample_images(unet, scheduler_config, config: TrainingConfig, accelerator, d
     return torch.stack([img for _, img in gathered])
 
 
-def features_of_images(images01: torch.Tensor, network, mode: str = "clean") -> torch.Tensor:
+def features_of_images(images01: torch.Tensor, network, mode: str = "clean", device="cpu") -> torch.Tensor:
     """Feature-network outputs for images in [0, 1] (NCHW), through the same uint8 quantisation as a saved
     PNG and clean-fid's resizing for `mode`, so that they match features of the same images in a folder."""
     import numpy as np
@@ -182,7 +182,7 @@ def features_of_images(images01: torch.Tensor, network, mode: str = "clean") -> 
         arrays = np.repeat(arrays, 3, axis=-1)
     batch = torch.stack([torch.from_numpy(np.asarray(resize(a), dtype=np.float32)).permute(2, 0, 1) for a in arrays])
     with torch.no_grad():
-        return network(batch).float().cpu()
+        return network(batch.to(device)).float().cpu()
 
 
 def evaluate_during_training(unet, scheduler_config, config: TrainingConfig, accelerator, device, network, reference) -> dict:
@@ -203,7 +203,7 @@ def evaluate_during_training(unet, scheduler_config, config: TrainingConfig, acc
         ids = mine[i : i + chunk]
         gens = [torch.Generator(device).manual_seed(_seed(config.seed, k, 0xE7A1)) for k in ids]
         images = pipe(batch_size=len(ids), generator=gens, num_inference_steps=config.eval_steps, output_type="pt", eta=0.0).images
-        rows += list(zip(ids, features_of_images(images, network)))
+        rows += list(zip(ids, features_of_images(images, network, device=device)))
     gathered = sorted(gather_object(rows), key=lambda pair: pair[0])
     feats = torch.stack([f for _, f in gathered]).double().numpy()
     d = network.num_features
@@ -323,6 +323,11 @@ def train(config: TrainingConfig, feature_network=None) -> Path:
     log_count = torch.zeros(5, device=device)
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not accelerator.is_local_main_process, desc="Training")
     last_log_time, last_log_step = time.perf_counter(), start_step
+
+    def trainer_state() -> dict:
+        return {"lr_scheduler": lr_scheduler.state_dict(), "ema": ema.state(), "history": history, "evals": evals,
+                "best": best, **counters}
+
     for step in bar:
         generator = torch.Generator(device).manual_seed(_seed(config.seed, step, rank))
         torch.manual_seed(_seed(config.seed, step, rank, 0xD0))  # dropout
@@ -406,16 +411,12 @@ def train(config: TrainingConfig, feature_network=None) -> Path:
             if config.keep_best and (best is None or metrics["fid"] < best["fid"]):
                 best = {"step": done, "fid": metrics["fid"]}
                 if is_main:
-                    state = {"lr_scheduler": lr_scheduler.state_dict(), "ema": ema.state(), "history": history, "evals": evals,
-                             "best": best, **counters}
-                    save_checkpoint(output_dir, done, raw_unet, ema.model, optimizer, state, name="best_checkpoint")
+                    save_checkpoint(output_dir, done, raw_unet, ema.model, optimizer, trainer_state(), name="best_checkpoint")
                 accelerator.wait_for_everyone()
 
         if done % config.checkpointing_steps == 0 or done == total_steps:
             if is_main:
-                state = {"lr_scheduler": lr_scheduler.state_dict(), "ema": ema.state(), "history": history, "evals": evals,
-                         "best": best, **counters}
-                save_checkpoint(output_dir, done, raw_unet, ema.model, optimizer, state)
+                save_checkpoint(output_dir, done, raw_unet, ema.model, optimizer, trainer_state())
                 rotate_checkpoints(output_dir, config.checkpoints_total_limit)
                 if history:
                     plot_loss_curve(history, output_dir / "loss_curve.png")
