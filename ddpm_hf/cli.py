@@ -19,10 +19,10 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     from .data import BadImageError, DatasetUnavailableError
 
     try:
-        config, dry_run = parse_args(argv)
+        config, options = parse_args(argv)
     except ValueError as e:
         return _fail(str(e))
-    if dry_run:
+    if options.dry_run:
         from .training import make_unet
 
         n = sum(p.numel() for p in make_unet(config).parameters())
@@ -30,11 +30,12 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"UNet parameters: {n:,}")
         return 0
     from .evaluation import InceptionWeightsMissing
+    from .hub import HubError
     from .training import NonFiniteLossError, train
 
     try:
-        train(config)
-    except (DatasetUnavailableError, BadImageError, NonFiniteLossError, InceptionWeightsMissing) as e:
+        train(config, hub_token=options.hub_token)
+    except (DatasetUnavailableError, BadImageError, NonFiniteLossError, InceptionWeightsMissing, HubError) as e:
         return _fail(str(e), 1)
     return 0
 
@@ -151,4 +152,31 @@ def card_main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"wrote {write_model_card(args.output_dir, args.repo_id)}")
     except (OSError, ValueError) as e:
         return _fail(str(e), 1)
+    return 0
+
+
+def push_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`ddpm-push OUTPUT_DIR --hub_model_id ID`: publish a run's output folder on the Hub: the pipeline,
+    the model card (rewritten for the repo), sample grids, metrics.json, training_config.json and the loss
+    curve; never checkpoints, optimizer state or logs."""
+    import argparse
+
+    from .hub import UPLOAD_PATTERNS
+
+    parser = argparse.ArgumentParser(description=push_main.__doc__, epilog="Uploaded paths: " + ", ".join(UPLOAD_PATTERNS))
+    parser.add_argument("output_dir")
+    parser.add_argument("--hub_model_id", default=None, help="'name' (under your account) or 'namespace/name' (default: the folder's name)")
+    parser.add_argument("--hub_private_repo", action="store_true", help="create the repo as private")
+    parser.add_argument("--hub_token", default=None, help="default: HF_TOKEN or the `hf auth login` token; never printed")
+    parser.add_argument("--commit_message", default="Upload DDPM pipeline with ddpm_hf")
+    args = parser.parse_args(argv)
+
+    from .hub import HubError, push_output_folder
+
+    try:
+        url, commit = push_output_folder(args.output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo,
+                                         args.commit_message)
+    except (HubError, OSError, ValueError) as e:
+        return _fail(str(e), 1)
+    print(f"pushed {args.output_dir} to {url} (commit {commit.oid[:12]})")
     return 0

@@ -87,6 +87,11 @@ class TrainingConfig:
     keep_best: bool = _f(False, "keep the checkpoint with the best FID in best_checkpoint/ (outside the rotation limit)")
     inception_weights: Optional[str] = _f(None, "Inception weights file for --eval_every (else $DDPM_HF_INCEPTION_WEIGHTS or the cache)")
     eval_cache_dir: Optional[str] = _f(None, "where reference statistics are cached (default $DDPM_HF_CACHE or ~/.cache/ddpm_hf)")
+    # ---- the Hub (the token is a flag of its own, --hub_token, and is never saved)
+    push_to_hub: bool = _f(False, "push the pipeline, model card, grids, metrics and config to the Hub; the token and repo are checked before training starts")
+    hub_model_id: Optional[str] = _f(None, "the Hub repo: 'name' (under your account) or 'namespace/name' (default: the output folder's name)")
+    hub_private_repo: bool = _f(False, "create the Hub repo as private")
+    hub_push_every: Optional[int] = _f(None, "also push the EMA pipeline so far every N steps, uploading in the background")
     report_to: str = _f("tensorboard", "experiment tracker", ("tensorboard", "wandb", "none"))
     preset: Optional[str] = _f(None, "a training recipe whose values replace the defaults (flags still win)")
 
@@ -103,6 +108,10 @@ class TrainingConfig:
             raise ValueError(f"--channels={self.channels} is not supported; use 1 or 3.")
         if self.keep_best and not self.eval_every:
             raise ValueError("--keep_best needs --eval_every N (the FID it keeps the best checkpoint by).")
+        if (self.hub_model_id or self.hub_private_repo or self.hub_push_every) and not self.push_to_hub:
+            raise ValueError("--hub_model_id, --hub_private_repo and --hub_push_every need --push_to_hub.")
+        if self.hub_push_every is not None and self.hub_push_every < 1:
+            raise ValueError(f"--hub_push_every={self.hub_push_every} must be at least 1.")
         for name in ("batch_size", "gradient_accumulation_steps", "resolution", "checkpointing_steps",
                      "save_images_steps", "logging_steps", "num_sample_images", "eval_samples", "eval_steps"):
             if getattr(self, name) < 1:
@@ -176,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             parser.add_argument(f"--{f.name}", type=tp, metavar=f.name.upper(), **kwargs)
     parser.add_argument("--dry_run", action="store_true", help="print the resolved config and the parameter count, then exit")
+    parser.add_argument("--hub_token", default=None, help="Hub token for --push_to_hub (default: HF_TOKEN or the `hf auth login` "
+                        "token, which other users of this machine cannot see in the process list); never saved or printed")
     return parser
 
 
@@ -199,7 +210,8 @@ def resolve_config(overrides: Dict[str, Any], preset: Optional[str] = None) -> T
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
-    """(config, dry_run) from command-line arguments."""
+    """(config, options) from command-line arguments; options holds what is not part of the run's config:
+    `dry_run` and `hub_token` (a secret, so never in the config that is saved)."""
     args = vars(build_parser().parse_args(argv))
-    dry_run = args.pop("dry_run", False)
-    return resolve_config(args), dry_run
+    options = argparse.Namespace(dry_run=args.pop("dry_run", False), hub_token=args.pop("hub_token", None))
+    return resolve_config(args), options

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import shlex
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 from .config import TrainingConfig, resolve_config
 from .data import BUILTIN_DATASETS, DATASET_ALIASES
@@ -26,7 +26,8 @@ def reproduce_command(config: TrainingConfig) -> str:
     base = dataclasses.asdict(resolve_config({}, preset=config.preset))
     args = ["python", "train_ddpm.py"] + (["--preset", config.preset] if config.preset else [])
     for key, value in dataclasses.asdict(config).items():
-        if key in ("preset", "resume_from_checkpoint") or value == base.get(key):
+        # resuming and publishing are not part of the experiment: a reproduction pushes nowhere
+        if key in ("preset", "resume_from_checkpoint", "push_to_hub") or key.startswith("hub_") or value == base.get(key):
             continue
         if isinstance(value, bool):
             args.append(f"--{key}" if value else f"--no-{key}")
@@ -41,8 +42,9 @@ def _hub_dataset(config: TrainingConfig) -> Optional[str]:
     return DATASET_ALIASES.get(config.dataset, config.dataset)
 
 
-def build_model_card(output_dir, repo_id: Optional[str] = None):
-    """A `huggingface_hub.ModelCard` for the run in `output_dir`."""
+def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Optional[Tuple[int, int]] = None):
+    """A `huggingface_hub.ModelCard` for the run in `output_dir`; `progress` = (step, total steps) marks a
+    run still training. Images are shown only when their files exist."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     output_dir = Path(output_dir)
@@ -82,11 +84,19 @@ def build_model_card(output_dir, repo_id: Optional[str] = None):
         f"{config.max_train_steps or config.num_epochs} {'steps' if config.max_train_steps else 'epochs'} of batch {config.batch_size}. "
         "The weights are the EMA weights.",
         "",
-        "![Samples](samples.png)",
-        "",
-        f"*Samples from fixed seeds ({config.num_sample_images} images, "
-        f"{config.sample_inference_steps or config.num_train_timesteps} DDPM steps).*",
-        "",
+    ]
+    if progress is not None:
+        parts += [f"**Training in progress: step {progress[0]:,} of {progress[1]:,}.** The weights, samples and this "
+                  "card are updated as it goes.", ""]
+    if (output_dir / "samples.png").is_file():
+        parts += [
+            "![Samples](samples.png)",
+            "",
+            f"*Samples from fixed seeds ({config.num_sample_images} images, "
+            f"{config.sample_inference_steps or config.num_train_timesteps} DDPM steps).*",
+            "",
+        ]
+    parts += [
         "## Usage",
         "",
         "```python",
@@ -131,8 +141,7 @@ def build_model_card(output_dir, repo_id: Optional[str] = None):
         reproduce_command(config),
         "```",
         "",
-        "![Loss curve](loss_curve.png)",
-        "",
+        *(["![Loss curve](loss_curve.png)", ""] if (output_dir / "loss_curve.png").is_file() else []),
         f"Diffusion: T = {scheduler['num_train_timesteps']}, `{scheduler['beta_schedule']}` betas "
         f"{scheduler['beta_start']}..{scheduler['beta_end']}, `{scheduler['prediction_type']}` prediction, "
         f"`{scheduler['variance_type']}` variance. UNet channels {unet['block_out_channels']}.",
@@ -149,7 +158,7 @@ def build_model_card(output_dir, repo_id: Optional[str] = None):
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts))
 
 
-def write_model_card(output_dir, repo_id: Optional[str] = None) -> Path:
+def write_model_card(output_dir, repo_id: Optional[str] = None, progress: Optional[Tuple[int, int]] = None) -> Path:
     path = Path(output_dir) / "README.md"
-    atomic_write_bytes(path, str(build_model_card(output_dir, repo_id)).encode())
+    atomic_write_bytes(path, str(build_model_card(output_dir, repo_id, progress)).encode())
     return path

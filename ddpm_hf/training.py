@@ -24,6 +24,7 @@ from .config import TrainingConfig
 from .data import build_image_bank, find_image_column, load_image_dataset, stream_batches, to_model_range
 from .ema import EMA
 from .losses import diffusion_loss, min_snr_weight, snr, training_target
+from .model_card import write_model_card
 from .outputs import (
     atomic_save_image,
     atomic_write_json,
@@ -213,9 +214,11 @@ def evaluate_during_training(unet, scheduler_config, config: TrainingConfig, acc
     return result
 
 
-def train(config: TrainingConfig, feature_network=None) -> Path:
+def train(config: TrainingConfig, feature_network=None, hub_token: Optional[str] = None) -> Path:
     """Train as `config` says; return the output folder (pipeline with EMA weights, grids, loss curve,
-    training_config.json, checkpoints). `feature_network` replaces Inception-v3 for --eval_every."""
+    training_config.json, checkpoints, model card). `feature_network` replaces Inception-v3 for
+    --eval_every. With --push_to_hub, `hub_token` (else HF_TOKEN or the login) is checked before anything
+    else, and the folder's allow-listed files are pushed at the end (and every --hub_push_every steps)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
@@ -240,11 +243,19 @@ def train(config: TrainingConfig, feature_network=None) -> Path:
         )
     micro = config.batch_size // (world * accum)
     is_main = accelerator.is_main_process
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("httpx", "httpx2", "httpcore"):  # one INFO line per HTTP request while pushing
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    pusher = None
+    if config.push_to_hub and is_main:  # before the data and the model: a bad token fails in seconds
+        from .hub import HubPusher
+
+        pusher = HubPusher(config.hub_model_id or output_dir.resolve().name, hub_token, config.hub_private_repo, str(output_dir))
+        logger.info("Will push to %s.", pusher.url)
     if config.eval_every and feature_network is None:
         from .evaluation import inception_network, resolve_inception_weights
 
         feature_network = inception_network(resolve_inception_weights(config.inception_weights, config.eval_cache_dir), device)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     # 1. data
     source = BatchSource(config, micro, rank, world, progress=accelerator.is_local_main_process)
@@ -421,6 +432,14 @@ def train(config: TrainingConfig, feature_network=None) -> Path:
                 if history:
                     plot_loss_curve(history, output_dir / "loss_curve.png")
             accelerator.wait_for_everyone()
+
+        if pusher is not None and config.hub_push_every and done % config.hub_push_every == 0 and done < total_steps:
+            # the EMA pipeline and card so far; the upload runs in the background
+            save_pipeline(DDPMPipeline(unet=ema.model, scheduler=DDPMScheduler.from_config(scheduler.config)), output_dir)
+            if history:
+                plot_loss_curve(history, output_dir / "loss_curve.png")
+            write_model_card(output_dir, pusher.repo_id, progress=(done, total_steps))
+            pusher.push_in_background(output_dir, f"Training step {done} of {total_steps}")
         last_log_time += time.perf_counter() - pause  # grids and checkpoints are not training time
 
     # 5. the final pipeline, with the EMA weights
@@ -432,12 +451,16 @@ def train(config: TrainingConfig, feature_network=None) -> Path:
             "evals": evals, "best": best,
             "checkpoints": [str(f.name) for _, f in list_checkpoints(output_dir)],
         })
-        from .model_card import write_model_card
-
-        write_model_card(output_dir)
+        write_model_card(output_dir, pusher.repo_id if pusher else None)
         logger.info("Saved the pipeline (EMA weights) and its model card to %s.", output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if pusher is not None:
+        try:
+            pusher.push(output_dir, f"End of training: step {total_steps}")
+            logger.info("Pushed %s to %s.", output_dir, pusher.url)
+        finally:
+            pusher.close()
     return output_dir
 
 

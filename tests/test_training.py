@@ -59,8 +59,8 @@ def cli_args(config_overrides: dict):
 
 
 def test_flags_override_preset_override_defaults():
-    config, dry = parse_args(["--preset", "digits-cpu", "--learning_rate", "0.5", "--no-center_crop"])
-    assert not dry
+    config, options = parse_args(["--preset", "digits-cpu", "--learning_rate", "0.5", "--no-center_crop"])
+    assert not options.dry_run and options.hub_token is None
     assert config.learning_rate == 0.5 and config.center_crop is False
     assert config.batch_size == RECIPES["digits-cpu"]["batch_size"]
     assert config.beta_end == TrainingConfig().beta_end
