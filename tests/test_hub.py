@@ -299,3 +299,35 @@ def test_ddpm_push_refuses_a_folder_without_a_pipeline(at_hub, tmp_path):
     with pytest.raises(HubError, match=r"has no model_index.json: give the output folder of a finished training run"):
         push_output_folder(tmp_path, "x", token=WRITE_TOKEN)
 
+
+
+@pytest.mark.parametrize("source", ["HF_TOKEN", "login"])
+def test_token_from_the_environment_or_the_login(at_hub, tmp_path, monkeypatch, source):
+    from huggingface_hub import constants
+
+    if source == "HF_TOKEN":
+        monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    else:  # what `hf auth login` writes
+        Path(constants.HF_TOKEN_PATH).write_text(WRITE_TOKEN)
+    pusher = HubPusher(f"from-{source.lower()}")
+    assert pusher.repo_id == f"alice/from-{source.lower()}" and pusher.repo_id in at_hub.repos
+    pusher.close()
+
+
+def test_two_processes_push_once_per_push(hub, tmp_path):
+    """accelerate launch with 2 CPU processes, HF_TOKEN from the environment: only the main process checks
+    and pushes, and the other process neither waits for it nor deadlocks."""
+    from test_training import REPO as CHECKOUT, cli_args
+
+    overrides = dict(TINY, max_train_steps=4, checkpointing_steps=4, save_images_steps=2, output_dir=tmp_path / "run",
+                     push_to_hub=True, hub_model_id="two-procs", hub_push_every=2)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(CHECKOUT / "train_ddpm.py"), *cli_args(overrides)]
+    whoami_before = sum(1 for _, path, _ in hub.requests if path.startswith("/api/whoami"))
+    proc = subprocess.run(cmd, env=subprocess_env(hub, tmp_path / "hf-home", HF_TOKEN=WRITE_TOKEN),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes" in proc.stderr and WRITE_TOKEN not in proc.stdout + proc.stderr
+    assert [c.message for c in hub.repos["alice/two-procs"].commits] == ["initial commit", "Training step 2 of 4", "End of training: step 4"]
+    assert sum(1 for _, path, _ in hub.requests if path.startswith("/api/whoami")) == whoami_before + 1
+    assert set(hub.files("alice/two-procs")) == (PUSHED - {"samples/step-0000001.png"}) | {".gitattributes", "samples/step-0000004.png"}
