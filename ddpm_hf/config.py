@@ -110,12 +110,11 @@ class TrainingConfig:
             raise ValueError("--keep_best needs --eval_every N (the FID it keeps the best checkpoint by).")
         if (self.hub_model_id or self.hub_private_repo or self.hub_push_every) and not self.push_to_hub:
             raise ValueError("--hub_model_id, --hub_private_repo and --hub_push_every need --push_to_hub.")
-        if self.hub_push_every is not None and self.hub_push_every < 1:
-            raise ValueError(f"--hub_push_every={self.hub_push_every} must be at least 1.")
         for name in ("batch_size", "gradient_accumulation_steps", "resolution", "checkpointing_steps",
-                     "save_images_steps", "logging_steps", "num_sample_images", "eval_samples", "eval_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name}={getattr(self, name)} must be at least 1.")
+                     "save_images_steps", "logging_steps", "num_sample_images", "eval_samples", "eval_steps", "hub_push_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:  # None: an Optional setting that is off
+                raise ValueError(f"--{name}={value} must be at least 1.")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False)

@@ -57,13 +57,16 @@ def resolve_inception_weights(path: Optional[str] = None, cache_dir: Optional[Pa
     )
 
 
-def download_inception(cache_dir: Optional[Path] = None) -> Path:
-    cache_dir = Path(cache_dir or default_cache_dir())
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / INCEPTION_FILE
-    with urllib.request.urlopen(INCEPTION_URL, timeout=60) as response:
+def _download(url: str, target: Path, timeout: float) -> Path:
+    """`url` into `target`, written atomically (a failed download leaves nothing under the final name)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with urllib.request.urlopen(url, timeout=timeout) as response:
         atomic_write_bytes(target, response.read())
     return target
+
+
+def download_inception(cache_dir: Optional[Path] = None) -> Path:
+    return _download(INCEPTION_URL, Path(cache_dir or default_cache_dir()) / INCEPTION_FILE, timeout=60)
 
 
 def sha256_of(path: Path) -> str:
@@ -114,6 +117,20 @@ def folder_features(folder, network: FeatureNetwork, mode: str = "clean", batch_
         raise ValueError(f"{folder} holds {len(files)} images; FID needs at least 2 (use thousands).")
     return get_folder_features(str(folder), network, num_workers=num_workers, batch_size=batch_size,
                                device=torch.device(device), mode=mode, verbose=False)
+
+
+def features_of_images(images01: torch.Tensor, network, mode: str = "clean", device="cpu") -> torch.Tensor:
+    """Feature-network outputs for images in [0, 1] (NCHW), through the same uint8 quantisation as a saved
+    PNG and clean-fid's resizing for `mode`, so that they match features of the same images in a folder."""
+    from cleanfid.resize import build_resizer
+
+    resize = build_resizer(mode)
+    arrays = (images01.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+    if arrays.shape[-1] == 1:
+        arrays = np.repeat(arrays, 3, axis=-1)
+    batch = torch.stack([torch.from_numpy(np.asarray(resize(a), dtype=np.float32)).permute(2, 0, 1) for a in arrays])
+    with torch.no_grad():
+        return network(batch.to(device)).float().cpu()
 
 
 def _safe(text: str) -> str:
@@ -181,10 +198,8 @@ def cleanfid_reference(spec: str, mode: str, cache_dir: Path, network: FeatureNe
     def fetch(fname: str) -> Path:
         path = folder / fname
         if not path.is_file():
-            folder.mkdir(parents=True, exist_ok=True)
             try:
-                with urllib.request.urlopen(CLEANFID_STATS_URL + fname, timeout=30) as response:
-                    atomic_write_bytes(path, response.read())
+                _download(CLEANFID_STATS_URL + fname, path, timeout=30)
             except OSError as e:
                 raise FileNotFoundError(
                     f"clean-fid's statistics {fname} are not in {folder} and cannot be downloaded ({e}); fetch "
@@ -219,7 +234,7 @@ def evaluate_folder(samples, reference: str, network: FeatureNetwork, mode: str 
     samples folder (or `output`) with the numbers and the protocol."""
     cache_dir = Path(cache_dir or default_cache_dir())
     d = network.num_features
-    if reference.startswith("cleanfid:"):
+    if reference.startswith("cleanfid:"):  # fetched first: offline, it fails before any feature work
         ref_stats, ref_kid, ref_description = cleanfid_reference(reference, mode, cache_dir, network, kid)
         sample_all = folder_features(samples, network, mode, **kw)
         num_reference = None

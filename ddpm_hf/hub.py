@@ -61,11 +61,19 @@ def _retry_hint(output_dir: Optional[str], repo_id: str) -> str:
     return f"push later with `ddpm-push {output_dir or 'OUTPUT_DIR'} --hub_model_id {repo_id}`"
 
 
-def check_hub_access(repo_id: str, token: Optional[str] = None, private: bool = False,
+def _status(error) -> str:
+    return str(error.response.status_code) if error.response is not None else "?"
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+
+
+def check_hub_access(api, repo_id: str, token: Optional[str] = None, private: bool = False,
                      output_dir: Optional[str] = None) -> str:
-    """Check the token and the repo (creating it if needed); return the full `namespace/name` repo id.
-    Raises HubError with the reason and the fix."""
-    from huggingface_hub import HfApi, get_token
+    """Check the token and the repo (creating it if needed) through `api` (an `HfApi`); return the full
+    `namespace/name` repo id. Raises HubError with the reason and the fix."""
+    from huggingface_hub import get_token
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
     from huggingface_hub.utils import validate_repo_id
 
@@ -73,7 +81,6 @@ def check_hub_access(repo_id: str, token: Optional[str] = None, private: bool = 
         validate_repo_id(repo_id)
     except Exception as e:  # HFValidationError
         raise HubError(f"--hub_model_id {repo_id!r} is not a valid repo id ({e}); use 'name' or 'namespace/name'.") from None
-    api = HfApi(token=token)
     token = token or get_token()
     if not token:
         raise HubError("Pushing to the Hub needs a token with write access: pass --hub_token, set HF_TOKEN, "
@@ -83,8 +90,7 @@ def check_hub_access(repo_id: str, token: Optional[str] = None, private: bool = 
     except OfflineModeIsEnabled:
         raise HubError(f"HF_HUB_OFFLINE=1 is set, so nothing can be pushed; unset it, or {_retry_hint(output_dir, repo_id)}.") from None
     except HfHubHTTPError as e:
-        status = e.response.status_code if e.response is not None else "?"
-        raise HubError(f"The Hub at {api.endpoint} rejected the token (HTTP {status}); make a write token at "
+        raise HubError(f"The Hub at {api.endpoint} rejected the token (HTTP {_status(e)}); make a write token at "
                        f"{api.endpoint}/settings/tokens and pass it with --hub_token or HF_TOKEN.") from None
     except Exception as e:  # connection refused, DNS, timeout: the Hub cannot be reached
         raise HubError(f"Cannot reach the Hub at {api.endpoint} ({type(e).__name__}); check the network, or "
@@ -96,8 +102,7 @@ def check_hub_access(repo_id: str, token: Optional[str] = None, private: bool = 
     try:
         api.create_repo(full_id, private=private, exist_ok=True, token=token)
     except HfHubHTTPError as e:
-        status = e.response.status_code if e.response is not None else "?"
-        raise HubError(f"Cannot create or write to the repo {full_id} on {api.endpoint} (HTTP {status}) as "
+        raise HubError(f"Cannot create or write to the repo {full_id} on {api.endpoint} (HTTP {_status(e)}) as "
                        f"{who.get('name')}; check the namespace and the token's permissions.") from None
     return full_id
 
@@ -127,9 +132,8 @@ class HubPusher:
     def __init__(self, repo_id: str, token: Optional[str] = None, private: bool = False, output_dir: Optional[str] = None):
         from huggingface_hub import HfApi
 
-        self.repo_id = check_hub_access(repo_id, token, private, output_dir)
-        self.output_dir = output_dir
         self._api = HfApi(token=token)
+        self.repo_id = check_hub_access(self._api, repo_id, token, private, output_dir)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-push")
         self._pending: Optional[Future] = None
 
@@ -158,8 +162,7 @@ class HubPusher:
     def _report(self, future: Future) -> None:
         error = future.exception()
         if error is not None:
-            logger.warning("Background push to %s failed (%s: %s); the next push retries.", self.repo_id,
-                           type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            logger.warning("Background push to %s failed (%s); the next push retries.", self.repo_id, _first_line(error))
         else:
             logger.info("Pushed to %s (commit %s).", self.url, future.result().oid[:12])
 
@@ -177,7 +180,7 @@ class HubPusher:
         try:
             return self._upload(snapshot(folder), message)
         except Exception as e:
-            raise HubError(f"The push to {self.url} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            raise HubError(f"The push to {self.url} failed ({_first_line(e)}); "
                            f"the files are intact in {folder}; {_retry_hint(str(folder), self.repo_id)}.") from None
 
     def close(self) -> None:

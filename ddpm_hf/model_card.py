@@ -55,9 +55,9 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
     dataset = _hub_dataset(config)
     dataset_label = dataset or ("scikit-learn digits (built in)" if config.dataset == "digits" else Path(config.dataset).name)
 
+    protocol = (metrics or {}).get("protocol", {})
     eval_results = None
     if metrics:
-        protocol = metrics.get("protocol", {})
         reference = protocol.get("reference", {})
         values = {"FID": metrics.get("fid"), "KID": metrics.get("kid"),
                   "Inception Score": (metrics.get("inception_score") or {}).get("mean")}
@@ -111,7 +111,6 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
         "",
     ]
     if metrics:
-        protocol = metrics.get("protocol", {})
         sampling = protocol.get("sampling") or {}
         isc = metrics.get("inception_score") or {}
         parts += [

@@ -171,27 +171,13 @@ def sample_images(unet, scheduler_config, config: TrainingConfig, accelerator, d
     return torch.stack([img for _, img in gathered])
 
 
-def features_of_images(images01: torch.Tensor, network, mode: str = "clean", device="cpu") -> torch.Tensor:
-    """Feature-network outputs for images in [0, 1] (NCHW), through the same uint8 quantisation as a saved
-    PNG and clean-fid's resizing for `mode`, so that they match features of the same images in a folder."""
-    import numpy as np
-    from cleanfid.resize import build_resizer
-
-    resize = build_resizer(mode)
-    arrays = (images01.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
-    if arrays.shape[-1] == 1:
-        arrays = np.repeat(arrays, 3, axis=-1)
-    batch = torch.stack([torch.from_numpy(np.asarray(resize(a), dtype=np.float32)).permute(2, 0, 1) for a in arrays])
-    with torch.no_grad():
-        return network(batch.to(device)).float().cpu()
-
-
 def evaluate_during_training(unet, scheduler_config, config: TrainingConfig, accelerator, device, network, reference) -> dict:
     """FID (and IS) of `eval_samples` images from `unet` drawn with DDIM in `eval_steps` steps, each process
     drawing its share (image i from seed (seed, i)); every process returns the same numbers."""
     from accelerate.utils import gather_object
     from diffusers import DDIMScheduler
 
+    from .evaluation import features_of_images
     from .metrics import feature_statistics, frechet_distance, inception_score
     from .pipelines.pipeline_ddpm import DDPMPipeline
 
@@ -339,6 +325,9 @@ def train(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
         return {"lr_scheduler": lr_scheduler.state_dict(), "ema": ema.state(), "history": history, "evals": evals,
                 "best": best, **counters}
 
+    def save_ema_pipeline() -> None:
+        save_pipeline(DDPMPipeline(unet=ema.model, scheduler=DDPMScheduler.from_config(scheduler.config)), output_dir)
+
     for step in bar:
         generator = torch.Generator(device).manual_seed(_seed(config.seed, step, rank))
         torch.manual_seed(_seed(config.seed, step, rank, 0xD0))  # dropout
@@ -425,26 +414,25 @@ def train(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
                     save_checkpoint(output_dir, done, raw_unet, ema.model, optimizer, trainer_state(), name="best_checkpoint")
                 accelerator.wait_for_everyone()
 
-        if done % config.checkpointing_steps == 0 or done == total_steps:
+        checkpoint_now = done % config.checkpointing_steps == 0 or done == total_steps
+        push_now = pusher is not None and config.hub_push_every and done % config.hub_push_every == 0 and done < total_steps
+        if is_main and history and (checkpoint_now or push_now):
+            plot_loss_curve(history, output_dir / "loss_curve.png")
+        if checkpoint_now:
             if is_main:
                 save_checkpoint(output_dir, done, raw_unet, ema.model, optimizer, trainer_state())
                 rotate_checkpoints(output_dir, config.checkpoints_total_limit)
-                if history:
-                    plot_loss_curve(history, output_dir / "loss_curve.png")
             accelerator.wait_for_everyone()
 
-        if pusher is not None and config.hub_push_every and done % config.hub_push_every == 0 and done < total_steps:
-            # the EMA pipeline and card so far; the upload runs in the background
-            save_pipeline(DDPMPipeline(unet=ema.model, scheduler=DDPMScheduler.from_config(scheduler.config)), output_dir)
-            if history:
-                plot_loss_curve(history, output_dir / "loss_curve.png")
+        if push_now:  # the EMA pipeline and card so far; the upload runs in the background
+            save_ema_pipeline()
             write_model_card(output_dir, pusher.repo_id, progress=(done, total_steps))
             pusher.push_in_background(output_dir, f"Training step {done} of {total_steps}")
         last_log_time += time.perf_counter() - pause  # grids and checkpoints are not training time
 
     # 5. the final pipeline, with the EMA weights
     if is_main:
-        save_pipeline(DDPMPipeline(unet=ema.model, scheduler=DDPMScheduler.from_config(scheduler.config)), output_dir)
+        save_ema_pipeline()
         atomic_write_json(output_dir / "train_summary.json", {
             "steps": total_steps, "images_seen": total_steps * config.batch_size, "skipped_images": source.skipped,
             "nonfinite_steps": counters["nonfinite_total"], "final_loss": history[-1]["loss"] if history else None,

@@ -124,7 +124,7 @@ def test_in_memory_features_match_folder_features(tmp_path):
     """Features computed during training (from tensors) equal those of the same images saved as PNGs."""
     from diffusers import DiffusionPipeline
 
-    from ddpm_hf.training import features_of_images
+    from ddpm_hf.evaluation import features_of_images
 
     images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     (tmp_path / "f").mkdir()
