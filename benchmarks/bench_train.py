@@ -3,12 +3,15 @@ diffusers' train_unconditional example builds it (diffusers DDPMScheduler and EM
 torchvision transforms in a DataLoader, AdamW, accelerate.accumulate), with the same UNet config, batch
 and step count, on the same synthetic RGB PNG dataset.
 
-Prints images/s, peak RSS and the loss statistics of each, and the ratio. Each loop runs in its own
-process (so peak memory is its own). Both are timed over the steps after the warmup: ours from the
-per-step wall times `ddpm_hf.training.train` records in its history (logging every step), the
+Ours runs in four settings: fp32, `--mixed_precision bf16` (on a CPU with AVX512-BF16 or AMX this is the
+lever), `--channels_last`, and both; the reference runs as the diffusers example runs by default (fp32).
+Prints images/s, peak RSS and the loss statistics of each, and the ratio to the reference. Each loop runs
+in its own process (so peak memory is its own). All are timed over the steps after the warmup: ours from
+the per-step wall times `ddpm_hf.training.train` records in its history (logging every step), the
 reference directly.
 
-    python benchmarks/bench_train.py                    # cpu-small UNet, 32x32, batch 32
+    python benchmarks/bench_train.py                    # cpu-small UNet, 32x32 RGB, batch 32
+    python benchmarks/bench_train.py --resolution 16 --channels 1 --batch_size 64   # the quick start's shape
     python benchmarks/bench_train.py --preset cpu-tiny --batch_size 64 --steps 40
 """
 
@@ -23,6 +26,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+VARIANTS = {  # name: (mixed_precision, channels_last)
+    "fp32": ("no", False),
+    "bf16": ("bf16", False),
+    "fp32 channels_last": ("no", True),
+    "bf16 channels_last": ("bf16", True),
+}
 
 
 def make_dataset(folder: Path, n: int, resolution: int) -> Path:
@@ -64,9 +75,10 @@ def run_reference(args) -> dict:
         transforms.ToTensor(),
         transforms.Normalize([0.5], [0.5]),
     ])
-    ds.set_transform(lambda ex: {"input": [augment(im.convert("RGB")) for im in ex["img"]]})
+    mode = "RGB" if args.channels == 3 else "L"
+    ds.set_transform(lambda ex: {"input": [augment(im.convert(mode)) for im in ex["img"]]})
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=0, drop_last=True)
-    model = UNet2DModel.from_config(unet_config(args.preset, sample_size=args.resolution, in_channels=3))
+    model = UNet2DModel.from_config(unet_config(args.preset, sample_size=args.resolution, in_channels=args.channels))
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
     lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=0, num_training_steps=args.warmup + args.steps)
@@ -105,12 +117,13 @@ def run_ours(args, steps: int, out: Path) -> dict:
     from ddpm_hf.config import resolve_config
     from ddpm_hf.training import train
 
+    mixed_precision, channels_last = VARIANTS[args.variant]
     config = resolve_config(dict(
-        dataset=args.data, channels=3, resolution=args.resolution, unet_preset=args.preset, dropout=0.0,
+        dataset=args.data, channels=args.channels, resolution=args.resolution, unet_preset=args.preset, dropout=0.0,
         batch_size=args.batch_size, max_train_steps=steps, learning_rate=1e-4, lr_scheduler="cosine",
         lr_warmup_steps=0, random_flip=True, logging_steps=1, checkpointing_steps=10**9, save_images_steps=10**9,
         num_sample_images=1, sample_inference_steps=1, report_to="none", output_dir=str(out),
-        channels_last=args.channels_last, compile=args.compile,
+        mixed_precision=mixed_precision, channels_last=channels_last, compile=args.compile,
     ))
     train(config)
     history = json.loads((out / f"checkpoint-{steps}" / "trainer_state.json").read_text())["history"]
@@ -128,11 +141,12 @@ def child(args) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def spawn(args, which: str, total_steps: int = 0) -> dict:
+def spawn(args, which: str, total_steps: int = 0, variant: str = "fp32") -> dict:
     cmd = [sys.executable, __file__, "--child", which, "--data", args.data, "--preset", args.preset,
            "--batch_size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--resolution", str(args.resolution), "--total_steps", str(total_steps)]
-    cmd += ["--channels_last"] * args.channels_last + ["--compile"] * args.compile
+           "--resolution", str(args.resolution), "--channels", str(args.channels), "--total_steps", str(total_steps),
+           "--variant", variant]
+    cmd += ["--compile"] * args.compile
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
 
@@ -142,11 +156,13 @@ def main() -> None:
     parser.add_argument("--preset", default="cpu-small")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=30, help="timed steps")
+    parser.add_argument("--channels", type=int, default=3, choices=(1, 3))
+    parser.add_argument("--steps", type=int, default=40, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--data", default=None)
-    parser.add_argument("--channels_last", action="store_true", help="ours: channels_last memory format")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"ours, comma-separated, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--variant", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--compile", action="store_true", help="ours: torch.compile the UNet")
     parser.add_argument("--child", dest="which", default=None)
     parser.add_argument("--total_steps", type=int, default=0)
@@ -158,20 +174,24 @@ def main() -> None:
 
     import torch
 
+    variants = args.variants.split(",")
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown --variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     with tempfile.TemporaryDirectory() as tmp:
         args.data = args.data or str(make_dataset(Path(tmp), args.images, args.resolution))
-        ref = spawn(args, "reference")
-        full = spawn(args, "ours", args.warmup + args.steps)
-    ours_seconds = full["seconds"]
-    ref_ips = args.steps * args.batch_size / ref["seconds"]
-    ours_ips = args.steps * args.batch_size / ours_seconds
-    mean_sd = lambda xs: f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
-    print(f"UNet preset {args.preset}, {args.resolution}x{args.resolution} RGB, batch {args.batch_size}, "
-          f"{args.steps} timed steps after {args.warmup} warmup, torch threads {torch.get_num_threads()}, "
-          f"ours with channels_last={args.channels_last} compile={args.compile}")
-    print(f"reference (diffusers example parts): {ref_ips:8.1f} images/s   peak RSS {ref['peak_rss_mb']:7.0f} MB   loss {mean_sd(ref['losses'])}")
-    print(f"ddpm_hf                            : {ours_ips:8.1f} images/s   peak RSS {full['peak_rss_mb']:7.0f} MB   loss {mean_sd(full['losses'])}")
-    print(f"speed-up: {ours_ips / ref_ips:.2f}x")
+        results = {"reference (diffusers example parts, fp32)": spawn(args, "reference")}
+        for variant in variants:
+            results[f"ddpm_hf {variant}"] = spawn(args, "ours", args.warmup + args.steps, variant)
+    print(f"UNet preset {args.preset}, {args.resolution}x{args.resolution}, {args.channels} channel(s), batch {args.batch_size}, "
+          f"{args.steps} timed steps after {args.warmup} warmup, torch threads {torch.get_num_threads()}, compile={args.compile}")
+    ref_ips = ref_mean = None
+    for name, result in results.items():
+        ips = args.steps * args.batch_size / result["seconds"]
+        mean, sd = statistics.mean(result["losses"]), statistics.stdev(result["losses"])
+        ref_ips, ref_mean = ref_ips or ips, ref_mean or mean
+        print(f"{name:42s} {ips:8.1f} images/s  {ips / ref_ips:5.2f}x   peak RSS {result['peak_rss_mb']:6.0f} MB   "
+              f"loss {mean:.4f} ± {sd:.4f} ({100 * (mean / ref_mean - 1):+.1f}% vs reference)")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,15 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
+def configure_logging() -> None:
+    """INFO lines with time and source on stderr; no line per HTTP request (huggingface_hub's client logs each)."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("httpx", "httpx2", "httpcore"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
     """`train_ddpm.py` / `ddpm-train`: train a DDPM; `--dry_run` prints the resolved config and parameter count."""
     from .config import parse_args
@@ -33,6 +42,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     from .hub import HubError
     from .training import NonFiniteLossError, train
 
+    configure_logging()
     try:
         train(config, hub_token=options.hub_token)
     except (DatasetUnavailableError, BadImageError, NonFiniteLossError, InceptionWeightsMissing, HubError) as e:
@@ -45,14 +55,15 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
     under `accelerate launch` the processes share the work)."""
     import argparse
 
-    from .sampling import SCHEDULERS, sample_to_folder, use_scheduler
+    from .choices import SAMPLERS
+    from .sampling import sample_to_folder, use_scheduler
 
     parser = argparse.ArgumentParser(description=sample_main.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("pipeline", help="a folder written by save_pretrained / a training run, or a Hub repo id")
     parser.add_argument("output_dir", help="where the PNGs go ({k:06d}-seed{seed+k}.png)")
     parser.add_argument("--num_images", type=int, required=True)
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddpm")
+    parser.add_argument("--scheduler", choices=SAMPLERS, default="ddpm")
     parser.add_argument("--num_inference_steps", type=int, default=1000)
     parser.add_argument("--eta", type=float, default=None, help="DDIM's eta (ddim only)")
     parser.add_argument("--seed", type=int, default=0, help="image k is drawn from seed + k")
@@ -90,7 +101,8 @@ def metrics_main(argv: Optional[Sequence[str]] = None) -> int:
     folder or dataset split; writes metrics.json with the protocol."""
     import argparse
 
-    from .evaluation import INCEPTION_FILE, MODES, default_cache_dir
+    from .choices import FID_MODES
+    from .evaluation import INCEPTION_FILE, default_cache_dir
 
     parser = argparse.ArgumentParser(description=metrics_main.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("samples", nargs="?", help="folder of generated images (e.g. from ddpm-sample)")
@@ -99,7 +111,7 @@ def metrics_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--split", default="train", help="the reference dataset's split")
     parser.add_argument("--resolution", type=int, default=None, help="reference images are resized/cropped to this (the samples' size)")
     parser.add_argument("--channels", type=int, default=3, choices=(1, 3))
-    parser.add_argument("--mode", choices=MODES, default="clean", help="clean-fid's resizing protocol")
+    parser.add_argument("--mode", choices=FID_MODES, default="clean", help="clean-fid's resizing protocol")
     parser.add_argument("--inception_weights", default=None, help=f"path to {INCEPTION_FILE}")
     parser.add_argument("--cache_dir", default=None, help=f"reference statistics and weights cache (default {default_cache_dir()})")
     parser.add_argument("--batch_size", type=int, default=64)

@@ -15,11 +15,17 @@ import socket
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from .choices import BAD_IMAGE_POLICIES
+from .seeding import DATA_ORDER_SEED_TAG, mix_seed
+
+if TYPE_CHECKING:
+    from .config import TrainingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -234,8 +240,8 @@ def build_image_bank(ds, column: str, channels: int, resolution: int, center_cro
     (on_bad_image='skip') is left out and counted."""
     from tqdm.auto import tqdm
 
-    if on_bad_image not in ("stop", "skip"):
-        raise ValueError(f"on_bad_image={on_bad_image!r} is not one of 'stop', 'skip'.")
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"on_bad_image={on_bad_image!r} is not one of {', '.join(map(repr, BAD_IMAGE_POLICIES))}.")
     ds = _undecoded(ds, column).select_columns([column])
     out = np.empty((len(ds), resolution, resolution, channels), dtype=np.uint8)
     n, skipped = 0, 0
@@ -286,3 +292,82 @@ def to_model_range(batch: torch.Tensor, random_flip: bool, generator: Optional[t
         flip = torch.rand(x.shape[0], generator=generator, device=generator.device if generator else "cpu") < 0.5
         x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
     return x
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The order in which epoch `epoch` visits the n training images: the same for every process and every resume."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch, DATA_ORDER_SEED_TAG)))
+
+
+def _fits_on(device: torch.device, nbytes: int) -> bool:
+    """Whether an image bank of `nbytes` should live on `device`: a GPU whose memory is at least 8 times larger."""
+    if device.type == "cuda":
+        return nbytes * 8 <= torch.cuda.get_device_properties(device).total_memory
+    return False
+
+
+class BatchSource:
+    """uint8 micro-batches for (step, micro-batch j) on this rank: from an in-memory ImageBank (exact resume;
+    kept on the GPU when it is small, so that a batch is gathered there), or from a stream."""
+
+    def __init__(self, config: "TrainingConfig", micro: int, rank: int, world: int, progress: bool,
+                 device: Optional[torch.device] = None):
+        self.config, self.micro, self.rank, self.world = config, micro, rank, world
+        ds = load_image_dataset(config.dataset, config.dataset_config, config.split, config.streaming)
+        features = ds.features
+        if features is None:
+            raise ValueError(f"The dataset {config.dataset!r} does not declare its columns; name the image column with --image_column.")
+        self.column = find_image_column(features, config.image_column)
+        self.skipped = 0
+        if config.streaming:
+            self.bank = None
+            self.ds = ds.take(config.max_train_samples) if config.max_train_samples else ds
+            self.steps_per_epoch = None
+            self._stream: Optional[Iterator] = None
+            self._stream_epoch = -1
+        else:
+            if config.max_train_samples:
+                ds = ds.select(range(min(config.max_train_samples, len(ds))))
+            self.bank = build_image_bank(ds, self.column, config.channels, config.resolution, config.center_crop,
+                                         config.on_bad_image, progress)
+            if device is not None and _fits_on(torch.device(device), self.bank.images.numel()):
+                self.bank.images = self.bank.images.to(device)
+            self.skipped = self.bank.skipped
+            per_step = micro * world * config.gradient_accumulation_steps
+            self.steps_per_epoch = len(self.bank) // per_step
+            if self.steps_per_epoch == 0:
+                raise ValueError(f"The dataset has {len(self.bank)} usable images, fewer than one batch of {per_step}; lower --batch_size.")
+            self._perm_epoch, self._perm = -1, None
+
+    @property
+    def num_images(self) -> Optional[int]:
+        return None if self.bank is None else len(self.bank)
+
+    def get(self, step: int, j: int) -> torch.Tensor:
+        accum = self.config.gradient_accumulation_steps
+        if self.bank is not None:
+            epoch, pos = divmod(step, self.steps_per_epoch)
+            if epoch != self._perm_epoch:
+                perm = epoch_permutation(self.config.seed, epoch, len(self.bank))
+                self._perm, self._perm_epoch = perm.to(self.bank.images.device), epoch
+            start = ((pos * accum + j) * self.world + self.rank) * self.micro
+            return self.bank.images[self._perm[start : start + self.micro]]
+        return self._next_streamed()
+
+    def _next_streamed(self) -> torch.Tensor:
+        while True:
+            if self._stream is None:
+                self._stream_epoch += 1
+                c = self.config
+                self._stream = stream_batches(self.ds, self.column, self.micro, c.channels, c.resolution, c.center_crop,
+                                              c.on_bad_image, self.rank, self.world, c.seed, self._stream_epoch)
+            batch = next(self._stream, None)
+            if batch is not None:
+                return batch
+            self._stream = None
+
+    def fast_forward(self, step: int) -> None:
+        """For streams: consume the micro-batches of steps before `step` (banks need nothing)."""
+        if self.bank is None:
+            for _ in range(step * self.config.gradient_accumulation_steps):
+                self._next_streamed()

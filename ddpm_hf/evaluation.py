@@ -23,10 +23,10 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
+from .choices import FID_MODES
 from .metrics import feature_statistics, frechet_distance, inception_score, kernel_inception_distance
-from .outputs import _tmp_sibling, atomic_write_bytes, atomic_write_json, replace_dir
+from .outputs import tmp_sibling, atomic_write_bytes, atomic_write_json, replace_dir
 
-MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 WEIGHTS_ENV = "DDPM_HF_INCEPTION_WEIGHTS"
@@ -110,8 +110,8 @@ def folder_features(folder, network: FeatureNetwork, mode: str = "clean", batch_
     """Features of every image under `folder` (recursively) through clean-fid's resizing for `mode`."""
     from cleanfid.fid import get_folder_features
 
-    if mode not in MODES:
-        raise ValueError(f"--mode {mode!r} is not one of {', '.join(MODES)}.")
+    if mode not in FID_MODES:
+        raise ValueError(f"--mode {mode!r} is not one of {', '.join(FID_MODES)}.")
     files = [p for p in Path(folder).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")]
     if len(files) < 2:
         raise ValueError(f"{folder} holds {len(files)} images; FID needs at least 2 (use thousands).")
@@ -151,7 +151,7 @@ def dataset_reference(dataset: str, split: str, resolution: int, channels: int, 
     bank = build_image_bank(ds, find_image_column(ds.features), channels, resolution, progress=True)
     from PIL import Image
 
-    tmp = _tmp_sibling(folder)
+    tmp = tmp_sibling(folder)
     tmp.mkdir(parents=True)
     for i, image in enumerate(bank.images.permute(0, 2, 3, 1).numpy()):
         Image.fromarray(image[:, :, 0] if channels == 1 else image).save(tmp / f"{i:06d}.png")

@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import List, Optional
 
-from .outputs import _tmp_sibling
+from .outputs import tmp_sibling
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def snapshot(folder) -> Path:
     files to upload, frozen as they are now. Named like our other temporaries, so a crash leaves
     nothing that `remove_stale_temporaries` does not clean."""
     folder = Path(folder)
-    staging = _tmp_sibling(folder / "hub-push")
+    staging = tmp_sibling(folder / "hub-push")
     staging.mkdir()
     for rel in files_to_upload(folder):
         dst = staging / rel

@@ -17,13 +17,14 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
 
 
-def _tmp_sibling(path: Path) -> Path:
+def tmp_sibling(path: Path) -> Path:
+    """A hidden temporary name beside `path` (.NAME.tmp-XXXXXXXX): written there, then renamed into place."""
     return path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
-    tmp = _tmp_sibling(path)
+    tmp = tmp_sibling(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -37,7 +38,7 @@ def atomic_write_json(path: Path, obj) -> None:
 
 def atomic_save_image(image, path: Path) -> None:
     path = Path(path)
-    tmp = _tmp_sibling(path)
+    tmp = tmp_sibling(path)
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
 
@@ -47,7 +48,7 @@ def replace_dir(src: Path, dst: Path) -> None:
     if `dst` exists it is moved aside first and removed after."""
     old = None
     if dst.exists():
-        old = _tmp_sibling(dst)
+        old = tmp_sibling(dst)
         os.replace(dst, old)
     os.replace(src, dst)
     if old is not None:
@@ -73,7 +74,7 @@ def save_checkpoint(output_dir: Path, step: int, unet, ema_model, optimizer, tra
     """Write checkpoint-<step>/ (or `name`/: UNet and EMA weights as safetensors, optimizer state,
     trainer_state.json holding the step) under a temporary name, then rename it into place."""
     final = Path(output_dir) / (name or f"{CHECKPOINT_PREFIX}{step}")
-    tmp = _tmp_sibling(final)
+    tmp = tmp_sibling(final)
     tmp.mkdir(parents=True)
     save_file(_contiguous(unet.state_dict()), str(tmp / "unet.safetensors"))
     save_file(_contiguous(ema_model.state_dict()), str(tmp / "ema.safetensors"))
@@ -170,7 +171,7 @@ def plot_loss_curve(history: List[dict], path: Path) -> None:
     ax.legend(fontsize=8)
     ax.set_title("Training loss")
     fig.tight_layout()
-    tmp = _tmp_sibling(Path(path))
+    tmp = tmp_sibling(Path(path))
     fig.savefig(tmp, format="png")
     plt.close(fig)
     os.replace(tmp, path)
@@ -179,7 +180,7 @@ def plot_loss_curve(history: List[dict], path: Path) -> None:
 def save_pipeline(pipe, output_dir: Path) -> None:
     """save_pretrained into output_dir, atomically per component: model_index.json, unet/, scheduler/."""
     output_dir = Path(output_dir)
-    tmp = _tmp_sibling(output_dir / "pipeline")
+    tmp = tmp_sibling(output_dir / "pipeline")
     pipe.save_pretrained(tmp)
     for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):  # the index last
         target = output_dir / entry.name

@@ -12,13 +12,13 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Collection, Iterator, List, Optional, Tuple
 
 import torch
 
+from .choices import SAMPLERS
 from .outputs import atomic_save_image
 
-SCHEDULERS = ("ddpm", "ddim", "dpm-solver")
 _NAME = re.compile(r"^(\d{6,})-seed(\d+)\.png$")
 
 
@@ -37,8 +37,21 @@ def use_scheduler(pipe, name: str):
     elif name == "dpm-solver":
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
     else:
-        raise ValueError(f"--scheduler {name!r} is not one of {', '.join(SCHEDULERS)}.")
+        raise ValueError(f"--scheduler {name!r} is not one of {', '.join(SAMPLERS)}.")
     return pipe
+
+
+def draw_share(pipe, num_images: int, seed_of: Callable[[int], int], rank: int = 0, world_size: int = 1,
+               batch_size: int = 64, skip: Collection[int] = (), **call: Any) -> Iterator[Tuple[List[int], Any]]:
+    """This process's share of images 0..num_images-1 (k with k % world_size == rank, minus `skip`), image k drawn
+    from a generator seeded `seed_of(k)`, in batches of `batch_size`: yields (ks, images). Image k is the same
+    whatever the batch size or number of processes. `call` goes to the pipeline (num_inference_steps, output_type, eta)."""
+    device = pipe._execution_device
+    todo = [k for k in range(rank, num_images, world_size) if k not in skip]
+    for i in range(0, len(todo), batch_size):
+        ks = todo[i : i + batch_size]
+        generators = [torch.Generator(device).manual_seed(seed_of(k)) for k in ks]
+        yield ks, pipe(batch_size=len(ks), generator=generators, **call).images
 
 
 def complete_images(folder: Path, seed: int) -> set:
@@ -81,22 +94,19 @@ def sample_to_folder(
         match = _NAME.match(stale.name[1:].split(".tmp-")[0])
         if match and int(match.group(1)) % world_size == rank:
             stale.unlink(missing_ok=True)
-    mine = [k for k in range(rank, num_images, world_size)]
+    mine = len(range(rank, num_images, world_size))
     done = complete_images(folder, seed)
-    todo = [k for k in mine if k not in done]
-    device = pipe._execution_device
+    kept = sum(1 for k in done if k < num_images and k % world_size == rank)
     pipe.set_progress_bar_config(disable=True)
     start = time.perf_counter()
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), disable=not progress, unit="img", desc="Sampling")
-    for i in range(0, len(todo), batch_size):
-        chunk = todo[i : i + batch_size]
-        generators = [torch.Generator(device).manual_seed(seed + k) for k in chunk]
-        images = pipe(batch_size=len(chunk), generator=generators, num_inference_steps=num_inference_steps,
-                      output_type="pil", eta=eta).images
-        for k, image in zip(chunk, images):
+    bar = tqdm(total=mine, initial=kept, disable=not progress, unit="img", desc="Sampling")
+    for ks, images in draw_share(pipe, num_images, lambda k: seed + k, rank, world_size, batch_size, skip=done,
+                                 num_inference_steps=num_inference_steps, output_type="pil", eta=eta):
+        for k, image in zip(ks, images):
             atomic_save_image(image, folder / image_name(k, seed))
-        bar.update(len(chunk))
+        bar.update(len(ks))
     bar.close()
     seconds = time.perf_counter() - start
-    return {"written": len(todo), "kept": len(mine) - len(todo), "seconds": seconds,
-            "images_per_s": len(todo) / seconds if todo and seconds > 0 else None}
+    written = mine - kept
+    return {"written": written, "kept": kept, "seconds": seconds,
+            "images_per_s": written / seconds if written and seconds > 0 else None}

@@ -19,7 +19,8 @@ Equation numbers refer to the DDPM paper.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from dataclasses import dataclass, fields
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -28,12 +29,96 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+from .choices import BETA_SCHEDULES, LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, TIMESTEP_SPACINGS, VARIANCE_TYPES
 
-__all__ = ["DDPMScheduler", "DDPMSchedulerOutput", "make_beta_schedule", "extract_into_tensor"]
+__all__ = [
+    "DDPMScheduler", "DDPMSchedulerOutput", "DiffusionTables", "Parameterization", "PARAMETERIZATIONS",
+    "PREDICTION_TYPES", "make_beta_schedule", "extract_into_tensor", "parameterization",
+]
+
+
+@dataclass(frozen=True)
+class Parameterization:
+    """What the network predicts, as closed forms in a = sqrt(ᾱ_t) and s = sqrt(1 - ᾱ_t), where
+    x_t = a·x_0 + s·ε (Eq. 4). `a` and `s` are Python floats (one timestep) or tensors that broadcast
+    against the samples (one timestep per sample).
+
+    target(x0, eps, a, s): what the network learns to output;
+    x0(output, x_t, a, s): x̂_0 from the network's output;
+    snr_factor(snr): the SNR-dependent factor that the MSE on this target carries relative to the MSE on
+        x_0 (the weight by which ||x̂_0 - x_0||² is scaled to give ||output - target||²)."""
+
+    name: str
+    target: Callable
+    x0: Callable
+    snr_factor: Callable
+
+
+# The one dispatch on prediction_type: the scheduler's step, the training target, min-SNR weights and the
+# variational bound all go through this table.
+PARAMETERIZATIONS: Dict[str, Parameterization] = {
+    # ε-prediction, Eq. 11-12 and 14 (the paper); x̂_0 from Eq. 15
+    "epsilon": Parameterization("epsilon", lambda x0, eps, a, s: eps, lambda out, x_t, a, s: (x_t - s * out) / a,
+                                lambda snr: snr),
+    # x_0 itself
+    "sample": Parameterization("sample", lambda x0, eps, a, s: x0, lambda out, x_t, a, s: out,
+                               lambda snr: torch.ones_like(torch.as_tensor(snr))),
+    # v = a·ε - s·x_0 (Salimans & Ho 2022); x_0 = a·x_t - s·v
+    "v_prediction": Parameterization("v_prediction", lambda x0, eps, a, s: a * eps - s * x0,
+                                     lambda out, x_t, a, s: a * x_t - s * out, lambda snr: snr + 1),
+}
+
+
+def parameterization(prediction_type: str) -> Parameterization:
+    if prediction_type in PARAMETERIZATIONS:
+        return PARAMETERIZATIONS[prediction_type]
+    else:
+        raise ValueError(f"prediction_type={prediction_type!r} is not one of {', '.join(map(repr, PREDICTION_TYPES))}.")
+
+
+@dataclass(frozen=True)
+class DiffusionTables:
+    """Per-timestep quantities of the forward process and its posterior, indexed by the training timestep
+    t = 0..T-1 (t = 0 is the paper's x_1, the first noisy step), in float64 (float32 on a device without
+    float64, such as MPS). `DDPMScheduler.tables(device)` keeps one copy per device, so that indexing them with
+    the timesteps of a batch never copies anything to the host."""
+
+    betas: torch.Tensor  # β_t
+    alphas_cumprod: torch.Tensor  # ᾱ_t (Eq. 4)
+    alphas_cumprod_prev: torch.Tensor  # ᾱ_{t-1}, with ᾱ_{-1} = 1
+    sqrt_alphas_cumprod: torch.Tensor
+    sqrt_one_minus_alphas_cumprod: torch.Tensor
+    snr: torch.Tensor  # ᾱ_t / (1 - ᾱ_t)
+    posterior_variance: torch.Tensor  # β̃_t (Eq. 7), 0 at t = 0
+    posterior_log_variance_clipped: torch.Tensor  # log β̃_t, with β̃ at t = 0 replaced by β̃ at t = 1
+    log_betas_clipped: torch.Tensor  # log β_t, with β at t = 0 replaced by β̃ at t = 1 (fixed_large's log σ²)
+    posterior_mean_coef1: torch.Tensor  # coefficient of x_0 in μ̃_t (Eq. 7)
+    posterior_mean_coef2: torch.Tensor  # coefficient of x_t in μ̃_t (Eq. 7)
+
+    @classmethod
+    def from_betas(cls, betas: np.ndarray) -> "DiffusionTables":
+        betas = np.asarray(betas, dtype=np.float64)
+        ab = np.cumprod(1 - betas)
+        ab_prev = np.append(1.0, ab[:-1])
+        posterior_variance = betas * (1 - ab_prev) / (1 - ab)
+        # improved DDPM's convention: β̃_0 = 0 has no log, so t = 0 borrows β̃_1 (β_1 itself when T = 1)
+        first = posterior_variance[1] if len(betas) > 1 else betas[0]
+        with np.errstate(divide="ignore"):
+            snr = ab / (1 - ab)
+        arrays = dict(
+            betas=betas, alphas_cumprod=ab, alphas_cumprod_prev=ab_prev, sqrt_alphas_cumprod=np.sqrt(ab),
+            sqrt_one_minus_alphas_cumprod=np.sqrt(1 - ab), snr=snr, posterior_variance=posterior_variance,
+            posterior_log_variance_clipped=np.log(np.append(first, posterior_variance[1:])),
+            log_betas_clipped=np.log(np.append(first, betas[1:])),
+            posterior_mean_coef1=betas * np.sqrt(ab_prev) / (1 - ab),
+            posterior_mean_coef2=(1 - ab_prev) * np.sqrt(1 - betas) / (1 - ab),
+        )
+        return cls(**{k: torch.from_numpy(v) for k, v in arrays.items()})
+
+    def to(self, device) -> "DiffusionTables":
+        device = torch.device(device)
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        return DiffusionTables(**{f.name: getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)})
 
 
 def _check_choice(key: str, value, allowed: Sequence[str]) -> None:
@@ -79,14 +164,21 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return 1 - alphas
 
 
-def extract_into_tensor(table: torch.Tensor, timesteps, shape: Sequence[int], dtype, device) -> torch.Tensor:
+def extract_into_tensor(table: torch.Tensor, timesteps, shape: Sequence[int], dtype, device=None) -> torch.Tensor:
     """Per-timestep coefficients `table[timesteps]`, shaped to broadcast against a batch of `shape`.
 
     `table` is a float64 tensor indexed by training timestep; `timesteps` an int, a 0-d tensor or one
-    timestep per sample. The result has shape `[B, 1, 1, ...]` (or `[1, 1, ...]` for a scalar timestep).
-    """
-    t = torch.as_tensor(timesteps, device=table.device).long().reshape(-1)
-    out = table[t].to(device=device, dtype=dtype)
+    timestep per sample. The result has shape `[B, 1, 1, ...]` (or `[1, 1, ...]` for a scalar timestep),
+    on `device` (default: the timesteps' device). Tensor timesteps are never copied to the host: a table on
+    another device is brought to them (pass a table already there, `DDPMScheduler.tables(device)`, to copy
+    nothing at all)."""
+    if isinstance(timesteps, torch.Tensor):
+        t = timesteps.reshape(-1).long()
+        if table.device != t.device:
+            table = table.to(t.device)
+    else:
+        t = torch.as_tensor(timesteps, device=table.device, dtype=torch.long).reshape(-1)
+    out = table[t].to(device=device if device is not None else t.device, dtype=dtype)
     return out.reshape(out.shape[0], *([1] * (len(shape) - 1)))
 
 
@@ -162,14 +254,12 @@ class DDPMScheduler(_DiffusersDDPMScheduler):
         if rescale_betas_zero_snr:
             betas = rescale_zero_terminal_snr(betas)  # the last beta becomes exactly 1 (ᾱ_T = 0)
 
-        # 2. α_t = 1 - β_t and ᾱ_t = Π_{s<=t} α_s (Eq. 4), float64 tables; float32 views as in diffusers
-        alphas_cumprod = np.cumprod(1 - betas)
-        self._alphas_cumprod64 = torch.from_numpy(alphas_cumprod)
-        self._sqrt_alphas_cumprod64 = torch.from_numpy(np.sqrt(alphas_cumprod))
-        self._sqrt_one_minus_alphas_cumprod64 = torch.from_numpy(np.sqrt(1 - alphas_cumprod))
+        # 2. α_t = 1 - β_t, ᾱ_t = Π_{s<=t} α_s (Eq. 4) and the posterior's coefficients (Eq. 7): float64
+        #    tables, one copy per device (`tables`); float32 views as in diffusers
+        self._tables = {"cpu": DiffusionTables.from_betas(betas)}
         self.betas = torch.from_numpy(betas).float()
         self.alphas = torch.from_numpy(1 - betas).float()
-        self.alphas_cumprod = torch.from_numpy(alphas_cumprod).float()
+        self.alphas_cumprod = self._tables["cpu"].alphas_cumprod.float()
         self.one = torch.tensor(1.0)
         self.init_noise_sigma = 1.0  # x_T ~ N(0, I)
 
@@ -182,6 +272,13 @@ class DDPMScheduler(_DiffusersDDPMScheduler):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+    def tables(self, device=None) -> DiffusionTables:
+        """The per-timestep float64 tables on `device` (default: the CPU), copied there once and kept."""
+        key = str(torch.device(device)) if device is not None else "cpu"
+        if key not in self._tables:
+            self._tables[key] = self._tables["cpu"].to(key)
+        return self._tables[key]
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Optional[int] = None) -> torch.Tensor:
         """DDPM feeds x_t to the model unscaled."""
@@ -250,7 +347,7 @@ class DDPMScheduler(_DiffusersDDPMScheduler):
 
     def _alpha_bar(self, t: int) -> float:
         """ᾱ_t, with ᾱ_{-1} = 1 (before any noise)."""
-        return 1.0 if t < 0 else float(self._alphas_cumprod64[t])
+        return 1.0 if t < 0 else float(self._tables["cpu"].alphas_cumprod[t])
 
     def posterior_coefficients(self, timestep: int, prev_timestep: Optional[int] = None):
         """The posterior q(x_{t'} | x_t, x_0) = N(c0·x_0 + ct·x_t, β̃) of Eqs. 6-7 for the step t -> t'
@@ -298,22 +395,21 @@ class DDPMScheduler(_DiffusersDDPMScheduler):
 
     # ------------------------------------------------------------------ forward process
 
-    def _coefficient(self, table: torch.Tensor, timesteps, like: torch.Tensor) -> torch.Tensor:
-        return extract_into_tensor(table, timesteps, like.shape, like.dtype, like.device)
+    def coefficients(self, timesteps, like: torch.Tensor, *names: str):
+        """The named `DiffusionTables` entries at `timesteps`, in `like`'s dtype, shaped to broadcast against
+        it, read from the copy of the tables on `like`'s device (no host copy, no per-call transfer)."""
+        tables = self.tables(like.device)
+        return [extract_into_tensor(getattr(tables, name), timesteps, like.shape, like.dtype, like.device) for name in names]
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε, a draw from q(x_t | x_0) (Eq. 4)."""
-        return (
-            self._coefficient(self._sqrt_alphas_cumprod64, timesteps, original_samples) * original_samples
-            + self._coefficient(self._sqrt_one_minus_alphas_cumprod64, timesteps, original_samples) * noise
-        )
+        a, s = self.coefficients(timesteps, original_samples, "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
+        return a * original_samples + s * noise
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho 2022), the v_prediction target."""
-        return (
-            self._coefficient(self._sqrt_alphas_cumprod64, timesteps, sample) * noise
-            - self._coefficient(self._sqrt_one_minus_alphas_cumprod64, timesteps, sample) * sample
-        )
+        a, s = self.coefficients(timesteps, sample, "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
+        return PARAMETERIZATIONS["v_prediction"].target(sample, noise, a, s)
 
     # ------------------------------------------------------------------ reverse process
 
@@ -330,7 +426,7 @@ class DDPMScheduler(_DiffusersDDPMScheduler):
         t = int(timestep)
         prev_t = self.previous_timestep(t)
         C = sample.shape[1]
-        learned = self.config.variance_type in ("learned", "learned_range")
+        learned = self.config.variance_type in LEARNED_VARIANCE_TYPES
         if learned:
             if model_output.shape[1] != 2 * C:
                 raise ValueError(
@@ -347,15 +443,8 @@ class DDPMScheduler(_DiffusersDDPMScheduler):
         c0, ct, _, _ = self.posterior_coefficients(t, prev_t)
 
         # 2. x̂_0 from the model output: Eq. 15 for ε; x_0 itself; or from v = sqrt(ᾱ)ε - sqrt(1-ᾱ)x_0
-        prediction_type = self.config.prediction_type
-        if prediction_type == "epsilon":
-            pred_original_sample = (sample - math.sqrt(1 - ab_t) * model_output) / math.sqrt(ab_t)
-        elif prediction_type == "sample":
-            pred_original_sample = model_output
-        elif prediction_type == "v_prediction":
-            pred_original_sample = math.sqrt(ab_t) * sample - math.sqrt(1 - ab_t) * model_output
-        else:
-            raise ValueError(f"prediction_type={prediction_type!r} is not one of {PREDICTION_TYPES}.")
+        to_x0 = parameterization(self.config.prediction_type).x0
+        pred_original_sample = to_x0(model_output, sample, math.sqrt(ab_t), math.sqrt(1 - ab_t))
 
         # 3. clip or dynamically threshold x̂_0
         if self.config.thresholding:

@@ -1,29 +1,44 @@
 """The training loop (Algorithm 1 of the paper) on Accelerate: one process or many, CPU or GPUs.
 
+`train(config)` runs four stages, each a function below:
+
+1. `setup`: the accelerator, the Hub check (first: a bad token fails in seconds), the data, the model,
+   the diffusion, the loss, the optimizer, the LR schedule and the EMA (a `Run`);
+2. `resume`: the checkpoint asked for, if any, into a `TrainState` (the one object a checkpoint saves);
+3. `run_loop`: for each step, `run_step` (Algorithm 1 over the micro-batches: `forward_backward`, then
+   clipping, the optimizer, the EMA) and `periodic_work` (log, checkpoint, grid, evaluation, push);
+4. `finish`: the pipeline with the EMA weights, the summary, the model card, the final push.
+
 Determinism: everything random in step k (the batch, flips, noise, timesteps, dropout) is drawn from
 generators seeded by (seed, k, rank), and the data order of epoch e is a permutation seeded by
 (seed, e). A run resumed from checkpoint k therefore continues exactly as the uninterrupted run.
 
 Batch size: `batch_size` images per optimizer step in total, split evenly over processes and
 gradient-accumulation micro-batches; steps count optimizer steps.
+
+No host synchronisation in a step: the per-timestep tables live on the device, a step whose gradient is not
+finite is skipped by the optimizer itself (fused Adam's `found_inf`: the gradient norm is taken after the
+all-reduce, so every process agrees), and the loss sums and non-finite counters are device tensors that
+are read on logging and checkpoint steps only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
+from accelerate.logging import get_logger
 
 from .config import TrainingConfig
-from .data import build_image_bank, find_image_column, load_image_dataset, stream_batches, to_model_range
+from .data import BatchSource, to_model_range
 from .ema import EMA
-from .losses import diffusion_loss, min_snr_weight, snr, training_target
+from .losses import DiffusionLoss
 from .model_card import write_model_card
 from .outputs import (
     atomic_save_image,
@@ -38,27 +53,16 @@ from .outputs import (
     save_checkpoint,
     save_pipeline,
 )
+from .sampling import draw_share
 from .scheduler import DDPMScheduler
+from .seeding import DROPOUT_SEED_TAG, EVAL_SEED_TAG, GRID_SEED_TAG, mix_seed
 from .unets import build_unet
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)  # Accelerate's: logs on the main process only
 
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def _seed(*parts: int) -> int:
-    """A 63-bit seed from integers (splitmix-style mixing), so nearby (seed, step, rank) give unrelated streams."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (p + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
-        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
-def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, epoch, 0xDA7A)))
 
 
 def make_scheduler(config: TrainingConfig) -> DDPMScheduler:
@@ -78,67 +82,17 @@ def make_unet(config: TrainingConfig):
     return build_unet(config.unet_preset, sample_size=config.resolution, in_channels=config.channels, **extra)
 
 
-class BatchSource:
-    """uint8 micro-batches for (step, micro-batch j) on this rank: from an in-memory ImageBank (exact
-    resume), or from a stream."""
-
-    def __init__(self, config: TrainingConfig, micro: int, rank: int, world: int, progress: bool):
-        self.config, self.micro, self.rank, self.world = config, micro, rank, world
-        ds = load_image_dataset(config.dataset, config.dataset_config, config.split, config.streaming)
-        features = ds.features
-        if features is None:
-            raise ValueError(f"The dataset {config.dataset!r} does not declare its columns; name the image column with --image_column.")
-        self.column = find_image_column(features, config.image_column)
-        self.skipped = 0
-        if config.streaming:
-            self.bank = None
-            self.ds = ds.take(config.max_train_samples) if config.max_train_samples else ds
-            self.steps_per_epoch = None
-            self._stream: Optional[Iterator] = None
-            self._stream_epoch = -1
-        else:
-            if config.max_train_samples:
-                ds = ds.select(range(min(config.max_train_samples, len(ds))))
-            self.bank = build_image_bank(ds, self.column, config.channels, config.resolution, config.center_crop,
-                                         config.on_bad_image, progress)
-            self.skipped = self.bank.skipped
-            per_step = micro * world * config.gradient_accumulation_steps
-            self.steps_per_epoch = len(self.bank) // per_step
-            if self.steps_per_epoch == 0:
-                raise ValueError(f"The dataset has {len(self.bank)} usable images, fewer than one batch of {per_step}; lower --batch_size.")
-            self._perm_epoch, self._perm = -1, None
-
-    @property
-    def num_images(self) -> Optional[int]:
-        return None if self.bank is None else len(self.bank)
-
-    def get(self, step: int, j: int) -> torch.Tensor:
-        accum = self.config.gradient_accumulation_steps
-        if self.bank is not None:
-            epoch, pos = divmod(step, self.steps_per_epoch)
-            if epoch != self._perm_epoch:
-                self._perm, self._perm_epoch = epoch_permutation(self.config.seed, epoch, len(self.bank)), epoch
-            start = ((pos * accum + j) * self.world + self.rank) * self.micro
-            return self.bank.images[self._perm[start : start + self.micro]]
-        return self._next_streamed()
-
-    def _next_streamed(self) -> torch.Tensor:
-        while True:
-            if self._stream is None:
-                self._stream_epoch += 1
-                c = self.config
-                self._stream = stream_batches(self.ds, self.column, self.micro, c.channels, c.resolution, c.center_crop,
-                                              c.on_bad_image, self.rank, self.world, c.seed, self._stream_epoch)
-            batch = next(self._stream, None)
-            if batch is not None:
-                return batch
-            self._stream = None
-
-    def fast_forward(self, step: int) -> None:
-        """For streams: consume the micro-batches of steps before `step` (banks need nothing)."""
-        if self.bank is None:
-            for _ in range(step * self.config.gradient_accumulation_steps):
-                self._next_streamed()
+def make_optimizer(config: TrainingConfig, parameters) -> tuple:
+    """(Adam, skips_on_device). Fused where torch has a fused kernel for the device (CUDA, CPU, ...): it then
+    skips a step whose gradient is not finite on the device itself (`found_inf`). Elsewhere foreach Adam, and
+    the host decides the skip."""
+    parameters = list(parameters)
+    kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+                  weight_decay=config.weight_decay)
+    try:
+        return torch.optim.Adam(parameters, fused=True, **kwargs), True
+    except (RuntimeError, ValueError):  # no fused kernel for this device
+        return torch.optim.Adam(parameters, foreach=True, **kwargs), False
 
 
 def accelerator_available() -> bool:
@@ -147,12 +101,474 @@ def accelerator_available() -> bool:
     return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
 
 
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # an older or a non-oneDNN build: assume it has
+        return True
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint saves besides weights and optimizer moments (its trainer_state.json) and a resume
+    restores: the step, the logged history, evaluations, the best FID, the non-finite step counters, and the
+    states of the LR schedule and the EMA."""
+
+    step: int = 0
+    history: List[dict] = field(default_factory=list)
+    evals: List[dict] = field(default_factory=list)
+    best: Optional[dict] = None
+    nonfinite_total: int = 0
+    nonfinite_in_a_row: int = 0
+    lr_scheduler: Dict[str, Any] = field(default_factory=dict)
+    ema: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainState":
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+
+class StepMeters:
+    """Device-side sums between two reads: the loss overall and by timestep quartile, and the non-finite step
+    counters (total, in a row now, longest run since the last read). Adding never waits for the device;
+    reading is a host synchronisation, done on logging and checkpoint steps."""
+
+    def __init__(self, device, num_train_timesteps: int, nonfinite_total: int = 0, nonfinite_in_a_row: int = 0):
+        self.T = num_train_timesteps
+        self.loss_sum = torch.zeros(5, device=device)
+        self.loss_count = torch.zeros(5, device=device)
+        self.counters = torch.tensor([nonfinite_total, nonfinite_in_a_row, nonfinite_in_a_row], device=device)
+
+    def add_losses(self, per_sample: torch.Tensor, t: torch.Tensor) -> None:
+        quartile = 1 + (t * 4 // self.T)
+        self.loss_sum[0] += per_sample.sum()
+        self.loss_count[0] += per_sample.numel()
+        self.loss_sum.scatter_add_(0, quartile, per_sample)
+        self.loss_count.scatter_add_(0, quartile, torch.ones_like(per_sample))
+
+    def add_step(self, skipped: torch.Tensor) -> None:
+        c, s = self.counters, skipped.long()
+        c[0] += s
+        c[1] = (c[1] + 1) * s
+        c[2] = torch.maximum(c[2], c[1])
+
+    def read_counters(self) -> tuple:
+        total, in_a_row, longest = self.counters.tolist()
+        self.counters[2] = self.counters[1]
+        return total, in_a_row, longest
+
+    def read_losses(self, accelerator) -> tuple:
+        """(mean loss, count) overall and per quartile, summed over all processes; then start again."""
+        sums = accelerator.reduce(self.loss_sum, reduction="sum")
+        counts = accelerator.reduce(self.loss_count, reduction="sum")
+        means = (sums / counts.clamp(min=1)).tolist()
+        self.loss_sum.zero_()
+        self.loss_count.zero_()
+        return means, counts.tolist()
+
+
+class Clock:
+    """Training time between logging steps, without the pauses for periodic work (grids, checkpoints)."""
+
+    def __init__(self, step: int = 0):
+        self.start, self.paused, self.step = time.perf_counter(), 0.0, step
+
+    @contextlib.contextmanager
+    def pause(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - start
+
+    def lap(self, step: int) -> tuple:
+        """(seconds of training, steps) since the last lap."""
+        now = time.perf_counter()
+        seconds, steps = now - self.start - self.paused, step - self.step
+        self.start, self.paused, self.step = now, 0.0, step
+        return seconds, steps
+
+
+@dataclass
+class Run:
+    """What `setup` builds and every later stage uses."""
+
+    config: TrainingConfig
+    accelerator: Any
+    source: BatchSource
+    total_steps: int
+    unet: torch.nn.Module  # as Accelerate prepared it (DDP-wrapped with several processes)
+    raw_unet: torch.nn.Module  # the UNet itself
+    forward: Callable  # the training forward pass: the UNet, or its torch.compile
+    scheduler: DDPMScheduler
+    loss: DiffusionLoss
+    optimizer: Any
+    lr_scheduler: Any
+    ema: EMA
+    skips_on_device: bool  # the optimizer takes found_inf (fused Adam)
+    meters: StepMeters
+    clock: Clock = field(default_factory=Clock)
+    pusher: Optional[Any] = None
+    feature_network: Optional[Any] = None
+    reference: Optional[tuple] = None  # the evaluation reference statistics (mean, covariance)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def model(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The training forward pass under Accelerate's autocast: the UNet's output tensor."""
+        with self.accelerator.autocast():
+            return self.forward(x_t, t).sample
+
+
+def train(config: TrainingConfig, feature_network=None, hub_token: Optional[str] = None) -> Path:
+    """Train as `config` says; return the output folder (pipeline with EMA weights, grids, loss curve,
+    training_config.json, checkpoints, model card). `feature_network` replaces Inception-v3 for
+    --eval_every. With --push_to_hub, `hub_token` (else HF_TOKEN or the login) is checked before anything
+    else, and the folder's allow-listed files are pushed at the end (and every --hub_push_every steps)."""
+    run = setup(config, feature_network, hub_token)
+    state = resume(run)
+    run_loop(run, state)
+    finish(run, state)
+    return run.output_dir
+
+
+# ---------------------------------------------------------------- 1. setup
+
+
+def setup(config: TrainingConfig, feature_network=None, hub_token: Optional[str] = None) -> Run:
+    """The accelerator; the Hub credentials and the Inception weights (checked before the data and the
+    model, so that they fail in seconds); the data; then the model and everything that trains it."""
+    from accelerate import Accelerator
+
+    config.validate()
+    accelerator = Accelerator(
+        cpu=not accelerator_available(),
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_dir=config.output_dir,
+    )
+    if config.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not _cpu_has_bf16():
+        logger.warning("This CPU has no native bf16 (AVX512-BF16 or AMX): --mixed_precision bf16 is emulated here and "
+                       "slower than fp32; pass --mixed_precision no.")
+    world, accum = accelerator.num_processes, config.gradient_accumulation_steps
+    if config.batch_size % (world * accum):
+        raise ValueError(
+            f"--batch_size={config.batch_size} does not split evenly over {world} processes x {accum} accumulation steps; "
+            f"use a multiple of {world * accum}."
+        )
+    pusher = None
+    if config.push_to_hub and accelerator.is_main_process:
+        from .hub import HubPusher
+
+        pusher = HubPusher(config.hub_model_id or Path(config.output_dir).resolve().name, hub_token,
+                           config.hub_private_repo, config.output_dir)
+        logger.info("Will push to %s.", pusher.url)
+    if config.eval_every and feature_network is None:
+        from .evaluation import inception_network, resolve_inception_weights
+
+        weights = resolve_inception_weights(config.inception_weights, config.eval_cache_dir)
+        feature_network = inception_network(weights, accelerator.device)
+    micro = config.batch_size // (world * accum)
+    source = BatchSource(config, micro, accelerator.process_index, world,
+                         progress=accelerator.is_local_main_process, device=accelerator.device)
+    if source.skipped:
+        logger.warning("Skipped %d undecodable images (--on_bad_image skip).", source.skipped)
+    if config.max_train_steps is not None:
+        total_steps = config.max_train_steps
+    elif source.steps_per_epoch is None:
+        raise ValueError("--num_epochs needs the dataset size; with --streaming give --max_train_steps.")
+    else:
+        total_steps = config.num_epochs * source.steps_per_epoch
+    return Run(config=config, accelerator=accelerator, source=source, total_steps=total_steps, pusher=pusher,
+               feature_network=feature_network, **build_model(config, accelerator, total_steps))
+
+
+def build_model(config: TrainingConfig, accelerator, total_steps: int) -> dict:
+    """The UNet (prepared by Accelerate), its forward pass, the diffusion and loss, Adam, the LR schedule,
+    the EMA and the step meters."""
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    set_seed(config.seed)
+    unet = make_unet(config)
+    scheduler = make_scheduler(config)
+    if config.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    optimizer, skips_on_device = make_optimizer(config, unet.parameters())
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=total_steps)
+    ema = EMA(unet, decay=config.ema_decay, warmup=config.ema_warmup, inv_gamma=config.ema_inv_gamma,
+              power=config.ema_power, update_after_step=config.ema_update_after_step)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    ema.model.to(accelerator.device)
+    return dict(
+        unet=unet, raw_unet=accelerator.unwrap_model(unet), forward=torch.compile(unet) if config.compile else unet,
+        scheduler=scheduler, loss=DiffusionLoss(scheduler, snr_gamma=config.snr_gamma), optimizer=optimizer,
+        lr_scheduler=lr_scheduler, ema=ema, skips_on_device=skips_on_device,
+        meters=StepMeters(accelerator.device, config.num_train_timesteps),
+    )
+
+
+# ---------------------------------------------------------------- 2. resume
+
+
+def resume(run: Run) -> TrainState:
+    """Clean the output folder of half-written files, restore the checkpoint asked for (if any) into the
+    model, optimizer, LR schedule and EMA, and return its TrainState; then save the config, compute the
+    evaluation reference and start the trackers."""
+    config, accelerator = run.config, run.accelerator
+    if run.is_main:
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run.output_dir)
+    accelerator.wait_for_everyone()
+    state = TrainState()
+    checkpoint = resolve_checkpoint(run.output_dir, config.resume_from_checkpoint)
+    if checkpoint is not None:
+        state = TrainState.from_dict(load_checkpoint(checkpoint, run.raw_unet, run.ema.model, run.optimizer))
+        run.lr_scheduler.load_state_dict(state.lr_scheduler)
+        run.ema.load_state(state.ema)
+        logger.info("Resumed from %s at step %d.", checkpoint, state.step)
+    elif config.resume_from_checkpoint == "latest":
+        logger.info("No checkpoint in %s yet: starting from scratch.", run.output_dir)
+    run.meters = StepMeters(run.device, config.num_train_timesteps, state.nonfinite_total, state.nonfinite_in_a_row)
+    run.source.fast_forward(state.step)
+    if run.is_main:
+        config.save(run.output_dir)
+        (run.output_dir / "samples").mkdir(exist_ok=True)
+    if config.eval_every:
+        run.reference = evaluation_reference(run)
+    if config.report_to != "none":
+        accelerator.init_trackers("logs", config=_tracker_config(config))
+    logger.info(
+        "Training %d steps of %d images (%d per process x %d processes x %d accumulation) on %s; %s images.",
+        run.total_steps, config.batch_size, run.source.micro, accelerator.num_processes,
+        config.gradient_accumulation_steps, run.device, run.source.num_images or "streamed",
+    )
+    return state
+
+
+def evaluation_reference(run: Run) -> tuple:
+    """(mean, covariance) of the training set's features, for --eval_every: the main process computes and
+    caches them, then the others read the cache."""
+    from .evaluation import default_cache_dir, reference_features
+    from .metrics import feature_statistics
+
+    config, network = run.config, run.feature_network
+    cache = Path(config.eval_cache_dir or default_cache_dir())
+    with run.accelerator.main_process_first():
+        features, _ = reference_features(config.dataset, network, "clean", cache, config.split, config.resolution,
+                                         config.channels)
+    return feature_statistics(features[:, : network.num_features])
+
+
 def _tracker_config(config: TrainingConfig) -> Dict:
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in dataclasses.asdict(config).items()}
 
 
-def sample_images(unet, scheduler_config, config: TrainingConfig, accelerator, device) -> torch.Tensor:
-    """The fixed-seed sample images (image i from seed (seed, i)), shared out over all processes and
+# ---------------------------------------------------------------- 3. the loop
+
+
+def run_loop(run: Run, state: TrainState) -> None:
+    """The steps from state.step to the last, each followed by its periodic work."""
+    from tqdm.auto import tqdm
+
+    if run.config.eval_every and state.step % run.config.eval_every == 0 and state.step > 0:
+        if not any(e["step"] == state.step for e in state.evals):  # the checkpoint was written before its evaluation
+            evaluate(run, state)
+    bar = tqdm(total=run.total_steps, initial=state.step, desc="Training",
+               disable=not run.accelerator.is_local_main_process)
+    run.clock = Clock(state.step)
+    try:
+        for step in range(state.step, run.total_steps):
+            run_step(run, step)
+            state.step = step + 1
+            bar.update(1)
+            periodic_work(run, state, bar)
+    finally:
+        bar.close()
+
+
+def run_step(run: Run, step: int) -> None:
+    """One optimizer step of Algorithm 1 over `gradient_accumulation_steps` micro-batches, then gradient
+    clipping, Adam (skipped on the device if the gradient is not finite), the LR schedule and the EMA. It only
+    queues work on the device: nothing here waits for it."""
+    config, accelerator = run.config, run.accelerator
+    generator = torch.Generator(run.device).manual_seed(mix_seed(config.seed, step, accelerator.process_index))
+    torch.manual_seed(mix_seed(config.seed, step, accelerator.process_index, DROPOUT_SEED_TAG))  # dropout
+    accum = config.gradient_accumulation_steps
+    for j in range(accum):
+        with accelerator.no_sync(run.unet) if j < accum - 1 else contextlib.nullcontext():
+            forward_backward(run, step, j, generator)
+    # the norm of the all-reduced gradient: the same on every process, so all agree on a skip
+    norm = accelerator.clip_grad_norm_(run.unet.parameters(), config.max_grad_norm or math.inf)
+    skipped = ~torch.isfinite(norm)
+    optimizer_step(run, skipped)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.lr_scheduler.step()
+    run.ema.update(run.raw_unet.parameters())
+    run.meters.add_step(skipped)
+
+
+def forward_backward(run: Run, step: int, j: int, generator: torch.Generator) -> None:
+    """Micro-batch j of step `step`: x_0 from the data, ε ~ N(0, I) and t ~ U{0..T-1} (Algorithm 1, lines
+    2-4), the per-sample loss (line 5), its backward pass, and the loss into the meters."""
+    config = run.config
+    x0 = to_model_range(run.source.get(step, j).to(run.device, non_blocking=True), config.random_flip, generator)
+    if config.channels_last:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    noise = torch.randn(x0.shape, generator=generator, device=run.device)
+    t = torch.randint(0, config.num_train_timesteps, (x0.shape[0],), generator=generator, device=run.device)
+    per_sample = run.loss(run.model, x0, noise, t)
+    run.accelerator.backward(per_sample.mean() / config.gradient_accumulation_steps)
+    run.meters.add_losses(per_sample.detach(), t)
+
+
+def optimizer_step(run: Run, skipped: torch.Tensor) -> None:
+    """Adam's step, unless `skipped` (a 0-d bool tensor on the device). With fp16, Accelerate's GradScaler
+    finds the non-finite gradients and skips by itself."""
+    inner = run.optimizer.optimizer
+    if run.accelerator.scaler is not None:
+        run.optimizer.step()
+    elif run.skips_on_device:
+        inner.found_inf = skipped.float()  # fused Adam leaves parameters and moments as they are where it is 1
+        try:
+            run.optimizer.step()
+        finally:
+            del inner.found_inf
+    elif not bool(skipped):  # a host synchronisation, only for optimizers without a fused kernel here
+        run.optimizer.step()
+
+
+# ---------------------------------------------------------------- periodic work
+
+
+def periodic_work(run: Run, state: TrainState, bar) -> None:
+    """After step state.step: read the counters and log; then, outside the training clock, the checkpoint
+    (before the grid and the evaluation: a kill during them loses no training), the grid, the evaluation,
+    and a push of the pipeline so far."""
+    config, done = run.config, state.step
+
+    def due(every: Optional[int]) -> bool:
+        return bool(every) and (done % every == 0 or done == run.total_steps)
+
+    if due(config.logging_steps) or due(config.checkpointing_steps):
+        check_nonfinite(run, state)
+    if due(config.logging_steps):
+        log_progress(run, state, bar)
+    push_now = bool(run.pusher and config.hub_push_every and done % config.hub_push_every == 0 and done < run.total_steps)
+    with run.clock.pause():
+        if run.is_main and state.history and (due(config.checkpointing_steps) or push_now):
+            plot_loss_curve(state.history, run.output_dir / "loss_curve.png")
+        if due(config.checkpointing_steps):
+            write_checkpoint(run, state)
+        if due(config.save_images_steps):
+            save_grid(run, done)
+        if due(config.eval_every):
+            evaluate(run, state)
+        if push_now:  # the EMA pipeline and card so far; the upload runs in the background
+            save_ema_pipeline(run)
+            write_model_card(run.output_dir, run.pusher.repo_id, progress=(done, run.total_steps))
+            run.pusher.push_in_background(run.output_dir, f"Training step {done} of {run.total_steps}")
+
+
+def check_nonfinite(run: Run, state: TrainState) -> None:
+    """Read the non-finite step counters into the state (a host synchronisation); stop the run once
+    --max_nonfinite_in_a_row steps in a row were skipped."""
+    total, in_a_row, longest = run.meters.read_counters()
+    if total > state.nonfinite_total:
+        logger.warning("%d step(s) up to step %d had a non-finite loss or gradient and were skipped (%d in a row now).",
+                       total - state.nonfinite_total, state.step, in_a_row)
+    state.nonfinite_total, state.nonfinite_in_a_row = total, in_a_row
+    if longest >= run.config.max_nonfinite_in_a_row:
+        raise NonFiniteLossError(
+            f"The loss was non-finite for {longest} steps in a row (up to step {state.step}). "
+            "Lower --learning_rate, keep --max_grad_norm on, try --mixed_precision bf16 or no, or check the data; "
+            "resume with --resume_from_checkpoint latest."
+        )
+
+
+def log_progress(run: Run, state: TrainState, bar) -> None:
+    """Append the mean losses since the last log (overall and by timestep quartile, over all processes), the
+    LR, EMA decay and throughput to the history; send them to the trackers and the progress bar."""
+    means, counts = run.meters.read_losses(run.accelerator)
+    seconds, steps = run.clock.lap(state.step)
+    entry = {"step": state.step, "loss": means[0], "lr": run.lr_scheduler.get_last_lr()[0],
+             "ema_decay": run.ema.current_decay(), "seconds": seconds,
+             "images_per_s": steps * run.config.batch_size / seconds}
+    entry.update({f"loss_t_q{q}": means[q] for q in range(1, 5) if counts[q] > 0})
+    state.history.append(entry)
+    metrics = {k: v for k, v in entry.items() if k not in ("step", "seconds")}
+    run.accelerator.log({**metrics, "nonfinite_total": state.nonfinite_total}, step=state.step)
+    bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}", ema=f"{entry['ema_decay']:.4f}")
+
+
+def write_checkpoint(run: Run, state: TrainState, name: Optional[str] = None) -> None:
+    """checkpoint-<step>/ (rotated) or `name`/ (outside the rotation), written by the main process."""
+    if run.is_main:
+        state.lr_scheduler, state.ema = run.lr_scheduler.state_dict(), run.ema.state()
+        save_checkpoint(run.output_dir, state.step, run.raw_unet, run.ema.model, run.optimizer, state.to_dict(), name=name)
+        if name is None:
+            rotate_checkpoints(run.output_dir, run.config.checkpoints_total_limit)
+    run.accelerator.wait_for_everyone()
+
+
+def save_grid(run: Run, step: int) -> None:
+    images = sample_images(run.ema.model, run.scheduler.config, run.config, run.accelerator)
+    if run.is_main:
+        grid = image_grid(images)
+        atomic_save_image(grid, run.output_dir / "samples" / f"step-{step:07d}.png")
+        atomic_save_image(grid, run.output_dir / "samples.png")
+        log_grid(run.accelerator, grid, step)
+
+
+def evaluate(run: Run, state: TrainState) -> None:
+    """FID (and IS) of the EMA model now; with --keep_best, best_checkpoint/ when it is the best so far."""
+    config = run.config
+    metrics = evaluate_during_training(run.ema.model, run.scheduler.config, config, run.accelerator,
+                                       run.feature_network, run.reference)
+    state.evals.append({"step": state.step, **metrics})
+    run.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
+    isc = f", IS {metrics['inception_score']:.3f}" if "inception_score" in metrics else ""
+    logger.info("Step %d: FID %.4f (%d samples, DDIM %d steps)%s", state.step, metrics["fid"], config.eval_samples,
+                config.eval_steps, isc)
+    if config.keep_best and (state.best is None or metrics["fid"] < state.best["fid"]):
+        state.best = {"step": state.step, "fid": metrics["fid"]}
+        write_checkpoint(run, state, name="best_checkpoint")
+
+
+def save_ema_pipeline(run: Run) -> None:
+    from .pipelines.pipeline_ddpm import DDPMPipeline
+
+    save_pipeline(DDPMPipeline(unet=run.ema.model, scheduler=DDPMScheduler.from_config(run.scheduler.config)),
+                  run.output_dir)
+
+
+def log_grid(accelerator, grid, step: int) -> None:
+    """The sample grid (a PIL image) to the trackers that take images."""
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"samples": np.asarray(grid)[None]}, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({"samples": [grid]}, step)
+
+
+def sample_images(unet, scheduler_config, config: TrainingConfig, accelerator) -> torch.Tensor:
+    """The fixed-seed grid images (image i from seed (seed, i)), shared out over all processes and
     gathered; every process returns the full [N, C, H, W] batch in [0, 1]."""
     from accelerate.utils import gather_object
 
@@ -160,18 +576,14 @@ def sample_images(unet, scheduler_config, config: TrainingConfig, accelerator, d
 
     pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler_config))
     pipe.set_progress_bar_config(disable=not accelerator.is_local_main_process, desc="Sampling grid", leave=False)
-    mine = list(range(accelerator.process_index, config.num_sample_images, accelerator.num_processes))
-    images = []
-    if mine:
-        gens = [torch.Generator(device).manual_seed(_seed(config.seed, i, 0x5A3)) for i in mine]
-        steps = config.sample_inference_steps or config.num_train_timesteps
-        images = pipe(batch_size=len(mine), generator=gens, num_inference_steps=steps, output_type="pt").images.cpu()
-    gathered = gather_object(list(zip(mine, images)))
-    gathered.sort(key=lambda pair: pair[0])
-    return torch.stack([img for _, img in gathered])
+    drawn = draw_share(pipe, config.num_sample_images, lambda i: mix_seed(config.seed, i, GRID_SEED_TAG),
+                       accelerator.process_index, accelerator.num_processes, batch_size=config.num_sample_images,
+                       num_inference_steps=config.sample_inference_steps or config.num_train_timesteps, output_type="pt")
+    rows = [(i, image.cpu()) for ids, images in drawn for i, image in zip(ids, images)]
+    return torch.stack([image for _, image in sorted(gather_object(rows), key=lambda row: row[0])])
 
 
-def evaluate_during_training(unet, scheduler_config, config: TrainingConfig, accelerator, device, network, reference) -> dict:
+def evaluate_during_training(unet, scheduler_config, config: TrainingConfig, accelerator, network, reference) -> dict:
     """FID (and IS) of `eval_samples` images from `unet` drawn with DDIM in `eval_steps` steps, each process
     drawing its share (image i from seed (seed, i)); every process returns the same numbers."""
     from accelerate.utils import gather_object
@@ -183,16 +595,12 @@ def evaluate_during_training(unet, scheduler_config, config: TrainingConfig, acc
 
     pipe = DDPMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler_config))
     pipe.set_progress_bar_config(disable=True)
-    mine = list(range(accelerator.process_index, config.eval_samples, accelerator.num_processes))
     chunk = max(1, config.batch_size // (accelerator.num_processes * config.gradient_accumulation_steps))
-    rows = []
-    for i in range(0, len(mine), chunk):
-        ids = mine[i : i + chunk]
-        gens = [torch.Generator(device).manual_seed(_seed(config.seed, k, 0xE7A1)) for k in ids]
-        images = pipe(batch_size=len(ids), generator=gens, num_inference_steps=config.eval_steps, output_type="pt", eta=0.0).images
-        rows += list(zip(ids, features_of_images(images, network, device=device)))
-    gathered = sorted(gather_object(rows), key=lambda pair: pair[0])
-    feats = torch.stack([f for _, f in gathered]).double().numpy()
+    drawn = draw_share(pipe, config.eval_samples, lambda i: mix_seed(config.seed, i, EVAL_SEED_TAG),
+                       accelerator.process_index, accelerator.num_processes, batch_size=chunk,
+                       num_inference_steps=config.eval_steps, output_type="pt", eta=0.0)
+    rows = [row for ids, images in drawn for row in zip(ids, features_of_images(images, network, device=accelerator.device))]
+    feats = torch.stack([f for _, f in sorted(gather_object(rows), key=lambda row: row[0])]).double().numpy()
     d = network.num_features
     result = {"fid": frechet_distance(*feature_statistics(feats[:, :d]), *reference)}
     if feats.shape[1] > d and feats.shape[0] >= 10:
@@ -200,265 +608,26 @@ def evaluate_during_training(unet, scheduler_config, config: TrainingConfig, acc
     return result
 
 
-def train(config: TrainingConfig, feature_network=None, hub_token: Optional[str] = None) -> Path:
-    """Train as `config` says; return the output folder (pipeline with EMA weights, grids, loss curve,
-    training_config.json, checkpoints, model card). `feature_network` replaces Inception-v3 for
-    --eval_every. With --push_to_hub, `hub_token` (else HF_TOKEN or the login) is checked before anything
-    else, and the folder's allow-listed files are pushed at the end (and every --hub_push_every steps)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
+# ---------------------------------------------------------------- 4. finish
 
-    from .pipelines.pipeline_ddpm import DDPMPipeline
 
-    config.validate()
-    output_dir = Path(config.output_dir)
-    accelerator = Accelerator(
-        cpu=not accelerator_available(),
-        mixed_precision=config.mixed_precision,
-        log_with=None if config.report_to == "none" else config.report_to,
-        project_dir=str(output_dir),
-    )
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    accum = config.gradient_accumulation_steps
-    if config.batch_size % (world * accum):
-        raise ValueError(
-            f"--batch_size={config.batch_size} does not split evenly over {world} processes x {accum} accumulation steps; "
-            f"use a multiple of {world * accum}."
-        )
-    micro = config.batch_size // (world * accum)
-    is_main = accelerator.is_main_process
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for chatty in ("httpx", "httpx2", "httpcore"):  # one INFO line per HTTP request while pushing
-        logging.getLogger(chatty).setLevel(logging.WARNING)
-    pusher = None
-    if config.push_to_hub and is_main:  # before the data and the model: a bad token fails in seconds
-        from .hub import HubPusher
-
-        pusher = HubPusher(config.hub_model_id or output_dir.resolve().name, hub_token, config.hub_private_repo, str(output_dir))
-        logger.info("Will push to %s.", pusher.url)
-    if config.eval_every and feature_network is None:
-        from .evaluation import inception_network, resolve_inception_weights
-
-        feature_network = inception_network(resolve_inception_weights(config.inception_weights, config.eval_cache_dir), device)
-
-    # 1. data
-    source = BatchSource(config, micro, rank, world, progress=accelerator.is_local_main_process)
-    if source.skipped:
-        logger.warning("Skipped %d undecodable images (--on_bad_image skip).", source.skipped)
-    if config.max_train_steps is not None:
-        total_steps = config.max_train_steps
-    elif source.steps_per_epoch is None:
-        raise ValueError("--num_epochs needs the dataset size; with --streaming give --max_train_steps.")
-    else:
-        total_steps = config.num_epochs * source.steps_per_epoch
-
-    # 2. model, diffusion, optimizer, EMA
-    set_seed(config.seed)
-    unet = make_unet(config)
-    scheduler = make_scheduler(config)
-    if config.channels_last:
-        unet = unet.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(
-        unet.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
-        weight_decay=config.weight_decay, **({"fused": True} if device.type == "cuda" else {"foreach": True}),
-    )
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=total_steps)
-    ema = EMA(unet, decay=config.ema_decay, warmup=config.ema_warmup, inv_gamma=config.ema_inv_gamma,
-              power=config.ema_power, update_after_step=config.ema_update_after_step)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    ema.model.to(device)
-    raw_unet = accelerator.unwrap_model(unet)
-    forward = torch.compile(unet) if config.compile else unet
-
-    # 3. resume
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(output_dir)
-    accelerator.wait_for_everyone()
-    start_step, history, evals = 0, [], []
-    counters = {"nonfinite_total": 0, "nonfinite_in_a_row": 0}
-    checkpoint = resolve_checkpoint(output_dir, config.resume_from_checkpoint)
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, raw_unet, ema.model, optimizer)
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        ema.load_state(state["ema"])
-        start_step, history, evals = state["step"], state["history"], state.get("evals", [])
-        counters = {k: state[k] for k in counters}
-        logger.info("Resumed from %s at step %d.", checkpoint, start_step)
-    elif config.resume_from_checkpoint == "latest":
-        logger.info("No checkpoint in %s yet: starting from scratch.", output_dir)
-    source.fast_forward(start_step)
-
-    if is_main:
-        config.save(output_dir)
-        (output_dir / "samples").mkdir(exist_ok=True)
-    reference, best = None, None
-    if config.eval_every:
-        from .evaluation import default_cache_dir, reference_features
-        from .metrics import feature_statistics
-
-        cache = Path(config.eval_cache_dir or default_cache_dir())
-        for turn in (0, 1):  # the main process computes and caches the training set's features; the others read them
-            if (turn == 0) == is_main:
-                ref, _ = reference_features(config.dataset, feature_network, "clean", cache, config.split,
-                                            config.resolution, config.channels)
-                reference = feature_statistics(ref[:, : feature_network.num_features])
-            accelerator.wait_for_everyone()
-        best = (checkpoint and state.get("best")) or None
-    if config.report_to != "none":
-        accelerator.init_trackers("logs", config=_tracker_config(config))
-    logger.info(
-        "Training %d steps of %d images (%d per process x %d processes x %d accumulation) on %s; %s images.",
-        total_steps, config.batch_size, micro, world, accum, device, source.num_images or "streamed",
-    )
-
-    # 4. the loop (Algorithm 1)
-    T = config.num_train_timesteps
-    log_sum = torch.zeros(5, device=device)  # loss sum over samples: all, then by timestep quartile
-    log_count = torch.zeros(5, device=device)
-    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not accelerator.is_local_main_process, desc="Training")
-    last_log_time, last_log_step = time.perf_counter(), start_step
-
-    def trainer_state() -> dict:
-        return {"lr_scheduler": lr_scheduler.state_dict(), "ema": ema.state(), "history": history, "evals": evals,
-                "best": best, **counters}
-
-    def save_ema_pipeline() -> None:
-        save_pipeline(DDPMPipeline(unet=ema.model, scheduler=DDPMScheduler.from_config(scheduler.config)), output_dir)
-
-    for step in bar:
-        generator = torch.Generator(device).manual_seed(_seed(config.seed, step, rank))
-        torch.manual_seed(_seed(config.seed, step, rank, 0xD0))  # dropout
-        finite = True
-        for j in range(accum):
-            x0 = to_model_range(source.get(step, j).to(device, non_blocking=True), config.random_flip, generator)
-            if config.channels_last:
-                x0 = x0.contiguous(memory_format=torch.channels_last)
-            noise = torch.randn(x0.shape, generator=generator, device=device)
-            t = torch.randint(0, T, (x0.shape[0],), generator=generator, device=device)
-            x_t = scheduler.add_noise(x0, noise, t)  # q(x_t | x_0), Eq. 4
-            with accelerator.autocast():
-                model_output = forward(x_t, t).sample
-            weight = None
-            if config.snr_gamma is not None:
-                weight = min_snr_weight(snr(scheduler, t, x0), config.snr_gamma, config.prediction_type)
-            per_sample = diffusion_loss(model_output, training_target(scheduler, x0, noise, t), weight)
-            sync = contextlib.nullcontext() if j == accum - 1 else accelerator.no_sync(unet)
-            with sync:
-                accelerator.backward(per_sample.mean() / accum)
-            detached = per_sample.detach()
-            finite = finite and bool(torch.isfinite(detached).all())
-            quartile = 1 + (t * 4 // T)
-            log_sum[0] += detached.sum()
-            log_count[0] += detached.numel()
-            log_sum.scatter_add_(0, quartile, detached)
-            log_count.scatter_add_(0, quartile, torch.ones_like(detached))
-        # every process must agree on skipping, or the replicas diverge
-        finite = bool(accelerator.reduce(torch.tensor([float(finite)], device=device), reduction="sum").item() == world)
-        if finite:
-            if config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
-            optimizer.step()
-            counters["nonfinite_in_a_row"] = 0
-        else:
-            counters["nonfinite_total"] += 1
-            counters["nonfinite_in_a_row"] += 1
-            logger.warning("Step %d: non-finite loss, step skipped (%d in a row).", step + 1, counters["nonfinite_in_a_row"])
-            if counters["nonfinite_in_a_row"] >= config.max_nonfinite_in_a_row:
-                raise NonFiniteLossError(
-                    f"The loss was non-finite for {counters['nonfinite_in_a_row']} steps in a row (up to step {step + 1}). "
-                    "Lower --learning_rate, keep --max_grad_norm on, try --mixed_precision bf16 or no, or check the data; "
-                    "resume with --resume_from_checkpoint latest."
-                )
-        optimizer.zero_grad(set_to_none=True)
-        lr_scheduler.step()
-        ema.update(raw_unet.parameters())
-        done = step + 1
-
-        if done % config.logging_steps == 0 or done == total_steps:
-            sums = accelerator.reduce(log_sum, reduction="sum")
-            counts = accelerator.reduce(log_count, reduction="sum")
-            means = (sums / counts.clamp(min=1)).tolist()
-            now = time.perf_counter()
-            seconds, last_log_time = now - last_log_time, now
-            entry = {"step": done, "loss": means[0], "lr": lr_scheduler.get_last_lr()[0], "ema_decay": ema.current_decay(),
-                     "seconds": seconds, "images_per_s": (done - last_log_step) * config.batch_size / seconds}
-            last_log_step = done
-            entry.update({f"loss_t_q{q}": means[q] for q in range(1, 5) if counts[q] > 0})
-            history.append(entry)
-            log_sum.zero_()
-            log_count.zero_()
-            accelerator.log({**{k: v for k, v in entry.items() if k not in ("step", "seconds")}, "nonfinite_total": counters["nonfinite_total"]}, step=done)
-            bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}", ema=f"{entry['ema_decay']:.4f}")
-
-        pause = time.perf_counter()
-        if done % config.save_images_steps == 0 or done == total_steps:
-            grid_images = sample_images(ema.model, scheduler.config, config, accelerator, device)
-            if is_main:
-                grid = image_grid(grid_images)
-                atomic_save_image(grid, output_dir / "samples" / f"step-{done:07d}.png")
-                atomic_save_image(grid, output_dir / "samples.png")
-                _log_images(accelerator, grid, done)
-
-        if config.eval_every and (done % config.eval_every == 0 or done == total_steps):
-            metrics = evaluate_during_training(ema.model, scheduler.config, config, accelerator, device, feature_network, reference)
-            evals.append({"step": done, **metrics})
-            accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=done)
-            logger.info("Step %d: FID %.4f (%d samples, DDIM %d steps)%s", done, metrics["fid"], config.eval_samples,
-                        config.eval_steps, f", IS {metrics['inception_score']:.3f}" if "inception_score" in metrics else "")
-            if config.keep_best and (best is None or metrics["fid"] < best["fid"]):
-                best = {"step": done, "fid": metrics["fid"]}
-                if is_main:
-                    save_checkpoint(output_dir, done, raw_unet, ema.model, optimizer, trainer_state(), name="best_checkpoint")
-                accelerator.wait_for_everyone()
-
-        checkpoint_now = done % config.checkpointing_steps == 0 or done == total_steps
-        push_now = pusher is not None and config.hub_push_every and done % config.hub_push_every == 0 and done < total_steps
-        if is_main and history and (checkpoint_now or push_now):
-            plot_loss_curve(history, output_dir / "loss_curve.png")
-        if checkpoint_now:
-            if is_main:
-                save_checkpoint(output_dir, done, raw_unet, ema.model, optimizer, trainer_state())
-                rotate_checkpoints(output_dir, config.checkpoints_total_limit)
-            accelerator.wait_for_everyone()
-
-        if push_now:  # the EMA pipeline and card so far; the upload runs in the background
-            save_ema_pipeline()
-            write_model_card(output_dir, pusher.repo_id, progress=(done, total_steps))
-            pusher.push_in_background(output_dir, f"Training step {done} of {total_steps}")
-        last_log_time += time.perf_counter() - pause  # grids and checkpoints are not training time
-
-    # 5. the final pipeline, with the EMA weights
-    if is_main:
-        save_ema_pipeline()
-        atomic_write_json(output_dir / "train_summary.json", {
-            "steps": total_steps, "images_seen": total_steps * config.batch_size, "skipped_images": source.skipped,
-            "nonfinite_steps": counters["nonfinite_total"], "final_loss": history[-1]["loss"] if history else None,
-            "evals": evals, "best": best,
-            "checkpoints": [str(f.name) for _, f in list_checkpoints(output_dir)],
+def finish(run: Run, state: TrainState) -> None:
+    """The pipeline with the EMA weights, train_summary.json and the model card; then the final push."""
+    if run.is_main:
+        save_ema_pipeline(run)
+        atomic_write_json(run.output_dir / "train_summary.json", {
+            "steps": run.total_steps, "images_seen": run.total_steps * run.config.batch_size,
+            "skipped_images": run.source.skipped, "nonfinite_steps": state.nonfinite_total,
+            "final_loss": state.history[-1]["loss"] if state.history else None, "evals": state.evals, "best": state.best,
+            "checkpoints": [str(f.name) for _, f in list_checkpoints(run.output_dir)],
         })
-        write_model_card(output_dir, pusher.repo_id if pusher else None)
-        logger.info("Saved the pipeline (EMA weights) and its model card to %s.", output_dir)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if pusher is not None:
+        write_model_card(run.output_dir, run.pusher.repo_id if run.pusher else None)
+        logger.info("Saved the pipeline (EMA weights) and its model card to %s.", run.output_dir)
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    if run.pusher is not None:
         try:
-            pusher.push(output_dir, f"End of training: step {total_steps}")
-            logger.info("Pushed %s to %s.", output_dir, pusher.url)
+            run.pusher.push(run.output_dir, f"End of training: step {run.total_steps}")
+            logger.info("Pushed %s to %s.", run.output_dir, run.pusher.url)
         finally:
-            pusher.close()
-    return output_dir
-
-
-def _log_images(accelerator, grid, step: int) -> None:
-    import numpy as np
-
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({"samples": wandb.Image(grid)}, step=step)
+            run.pusher.close()

@@ -65,6 +65,17 @@ UNET_PRESETS: Dict[str, Dict[str, Any]] = {
         norm_num_groups=8,
         dropout=0.0,
     ),
+    # 0.69M parameters: the quick start's 16x16 digits, 1.7x faster per step than cpu-small there.
+    "cpu-digits": dict(
+        _PAPER_CONVENTIONS,
+        sample_size=16,
+        block_out_channels=[16, 32, 64],
+        down_block_types=["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
+        up_block_types=["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+        layers_per_block=1,
+        norm_num_groups=8,
+        dropout=0.0,
+    ),
     # 0.18M parameters: for tests.
     "cpu-tiny": dict(
         _PAPER_CONVENTIONS,

@@ -13,7 +13,7 @@ def test_targets_per_prediction_type():
     assert torch.equal(training_target(DDPMScheduler(), x0, noise, t), noise)
     assert torch.equal(training_target(DDPMScheduler(prediction_type="sample"), x0, noise, t), x0)
     v = training_target(DDPMScheduler(prediction_type="v_prediction"), x0, noise, t)
-    ab = DDPMScheduler()._alphas_cumprod64[t].float().reshape(-1, 1, 1, 1)
+    ab = DDPMScheduler().tables().alphas_cumprod[t].float().reshape(-1, 1, 1, 1)
     torch.testing.assert_close(v, ab.sqrt() * noise - (1 - ab).sqrt() * x0)
 
 
@@ -28,7 +28,7 @@ def test_min_snr_weights_closed_form():
     s = DDPMScheduler()
     t = torch.tensor([0, 100, 999])
     snr_t = snr(s, t, torch.zeros(1))
-    ab = s._alphas_cumprod64[t]
+    ab = s.tables().alphas_cumprod[t]
     torch.testing.assert_close(snr_t.double(), ab / (1 - ab), rtol=1e-6, atol=0)
     gamma = 5.0
     eps_w = min_snr_weight(snr_t, gamma, "epsilon")

@@ -155,7 +155,7 @@ def test_images_match_diffusers_pipeline(steps):
     pipe = tiny_pipeline()
     ours = images(pipe, steps, batch_size=3)
     ref64_scheduler = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
-    ref64_scheduler.alphas_cumprod = pipe.scheduler._alphas_cumprod64.clone()
+    ref64_scheduler.alphas_cumprod = pipe.scheduler.tables().alphas_cumprod.clone()
     ref64_scheduler.one = torch.tensor(1.0, dtype=torch.float64)
     for scheduler, tol in ((ref64_scheduler, 1e-5), (diffusers.DDPMScheduler.from_config(pipe.scheduler.config), 1e-5 if steps == 50 else 1e-4)):
         ref = diffusers.DDPMPipeline(unet=pipe.unet, scheduler=scheduler)
@@ -240,7 +240,7 @@ MU, S = 0.3, 0.2
 
 def ancestral_samples(variance_type, mu, s, n=16):
     scheduler = DDPMScheduler(clip_sample=False, variance_type=variance_type)
-    model = GaussianDataDenoiser(scheduler._alphas_cumprod64, mu, s)
+    model = GaussianDataDenoiser(scheduler.tables().alphas_cumprod, mu, s)
     g = torch.Generator().manual_seed(0)
     return denoise(model, scheduler, torch.randn(n, 1, 32, 32, generator=g, dtype=torch.float64), 1000, generator=g)
 
@@ -276,9 +276,9 @@ def test_ode_samplers_converge_to_the_exact_transport_map(make, few, many, tol):
     """For Gaussian data the probability-flow ODE maps x_T to mu + s·(x_T - sqrt(ᾱ_T)·mu)/σ_T. Swapped-in
     diffusers ODE solvers, built from our config, converge to it as steps grow."""
     ours = DDPMScheduler(clip_sample=False)
-    model = GaussianDataDenoiser(ours._alphas_cumprod64, MU, S)
+    model = GaussianDataDenoiser(ours.tables().alphas_cumprod, MU, S)
     z = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    ab_T = float(ours._alphas_cumprod64[-1])
+    ab_T = float(ours.tables().alphas_cumprod[-1])
     exact = MU + S * (z - math.sqrt(ab_T) * MU) / math.sqrt(ab_T * S**2 + 1 - ab_T)
     error = {n: (denoise(model, make(ours.config), z, n) - exact).abs().max().item() for n in (few, many)}
     assert error[many] < tol

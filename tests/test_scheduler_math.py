@@ -14,7 +14,7 @@ from ddpm_hf.scheduler import BETA_SCHEDULES, extract_into_tensor
 
 @pytest.mark.parametrize("beta_schedule", BETA_SCHEDULES)
 def test_alpha_bar_strictly_decreasing_in_unit_interval(beta_schedule):
-    ab = DDPMScheduler(beta_schedule=beta_schedule)._alphas_cumprod64
+    ab = DDPMScheduler(beta_schedule=beta_schedule).tables().alphas_cumprod
     assert ab.dtype == torch.float64
     assert torch.all((ab > 0) & (ab < 1))
     assert torch.all(ab[1:] < ab[:-1])
@@ -24,9 +24,9 @@ def test_linear_schedule_closed_form():
     s = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02)
     betas = [1e-4 + (0.02 - 1e-4) * i / 999 for i in range(1000)]
     expected = np.cumprod([1 - b for b in betas])
-    np.testing.assert_allclose(s._alphas_cumprod64.numpy(), expected, rtol=1e-14)
+    np.testing.assert_allclose(s.tables().alphas_cumprod.numpy(), expected, rtol=1e-14)
     # ᾱ_T for the paper's schedule: tiny, so x_T is nearly pure noise (SNR ≈ 4e-5)
-    assert 4.0e-5 < float(s._alphas_cumprod64[-1]) < 4.1e-5
+    assert 4.0e-5 < float(s.tables().alphas_cumprod[-1]) < 4.1e-5
 
 
 def test_cosine_schedule_closed_form():
@@ -52,7 +52,7 @@ def test_add_noise_marginal_statistics():
     x0 = torch.full((200_000,), 0.7, dtype=torch.float64)
     for t in (50, 400, 900):
         xt = s.add_noise(x0, torch.randn(x0.shape, generator=g, dtype=torch.float64), torch.full((200_000,), t))
-        ab = float(s._alphas_cumprod64[t])
+        ab = float(s.tables().alphas_cumprod[t])
         assert abs(xt.mean().item() - math.sqrt(ab) * 0.7) < 5 * math.sqrt((1 - ab) / 200_000)
         assert abs(xt.var().item() - (1 - ab)) < 0.01 * (1 - ab)
 
@@ -61,7 +61,7 @@ def test_add_noise_marginal_statistics():
 def test_posterior_coefficients_equal_paper_formulas(beta_schedule):
     """Eq. 7 for every t, and independently the product-of-Gaussians derivation of q(x_{t-1} | x_t, x_0)."""
     s = DDPMScheduler(beta_schedule=beta_schedule)
-    ab = s._alphas_cumprod64.numpy()
+    ab = s.tables().alphas_cumprod.numpy()
     for t in range(1000):
         ab_prev = ab[t - 1] if t > 0 else 1.0
         beta_t = 1 - ab[t] / ab_prev
@@ -83,7 +83,7 @@ def test_strided_posterior_uses_the_jump():
     s.set_timesteps(50)
     assert s.previous_timestep(980) == 960
     c0, ct, var, beta = s.posterior_coefficients(980, 960)
-    ab = s._alphas_cumprod64
+    ab = s.tables().alphas_cumprod
     assert beta == pytest.approx(1 - float(ab[980] / ab[960]), rel=1e-12)
     assert var == pytest.approx((1 - float(ab[960])) / (1 - float(ab[980])) * beta, rel=1e-12)
 

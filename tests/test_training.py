@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from ddpm_hf import DDPMPipeline
 from ddpm_hf.config import RECIPES, TrainingConfig, parse_args, resolve_config
 from ddpm_hf.outputs import image_grid, list_checkpoints, load_checkpoint
-from ddpm_hf.training import NonFiniteLossError, _seed, make_unet, train
+from ddpm_hf.seeding import GRID_SEED_TAG, mix_seed
+from ddpm_hf.training import NonFiniteLossError, make_unet, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,7 +78,7 @@ def test_every_recipe_value_can_be_overridden_by_its_flag():
                 new = 0.25
             args = [f"--{key}", str(new)]
         else:
-            new = {"dataset": "mnist", "unet_preset": "cpu-tiny", "lr_scheduler": "linear", "output_dir": "elsewhere",
+            new = {"dataset": "mnist", "unet_preset": "cpu-tiny", "lr_scheduler": "linear", "output_dir": "elsewhere", "mixed_precision": "no",
                    "report_to": "none"}[key]
             args = [f"--{key}", new]
         config, _ = parse_args(["--preset", "digits-cpu", *args])
@@ -241,7 +242,7 @@ def test_two_processes_on_cpu(tmp_path):
     config = TrainingConfig.load(tmp_path / "training_config.json")
     pipe = DDPMPipeline.from_pretrained(tmp_path)
     pipe.set_progress_bar_config(disable=True)
-    gens = [torch.Generator().manual_seed(_seed(config.seed, i, 0x5A3)) for i in range(config.num_sample_images)]
+    gens = [torch.Generator().manual_seed(mix_seed(config.seed, i, GRID_SEED_TAG)) for i in range(config.num_sample_images)]
     images = pipe(batch_size=config.num_sample_images, generator=gens, num_inference_steps=config.sample_inference_steps, output_type="pt").images
     expected = np.asarray(image_grid(images)).astype(int)
     got = np.asarray(Image.open(tmp_path / "samples.png")).astype(int)

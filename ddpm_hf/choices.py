@@ -1,0 +1,20 @@
+"""Every choice list, defined once. No heavy imports here: the command lines read these before torch loads."""
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+# what the UNet predicts; ddpm_hf.scheduler.PARAMETERIZATIONS holds the math of each
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+# σ_t² of the reverse process; the learned ones need a UNet with 2C output channels
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+# the variance types a training run can use
+TRAINING_VARIANCE_TYPES = ("fixed_small", "fixed_large")
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+# diffusers' LR schedules that need nothing beyond warmup and total steps (diffusers.optimization.SchedulerType)
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+TRACKERS = ("tensorboard", "wandb", "none")
+BAD_IMAGE_POLICIES = ("stop", "skip")
+# samplers of ddpm-sample
+SAMPLERS = ("ddpm", "ddim", "dpm-solver")
+# clean-fid's resizing protocols
+FID_MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
