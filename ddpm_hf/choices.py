@@ -7,7 +7,11 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 # the variance types a training run can use
-TRAINING_VARIANCE_TYPES = ("fixed_small", "fixed_large")
+TRAINING_VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range", "learned")
+# training objectives: L_simple (Eq. 14), the variational bound (Eq. 5), improved DDPM's L_hybrid
+LOSSES = ("simple", "vlb", "hybrid")
+# how the training timestep t is drawn: uniformly, or by improved DDPM's importance sampling
+TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 # diffusers' LR schedules that need nothing beyond warmup and total steps (diffusers.optimization.SchedulerType)
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")

@@ -22,6 +22,13 @@ def configure_logging() -> None:
         logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
+def quiet_loading() -> None:
+    """No progress bar for loading a pipeline's two components: commands show their own progress."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+
+
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
     """`train_ddpm.py` / `ddpm-train`: train a DDPM; `--dry_run` prints the resolved config and parameter count."""
     from .config import parse_args
@@ -75,6 +82,7 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
     from .training import accelerator_available
 
     state = PartialState(cpu=not accelerator_available())
+    quiet_loading()
     try:
         pipe = use_scheduler(DDPMPipeline.from_pretrained(args.pipeline), args.scheduler).to(state.device)
         result = sample_to_folder(pipe, args.output_dir, args.num_images, args.batch_size, args.num_inference_steps,
@@ -146,6 +154,54 @@ def metrics_main(argv: Optional[Sequence[str]] = None) -> int:
         return _fail(str(e), 1)
     summary = {k: v for k, v in result.items() if k != "protocol"}
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def nll_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`ddpm-nll PIPELINE OUTPUT_DIR --dataset D --num_images N` / `python -m ddpm_hf.nll`: the variational bound of
+    a pipeline in bits/dim (prior, KL and decoder terms) on a dataset split or a folder of images; resumable, and
+    shared over processes under `accelerate launch`; writes nll.json with the protocol and nll_terms.png."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=nll_main.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("pipeline", help="a folder written by save_pretrained / a training run, or a Hub repo id")
+    parser.add_argument("output_dir", help="where the per-image results, nll.json and nll_terms.png go")
+    parser.add_argument("--dataset", required=True, help="anything train_ddpm.py --dataset takes: cifar10, a Hub id, "
+                        "a folder of images, .parquet/.arrow files")
+    parser.add_argument("--split", default="test", help="the dataset's split (local files have one)")
+    parser.add_argument("--dataset_config", default=None)
+    parser.add_argument("--image_column", default=None)
+    parser.add_argument("--num_images", type=int, required=True, help="the first N images of the split")
+    parser.add_argument("--batch_size", type=int, default=64, help="images per network call (T calls per batch)")
+    parser.add_argument("--seed", type=int, default=0, help="image k's noise comes from (seed, k)")
+    parser.add_argument("--clip_denoised", action=argparse.BooleanOptionalAction, default=True, help="clip x̂_0 to [-1, 1]")
+    parser.add_argument("--output", default=None, help="where to write nll.json (default: in OUTPUT_DIR), e.g. a run's "
+                        "folder, whose model card then shows it")
+    parser.add_argument("--overwrite", action="store_true", help="measure again from scratch in a folder measured with other settings")
+    args = parser.parse_args(argv)
+    if args.num_images < 1 or args.batch_size < 1:
+        return _fail(f"--num_images={args.num_images} and --batch_size={args.batch_size} must be at least 1.")
+
+    from accelerate import PartialState
+
+    from .data import BadImageError, DatasetUnavailableError
+    from .nll import measure
+    from .pipelines.pipeline_ddpm import DDPMPipeline
+    from .training import accelerator_available
+
+    state = PartialState(cpu=not accelerator_available())
+    quiet_loading()
+    try:
+        pipe = DDPMPipeline.from_pretrained(args.pipeline).to(state.device)
+        summary = measure(pipe, args.pipeline, args.output_dir, args.dataset, args.num_images, args.split,
+                          args.batch_size, args.seed, args.clip_denoised, args.dataset_config, args.image_column,
+                          args.overwrite, args.output, state)
+    except (OSError, ValueError, RuntimeError, DatasetUnavailableError, BadImageError) as e:
+        return _fail(str(e), 1)
+    if summary is not None:
+        bpd = summary["bits_per_dim"]
+        print(f"NLL bound: {bpd['total']['mean']:.4f} ± {bpd['total']['sem']:.4f} bits/dim on {args.num_images} images "
+              f"(prior {bpd['prior']['mean']:.4f}, KL {bpd['kl']['mean']:.4f}, decoder {bpd['decoder']['mean']:.4f})")
     return 0
 
 

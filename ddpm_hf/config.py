@@ -17,9 +17,12 @@ from typing import Any, Dict, Optional, Sequence
 from .choices import (
     BAD_IMAGE_POLICIES,
     BETA_SCHEDULES,
+    LEARNED_VARIANCE_TYPES,
+    LOSSES,
     LR_SCHEDULES,
     MIXED_PRECISIONS,
     PREDICTION_TYPES,
+    TIMESTEP_SAMPLERS,
     TRACKERS,
     TRAINING_VARIANCE_TYPES,
 )
@@ -55,7 +58,14 @@ class TrainingConfig:
     beta_start: float = _f(1e-4, "β_1")
     beta_end: float = _f(0.02, "β_T")
     prediction_type: str = _f("epsilon", "what the UNet predicts", PREDICTION_TYPES)
-    variance_type: str = _f("fixed_small", "reverse-process variance used when sampling", TRAINING_VARIANCE_TYPES)
+    variance_type: str = _f("fixed_small", "σ_t² of the reverse process: fixed_small (β̃_t) or fixed_large (β_t) as in the paper, "
+                            "or learned by the UNet (2C output channels; needs --loss hybrid or vlb): learned_range "
+                            "(improved DDPM) or learned (log σ²)", TRAINING_VARIANCE_TYPES)
+    loss: str = _f("simple", "training objective: simple (L_simple, Eq. 14), vlb (the variational bound, Eq. 5) or hybrid "
+                   "(improved DDPM's L_simple + λ·L_vlb, which trains a learned variance)", LOSSES)
+    vlb_weight: float = _f(0.001, "λ of --loss hybrid (improved DDPM: 0.001)")
+    timestep_sampler: str = _f("uniform", "how t is drawn: uniform (Algorithm 1) or loss-second-moment (improved DDPM's "
+                               "importance sampling for --loss vlb)", TIMESTEP_SAMPLERS)
     snr_gamma: Optional[float] = _f(None, "min-SNR-γ loss weighting (e.g. 5.0); off by default (the paper's L_simple)")
     # ---- optimisation
     batch_size: int = _f(128, "images per optimizer step, over all processes and accumulation steps")
@@ -97,6 +107,10 @@ class TrainingConfig:
     keep_best: bool = _f(False, "keep the checkpoint with the best FID in best_checkpoint/ (outside the rotation limit)")
     inception_weights: Optional[str] = _f(None, "Inception weights file for --eval_every (else $DDPM_HF_INCEPTION_WEIGHTS or the cache)")
     eval_cache_dir: Optional[str] = _f(None, "where reference statistics are cached (default $DDPM_HF_CACHE or ~/.cache/ddpm_hf)")
+    eval_nll_every: Optional[int] = _f(None, "every N steps, the EMA model's NLL bound in bits/dim on --eval_nll_images held-out images")
+    eval_nll_images: int = _f(256, "held-out images for --eval_nll_every (shared over all processes)")
+    eval_nll_dataset: Optional[str] = _f(None, "the held-out images of --eval_nll_every: anything --dataset takes (default: --dataset)")
+    eval_nll_split: str = _f("test", "the split of the held-out dataset")
     # ---- the Hub (the token is a flag of its own, --hub_token, and is never saved)
     push_to_hub: bool = _f(False, "push the pipeline, model card, grids, metrics and config to the Hub; the token and repo are checked before training starts")
     hub_model_id: Optional[str] = _f(None, "the Hub repo: 'name' (under your account) or 'namespace/name' (default: the output folder's name)")
@@ -118,10 +132,26 @@ class TrainingConfig:
             raise ValueError(f"--channels={self.channels} is not supported; use 1 or 3.")
         if self.keep_best and not self.eval_every:
             raise ValueError("--keep_best needs --eval_every N (the FID it keeps the best checkpoint by).")
+        for name in ("sample_inference_steps", "eval_steps"):
+            steps = getattr(self, name) if name != "eval_steps" or self.eval_every else None
+            if steps is not None and self.num_train_timesteps >= 1 and steps > self.num_train_timesteps:
+                raise ValueError(f"--{name}={steps} is more than --num_train_timesteps={self.num_train_timesteps}; "
+                                 f"use at most {self.num_train_timesteps}.")
+        if self.variance_type in LEARNED_VARIANCE_TYPES and self.loss == "simple":
+            raise ValueError(f"--variance_type {self.variance_type} is trained by the bound, which L_simple does not hold; "
+                             "add --loss hybrid (improved DDPM) or --loss vlb.")
+        if self.loss == "hybrid" and self.variance_type not in LEARNED_VARIANCE_TYPES:
+            raise ValueError("--loss hybrid adds the bound to train a learned variance; with a fixed variance it is L_simple. "
+                             "Add --variance_type learned_range, or use --loss simple or vlb.")
+        if self.loss == "vlb" and self.snr_gamma is not None:
+            raise ValueError("--snr_gamma weights L_simple's MSE; --loss vlb has the bound's own weighting. Drop one of them.")
+        if not self.vlb_weight > 0:
+            raise ValueError(f"--vlb_weight={self.vlb_weight} must be positive (improved DDPM: 0.001).")
         if (self.hub_model_id or self.hub_private_repo or self.hub_push_every) and not self.push_to_hub:
             raise ValueError("--hub_model_id, --hub_private_repo and --hub_push_every need --push_to_hub.")
         for name in ("batch_size", "gradient_accumulation_steps", "resolution", "checkpointing_steps",
-                     "save_images_steps", "logging_steps", "num_sample_images", "eval_samples", "eval_steps", "hub_push_every"):
+                     "save_images_steps", "logging_steps", "num_sample_images", "eval_samples", "eval_steps", "hub_push_every",
+                     "eval_nll_every", "eval_nll_images"):
             value = getattr(self, name)
             if value is not None and value < 1:  # None: an Optional setting that is off
                 raise ValueError(f"--{name}={value} must be at least 1.")

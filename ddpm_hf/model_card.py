@@ -42,6 +42,23 @@ def _hub_dataset(config: TrainingConfig) -> Optional[str]:
     return DATASET_ALIASES.get(config.dataset, config.dataset)
 
 
+def _nll(output_dir: Path) -> Optional[Tuple[dict, str, Optional[str]]]:
+    """(bits/dim terms {term: {mean, sem}}, how they were measured, split) from nll.json (`ddpm-nll`), else the last
+    --eval_nll_every measurement in train_summary.json; None if neither exists."""
+    path, summary_path = output_dir / "nll.json", output_dir / "train_summary.json"
+    if path.is_file():
+        nll = json.loads(path.read_text())
+        p = nll.get("protocol", {})
+        return nll["bits_per_dim"], (
+            f"`ddpm-nll` on {nll.get('num_images')} images of {p.get('dataset')} (split {p.get('split')}), T = "
+            f"{p.get('num_train_timesteps')}, `{p.get('variance_type')}` variance, x̂_0 clipped: {p.get('clip_denoised')}"), p.get("split")
+    history = json.loads(summary_path.read_text()).get("nll") if summary_path.is_file() else None
+    if history:
+        last = history[-1]
+        return last, f"during training, at step {last['step']}, on {last['images']} held-out images", None
+    return None
+
+
 def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Optional[Tuple[int, int]] = None):
     """A `huggingface_hub.ModelCard` for the run in `output_dir`; `progress` = (step, total steps) marks a
     run still training. Images are shown only when their files exist."""
@@ -56,12 +73,17 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
     dataset_label = dataset or ("scikit-learn digits (built in)" if config.dataset == "digits" else Path(config.dataset).name)
 
     protocol = (metrics or {}).get("protocol", {})
-    eval_results = None
+    nll = _nll(output_dir)
+    eval_results = []
+    if nll:
+        eval_results.append(EvalResult(task_type="unconditional-image-generation", dataset_type=dataset or "custom",
+                                       dataset_name=dataset_label, dataset_split=nll[2], metric_type="nll",
+                                       metric_name="NLL (bits/dim)", metric_value=float(nll[0]["total"]["mean"])))
     if metrics:
         reference = protocol.get("reference", {})
         values = {"FID": metrics.get("fid"), "KID": metrics.get("kid"),
                   "Inception Score": (metrics.get("inception_score") or {}).get("mean")}
-        eval_results = [
+        eval_results += [
             EvalResult(task_type="unconditional-image-generation", dataset_type=dataset or "custom",
                        dataset_name=dataset_label, dataset_split=reference.get("split"), metric_type=metric.lower().replace(" ", "_"),
                        metric_name=metric, metric_value=float(value))
@@ -127,9 +149,21 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
             f"{(protocol.get('feature_network') or {}).get('name')} (weights SHA-256 "
             f"`{(protocol.get('feature_network') or {}).get('weights_sha256', '')[:16]}…`).",
         ]
-    else:
-        parts += ["No metrics yet: measure with `ddpm-sample` and `ddpm-metrics --output THIS_FOLDER/metrics.json`, "
+    elif not nll:
+        parts += ["No metrics yet: measure with `ddpm-sample` and `ddpm-metrics --output THIS_FOLDER/metrics.json` "
+                  "(and the likelihood with `ddpm-nll THIS_FOLDER WORK_DIR --output THIS_FOLDER/nll.json`), "
                   "then rebuild this card with `ddpm-card THIS_FOLDER`."]
+    if nll:
+        bpd, how, _ = nll
+        parts += [
+            "",
+            "| NLL bound (bits/dim) | prior L_T | KL terms | decoder L_0 |",
+            "| --- | --- | --- | --- |",
+            f"| {bpd['total']['mean']:.4f} ± {bpd['total']['sem']:.4f} | {bpd['prior']['mean']:.4f} | "
+            f"{bpd['kl']['mean']:.4f} | {bpd['decoder']['mean']:.4f} |",
+            "",
+            f"The variational bound (Ho et al. 2020, Eq. 5; ± the standard error over images), {how}.",
+        ]
     parts += [
         "",
         "## Training",
@@ -143,7 +177,9 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
         *(["![Loss curve](loss_curve.png)", ""] if (output_dir / "loss_curve.png").is_file() else []),
         f"Diffusion: T = {scheduler['num_train_timesteps']}, `{scheduler['beta_schedule']}` betas "
         f"{scheduler['beta_start']}..{scheduler['beta_end']}, `{scheduler['prediction_type']}` prediction, "
-        f"`{scheduler['variance_type']}` variance. UNet channels {unet['block_out_channels']}.",
+        f"`{scheduler['variance_type']}` variance, `{config.loss}` loss"
+        f"{f' (λ = {config.vlb_weight})' if config.loss == 'hybrid' else ''}, `{config.timestep_sampler}` timesteps. "
+        f"UNet channels {unet['block_out_channels']}.",
         "",
         "<details><summary>Resolved training config</summary>",
         "",

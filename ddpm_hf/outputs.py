@@ -55,6 +55,19 @@ def replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def state_dict_sha256(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's weights (names, dtypes, shapes and bytes, in name order): the same for the same
+    weights whatever file format they were loaded from."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def remove_stale_temporaries(folder: Path) -> None:
     """Remove half-written files and folders left by a crash or kill (named .NAME.tmp-XXXX)."""
     if folder.is_dir():

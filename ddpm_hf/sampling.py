@@ -41,13 +41,19 @@ def use_scheduler(pipe, name: str):
     return pipe
 
 
+def process_share(num_images: int, rank: int = 0, world_size: int = 1, skip: Collection[int] = ()) -> List[int]:
+    """The images k of 0..num_images-1 that process `rank` of `world_size` handles: k % world_size == rank,
+    minus `skip` (those already done)."""
+    return [k for k in range(rank, num_images, world_size) if k not in skip]
+
+
 def draw_share(pipe, num_images: int, seed_of: Callable[[int], int], rank: int = 0, world_size: int = 1,
                batch_size: int = 64, skip: Collection[int] = (), **call: Any) -> Iterator[Tuple[List[int], Any]]:
-    """This process's share of images 0..num_images-1 (k with k % world_size == rank, minus `skip`), image k drawn
-    from a generator seeded `seed_of(k)`, in batches of `batch_size`: yields (ks, images). Image k is the same
-    whatever the batch size or number of processes. `call` goes to the pipeline (num_inference_steps, output_type, eta)."""
+    """This process's share of images 0..num_images-1 (`process_share`), image k drawn from a generator seeded
+    `seed_of(k)`, in batches of `batch_size`: yields (ks, images). Image k is the same whatever the batch size or
+    number of processes. `call` goes to the pipeline (num_inference_steps, output_type, eta)."""
     device = pipe._execution_device
-    todo = [k for k in range(rank, num_images, world_size) if k not in skip]
+    todo = process_share(num_images, rank, world_size, skip)
     for i in range(0, len(todo), batch_size):
         ks = todo[i : i + batch_size]
         generators = [torch.Generator(device).manual_seed(seed_of(k)) for k in ks]

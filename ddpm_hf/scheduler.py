@@ -9,6 +9,9 @@ call reaches diffusers' DDPM math. The differences are deliberate:
   dtype (diffusers computes ᾱ_t and 1 - ᾱ_t/ᾱ_{t'} in float32, which loses ~1e-3 relative accuracy
   in β_t for the first timesteps);
 * `variance_type="fixed_large_log"` gives the fixed_large variance (diffusers returns NaN);
+* `variance_type="learned"`: the model's second C channels are log σ², as in improved DDPM (Nichol &
+  Dhariwal 2021) and `ddpm_hf.likelihood` (diffusers reads them as σ² itself, which a network trained on the
+  bound does not output); `learned_range` is read alike by both;
 * no noise is added on the last step of a chain (the step that lands on x_0), as in Algorithm 2 of
   the paper, also when the chain does not end at t = 0 (diffusers adds noise there unless t == 0);
 * invalid configurations raise `ValueError` naming the key and the allowed values.
@@ -196,8 +199,8 @@ class DDPMScheduler(_DiffusersDDPMScheduler):
         trained_betas: explicit betas (overrides `beta_schedule`), each in (0, 1).
         variance_type: σ_t² of the reverse process: `fixed_small` (β̃_t, the posterior variance),
             `fixed_large` (β_t), their `_log` forms, or `learned` / `learned_range` (the model outputs
-            2C channels; the second half is the variance, or an interpolation weight in [-1, 1]
-            between log β̃_t and log β_t as in improved DDPM).
+            2C channels; the second half is log σ², or an interpolation weight v in [-1, 1]: log σ² =
+            (v+1)/2·log β_t + (1-v)/2·log β̃_t, as in improved DDPM).
         clip_sample, clip_sample_range: clamp x̂_0 to [-range, range].
         prediction_type: what the model predicts: `epsilon` (the paper), `sample` (x_0) or
             `v_prediction` (v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0).
@@ -364,7 +367,7 @@ class DDPMScheduler(_DiffusersDDPMScheduler):
         return c0, ct, var, beta
 
     def _get_variance(self, t, predicted_variance=None, variance_type=None):
-        """σ_t² of the reverse step from t (Sec. 3.2), or for `learned_range` its log.
+        """σ_t² of the reverse step from t (Sec. 3.2), or for `learned` and `learned_range` its log.
 
         Kept under diffusers' private name so that code written against diffusers' class works."""
         variance_type = variance_type or self.config.variance_type
@@ -374,7 +377,7 @@ class DDPMScheduler(_DiffusersDDPMScheduler):
             return torch.tensor(var_small, dtype=torch.float64)
         elif variance_type in ("fixed_large", "fixed_large_log"):
             return torch.tensor(var_large, dtype=torch.float64)
-        elif variance_type == "learned":
+        elif variance_type == "learned":  # log σ² itself (improved DDPM)
             return predicted_variance
         elif variance_type == "learned_range":
             frac = (predicted_variance + 1) / 2  # improved DDPM, Eq. 15: interpolate the log-variances
@@ -460,10 +463,8 @@ class DDPMScheduler(_DiffusersDDPMScheduler):
         if prev_t >= 0:
             noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
             variance = self._get_variance(t, predicted_variance=predicted_variance)
-            if self.config.variance_type == "learned_range":
+            if learned:
                 std = torch.exp(0.5 * variance)  # variance is log σ² here
-            elif isinstance(variance, torch.Tensor) and variance.dim() > 0:
-                std = variance**0.5  # learned: the model's variance itself
             else:
                 std = math.sqrt(float(variance))
             prev_sample = prev_sample + std * noise

@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from accelerate.logging import get_logger
 
+from .choices import LEARNED_VARIANCE_TYPES
 from .config import TrainingConfig
 from .data import BatchSource, to_model_range
 from .ema import EMA
@@ -56,6 +57,7 @@ from .outputs import (
 from .sampling import draw_share
 from .scheduler import DDPMScheduler
 from .seeding import DROPOUT_SEED_TAG, EVAL_SEED_TAG, GRID_SEED_TAG, mix_seed
+from .timestep_samplers import UniformSampler, make_timestep_sampler
 from .unets import build_unet
 
 logger = get_logger(__name__)  # Accelerate's: logs on the main process only
@@ -78,7 +80,10 @@ def make_scheduler(config: TrainingConfig) -> DDPMScheduler:
 
 
 def make_unet(config: TrainingConfig):
+    """The UNet of the config: C input channels, and C output channels (2C with a learned variance)."""
     extra = {} if config.dropout is None else {"dropout": config.dropout}
+    if config.variance_type in LEARNED_VARIANCE_TYPES:
+        extra["out_channels"] = 2 * config.channels
     return build_unet(config.unet_preset, sample_size=config.resolution, in_channels=config.channels, **extra)
 
 
@@ -111,17 +116,19 @@ def _cpu_has_bf16() -> bool:
 @dataclass
 class TrainState:
     """What a checkpoint saves besides weights and optimizer moments (its trainer_state.json) and a resume
-    restores: the step, the logged history, evaluations, the best FID, the non-finite step counters, and the
-    states of the LR schedule and the EMA."""
+    restores: the step, the logged history, evaluations (FID; bits/dim), the best FID, the non-finite step
+    counters, and the states of the LR schedule, the EMA and the timestep sampler."""
 
     step: int = 0
     history: List[dict] = field(default_factory=list)
     evals: List[dict] = field(default_factory=list)
+    nll: List[dict] = field(default_factory=list)
     best: Optional[dict] = None
     nonfinite_total: int = 0
     nonfinite_in_a_row: int = 0
     lr_scheduler: Dict[str, Any] = field(default_factory=dict)
     ema: Dict[str, Any] = field(default_factory=dict)
+    timestep_sampler: Optional[Dict[str, Any]] = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -205,6 +212,7 @@ class Run:
     forward: Callable  # the training forward pass: the UNet, or its torch.compile
     scheduler: DDPMScheduler
     loss: DiffusionLoss
+    timesteps: UniformSampler  # draws t (and importance weights)
     optimizer: Any
     lr_scheduler: Any
     ema: EMA
@@ -214,6 +222,7 @@ class Run:
     pusher: Optional[Any] = None
     feature_network: Optional[Any] = None
     reference: Optional[tuple] = None  # the evaluation reference statistics (mean, covariance)
+    nll_images: Optional[torch.Tensor] = None  # uint8 held-out images for --eval_nll_every
 
     @property
     def output_dir(self) -> Path:
@@ -281,6 +290,7 @@ def setup(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
 
         weights = resolve_inception_weights(config.inception_weights, config.eval_cache_dir)
         feature_network = inception_network(weights, accelerator.device)
+    nll_images = load_held_out_images(config) if config.eval_nll_every else None
     micro = config.batch_size // (world * accum)
     source = BatchSource(config, micro, accelerator.process_index, world,
                          progress=accelerator.is_local_main_process, device=accelerator.device)
@@ -293,7 +303,25 @@ def setup(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
     else:
         total_steps = config.num_epochs * source.steps_per_epoch
     return Run(config=config, accelerator=accelerator, source=source, total_steps=total_steps, pusher=pusher,
-               feature_network=feature_network, **build_model(config, accelerator, total_steps))
+               feature_network=feature_network, nll_images=nll_images, **build_model(config, accelerator, total_steps))
+
+
+def load_held_out_images(config: TrainingConfig) -> torch.Tensor:
+    """The first --eval_nll_images images of the held-out set, uint8 at the training resolution and channels.
+    Refuses a set that is the training data itself."""
+    from .data import BUILTIN_DATASETS, build_image_bank, find_image_column, load_image_dataset
+
+    name = config.eval_nll_dataset or config.dataset
+    local = name in BUILTIN_DATASETS or Path(name).expanduser().exists()
+    if config.eval_nll_dataset is None and (local or config.eval_nll_split == config.split):
+        raise ValueError(
+            f"--eval_nll_every needs held-out images, and --dataset {config.dataset} (split {config.eval_nll_split}) is "
+            "the training data: give --eval_nll_dataset (images not trained on), or --eval_nll_split of a Hub dataset.")
+    ds = load_image_dataset(name, config.dataset_config if name == config.dataset else None, config.eval_nll_split)
+    ds = ds.select(range(min(config.eval_nll_images, len(ds))))
+    bank = build_image_bank(ds, find_image_column(ds.features, config.image_column if name == config.dataset else None),
+                            config.channels, config.resolution, config.center_crop, config.on_bad_image, progress=False)
+    return bank.images
 
 
 def build_model(config: TrainingConfig, accelerator, total_steps: int) -> dict:
@@ -316,7 +344,9 @@ def build_model(config: TrainingConfig, accelerator, total_steps: int) -> dict:
     ema.model.to(accelerator.device)
     return dict(
         unet=unet, raw_unet=accelerator.unwrap_model(unet), forward=torch.compile(unet) if config.compile else unet,
-        scheduler=scheduler, loss=DiffusionLoss(scheduler, snr_gamma=config.snr_gamma), optimizer=optimizer,
+        scheduler=scheduler, loss=DiffusionLoss(scheduler, config.loss, config.snr_gamma, config.vlb_weight),
+        timesteps=make_timestep_sampler(config.timestep_sampler, config.num_train_timesteps, accelerator.device),
+        optimizer=optimizer,
         lr_scheduler=lr_scheduler, ema=ema, skips_on_device=skips_on_device,
         meters=StepMeters(accelerator.device, config.num_train_timesteps),
     )
@@ -340,6 +370,8 @@ def resume(run: Run) -> TrainState:
         state = TrainState.from_dict(load_checkpoint(checkpoint, run.raw_unet, run.ema.model, run.optimizer))
         run.lr_scheduler.load_state_dict(state.lr_scheduler)
         run.ema.load_state(state.ema)
+        if run.timesteps.needs_losses:
+            run.timesteps.load_state_dict(state.timestep_sampler)
         logger.info("Resumed from %s at step %d.", checkpoint, state.step)
     elif config.resume_from_checkpoint == "latest":
         logger.info("No checkpoint in %s yet: starting from scratch.", run.output_dir)
@@ -430,8 +462,12 @@ def forward_backward(run: Run, step: int, j: int, generator: torch.Generator) ->
     if config.channels_last:
         x0 = x0.contiguous(memory_format=torch.channels_last)
     noise = torch.randn(x0.shape, generator=generator, device=run.device)
-    t = torch.randint(0, config.num_train_timesteps, (x0.shape[0],), generator=generator, device=run.device)
+    t, weights = run.timesteps.sample(x0.shape[0], generator, run.device)
     per_sample = run.loss(run.model, x0, noise, t)
+    if run.timesteps.needs_losses:  # every process applies every process's (t, loss), so all keep one history
+        run.timesteps.update(run.accelerator.gather(t), run.accelerator.gather(per_sample.detach()))
+    if weights is not None:  # importance sampling: 1/(T p(t)) keeps the mean an unbiased estimate
+        per_sample = per_sample * weights
     run.accelerator.backward(per_sample.mean() / config.gradient_accumulation_steps)
     run.meters.add_losses(per_sample.detach(), t)
 
@@ -478,6 +514,8 @@ def periodic_work(run: Run, state: TrainState, bar) -> None:
             save_grid(run, done)
         if due(config.eval_every):
             evaluate(run, state)
+        if due(config.eval_nll_every):
+            evaluate_nll(run, state)
         if push_now:  # the EMA pipeline and card so far; the upload runs in the background
             save_ema_pipeline(run)
             write_model_card(run.output_dir, run.pusher.repo_id, progress=(done, run.total_steps))
@@ -519,6 +557,7 @@ def write_checkpoint(run: Run, state: TrainState, name: Optional[str] = None) ->
     """checkpoint-<step>/ (rotated) or `name`/ (outside the rotation), written by the main process."""
     if run.is_main:
         state.lr_scheduler, state.ema = run.lr_scheduler.state_dict(), run.ema.state()
+        state.timestep_sampler = run.timesteps.state_dict()
         save_checkpoint(run.output_dir, state.step, run.raw_unet, run.ema.model, run.optimizer, state.to_dict(), name=name)
         if name is None:
             rotate_checkpoints(run.output_dir, run.config.checkpoints_total_limit)
@@ -547,6 +586,29 @@ def evaluate(run: Run, state: TrainState) -> None:
     if config.keep_best and (state.best is None or metrics["fid"] < state.best["fid"]):
         state.best = {"step": state.step, "fid": metrics["fid"]}
         write_checkpoint(run, state, name="best_checkpoint")
+
+
+def evaluate_nll(run: Run, state: TrainState) -> None:
+    """The EMA model's bound in bits/dim on the held-out images, each process its share (image k's noise from
+    (seed, k)); mean and standard error of each term into the state, the trackers and the log."""
+    from accelerate.utils import gather_object
+
+    from .likelihood import TERMS, bits_per_dim_of_share, summarize
+    from .sampling import process_share
+
+    config, accelerator = run.config, run.accelerator
+    ids = process_share(len(run.nll_images), accelerator.process_index, accelerator.num_processes)
+    chunk = max(1, config.batch_size // (accelerator.num_processes * config.gradient_accumulation_steps))
+    rows = [(k, {term: terms[term][i].item() for term in TERMS})
+            for ks, terms in bits_per_dim_of_share(run.ema.model, run.scheduler, run.nll_images, ids, config.seed, chunk)
+            for i, k in enumerate(ks)]
+    rows = sorted(gather_object(rows), key=lambda row: row[0])
+    summary = summarize({term: torch.tensor([r[term] for _, r in rows], dtype=torch.float64) for term in TERMS})
+    state.nll.append({"step": state.step, "images": len(rows), **summary})
+    accelerator.log({f"eval/bpd_{term}": summary[term]["mean"] for term in TERMS}, step=state.step)
+    logger.info("Step %d: NLL bound %.4f ± %.4f bits/dim on %d held-out images (prior %.4f, KL %.4f, decoder %.4f)",
+                state.step, summary["total"]["mean"], summary["total"]["sem"], len(rows), summary["prior"]["mean"],
+                summary["kl"]["mean"], summary["decoder"]["mean"])
 
 
 def save_ema_pipeline(run: Run) -> None:
@@ -619,6 +681,7 @@ def finish(run: Run, state: TrainState) -> None:
             "steps": run.total_steps, "images_seen": run.total_steps * run.config.batch_size,
             "skipped_images": run.source.skipped, "nonfinite_steps": state.nonfinite_total,
             "final_loss": state.history[-1]["loss"] if state.history else None, "evals": state.evals, "best": state.best,
+            "nll": state.nll,
             "checkpoints": [str(f.name) for _, f in list_checkpoints(run.output_dir)],
         })
         write_model_card(run.output_dir, run.pusher.repo_id if run.pusher else None)

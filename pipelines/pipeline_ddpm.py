@@ -18,6 +18,15 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UN
 from diffusers.utils.torch_utils import randn_tensor
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+# as ddpm_hf.choices.LEARNED_VARIANCE_TYPES (a test checks): this file also runs on the Hub, without ddpm_hf
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+
+
+def uses_learned_variance(scheduler: SchedulerMixin) -> bool:
+    """Whether `scheduler.step` reads a model's variance channels: DDPM's scheduler with a learned variance type.
+    Other samplers (DDIM, DPM-Solver, ...) are given the first C channels only."""
+    variance_type = getattr(scheduler.config, "variance_type", None)
+    return isinstance(scheduler, diffusers.DDPMScheduler) and variance_type in LEARNED_VARIANCE_TYPES
 
 
 def _diffusers_equivalent(library: str, class_name: str) -> Optional[str]:
@@ -44,7 +53,8 @@ def denoise(
     progress=lambda it: it,
 ) -> torch.Tensor:
     """The reverse process: from x_T = `noise` (scaled by the scheduler's init_noise_sigma) down to x_0
-    in `num_inference_steps` scheduler steps. Returns x_0 in the model's range ([-1, 1])."""
+    in `num_inference_steps` scheduler steps. Returns x_0 in the model's range ([-1, 1]). A UNet with a learned
+    variance (2C output channels) gives all of them to a scheduler that uses the variance, the first C to others."""
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
     extra = {}
     step_params = inspect.signature(scheduler.step).parameters
@@ -54,9 +64,12 @@ def denoise(
         if "eta" not in step_params:
             raise ValueError(f"eta={eta} was given but {type(scheduler).__name__}.step takes no eta; use DDIMScheduler.")
         extra["eta"] = eta
+    keep_variance = uses_learned_variance(scheduler)
     x = noise * scheduler.init_noise_sigma
     for t in progress(scheduler.timesteps):
         model_output = unet(scheduler.scale_model_input(x, t), t).sample  # 1. predict ε (or x_0, or v)
+        if model_output.shape[1] == 2 * x.shape[1] and not keep_variance:
+            model_output = model_output[:, : x.shape[1]]  # the variance channels are DDPM's alone
         x = scheduler.step(model_output, t, x, **extra).prev_sample  # 2. x_t -> x_{t-1}
     return x
 

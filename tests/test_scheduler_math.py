@@ -266,3 +266,18 @@ def test_other_diffusers_schedulers_build_from_our_config():
     dpm = diffusers.DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++")
     torch.testing.assert_close(ddim.alphas_cumprod, diffusers.DDPMScheduler().alphas_cumprod)
     assert dpm.config.algorithm_type == "dpmsolver++"
+
+
+def test_learned_variance_channels_are_log_sigma_squared():
+    """`learned`: the second C channels are log σ² (improved DDPM, and what ddpm_hf.likelihood evaluates); the
+    step adds exp(log σ² / 2)·z to the posterior mean."""
+    s = DDPMScheduler(variance_type="learned", clip_sample=False)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    eps = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    log_var = torch.full_like(eps, -3.0)
+    t = 500
+    out = s.step(torch.cat([eps, log_var], dim=1), t, x, generator=torch.Generator().manual_seed(0)).prev_sample
+    mean = DDPMScheduler(variance_type="fixed_small", clip_sample=False).step(eps, t, x).pred_original_sample
+    c0, ct, _, _ = s.posterior_coefficients(t)
+    z = torch.randn(eps.shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, c0 * mean + ct * x + math.exp(-1.5) * z, atol=1e-6, rtol=0)

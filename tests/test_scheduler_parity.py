@@ -10,6 +10,7 @@ Two oracles:
 """
 
 import itertools
+import math
 
 import diffusers
 import numpy as np
@@ -47,10 +48,11 @@ def float64_diffusers(config, ours):
     return ref
 
 
-def model_output(sample, t, variance_type):
+def model_output(sample, t, variance_type, diffusers_reading=False):
     out = dummy_model(sample, t)
-    if variance_type == "learned":  # the second half is the variance itself
-        return torch.cat([out, torch.full_like(out, 0.01)], dim=1)
+    if variance_type == "learned":  # the second half is log σ² (ours, improved DDPM) or σ² itself (diffusers' reading)
+        # log σ² = 0: σ = 1 exactly under both readings (test_scheduler_math checks the log reading itself)
+        return torch.cat([out, torch.full_like(out, math.exp(0.0) if diffusers_reading else 0.0)], dim=1)
     if variance_type == "learned_range":  # the second half interpolates log β̃ .. log β
         return torch.cat([out, torch.linspace(-1, 1, out.numel()).reshape(out.shape)], dim=1)
     return out
@@ -70,7 +72,7 @@ def run_lockstep(ours, ref, variance_type, num_inference_steps=None):
     for i, t in enumerate(timesteps):
         last = i == len(timesteps) - 1
         a = ours.step(model_output(x_ours, t, variance_type), t, x_ours, generator=g_ours)
-        b = ref.step(model_output(x_ref, t, variance_type), t, x_ref, generator=g_ref)
+        b = ref.step(model_output(x_ref, t, variance_type, diffusers_reading=True), t, x_ref, generator=g_ref)
         worst = max(worst, (a.pred_original_sample - b.pred_original_sample).abs().max().item())
         if last and t > 0:
             # diffusers adds noise on a last step that lands on x_0 from t > 0 (trailing spacing); we

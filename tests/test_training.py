@@ -159,10 +159,17 @@ def test_num_epochs_sets_the_step_count(tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2 * (40 // 8)]
 
 
-def test_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("objective", [
+    {},
+    # L_hybrid with a learned variance and improved DDPM's importance sampling of t (T = 2: warmed up by step 4)
+    dict(loss="hybrid", variance_type="learned_range", timestep_sampler="loss-second-moment", num_train_timesteps=2,
+         sample_inference_steps=2),
+], ids=["simple", "hybrid-importance-sampled"])
+def test_resume_is_exact(tmp_path, objective):
     """2N steps in one run vs N steps then a resumed run: the same losses and the same final weights, with
     gradient accumulation, LR warmup + cosine, EMA warmup, dropout and an epoch boundary mid-run."""
-    overrides = dict(max_train_steps=8, checkpointing_steps=4, gradient_accumulation_steps=2, max_train_samples=24)
+    overrides = dict(max_train_steps=8, checkpointing_steps=4, gradient_accumulation_steps=2, max_train_samples=24,
+                     **objective)
     train(tiny_config(tmp_path / "a", **overrides))
     (tmp_path / "b").mkdir()
     shutil.copytree(tmp_path / "a" / "checkpoint-4", tmp_path / "b" / "checkpoint-4")
@@ -172,6 +179,10 @@ def test_resume_is_exact(tmp_path):
     assert [h["step"] for h in b["history"]] == list(range(1, 9))
     np.testing.assert_allclose([h["loss"] for h in a["history"]], [h["loss"] for h in b["history"]], atol=1e-6, rtol=0)
     assert a["lr_scheduler"] == b["lr_scheduler"] and a["ema"] == b["ema"]
+    if objective:  # the resumed steps drew t by importance, from the restored loss history
+        assert a["timestep_sampler"] == b["timestep_sampler"]
+        halfway = json.loads((tmp_path / "a" / "checkpoint-4" / "trainer_state.json").read_text())["timestep_sampler"]
+        assert min(halfway["seen"]) >= 10
     for name in ("unet.safetensors", "ema.safetensors"):
         wa, wb = load_file(str(tmp_path / "a" / "checkpoint-8" / name)), load_file(str(tmp_path / "b" / "checkpoint-8" / name))
         for k in wa:

@@ -176,3 +176,11 @@ def test_draw_share_splits_images_over_processes_with_the_same_image_per_seed():
             torch.testing.assert_close(img, one[k], atol=1e-5, rtol=0)
     skipped = [k for ks, _ in draw_share(pipe, 5, lambda k: 100 + k, 0, 2, batch_size=2, skip={2}, **call) for k in ks]
     assert skipped == [0, 4]
+
+
+def test_the_hub_pipeline_file_knows_the_learned_variance_types_of_the_library():
+    """pipelines/pipeline_ddpm.py also runs on the Hub without ddpm_hf, so it keeps its own copy of the list."""
+    from ddpm_hf.choices import LEARNED_VARIANCE_TYPES
+    from ddpm_hf.pipelines import pipeline_ddpm
+
+    assert pipeline_ddpm.LEARNED_VARIANCE_TYPES == LEARNED_VARIANCE_TYPES
