@@ -95,7 +95,9 @@ class TrainingConfig:
     output_dir: str = _f("runs/ddpm", "where the pipeline, checkpoints, grids and logs go")
     checkpointing_steps: int = _f(5000, "save a resumable checkpoint every N steps")
     checkpoints_total_limit: Optional[int] = _f(3, "keep at most this many checkpoints (oldest removed first)")
-    resume_from_checkpoint: Optional[str] = _f(None, "'latest' or a checkpoint folder to continue from")
+    resume_from_checkpoint: Optional[str] = _f(None, "'latest' (the newest intact checkpoint) or a checkpoint folder to continue from")
+    allow_config_change: bool = _f(False, "resume with settings that differ from the checkpoint's (each change is recorded in the run's config history)")
+    overwrite_output_dir: bool = _f(False, "start over in an --output_dir that holds a run: its checkpoints, grids and logs are removed")
     save_images_steps: int = _f(5000, "save a sample grid (fixed seeds, EMA weights) every N steps")
     num_sample_images: int = _f(16, "images in each sample grid")
     sample_inference_steps: Optional[int] = _f(None, "sampler steps for grids (default: all T)")
@@ -126,8 +128,11 @@ class TrainingConfig:
                 raise ValueError(f"--{f.name}={getattr(self, f.name)!r} is not one of {', '.join(choices)}.")
         if (self.max_train_steps is None) == (self.num_epochs is None):
             raise ValueError("Give one of --max_train_steps or --num_epochs.")
-        if (self.max_train_steps or self.num_epochs) < 1:
-            raise ValueError("--max_train_steps / --num_epochs must be at least 1.")
+        for name in ("max_train_steps", "num_epochs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name}={value} must be at least 1.")
+        self._validate_ranges()
         if self.channels not in (1, 3):
             raise ValueError(f"--channels={self.channels} is not supported; use 1 or 3.")
         if self.keep_best and not self.eval_every:
@@ -147,6 +152,8 @@ class TrainingConfig:
             raise ValueError("--snr_gamma weights L_simple's MSE; --loss vlb has the bound's own weighting. Drop one of them.")
         if not self.vlb_weight > 0:
             raise ValueError(f"--vlb_weight={self.vlb_weight} must be positive (improved DDPM: 0.001).")
+        if self.overwrite_output_dir and self.resume_from_checkpoint is not None:
+            raise ValueError("--overwrite_output_dir starts over; it cannot go with --resume_from_checkpoint.")
         if (self.hub_model_id or self.hub_private_repo or self.hub_push_every) and not self.push_to_hub:
             raise ValueError("--hub_model_id, --hub_private_repo and --hub_push_every need --push_to_hub.")
         for name in ("batch_size", "gradient_accumulation_steps", "resolution", "checkpointing_steps",
@@ -155,6 +162,43 @@ class TrainingConfig:
             value = getattr(self, name)
             if value is not None and value < 1:  # None: an Optional setting that is off
                 raise ValueError(f"--{name}={value} must be at least 1.")
+
+    def _validate_ranges(self) -> None:
+        """Numbers outside the range where they mean something: each is one line naming the flag and the fix."""
+        from .unets import UNET_PRESETS, downsampling_factor
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        need(self.num_train_timesteps >= 1, f"--num_train_timesteps={self.num_train_timesteps} must be at least 1 (the paper: 1000).")
+        need(self.beta_schedule == "squaredcos_cap_v2" or 0 < self.beta_start < self.beta_end < 1,
+             f"--beta_start={self.beta_start} and --beta_end={self.beta_end} must satisfy 0 < beta_start < beta_end < 1 "
+             "(the paper: 1e-4 and 0.02).")
+        need(self.learning_rate > 0, f"--learning_rate={self.learning_rate} must be positive (the paper: 2e-4).")
+        need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
+             f"--adam_beta1={self.adam_beta1} and --adam_beta2={self.adam_beta2} must be in [0, 1) (Adam: 0.9 and 0.999).")
+        need(self.adam_epsilon > 0, f"--adam_epsilon={self.adam_epsilon} must be positive (Adam: 1e-8).")
+        need(self.weight_decay >= 0, f"--weight_decay={self.weight_decay} must not be negative.")
+        need(self.max_grad_norm >= 0, f"--max_grad_norm={self.max_grad_norm} must not be negative (0 turns clipping off).")
+        need(self.lr_warmup_steps >= 0, f"--lr_warmup_steps={self.lr_warmup_steps} must not be negative.")
+        need(0 <= self.ema_decay < 1, f"--ema_decay={self.ema_decay} must be in [0, 1) (the paper: 0.9999).")
+        need(self.ema_inv_gamma > 0 and self.ema_power > 0,
+             f"--ema_inv_gamma={self.ema_inv_gamma} and --ema_power={self.ema_power} must be positive.")
+        need(self.ema_update_after_step >= 0, f"--ema_update_after_step={self.ema_update_after_step} must not be negative.")
+        need(self.dropout is None or 0 <= self.dropout < 1, f"--dropout={self.dropout} must be in [0, 1).")
+        need(self.snr_gamma is None or self.snr_gamma > 0, f"--snr_gamma={self.snr_gamma} must be positive (e.g. 5).")
+        need(self.max_nonfinite_in_a_row >= 1, f"--max_nonfinite_in_a_row={self.max_nonfinite_in_a_row} must be at least 1.")
+        need(self.max_train_samples is None or self.max_train_samples >= 1,
+             f"--max_train_samples={self.max_train_samples} must be at least 1 (or none).")
+        need(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
+             f"--checkpoints_total_limit={self.checkpoints_total_limit} must be at least 1 (or none: keep all).")
+        need(self.unet_preset in UNET_PRESETS,
+             f"--unet_preset {self.unet_preset!r} is not one of {', '.join(sorted(UNET_PRESETS))}.")
+        factor = downsampling_factor(UNET_PRESETS[self.unet_preset])
+        need(self.resolution % factor == 0,
+             f"--resolution={self.resolution} is not divisible by {factor}, the downsampling of --unet_preset "
+             f"{self.unet_preset}; use a multiple of {factor} (e.g. {max(factor, self.resolution // factor * factor)}).")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False)
@@ -174,6 +218,23 @@ class TrainingConfig:
         if unknown:
             raise ValueError(f"{path} has keys this version does not know: {sorted(unknown)}.")
         return cls(**data)
+
+
+# Settings a resume may change without --allow_config_change: how long to train, how often to save, log and
+# measure, and where results go; not what is trained or how.
+RESUMABLE_SETTINGS = (
+    "max_train_steps", "num_epochs", "output_dir", "checkpointing_steps", "checkpoints_total_limit",
+    "resume_from_checkpoint", "allow_config_change", "overwrite_output_dir", "save_images_steps", "num_sample_images",
+    "sample_inference_steps", "logging_steps", "max_nonfinite_in_a_row", "eval_every", "eval_samples", "eval_steps",
+    "keep_best", "inception_weights", "eval_cache_dir", "eval_nll_every", "eval_nll_images", "eval_nll_dataset",
+    "eval_nll_split", "push_to_hub", "hub_model_id", "hub_private_repo", "hub_push_every", "report_to", "preset",
+)
+
+
+def config_changes(old: TrainingConfig, new: TrainingConfig) -> Dict[str, list]:
+    """{setting: [old, new]} for every setting outside RESUMABLE_SETTINGS that differs."""
+    return {f.name: [getattr(old, f.name), getattr(new, f.name)] for f in dataclasses.fields(TrainingConfig)
+            if f.name not in RESUMABLE_SETTINGS and getattr(old, f.name) != getattr(new, f.name)}
 
 
 # Recipes: values that replace the defaults. Each is a complete, named experiment.
@@ -209,20 +270,25 @@ def _argparse_type(tp):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Train a DDPM (Ho et al. 2020). Run with `accelerate launch train_ddpm.py ...` for several GPUs or processes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    from .arguments import Parser
+    from .unets import UNET_PRESETS
+
+    parser = Parser(
+        description="Train a DDPM (Ho et al. 2020). Defaults are the paper's CIFAR-10 recipe; --preset replaces them with "
+                    "another recipe, and flags given win over both. Run with `accelerate launch train_ddpm.py ...` for "
+                    "several GPUs or processes.",
+        prog="train_ddpm.py",
     )
     hints = typing.get_type_hints(TrainingConfig)
     for f in dataclasses.fields(TrainingConfig):
         tp = _argparse_type(hints[f.name])
-        kwargs = dict(help=f.metadata["help"], default=argparse.SUPPRESS)
-        if f.name == "preset":
-            kwargs["choices"] = sorted(RECIPES)
-        elif f.metadata.get("choices"):
-            kwargs["choices"] = f.metadata["choices"]
+        choices = {"preset": sorted(RECIPES), "unet_preset": sorted(UNET_PRESETS)}.get(f.name, f.metadata.get("choices"))
+        # the default is shown, not set: flags left out stay out of the namespace, so a --preset can fill them
+        kwargs = dict(help=f"{f.metadata['help']} (default: {f.default})", default=argparse.SUPPRESS)
         if tp is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kwargs)
+        elif choices:
+            parser.add_argument(f"--{f.name}", type=tp, choices=choices, **kwargs)
         else:
             parser.add_argument(f"--{f.name}", type=tp, metavar=f.name.upper(), **kwargs)
     parser.add_argument("--dry_run", action="store_true", help="print the resolved config and the parameter count, then exit")
@@ -254,5 +320,6 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     """(config, options) from command-line arguments; options holds what is not part of the run's config:
     `dry_run` and `hub_token` (a secret, so never in the config that is saved)."""
     args = vars(build_parser().parse_args(argv))
+    args.pop("debug", None)  # the command wrapper reads --debug itself
     options = argparse.Namespace(dry_run=args.pop("dry_run", False), hub_token=args.pop("hub_token", None))
     return resolve_config(args), options

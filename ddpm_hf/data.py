@@ -22,6 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .choices import BAD_IMAGE_POLICIES
+from .pipelines.pipeline_ddpm import names_a_local_path
 from .seeding import DATA_ORDER_SEED_TAG, mix_seed
 
 if TYPE_CHECKING:
@@ -132,6 +133,9 @@ def load_image_dataset(
                 raise DatasetUnavailableError(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) and no parquet/arrow files.")
             return datasets.load_dataset("imagefolder", data_dir=str(path), split="train", streaming=streaming, cache_dir=cache_dir)
         raise DatasetUnavailableError(f"{path} is neither a folder of images nor a .parquet/.arrow file.")
+    if names_a_local_path(dataset) or path.suffix.lower() in set(LOCAL_FILE_BUILDERS) | IMAGE_SUFFIXES:
+        raise DatasetUnavailableError(f"--dataset {dataset}: no such file or folder; give a folder of images, .parquet/.arrow "
+                                      "files, an alias such as cifar10, or a Hub dataset id.")
     repo_id = DATASET_ALIASES.get(dataset, dataset)
     try:
         with contextlib.nullcontext() if hub_reachable() else _offline_mode():
@@ -144,8 +148,21 @@ def load_image_dataset(
         ) from e
 
 
+def _holds_image_bytes(feature) -> bool:
+    """An Image feature, a binary column, or a {'bytes': binary, ...} struct (an Image column saved without its
+    feature type): a column whose values decode_image can read."""
+    import datasets
+
+    if isinstance(feature, datasets.Image):
+        return True
+    if isinstance(feature, datasets.Value):
+        return feature.dtype in ("binary", "large_binary")
+    return isinstance(feature, dict) and _holds_image_bytes(feature.get("bytes"))
+
+
 def find_image_column(features, requested: Optional[str] = None) -> str:
-    """The image column: `requested`, else `img` or `image`, else the only Image feature."""
+    """The image column: `requested`, else `img` or `image`, else the only column of images (an Image feature,
+    or else raw encoded bytes)."""
     import datasets
 
     names = list(features)
@@ -154,6 +171,7 @@ def find_image_column(features, requested: Optional[str] = None) -> str:
             raise ValueError(f"--image_column {requested!r} is not a column of this dataset; its columns are {names}.")
         return requested
     image_columns = [k for k, v in features.items() if isinstance(v, datasets.Image)]
+    image_columns = image_columns or [k for k, v in features.items() if _holds_image_bytes(v)]
     for preferred in ("img", "image"):
         if preferred in image_columns:
             return preferred
@@ -165,11 +183,37 @@ def find_image_column(features, requested: Optional[str] = None) -> str:
     )
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_8bit(image: Image.Image, where: str) -> Image.Image:
+    """Images of more than 8 bits per channel, by their real range: 16-bit integers (PNG's I;16, and 32-bit I
+    holding 0..65535) / 257; floats (F) in [0, 1] x 255, or in [0, 255] as they are. Others as they are."""
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
+        array = np.asarray(image, dtype=np.int64)
+        if array.size and (array.min() < 0 or array.max() > 65535):
+            raise BadImageError(f"{where}: a 32-bit integer image with values in [{array.min()}, {array.max()}], outside "
+                                "0..65535; convert it to 8 or 16 bits")
+        return Image.fromarray(np.rint(array / 257).astype(np.uint8), mode="L")
+    if image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        low, high = (array.min(), array.max()) if array.size else (0.0, 0.0)
+        if not np.isfinite(array).all() or low < 0 or high > 255:
+            raise BadImageError(f"{where}: a float image with values in [{low}, {high}]; only [0, 1] or [0, 255] are understood")
+        scale = 255.0 if high <= 1.0 else 1.0
+        return Image.fromarray(np.rint(array * scale).astype(np.uint8), mode="L")
+    return image
+
+
 def decode_image(value, where: str) -> Image.Image:
-    """A PIL image from a datasets Image value ({'bytes', 'path'} when not decoded, or a PIL image)."""
+    """A PIL image with 8 bits per channel from a datasets Image value ({'bytes', 'path'} when not decoded, or a
+    PIL image) or raw encoded bytes. Undecodable data, and images larger than PIL's decompression-bomb limit,
+    are a BadImageError naming `where`."""
     try:
         if isinstance(value, Image.Image):
             image = value
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            image = Image.open(io.BytesIO(bytes(value)))
         elif isinstance(value, dict) and value.get("bytes") is not None:
             image = Image.open(io.BytesIO(value["bytes"]))
         elif isinstance(value, dict) and value.get("path"):
@@ -177,8 +221,12 @@ def decode_image(value, where: str) -> Image.Image:
         else:
             raise BadImageError(f"{where}: no image data")
         image.load()
-        return image
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        return to_8bit(image, where)
+    except Image.DecompressionBombError as e:
+        raise BadImageError(f"{where}: too large to decode safely ({e})") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, BadImageError):
+            raise
         raise BadImageError(f"{where}: cannot decode image ({e})") from e
 
 
@@ -328,12 +376,14 @@ class BatchSource:
         else:
             if config.max_train_samples:
                 ds = ds.select(range(min(config.max_train_samples, len(ds))))
+            per_step = micro * world * config.gradient_accumulation_steps
+            if len(ds) < per_step:  # before decoding anything
+                raise ValueError(f"The dataset has {len(ds)} images, fewer than one batch of {per_step}; lower --batch_size.")
             self.bank = build_image_bank(ds, self.column, config.channels, config.resolution, config.center_crop,
                                          config.on_bad_image, progress)
             if device is not None and _fits_on(torch.device(device), self.bank.images.numel()):
                 self.bank.images = self.bank.images.to(device)
             self.skipped = self.bank.skipped
-            per_step = micro * world * config.gradient_accumulation_steps
             self.steps_per_epoch = len(self.bank) // per_step
             if self.steps_per_epoch == 0:
                 raise ValueError(f"The dataset has {len(self.bank)} usable images, fewer than one batch of {per_step}; lower --batch_size.")

@@ -9,7 +9,6 @@ resolution, mode and feature network.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -25,21 +24,16 @@ import torch
 
 from .choices import FID_MODES
 from .metrics import feature_statistics, frechet_distance, inception_score, kernel_inception_distance
-from .outputs import tmp_sibling, atomic_write_bytes, atomic_write_json, replace_dir
-
-INCEPTION_FILE = "inception-2015-12-05.pt"
-INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
-WEIGHTS_ENV = "DDPM_HF_INCEPTION_WEIGHTS"
-CACHE_ENV = "DDPM_HF_CACHE"
+from .outputs import atomic_write_bytes, atomic_write_json, replace_dir, sha256_of, tmp_sibling
+from .paths import INCEPTION_FILE, INCEPTION_URL, WEIGHTS_ENV, default_cache_dir
 
 
 class InceptionWeightsMissing(FileNotFoundError):
+    """No usable Inception weights: missing, or (InceptionWeightsDamaged) not loadable."""
+
+
+class InceptionWeightsDamaged(InceptionWeightsMissing):
     pass
-
-
-def default_cache_dir() -> Path:
-    """$DDPM_HF_CACHE, else ~/.cache/ddpm_hf (never site-packages or /tmp)."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ddpm_hf")
 
 
 def resolve_inception_weights(path: Optional[str] = None, cache_dir: Optional[Path] = None) -> Path:
@@ -69,14 +63,6 @@ def download_inception(cache_dir: Optional[Path] = None) -> Path:
     return _download(INCEPTION_URL, Path(cache_dir or default_cache_dir()) / INCEPTION_FILE, timeout=60)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass
 class FeatureNetwork:
     """A feature network for clean-fid: `fn(images float [B, 3, 299, 299] in 0..255) -> [B, D (+ K logits)]`.
@@ -94,7 +80,18 @@ class FeatureNetwork:
 def inception_network(weights: Path, device) -> FeatureNetwork:
     """clean-fid's TorchScript Inception-v3 (the TF 2015-12-05 weights): 2048 pool features, and the 1008
     class log-probabilities (StyleGAN2-ADA's convention for the IS: no output bias)."""
-    net = torch.jit.load(str(weights), map_location=device).eval()
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # torch.jit.load announces its own deprecation: nothing a user can act on
+            warnings.simplefilter("ignore", FutureWarning)
+            net = torch.jit.load(str(weights), map_location=device).eval()
+    except (RuntimeError, ValueError, OSError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise InceptionWeightsDamaged(
+            f"Cannot load the Inception weights {weights} ({reason}): the file is damaged or is not clean-fid's TorchScript "
+            f"Inception-v3; fetch it again with `ddpm-metrics --download_inception` or pass another --inception_weights."
+        ) from None
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -227,12 +224,28 @@ def versions() -> Dict[str, str]:
     return out
 
 
+def sampling_protocol(samples: Path) -> Optional[dict]:
+    """The samples folder's sampling.json, when it describes the images there; an error when it does not."""
+    path = samples / "sampling.json"
+    if not path.is_file():
+        return None
+    protocol = json.loads(path.read_text())
+    held = sum(1 for p in samples.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if protocol.get("num_images") is not None and protocol["num_images"] != held or protocol.get("complete") is False:
+        raise ValueError(f"{samples} holds {held} images, but its sampling.json describes {protocol.get('num_images')} "
+                         f"(complete: {protocol.get('complete')}); finish the ddpm-sample run with the same command, or "
+                         "remove sampling.json to measure the folder as it is.")
+    return protocol
+
+
 def evaluate_folder(samples, reference: str, network: FeatureNetwork, mode: str = "clean", cache_dir=None,
                     split: str = "train", resolution: Optional[int] = None, channels: int = 3, kid: bool = True,
                     isc: bool = True, output: Optional[Path] = None, **kw) -> dict:
     """FID (and KID, IS) of the images in `samples` against `reference`; writes metrics.json into the
-    samples folder (or `output`) with the numbers and the protocol."""
+    samples folder (or `output`) with the numbers and the protocol. A sampling.json (from ddpm-sample) that does
+    not describe the images in the folder is refused before any feature is computed."""
     cache_dir = Path(cache_dir or default_cache_dir())
+    sampling = sampling_protocol(Path(samples))
     d = network.num_features
     if reference.startswith("cleanfid:"):  # fetched first: offline, it fails before any feature work
         ref_stats, ref_kid, ref_description = cleanfid_reference(reference, mode, cache_dir, network, kid)
@@ -249,12 +262,11 @@ def evaluate_folder(samples, reference: str, network: FeatureNetwork, mode: str 
         mean, std = inception_score(sample_all[:, d:], splits=10)
         result["inception_score"] = {"mean": mean, "std": std, "splits": 10,
                                      "from": "the same network's class log-probabilities, torch-fidelity's isc_features_to_metric"}
-    sampling_file = Path(samples) / "sampling.json"
     result["protocol"] = {
         "num_samples": int(sample_all.shape[0]),
         "num_reference": num_reference,
         "samples": str(Path(samples).resolve()),
-        "sampling": json.loads(sampling_file.read_text()) if sampling_file.is_file() else None,
+        "sampling": sampling,
         "reference": ref_description,
         "mode": mode,
         "feature_network": {"name": network.name, "weights_sha256": network.weights_sha256},

@@ -22,7 +22,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import List, Optional
 
-from .outputs import tmp_sibling
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +110,8 @@ def snapshot(folder) -> Path:
     """A hidden sibling folder inside `folder` holding hard links to (or, across devices, copies of) the
     files to upload, frozen as they are now. Named like our other temporaries, so a crash leaves
     nothing that `remove_stale_temporaries` does not clean."""
+    from .outputs import tmp_sibling
+
     folder = Path(folder)
     staging = tmp_sibling(folder / "hub-push")
     staging.mkdir()

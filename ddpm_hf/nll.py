@@ -22,7 +22,14 @@ import numpy as np
 import torch
 
 from .likelihood import TERMS, bits_per_dim_of_share, summarize
-from .outputs import atomic_write_bytes, atomic_write_json, remove_stale_temporaries, state_dict_sha256, tmp_sibling
+from .outputs import (
+    atomic_write_bytes,
+    atomic_write_json,
+    check_provenance,
+    remove_stale_temporaries,
+    state_dict_sha256,
+    tmp_sibling,
+)
 from .sampling import process_share
 
 PROTOCOL_FILE = "nll_protocol.json"
@@ -46,22 +53,6 @@ def write_image_result(path: Path, terms: Dict[str, torch.Tensor], i: int) -> No
     buffer = io.BytesIO()
     np.savez(buffer, **{name: terms[name][i].cpu().numpy() for name in (*TERMS, "terms")})
     atomic_write_bytes(path, buffer.getvalue())
-
-
-def check_protocol(folder: Path, protocol: dict, overwrite: bool) -> None:
-    """Refuse a folder measured with other settings (one line naming them), unless `overwrite`."""
-    path = Path(folder) / PROTOCOL_FILE
-    if not path.is_file():
-        return
-    try:
-        recorded = json.loads(path.read_text())
-    except (OSError, ValueError):
-        recorded = {"unreadable": True}
-    keys = (set(recorded) | set(protocol)) - {"pipeline"}  # a path may change; the weights hash says what it holds
-    differ = sorted(k for k in keys if recorded.get(k) != protocol.get(k))
-    if differ and not overwrite:
-        raise ValueError(f"{folder} holds a bits/dim measurement with other settings ({', '.join(differ)}); "
-                         "use a new output folder, or --overwrite to measure again from scratch.")
 
 
 def done_images(folder: Path, num_images: int) -> Set[int]:
@@ -126,8 +117,8 @@ def measure(pipe, pipeline_name: str, folder, dataset: str, num_images: int, spl
         "noise": "image k: torch.Generator seeded by ddpm_hf.seeding.mix_seed(seed, k, NLL_SEED_TAG), t = T-1 .. 0",
         "convention": "improved DDPM calc_bpd_loop: index t = 0..T-1, decoder at t = 0 (exact normal CDF), bits/dim",
     }
-    protocol = json.loads(json.dumps(protocol))  # as it reads back from the file
-    check_protocol(folder, protocol, overwrite)  # before any image is decoded or measured
+    # before any image is decoded or measured
+    check_provenance(folder, PROTOCOL_FILE, protocol, "a bits/dim measurement", "measure again from scratch", overwrite)
     images = load_images(dataset, split, num_images, unet.config.in_channels, unet.config.sample_size, dataset_config,
                          image_column)
     if is_main:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -58,14 +59,30 @@ def replace_dir(src: Path, dst: Path) -> None:
 def state_dict_sha256(module: torch.nn.Module) -> str:
     """SHA-256 of a module's weights (names, dtypes, shapes and bytes, in name order): the same for the same
     weights whatever file format they were loaded from."""
-    import hashlib
-
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+def check_provenance(folder: Path, filename: str, protocol: dict, what: str, redo: str, overwrite: bool = False,
+                     free: Sequence[str] = ("pipeline", "num_images")) -> None:
+    """Refuse, in one line naming the settings, a folder whose recorded protocol (folder/filename) differs from
+    `protocol` in anything but `free` (a path may change; the weights hash says what it holds), unless `overwrite`."""
+    path = Path(folder) / filename
+    if overwrite or not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text())
+    except ValueError:
+        recorded = {"unreadable": True}
+    protocol = json.loads(json.dumps(protocol))  # as it reads back from a file
+    differ = sorted(k for k in (set(recorded) | set(protocol)) - set(free) if recorded.get(k) != protocol.get(k))
+    if differ:
+        raise ValueError(f"{folder} holds {what} with other settings ({', '.join(differ)}); use a new output folder, "
+                         f"or --overwrite to {redo}.")
 
 
 def remove_stale_temporaries(folder: Path) -> None:
@@ -78,68 +95,150 @@ def remove_stale_temporaries(folder: Path) -> None:
 # ---------------------------------------------------------------- checkpoints
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or used: one line saying which, why, and what to do."""
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """Weights that are not finite: never written as a checkpoint or a pipeline."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_are_finite(module: torch.nn.Module) -> bool:
+    tensors = [p for p in module.state_dict().values() if p.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(p).all() for p in tensors]).all()) if tensors else True
+
+
 def _contiguous(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
 def save_checkpoint(output_dir: Path, step: int, unet, ema_model, optimizer, trainer_state: dict,
-                    name: Optional[str] = None) -> Path:
-    """Write checkpoint-<step>/ (or `name`/: UNet and EMA weights as safetensors, optimizer state,
-    trainer_state.json holding the step) under a temporary name, then rename it into place."""
+                    name: Optional[str] = None, config_json: Optional[str] = None) -> Path:
+    """Write checkpoint-<step>/ (or `name`/): UNet and EMA weights as safetensors, optimizer state, the run's
+    training_config.json, and last trainer_state.json holding the step and the SHA-256 of every other file.
+    Written under a temporary name and renamed into place; non-finite weights are refused, and a failed write
+    (a full disk) removes its temporary and leaves the previous checkpoints as they were."""
     final = Path(output_dir) / (name or f"{CHECKPOINT_PREFIX}{step}")
+    for label, model in (("UNet", unet), ("EMA", ema_model)):
+        if not weights_are_finite(model):
+            raise NonFiniteWeightsError(f"The {label} weights are not finite at step {step}, so {final.name} is not written; "
+                                        "resume from the last checkpoint with a lower --learning_rate.")
     tmp = tmp_sibling(final)
-    tmp.mkdir(parents=True)
-    save_file(_contiguous(unet.state_dict()), str(tmp / "unet.safetensors"))
-    save_file(_contiguous(ema_model.state_dict()), str(tmp / "ema.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    with open(tmp / TRAINER_STATE, "w") as f:  # written last: its presence marks a complete checkpoint
-        json.dump({**trainer_state, "step": step}, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    replace_dir(tmp, final)
+    try:
+        tmp.mkdir(parents=True)
+        save_file(_contiguous(unet.state_dict()), str(tmp / "unet.safetensors"))
+        save_file(_contiguous(ema_model.state_dict()), str(tmp / "ema.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if config_json is not None:
+            (tmp / "training_config.json").write_text(config_json + "\n")
+        files = {p.name: sha256_of(p) for p in sorted(tmp.iterdir())}
+        with open(tmp / TRAINER_STATE, "w") as f:  # written last: its presence marks a complete checkpoint
+            json.dump({**trainer_state, "step": step, "files": files}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        replace_dir(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"Cannot write the checkpoint {final} ({e.strerror or e}); free space in {final.parent} "
+                              "or choose another --output_dir, then resume (the earlier checkpoints are intact).") from None
     return final
 
 
+def checkpoint_problem(folder: Path) -> Optional[str]:
+    """Why `folder` cannot be resumed from (its state missing or damaged, a file missing or not matching its
+    SHA-256), or None when it is intact."""
+    state_path = Path(folder) / TRAINER_STATE
+    if not state_path.is_file():
+        return f"no {TRAINER_STATE}"
+    try:
+        state = json.loads(state_path.read_text())
+        int(state["step"])
+    except (ValueError, KeyError, TypeError):
+        return f"{TRAINER_STATE} is damaged"
+    files = state.get("files") or {}
+    for name in sorted(set(files) | {"unet.safetensors", "ema.safetensors", "optimizer.pt"}):
+        path = Path(folder) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if name in files and sha256_of(path) != files[name]:
+            return f"{name} does not match its SHA-256"
+    return None
+
+
 def list_checkpoints(output_dir: Path) -> List[tuple]:
-    """(step, folder) of every complete checkpoint, oldest first. The step comes from trainer_state.json."""
+    """(step, folder) of every checkpoint whose state file reads, oldest first. The step comes from trainer_state.json."""
     found = []
     for folder in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*"):
         state = folder / TRAINER_STATE
         if folder.is_dir() and state.is_file():
             try:
                 found.append((int(json.loads(state.read_text())["step"]), folder))
-            except (ValueError, KeyError, json.JSONDecodeError):
+            except (ValueError, KeyError, TypeError):
                 continue
     return sorted(found)
 
 
-def resolve_checkpoint(output_dir: Path, which: Optional[str]) -> Optional[Path]:
-    """`latest` (the newest complete checkpoint in output_dir, or None if there is none) or a path."""
+def resolve_checkpoint(output_dir: Path, which: Optional[str], warn=lambda message: None) -> Optional[Path]:
+    """The checkpoint to resume from, verified against its hashes: `latest` (the newest intact one in output_dir;
+    damaged ones are skipped and named through `warn`; None if output_dir has none at all) or a folder."""
     if which is None:
         return None
     if which == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1][1] if found else None
+        folders = [f for f in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if f.is_dir()]
+        readable = [folder for _, folder in reversed(list_checkpoints(output_dir))]  # newest first, by their step
+        # a checkpoint whose state does not read has no step to order it by: it is named first
+        skipped = [f"{f.name} ({checkpoint_problem(f)})" for f in sorted(set(folders) - set(readable))]
+        for folder in readable:
+            problem = checkpoint_problem(folder)
+            if problem is None:
+                if skipped:
+                    warn(f"Skipped damaged checkpoints: {'; '.join(skipped)}. Resuming from {folder.name}.")
+                return folder
+            skipped.append(f"{folder.name} ({problem})")
+        if skipped:
+            raise CheckpointError(f"{output_dir} holds checkpoints but none is intact: {'; '.join(skipped)}. Move them away "
+                                  "to start over, or resume from a copy with --resume_from_checkpoint PATH.")
+        return None
     path = Path(which)
     if not (path / TRAINER_STATE).is_file():
         raise FileNotFoundError(f"--resume_from_checkpoint {which}: no {TRAINER_STATE} there; give a checkpoint-* folder or 'latest'.")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"--resume_from_checkpoint {which}: {problem}, so the checkpoint is damaged; resume from "
+                              "another one (--resume_from_checkpoint latest takes the newest intact one).")
     return path
 
 
 def load_checkpoint(folder: Path, unet, ema_model, optimizer) -> dict:
     """Load weights (safetensors) and optimizer state (weights_only) into the given objects; return trainer_state."""
-    unet.load_state_dict(load_file(str(folder / "unet.safetensors")))
-    ema_model.load_state_dict(load_file(str(folder / "ema.safetensors")))
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    try:
+        unet.load_state_dict(load_file(str(folder / "unet.safetensors")))
+        ema_model.load_state_dict(load_file(str(folder / "ema.safetensors")))
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{folder} does not fit this network or optimizer ({str(e).splitlines()[0][:200]}); "
+                              "resume with the settings it was trained with.") from None
     return json.loads((folder / TRAINER_STATE).read_text())
 
 
 def rotate_checkpoints(output_dir: Path, limit: Optional[int], keep: Sequence[Path] = ()) -> None:
+    """Keep the newest `limit` checkpoints. Each one removed is first renamed to a temporary name: a kill while
+    removing leaves only a temporary, which the next start cleans up, never a half-removed checkpoint-N/."""
     if not limit:
         return
     found = [f for _, f in list_checkpoints(output_dir) if f not in keep]
     for folder in found[: max(0, len(found) - limit)]:
-        shutil.rmtree(folder, ignore_errors=True)
+        doomed = tmp_sibling(folder)
+        os.replace(folder, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- pictures
@@ -191,8 +290,11 @@ def plot_loss_curve(history: List[dict], path: Path) -> None:
 
 
 def save_pipeline(pipe, output_dir: Path) -> None:
-    """save_pretrained into output_dir, atomically per component: model_index.json, unet/, scheduler/."""
+    """save_pretrained into output_dir, atomically per component: model_index.json, unet/, scheduler/. Refuses
+    non-finite weights."""
     output_dir = Path(output_dir)
+    if not weights_are_finite(pipe.unet):
+        raise NonFiniteWeightsError(f"The pipeline's weights are not finite, so it is not written to {output_dir}.")
     tmp = tmp_sibling(output_dir / "pipeline")
     pipe.save_pretrained(tmp)
     for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):  # the index last

@@ -17,7 +17,9 @@ from typing import Any, Callable, Collection, Iterator, List, Optional, Tuple
 import torch
 
 from .choices import SAMPLERS
-from .outputs import atomic_save_image
+from .outputs import atomic_save_image, atomic_write_json, check_provenance, state_dict_sha256
+
+SAMPLING_FILE = "sampling.json"
 
 _NAME = re.compile(r"^(\d{6,})-seed(\d+)\.png$")
 
@@ -61,7 +63,8 @@ def draw_share(pipe, num_images: int, seed_of: Callable[[int], int], rank: int =
 
 
 def complete_images(folder: Path, seed: int) -> set:
-    """Indices k whose final file `image_name(k, seed)` exists. Files from another --seed are an error."""
+    """Indices k whose final file `image_name(k, seed)` exists (not checked to decode: see `sample_to_folder`).
+    Files from another --seed are an error."""
     done = set()
     for path in Path(folder).glob("*.png"):
         match = _NAME.match(path.name)
@@ -75,6 +78,19 @@ def complete_images(folder: Path, seed: int) -> set:
             )
         done.add(k)
     return done
+
+
+def decodes(path: Path) -> bool:
+    """Whether a kept PNG is whole (its chunks and their CRCs check out); a damaged one is removed."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except Exception:  # PIL raises many types for damaged files
+        path.unlink(missing_ok=True)
+        return False
 
 
 def sample_to_folder(
@@ -101,7 +117,8 @@ def sample_to_folder(
         if match and int(match.group(1)) % world_size == rank:
             stale.unlink(missing_ok=True)
     mine = len(range(rank, num_images, world_size))
-    done = complete_images(folder, seed)
+    done = {k for k in complete_images(folder, seed) if k >= num_images or k % world_size != rank or
+            decodes(folder / image_name(k, seed))}  # this process's damaged images are drawn again
     kept = sum(1 for k in done if k < num_images and k % world_size == rank)
     pipe.set_progress_bar_config(disable=True)
     start = time.perf_counter()
@@ -116,3 +133,37 @@ def sample_to_folder(
     written = mine - kept
     return {"written": written, "kept": kept, "seconds": seconds,
             "images_per_s": written / seconds if written and seconds > 0 else None}
+
+
+def sample_command(pipe, pipeline_name: str, folder, num_images: int, batch_size: int, sampler: str,
+                   num_inference_steps: int, eta: Optional[float], seed: int, overwrite: bool = False, state=None) -> dict:
+    """`ddpm-sample`: refuse a folder drawn with other settings (before drawing anything), record the protocol
+    in sampling.json, draw this process's missing images, then record how many the folder holds."""
+    use_scheduler(pipe, sampler)
+    is_main = state.is_main_process if state else True
+    folder = Path(folder)
+    protocol = {
+        "pipeline": pipeline_name, "weights_sha256": state_dict_sha256(pipe.unet), "scheduler": sampler,
+        "scheduler_config": dict(pipe.scheduler.config), "num_inference_steps": num_inference_steps, "eta": eta,
+        "seed": seed, "weights": "EMA" if (Path(pipeline_name) / "training_config.json").is_file() else "as published",
+    }
+    check_provenance(folder, SAMPLING_FILE, protocol, "images drawn", "draw again from scratch", overwrite,
+                     free=("pipeline", "num_images", "complete"))
+    if is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for path in folder.glob("*.png"):
+                if _NAME.match(path.name):
+                    path.unlink()
+        atomic_write_json(folder / SAMPLING_FILE, {**protocol, "num_images": None, "complete": False})
+    if state:
+        state.wait_for_everyone()
+    rank, world = (state.process_index, state.num_processes) if state else (0, 1)
+    result = sample_to_folder(pipe, folder, num_images, batch_size, num_inference_steps, seed, eta, rank, world,
+                              progress=state.is_local_main_process if state else True)
+    if state:
+        state.wait_for_everyone()
+    if is_main:  # the protocol describes exactly the images beside it
+        held = len(complete_images(folder, seed))
+        atomic_write_json(folder / SAMPLING_FILE, {**protocol, "num_images": held, "complete": held >= num_images})
+    return result

@@ -36,12 +36,14 @@ import torch
 from accelerate.logging import get_logger
 
 from .choices import LEARNED_VARIANCE_TYPES
-from .config import TrainingConfig
+from .config import TrainingConfig, config_changes
 from .data import BatchSource, to_model_range
 from .ema import EMA
 from .losses import DiffusionLoss
 from .model_card import write_model_card
 from .outputs import (
+    CHECKPOINT_PREFIX,
+    NonFiniteWeightsError,
     atomic_save_image,
     atomic_write_json,
     image_grid,
@@ -53,6 +55,8 @@ from .outputs import (
     rotate_checkpoints,
     save_checkpoint,
     save_pipeline,
+    tmp_sibling,
+    weights_are_finite,
 )
 from .sampling import draw_share
 from .scheduler import DDPMScheduler
@@ -129,6 +133,7 @@ class TrainState:
     lr_scheduler: Dict[str, Any] = field(default_factory=dict)
     ema: Dict[str, Any] = field(default_factory=dict)
     timestep_sampler: Optional[Dict[str, Any]] = None
+    config_history: List[dict] = field(default_factory=list)  # settings changed on resume: {"step", "changes"}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -223,6 +228,8 @@ class Run:
     feature_network: Optional[Any] = None
     reference: Optional[tuple] = None  # the evaluation reference statistics (mean, covariance)
     nll_images: Optional[torch.Tensor] = None  # uint8 held-out images for --eval_nll_every
+    checkpoint: Optional[Path] = None  # the verified checkpoint to resume from
+    config_changes: Dict[str, list] = field(default_factory=dict)  # settings that differ from the checkpoint's
 
     @property
     def output_dir(self) -> Path:
@@ -263,6 +270,9 @@ def setup(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
     from accelerate import Accelerator
 
     config.validate()
+    if config.mixed_precision == "fp16" and not accelerator_available():
+        raise ValueError("--mixed_precision fp16 needs a GPU; on a CPU use --mixed_precision bf16 (on a CPU with AVX512-BF16 "
+                         "or AMX) or no.")
     accelerator = Accelerator(
         cpu=not accelerator_available(),
         mixed_precision=config.mixed_precision,
@@ -278,6 +288,7 @@ def setup(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
             f"--batch_size={config.batch_size} does not split evenly over {world} processes x {accum} accumulation steps; "
             f"use a multiple of {world * accum}."
         )
+    checkpoint, changes = find_checkpoint(config)
     pusher = None
     if config.push_to_hub and accelerator.is_main_process:
         from .hub import HubPusher
@@ -303,7 +314,31 @@ def setup(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
     else:
         total_steps = config.num_epochs * source.steps_per_epoch
     return Run(config=config, accelerator=accelerator, source=source, total_steps=total_steps, pusher=pusher,
-               feature_network=feature_network, nll_images=nll_images, **build_model(config, accelerator, total_steps))
+               feature_network=feature_network, nll_images=nll_images, checkpoint=checkpoint, config_changes=changes,
+               **build_model(config, accelerator, total_steps))
+
+
+def find_checkpoint(config: TrainingConfig) -> tuple:
+    """(the checkpoint to resume from, verified against its hashes, or None; the settings that differ from its
+    config). Refuses, before any data or model work, a fresh start over existing checkpoints and a resume with
+    other settings (unless --allow_config_change)."""
+    output_dir = Path(config.output_dir)
+    if config.resume_from_checkpoint is None:
+        existing = sorted(f.name for f in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if f.is_dir())
+        if existing and not config.overwrite_output_dir:
+            raise ValueError(f"{output_dir} already holds a run ({', '.join(existing)}): pass --resume_from_checkpoint "
+                             "latest to carry on, --overwrite_output_dir to start over there, or another --output_dir.")
+        return None, {}
+    checkpoint = resolve_checkpoint(output_dir, config.resume_from_checkpoint, warn=logger.warning)
+    if checkpoint is None:
+        return None, {}
+    saved = next((p for p in (checkpoint / "training_config.json", output_dir / "training_config.json") if p.is_file()), None)
+    changes = config_changes(TrainingConfig.load(saved), config) if saved else {}
+    if changes and not config.allow_config_change:
+        listed = ", ".join(f"--{k} {old} -> {new}" for k, (old, new) in changes.items())
+        raise ValueError(f"{checkpoint.name} was trained with other settings ({listed}); resume with its settings, or add "
+                         "--allow_config_change to train on with these (recorded in the run's config history).")
+    return checkpoint, changes
 
 
 def load_held_out_images(config: TrainingConfig) -> torch.Tensor:
@@ -363,16 +398,20 @@ def resume(run: Run) -> TrainState:
     if run.is_main:
         run.output_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(run.output_dir)
+        clear_earlier_run(run)
     accelerator.wait_for_everyone()
     state = TrainState()
-    checkpoint = resolve_checkpoint(run.output_dir, config.resume_from_checkpoint)
-    if checkpoint is not None:
-        state = TrainState.from_dict(load_checkpoint(checkpoint, run.raw_unet, run.ema.model, run.optimizer))
+    if run.checkpoint is not None:
+        state = TrainState.from_dict(load_checkpoint(run.checkpoint, run.raw_unet, run.ema.model, run.optimizer))
         run.lr_scheduler.load_state_dict(state.lr_scheduler)
         run.ema.load_state(state.ema)
         if run.timesteps.needs_losses:
             run.timesteps.load_state_dict(state.timestep_sampler)
-        logger.info("Resumed from %s at step %d.", checkpoint, state.step)
+        state.nonfinite_in_a_row = 0  # a resume is a new attempt: only this session's skipped steps count toward the stop
+        if run.config_changes:
+            state.config_history.append({"step": state.step, "changes": run.config_changes})
+            logger.warning("Resuming with changed settings (--allow_config_change): %s.", run.config_changes)
+        logger.info("Resumed from %s at step %d.", run.checkpoint, state.step)
     elif config.resume_from_checkpoint == "latest":
         logger.info("No checkpoint in %s yet: starting from scratch.", run.output_dir)
     run.meters = StepMeters(run.device, config.num_train_timesteps, state.nonfinite_total, state.nonfinite_in_a_row)
@@ -390,6 +429,22 @@ def resume(run: Run) -> TrainState:
         config.gradient_accumulation_steps, run.device, run.source.num_images or "streamed",
     )
     return state
+
+
+def clear_earlier_run(run: Run) -> None:
+    """With --overwrite_output_dir, remove an earlier run's checkpoints, grids and logs (each renamed to a
+    temporary first); without it, say that an earlier run's logs stay beside the new ones."""
+    leftovers = [p for p in run.output_dir.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) or p.name in
+                 ("best_checkpoint", "samples", "samples.png", "logs", "train_summary.json", "loss_curve.png")]
+    if run.config.overwrite_output_dir and leftovers:
+        for path in leftovers:
+            path.replace(tmp_sibling(path))
+        remove_stale_temporaries(run.output_dir)
+        logger.warning("Removed the earlier run's %s from %s (--overwrite_output_dir).",
+                       ", ".join(sorted(p.name for p in leftovers)), run.output_dir)
+    elif run.checkpoint is None and (run.output_dir / "logs").is_dir():
+        logger.warning("%s holds the tracker logs of an earlier run; this run's go beside them (--overwrite_output_dir "
+                       "removes them).", run.output_dir / "logs")
 
 
 def evaluation_reference(run: Run) -> tuple:
@@ -553,12 +608,38 @@ def log_progress(run: Run, state: TrainState, bar) -> None:
     bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}", ema=f"{entry['ema_decay']:.4f}")
 
 
+def weights_problem(model: torch.nn.Module, config: TrainingConfig) -> Optional[str]:
+    """Why weights must not be saved: they are not finite, or they give non-finite outputs on a fixed probe batch
+    (weights so large that the network overflows); None when they are sound."""
+    if not weights_are_finite(model):
+        return "are not finite"
+    device = next(model.parameters()).device
+    probe = torch.randn(2, config.channels, config.resolution, config.resolution, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        output = model(probe.to(device), torch.tensor([0, config.num_train_timesteps - 1], device=device)).sample
+    return None if bool(torch.isfinite(output).all()) else "give non-finite outputs"
+
+
+def refuse_unsound_weights(run: Run, state: TrainState, what: str) -> None:
+    """Raise NonFiniteWeightsError (on every process: each holds the same weights) rather than save unsound ones."""
+    for label, model in (("UNet", run.raw_unet), ("EMA", run.ema.model)):
+        problem = weights_problem(model, run.config)
+        if problem:
+            raise NonFiniteWeightsError(
+                f"The {label} weights at step {state.step} {problem} ({state.nonfinite_total} of {state.step} steps were "
+                f"skipped as non-finite), so {what} is not written; resume from the last checkpoint in {run.output_dir} "
+                "with a lower --learning_rate.")
+
+
 def write_checkpoint(run: Run, state: TrainState, name: Optional[str] = None) -> None:
-    """checkpoint-<step>/ (rotated) or `name`/ (outside the rotation), written by the main process."""
+    """checkpoint-<step>/ (rotated) or `name`/ (outside the rotation), written by the main process; never with
+    unsound weights."""
+    refuse_unsound_weights(run, state, name or f"{CHECKPOINT_PREFIX}{state.step}")
     if run.is_main:
         state.lr_scheduler, state.ema = run.lr_scheduler.state_dict(), run.ema.state()
         state.timestep_sampler = run.timesteps.state_dict()
-        save_checkpoint(run.output_dir, state.step, run.raw_unet, run.ema.model, run.optimizer, state.to_dict(), name=name)
+        save_checkpoint(run.output_dir, state.step, run.raw_unet, run.ema.model, run.optimizer, state.to_dict(), name=name,
+                        config_json=run.config.to_json())
         if name is None:
             rotate_checkpoints(run.output_dir, run.config.checkpoints_total_limit)
     run.accelerator.wait_for_everyone()
@@ -674,18 +755,23 @@ def evaluate_during_training(unet, scheduler_config, config: TrainingConfig, acc
 
 
 def finish(run: Run, state: TrainState) -> None:
-    """The pipeline with the EMA weights, train_summary.json and the model card; then the final push."""
+    """The pipeline with the EMA weights, train_summary.json and the model card; then the final push. Unsound final
+    weights end the run with one line saying so, and nothing is written over the last checkpoint and pipeline."""
+    refuse_unsound_weights(run, state, "the pipeline")
     if run.is_main:
         save_ema_pipeline(run)
         atomic_write_json(run.output_dir / "train_summary.json", {
             "steps": run.total_steps, "images_seen": run.total_steps * run.config.batch_size,
             "skipped_images": run.source.skipped, "nonfinite_steps": state.nonfinite_total,
             "final_loss": state.history[-1]["loss"] if state.history else None, "evals": state.evals, "best": state.best,
-            "nll": state.nll,
+            "nll": state.nll, "config_history": state.config_history,
             "checkpoints": [str(f.name) for _, f in list_checkpoints(run.output_dir)],
         })
         write_model_card(run.output_dir, run.pusher.repo_id if run.pusher else None)
         logger.info("Saved the pipeline (EMA weights) and its model card to %s.", run.output_dir)
+        if state.nonfinite_total:
+            logger.warning("%d of %d steps had a non-finite loss or gradient and were skipped (see train_summary.json).",
+                           state.nonfinite_total, run.total_steps)
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
     if run.pusher is not None:

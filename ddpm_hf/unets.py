@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
-from diffusers import UNet2DModel
+if TYPE_CHECKING:  # diffusers loads only when a network is built: the command lines read the presets first
+    from diffusers import UNet2DModel
 
 # The paper's conventions, shared by every preset: sinusoidal embedding without flip and with shift 1,
 # GroupNorm eps 1e-6, no padding before the strided downsampling conv, single-head attention.
@@ -105,6 +106,8 @@ def unet_config(
         config["sample_size"] = sample_size
     if in_channels is not None:
         config["in_channels"] = config["out_channels"] = in_channels
+    from diffusers import UNet2DModel
+
     unknown = set(overrides) - set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
     if unknown:
         raise ValueError(f"Unknown UNet2DModel config keys {sorted(unknown)}; see diffusers' UNet2DModel.")
@@ -112,6 +115,13 @@ def unet_config(
     return config
 
 
-def build_unet(preset: str, **kwargs: Any) -> UNet2DModel:
+def downsampling_factor(config: Dict[str, Any]) -> int:
+    """How much a UNet2DModel config shrinks its input: 2 per down block but the last."""
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def build_unet(preset: str, **kwargs: Any) -> "UNet2DModel":
     """A freshly initialised `UNet2DModel` from a preset (see `unet_config` for the arguments)."""
+    from diffusers import UNet2DModel
+
     return UNet2DModel.from_config(unet_config(preset, **kwargs))

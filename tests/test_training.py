@@ -73,9 +73,7 @@ def test_every_recipe_value_can_be_overridden_by_its_flag():
         if isinstance(value, bool):
             new, args = (not value), [f"--{key}" if not value else f"--no-{key}"]
         elif isinstance(value, (int, float)):
-            new = value + 1 if key != "channels" else 3
-            if key == "dropout":
-                new = 0.25
+            new = {"channels": 3, "dropout": 0.25, "resolution": 32, "ema_decay": 0.99}.get(key, value + 1)  # valid values
             args = [f"--{key}", str(new)]
         else:
             new = {"dataset": "mnist", "unet_preset": "cpu-tiny", "lr_scheduler": "linear", "output_dir": "elsewhere", "mixed_precision": "no",

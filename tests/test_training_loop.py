@@ -90,6 +90,8 @@ def test_train_state_is_what_the_checkpoint_holds(tmp_path):
     config = resolve_config({**TINY, "output_dir": str(tmp_path), "max_train_steps": 4, "checkpointing_steps": 4})
     training.train(config)
     saved = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
+    files = saved.pop("files")  # the checkpoint writer's: the SHA-256 of every other file it holds
+    assert sorted(files) == sorted(p.name for p in (tmp_path / "checkpoint-4").iterdir() if p.name != "trainer_state.json")
     state = TrainState.from_dict(saved)
     assert state.to_dict() == saved
     assert state.step == 4 and [h["step"] for h in state.history] == [1, 2, 3, 4]

@@ -1,0 +1,83 @@
+"""How the command lines parse and report: one argparse subclass and one way to print an error.
+
+* Errors are one line on stderr, `error: ...`: usage errors exit 2 and name `--help`; a misspelt flag is
+  answered with "did you mean"; flags are never matched by prefix (allow_abbrev=False).
+* `--help` shows each flag's default and choices.
+* Under `accelerate launch`, a message that several processes share is printed once.
+No heavy imports here: parsing answers before torch loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+DEBUG_ENV = "DDPM_HF_DEBUG"
+DEBUG_HELP = f"on an error, show the traceback (also: {DEBUG_ENV}=1)"
+
+
+def _first_to_say(line: str) -> bool:
+    """Whether this process is the first of its `accelerate launch` / torchrun run to print `line`."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if not run_id or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: every process speaks
+        return True
+    # the run id can be a constant ("none"); the launcher's agent, the parent of every local process, is not
+    path = Path(tempfile.gettempdir()) / f"ddpm_hf-messages-{run_id}-{os.getppid()}"
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        if line in f.read().splitlines():
+            return False
+        f.write(line + "\n")
+        return True
+
+
+def emit_error(message: str) -> None:
+    """`error: MESSAGE` as one line on stderr, once per run of processes."""
+    line = "error: " + " ".join(str(message).split())
+    if _first_to_say(line):
+        print(line, file=sys.stderr, flush=True)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default where there is one to show (not for None, off switches or suppressed defaults)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, no prefix matching, "did you mean" for unknown flags, and --debug."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+
+    def error(self, message: str):
+        emit_error(f"{message} (see {self.prog} --help)")
+        sys.exit(2)
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error("unrecognized arguments: " + " ".join(self._with_suggestion(a) for a in extras))
+        return namespace
+
+    def _with_suggestion(self, arg: str) -> str:
+        if not arg.startswith("--"):
+            return arg
+        flag = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(flag, [s for s in self._option_string_actions if s.startswith("--")], n=1, cutoff=0.7)
+        return f"{flag} (did you mean {close[0]}?)" if close else flag
