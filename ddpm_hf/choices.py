@@ -1,6 +1,6 @@
 """Every choice list, defined once. No heavy imports here: the command lines read these before torch loads."""
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
 # what the UNet predicts; ddpm_hf.scheduler.PARAMETERIZATIONS holds the math of each
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 # σ_t² of the reverse process; the learned ones need a UNet with 2C output channels
@@ -16,9 +16,16 @@ TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 # diffusers' LR schedules that need nothing beyond warmup and total steps (diffusers.optimization.SchedulerType)
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+# adam: the paper's (L2 weight decay); adamw: decoupled weight decay, as diffusers' example trains
+OPTIMIZERS = ("adam", "adamw")
 TRACKERS = ("tensorboard", "wandb", "none")
 BAD_IMAGE_POLICIES = ("stop", "skip")
 # samplers of ddpm-sample
 SAMPLERS = ("ddpm", "ddim", "dpm-solver")
 # clean-fid's resizing protocols
 FID_MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
+# figures of ddpm-visualize, and the formats of its animations (auto: the smaller file)
+FIGURES = ("progressive", "denoise", "forward", "interpolate")
+ANIMATION_FORMATS = ("auto", "gif", "webp")
+# feature spaces of ddpm-metrics and --eval_every
+FEATURE_NETWORKS = ("inception", "dinov2")

@@ -125,9 +125,10 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
 @command
 def metrics_main(argv: Optional[Sequence[str]] = None) -> int:
     """`ddpm-metrics`: FID (clean-fid), KID and Inception Score of a folder of samples against a reference
-    folder or dataset split; writes metrics.json with the protocol."""
-    from .choices import FID_MODES
-    from .paths import CACHE_ENV, INCEPTION_FILE
+    folder or dataset split, or the Fréchet distance in DINOv2's feature space (--feature_network dinov2:
+    FD_DINOv2); precision and recall as an option; writes metrics.json (metrics-dinov2.json) with the protocol."""
+    from .choices import FEATURE_NETWORKS, FID_MODES
+    from .paths import CACHE_ENV, DINOV2_DEFAULT, INCEPTION_FILE
 
     parser = Parser(description=metrics_main.__doc__, prog="ddpm-metrics")
     parser.add_argument("samples", nargs="?", help="folder of generated images (e.g. from ddpm-sample)")
@@ -137,17 +138,25 @@ def metrics_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--resolution", type=int, default=None, help="reference images are resized/cropped to this (the samples' size)")
     parser.add_argument("--channels", type=int, default=3, choices=(1, 3))
     parser.add_argument("--mode", choices=FID_MODES, default="clean", help="clean-fid's resizing protocol")
+    parser.add_argument("--feature_network", choices=FEATURE_NETWORKS, default="inception",
+                        help="the feature space: Inception-v3 (FID, KID, IS) or DINOv2 (FD_DINOv2, Stein et al. 2023)")
     parser.add_argument("--inception_weights", default=None, help=f"path to {INCEPTION_FILE}")
+    parser.add_argument("--dinov2_model", default=DINOV2_DEFAULT, help="the DINOv2 model: a Hub id (cached ones work "
+                        "offline) or a save_pretrained folder with its preprocessor_config.json")
+    parser.add_argument("--precision_recall", action="store_true", help="improved precision and recall (k = 3) in "
+                        "the same feature space")
     parser.add_argument("--cache_dir", default=None, help=f"reference statistics and weights cache (default: ${CACHE_ENV}, "
                         "else ~/.cache/ddpm_hf)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--kid", action=argparse.BooleanOptionalAction, default=True, help="Kernel Inception Distance")
-    parser.add_argument("--is", dest="isc", action=argparse.BooleanOptionalAction, default=True, help="Inception Score")
-    parser.add_argument("--output", default=None, help="where to write metrics.json (default: in the samples folder)")
+    parser.add_argument("--is", dest="isc", action=argparse.BooleanOptionalAction, default=True, help="Inception Score "
+                        "(Inception only)")
+    parser.add_argument("--output", default=None, help="where to write the metrics (default: metrics.json, or "
+                        "metrics-dinov2.json, in the samples folder)")
     parser.add_argument("--download_inception", action="store_true", help="fetch the Inception weights into the cache and exit")
     args = parser.parse_args(argv)
 
-    from .evaluation import download_inception, evaluate_folder, inception_network, resolve_inception_weights
+    from .evaluation import download_inception, evaluate_folder, feature_network
 
     if args.download_inception:
         try:
@@ -158,13 +167,14 @@ def metrics_main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if not args.samples or not args.reference:
         parser.error("give the samples folder and --reference")
-    weights = resolve_inception_weights(args.inception_weights, args.cache_dir)  # first: fail before any work
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = evaluate_folder(args.samples, args.reference, inception_network(weights, device), args.mode, args.cache_dir,
-                             args.split, args.resolution, args.channels, kid=args.kid, isc=args.isc,
-                             output=args.output, batch_size=args.batch_size, device=device)
+    network = feature_network(args.feature_network, device, args.inception_weights, args.dinov2_model,
+                              args.cache_dir)  # first: fail before any work
+    result = evaluate_folder(args.samples, args.reference, network, args.mode, args.cache_dir, args.split,
+                             args.resolution, args.channels, kid=args.kid, isc=args.isc, output=args.output,
+                             precision_recall=args.precision_recall, batch_size=args.batch_size, device=device)
     print(json.dumps({k: v for k, v in result.items() if k != "protocol"}, indent=2))
     return 0
 
@@ -193,7 +203,7 @@ def nll_main(argv: Optional[Sequence[str]] = None) -> int:
     if args.num_images < 1 or args.batch_size < 1:
         parser.error(f"--num_images={args.num_images} and --batch_size={args.batch_size} must be at least 1")
 
-    from .nll import measure
+    from .nll_folder import measure
     from .pipelines.pipeline_ddpm import DDPMPipeline
 
     state = distributed_state()
@@ -209,15 +219,83 @@ def nll_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 @command
+def visualize_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`ddpm-visualize PIPELINE OUTPUT_DIR` / `python -m ddpm_hf.visualize`: the paper's pictures of a pipeline, from
+    fixed seeds: progressive generation (Fig. 6: x_t and the predicted x_0 along the reverse chain), the denoising
+    animation, the forward process on real images, and interpolation in the diffused space (Fig. 8). Seed s is the
+    image ddpm-sample draws from seed s with the same sampler; figures.json records how each file was made."""
+    from .choices import ANIMATION_FORMATS, FIGURES, SAMPLERS
+
+    parser = Parser(description=visualize_main.__doc__, prog="ddpm-visualize")
+    parser.add_argument("pipeline", help="a folder written by save_pretrained / a training run, or a Hub repo id")
+    parser.add_argument("output_dir", help="where the PNGs, animations and figures.json go")
+    parser.add_argument("--figures", nargs="+", choices=FIGURES, default=None,
+                        help="default: progressive and denoise, and forward and interpolate when --dataset is given")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(16)), help="the seeds of the denoising grid "
+                        "(the first --progressive_seeds of them make the progressive figure)")
+    parser.add_argument("--progressive_seeds", type=int, default=4)
+    parser.add_argument("--scheduler", choices=SAMPLERS, default="ddpm")
+    parser.add_argument("--num_inference_steps", type=int, default=1000)
+    parser.add_argument("--eta", type=float, default=None, help="DDIM's eta (ddim only)")
+    parser.add_argument("--dataset", default=None, help="real images for forward and interpolate: anything "
+                        "train_ddpm.py --dataset takes (cifar10, a Hub id, a folder of images, .parquet files)")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--dataset_config", default=None)
+    parser.add_argument("--image_column", default=None)
+    parser.add_argument("--num_images", type=int, default=4, help="real images for forward (the first two interpolate)")
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                        help="interpolate: the depths λ in [0, 1] the two images are diffused to (t = λ·(T-1)), a row each")
+    parser.add_argument("--columns", type=int, default=10, help="columns of the progressive, forward and interpolate figures")
+    parser.add_argument("--frames", type=int, default=50, help="frames of the animations (the last one is held)")
+    parser.add_argument("--noise_seed", type=int, default=0, help="the noise of forward and interpolate")
+    parser.add_argument("--animation_format", choices=ANIMATION_FORMATS, default="auto", help="auto: the smaller file")
+    args = parser.parse_args(argv)
+    figures = args.figures or (["progressive", "denoise"] + (["forward", "interpolate"] if args.dataset else []))
+    needs_images = [f for f in figures if f in ("forward", "interpolate")]
+    if needs_images and not args.dataset:
+        parser.error(f"--figures {' '.join(needs_images)} need real images: give --dataset")
+    if "interpolate" in figures and args.num_images < 2:
+        parser.error("interpolate needs two images: --num_images 2 or more")
+    if any(not 0 <= d <= 1 for d in args.depths):
+        parser.error(f"--depths {args.depths}: each depth is a fraction of T, in [0, 1]")
+    for name in ("num_inference_steps", "columns", "frames", "num_images", "progressive_seeds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}={getattr(args, name)} must be at least 1")
+
+    from .figures import visualize
+    from .pipelines.pipeline_ddpm import DDPMPipeline
+    from .sampling import use_scheduler
+
+    quiet_loading()
+    import torch
+
+    pipe = DDPMPipeline.from_pretrained(args.pipeline).to("cuda" if torch.cuda.is_available() else "cpu")
+    use_scheduler(pipe, args.scheduler)
+    images = None
+    if needs_images:
+        from .data import load_images
+
+        images = load_images(args.dataset, args.split, args.num_images, pipe.unet.config.in_channels,
+                             pipe.unet.config.sample_size, args.dataset_config, args.image_column)
+    about = {"pipeline": args.pipeline, "dataset": args.dataset, "split": args.split} if needs_images else {"pipeline": args.pipeline}
+    entries = visualize(pipe, args.output_dir, figures, args.seeds, args.num_inference_steps, args.eta, images,
+                        args.depths, columns=args.columns, frames=args.frames, seed=args.noise_seed,
+                        fmt=args.animation_format, about=about, progressive_seeds=args.progressive_seeds)
+    for name in entries:
+        print(f"wrote {Path(args.output_dir) / name}")
+    return 0
+
+
+@command
 def card_main(argv: Optional[Sequence[str]] = None) -> int:
     """`ddpm-card OUTPUT_DIR`: (re)write the model card README.md of a run's output folder, e.g. after
     `ddpm-metrics ... --output OUTPUT_DIR/metrics.json`."""
-    from .model_card import write_model_card
-
     parser = Parser(description=card_main.__doc__, prog="ddpm-card")
     parser.add_argument("output_dir")
     parser.add_argument("--repo_id", default=None, help="the Hub repo id to show in the usage snippet")
     args = parser.parse_args(argv)
+    from .model_card import write_model_card
+
     if not (Path(args.output_dir) / "training_config.json").is_file():
         raise FileNotFoundError(f"{args.output_dir} has no training_config.json; give the output folder of a training run.")
     print(f"wrote {write_model_card(args.output_dir, args.repo_id)}")

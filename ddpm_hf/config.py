@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,15 +18,18 @@ from typing import Any, Dict, Optional, Sequence
 from .choices import (
     BAD_IMAGE_POLICIES,
     BETA_SCHEDULES,
+    FEATURE_NETWORKS,
     LEARNED_VARIANCE_TYPES,
     LOSSES,
     LR_SCHEDULES,
     MIXED_PRECISIONS,
+    OPTIMIZERS,
     PREDICTION_TYPES,
     TIMESTEP_SAMPLERS,
     TRACKERS,
     TRAINING_VARIANCE_TYPES,
 )
+from .paths import DINOV2_DEFAULT
 
 
 def _f(default, help: str, choices: Optional[Sequence[str]] = None):
@@ -50,8 +54,14 @@ class TrainingConfig:
     random_flip: bool = _f(True, "flip each training image left-right with probability 1/2")
     streaming: bool = _f(False, "stream the dataset (for sets larger than the disk); decoded on the fly")
     on_bad_image: str = _f("stop", "an undecodable image stops the run (naming it) or is skipped and counted", BAD_IMAGE_POLICIES)
+    cache_dir: Optional[str] = _f(None, "where Hub datasets are downloaded (default: the datasets cache, HF_DATASETS_CACHE)")
     # ---- model and diffusion
-    unet_preset: str = _f("ddpm-cifar10-32", "UNet2DModel preset (see ddpm_hf.UNET_PRESETS)")
+    unet_preset: str = _f("ddpm-cifar10-32", "UNet2DModel preset (see ddpm_hf.UNET_PRESETS); --unet_config replaces it")
+    unet_config: Optional[str] = _f(None, "your own UNet2DModel config: a config.json, a folder holding one (or unet/config.json), "
+                                    "or a Hub repo id; checked against --channels and --resolution")
+    unet_subfolder: Optional[str] = _f(None, "the folder of --unet_config's repo or pipeline holding the UNet (default: unet, else the root)")
+    init_from: Optional[str] = _f(None, "start from a pipeline's UNet weights (a folder or a Hub repo id, e.g. google/ddpm-celebahq-256): "
+                                  "its UNet config and scheduler settings too, unless given; the EMA starts from the same weights")
     dropout: Optional[float] = _f(None, "UNet dropout (default: the preset's)")
     num_train_timesteps: int = _f(1000, "T, the number of diffusion steps")
     beta_schedule: str = _f("linear", "beta schedule", BETA_SCHEDULES)
@@ -77,6 +87,7 @@ class TrainingConfig:
     adam_beta2: float = _f(0.999, "Adam β2")
     adam_epsilon: float = _f(1e-8, "Adam ε")
     weight_decay: float = _f(0.0, "Adam weight decay")
+    optimizer: str = _f("adam", "adam (the paper; weight decay as L2) or adamw (decoupled weight decay, as diffusers' example)", OPTIMIZERS)
     lr_scheduler: str = _f("constant_with_warmup", "diffusers LR schedule", LR_SCHEDULES)
     lr_warmup_steps: int = _f(5000, "LR warmup steps")
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0 disables)")
@@ -99,6 +110,8 @@ class TrainingConfig:
     allow_config_change: bool = _f(False, "resume with settings that differ from the checkpoint's (each change is recorded in the run's config history)")
     overwrite_output_dir: bool = _f(False, "start over in an --output_dir that holds a run: its checkpoints, grids and logs are removed")
     save_images_steps: int = _f(5000, "save a sample grid (fixed seeds, EMA weights) every N steps")
+    save_images_epochs: Optional[int] = _f(None, "save a sample grid every N epochs instead (converted to steps once the data is loaded)")
+    save_model_epochs: Optional[int] = _f(None, "checkpoint every N epochs instead of --checkpointing_steps (converted to steps)")
     num_sample_images: int = _f(16, "images in each sample grid")
     sample_inference_steps: Optional[int] = _f(None, "sampler steps for grids (default: all T)")
     logging_steps: int = _f(50, "log the loss every N steps")
@@ -106,14 +119,17 @@ class TrainingConfig:
     eval_every: Optional[int] = _f(None, "every N steps, sample --eval_samples images from the EMA model and compute FID (and IS) against the training set")
     eval_samples: int = _f(1000, "images sampled for each evaluation (shared over all processes)")
     eval_steps: int = _f(50, "DDIM steps for the evaluation samples")
-    keep_best: bool = _f(False, "keep the checkpoint with the best FID in best_checkpoint/ (outside the rotation limit)")
+    keep_best: bool = _f(False, "keep the checkpoint with the best FID (FD_DINOv2) in best_checkpoint/ (outside the rotation limit)")
+    eval_feature_network: str = _f("inception", "the feature space of --eval_every: Inception-v3 (FID, IS) or DINOv2 (FD_DINOv2)", FEATURE_NETWORKS)
     inception_weights: Optional[str] = _f(None, "Inception weights file for --eval_every (else $DDPM_HF_INCEPTION_WEIGHTS or the cache)")
+    eval_dinov2_model: str = _f(DINOV2_DEFAULT, "the DINOv2 model of --eval_feature_network dinov2: a Hub id (cached ones work offline) or a folder")
     eval_cache_dir: Optional[str] = _f(None, "where reference statistics are cached (default $DDPM_HF_CACHE or ~/.cache/ddpm_hf)")
     eval_nll_every: Optional[int] = _f(None, "every N steps, the EMA model's NLL bound in bits/dim on --eval_nll_images held-out images")
     eval_nll_images: int = _f(256, "held-out images for --eval_nll_every (shared over all processes)")
     eval_nll_dataset: Optional[str] = _f(None, "the held-out images of --eval_nll_every: anything --dataset takes (default: --dataset)")
     eval_nll_split: str = _f("test", "the split of the held-out dataset")
     # ---- the Hub (the token is a flag of its own, --hub_token, and is never saved)
+    card_figures: bool = _f(True, "at the end, the denoising animation and the progressive figure (Ho et al. Fig. 6) of the grid's first seeds, shown in the model card")
     push_to_hub: bool = _f(False, "push the pipeline, model card, grids, metrics and config to the Hub; the token and repo are checked before training starts")
     hub_model_id: Optional[str] = _f(None, "the Hub repo: 'name' (under your account) or 'namespace/name' (default: the output folder's name)")
     hub_private_repo: bool = _f(False, "create the Hub repo as private")
@@ -158,7 +174,7 @@ class TrainingConfig:
             raise ValueError("--hub_model_id, --hub_private_repo and --hub_push_every need --push_to_hub.")
         for name in ("batch_size", "gradient_accumulation_steps", "resolution", "checkpointing_steps",
                      "save_images_steps", "logging_steps", "num_sample_images", "eval_samples", "eval_steps", "hub_push_every",
-                     "eval_nll_every", "eval_nll_images"):
+                     "eval_nll_every", "eval_nll_images", "save_images_epochs", "save_model_epochs"):
             value = getattr(self, name)
             if value is not None and value < 1:  # None: an Optional setting that is off
                 raise ValueError(f"--{name}={value} must be at least 1.")
@@ -172,7 +188,7 @@ class TrainingConfig:
                 raise ValueError(message)
 
         need(self.num_train_timesteps >= 1, f"--num_train_timesteps={self.num_train_timesteps} must be at least 1 (the paper: 1000).")
-        need(self.beta_schedule == "squaredcos_cap_v2" or 0 < self.beta_start < self.beta_end < 1,
+        need(self.beta_schedule in ("squaredcos_cap_v2", "laplace") or 0 < self.beta_start < self.beta_end < 1,
              f"--beta_start={self.beta_start} and --beta_end={self.beta_end} must satisfy 0 < beta_start < beta_end < 1 "
              "(the paper: 1e-4 and 0.02).")
         need(self.learning_rate > 0, f"--learning_rate={self.learning_rate} must be positive (the paper: 2e-4).")
@@ -195,7 +211,7 @@ class TrainingConfig:
              f"--checkpoints_total_limit={self.checkpoints_total_limit} must be at least 1 (or none: keep all).")
         need(self.unet_preset in UNET_PRESETS,
              f"--unet_preset {self.unet_preset!r} is not one of {', '.join(sorted(UNET_PRESETS))}.")
-        factor = downsampling_factor(UNET_PRESETS[self.unet_preset])
+        factor = 1 if self.unet_config else downsampling_factor(UNET_PRESETS[self.unet_preset])  # a config is checked when read
         need(self.resolution % factor == 0,
              f"--resolution={self.resolution} is not divisible by {factor}, the downsampling of --unet_preset "
              f"{self.unet_preset}; use a multiple of {factor} (e.g. {max(factor, self.resolution // factor * factor)}).")
@@ -226,8 +242,9 @@ RESUMABLE_SETTINGS = (
     "max_train_steps", "num_epochs", "output_dir", "checkpointing_steps", "checkpoints_total_limit",
     "resume_from_checkpoint", "allow_config_change", "overwrite_output_dir", "save_images_steps", "num_sample_images",
     "sample_inference_steps", "logging_steps", "max_nonfinite_in_a_row", "eval_every", "eval_samples", "eval_steps",
-    "keep_best", "inception_weights", "eval_cache_dir", "eval_nll_every", "eval_nll_images", "eval_nll_dataset",
+    "keep_best", "inception_weights", "eval_cache_dir", "card_figures", "eval_nll_every", "eval_nll_images", "eval_nll_dataset",
     "eval_nll_split", "push_to_hub", "hub_model_id", "hub_private_repo", "hub_push_every", "report_to", "preset",
+    "cache_dir", "init_from", "save_images_epochs", "save_model_epochs",
 )
 
 
@@ -250,7 +267,36 @@ RECIPES: Dict[str, Dict[str, Any]] = {
         ema_decay=0.999, ema_warmup=True, checkpointing_steps=400, save_images_steps=400, logging_steps=25,
         num_sample_images=25, sample_inference_steps=100, mixed_precision="bf16", output_dir="runs/digits",
     ),
+    # diffusers' examples/unconditional_image_generation/train_unconditional.py as it runs by default: its UNet,
+    # AdamW (0.95, 0.999, weight decay 1e-6), cosine LR with 500 warmup steps, 100 epochs of 16, no EMA unless
+    # --use_ema, grids and models every 10 epochs. (It random-crops without --center_crop; ddpm_hf center-crops.)
+    "diffusers-example": dict(
+        dataset="huggan/flowers-102-categories", resolution=64, center_crop=True, random_flip=False,
+        unet_preset="diffusers-example", learning_rate=1e-4, lr_scheduler="cosine", lr_warmup_steps=500,
+        adam_beta1=0.95, adam_beta2=0.999, weight_decay=1e-6, optimizer="adamw", adam_epsilon=1e-8, batch_size=16,
+        max_train_steps=None, num_epochs=100, ema_decay=0.0, ema_warmup=False, save_images_epochs=10,
+        save_model_epochs=10, num_sample_images=16, sample_inference_steps=1000, output_dir="ddpm-model-64",
+        checkpoints_total_limit=None, seed=0,
+    ),
 }
+
+# diffusers' train_unconditional.py flag names, taken as aliases: alias -> our setting (same meaning)
+DIFFUSERS_ALIASES = {
+    "dataset_name": "dataset",
+    "train_data_dir": "dataset",
+    "dataset_config_name": "dataset_config",
+    "model_config_name_or_path": "unet_config",
+    "logger": "report_to",
+    "ddpm_num_steps": "num_train_timesteps",
+    "ddpm_beta_schedule": "beta_schedule",
+    "ddpm_num_inference_steps": "sample_inference_steps",
+    "ema_max_decay": "ema_decay",
+    "eval_batch_size": "num_sample_images",
+}
+# ... and those that need a translation: --train_batch_size (per device: times processes and accumulation),
+# --use_ema (EMA with warmup; --no-use_ema: none), --adam_weight_decay (AdamW's decoupled weight decay);
+# flags with nothing to do here are accepted and said to be ignored.
+DIFFUSERS_IGNORED = ("dataloader_num_workers", "logging_dir", "local_rank", "enable_xformers_memory_efficient_attention")
 
 
 def _argparse_type(tp):
@@ -291,29 +337,162 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(f"--{f.name}", type=tp, choices=choices, **kwargs)
         else:
             parser.add_argument(f"--{f.name}", type=tp, metavar=f.name.upper(), **kwargs)
+    aliases = parser.add_argument_group("diffusers' train_unconditional.py flags, taken with the same meaning")
+    for alias, target in DIFFUSERS_ALIASES.items():
+        field_ = next(f for f in dataclasses.fields(TrainingConfig) if f.name == target)
+        choices = field_.metadata.get("choices")
+        aliases.add_argument(f"--{alias}", dest=f"alias:{alias}", type=_argparse_type(hints[target]), choices=choices,
+                             default=argparse.SUPPRESS, help=f"= --{target}")
+    aliases.add_argument("--train_batch_size", dest="alias:train_batch_size", type=int, default=argparse.SUPPRESS,
+                         help="images per process and micro-batch: --batch_size = this x processes x --gradient_accumulation_steps")
+    aliases.add_argument("--use_ema", dest="alias:use_ema", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                         help="EMA with warmup up to --ema_max_decay (as the example's EMAModel); --no-use_ema: no EMA")
+    aliases.add_argument("--adam_weight_decay", dest="alias:adam_weight_decay", type=float, default=argparse.SUPPRESS,
+                         help="= --weight_decay with --optimizer adamw (the example's AdamW)")
+    for ignored in DIFFUSERS_IGNORED:
+        kind = dict(action="store_true") if ignored.startswith("enable_") else dict(type=str)
+        aliases.add_argument(f"--{ignored}", dest=f"ignored:{ignored}", default=argparse.SUPPRESS, help="accepted and ignored", **kind)
     parser.add_argument("--dry_run", action="store_true", help="print the resolved config and the parameter count, then exit")
     parser.add_argument("--hub_token", default=None, help="Hub token for --push_to_hub (default: HF_TOKEN or the `hf auth login` "
                         "token, which other users of this machine cannot see in the process list); never saved or printed")
     return parser
 
 
+def saved_run_config(output_dir, which: str) -> Optional[Dict[str, Any]]:
+    """The settings of the run a resume continues: the config saved in the checkpoint (`latest`: the newest whose
+    state reads) or else in the output folder; None if none reads (the resume then reports why)."""
+    from .outputs import CHECKPOINT_PREFIX, TRAINER_STATE  # light: paths and names only
+
+    folder = Path(output_dir)
+    if which == "latest":
+        steps = []
+        for checkpoint in folder.glob(f"{CHECKPOINT_PREFIX}*"):
+            try:
+                steps.append((int(json.loads((checkpoint / TRAINER_STATE).read_text())["step"]), checkpoint))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        candidates = [c / "training_config.json" for _, c in sorted(steps, reverse=True)[:1]]
+    else:
+        candidates = [Path(which) / "training_config.json"]
+    for path in candidates + [folder / "training_config.json"]:
+        try:
+            return dataclasses.asdict(TrainingConfig.load(path))
+        except (OSError, ValueError, TypeError):
+            continue
+    return None
+
+
+def starting_point(source: str) -> Dict[str, Any]:
+    """The settings a run started from the pipeline `source` (--init_from) takes from it unless given: its scheduler's
+    diffusion settings, and its UNet (as --unet_config), resolution and channels."""
+    scheduler = read_pipeline_json(source, ("scheduler/scheduler_config.json", "scheduler_config.json"))
+    unet = read_pipeline_json(source, ("unet/config.json", "config.json"))
+    if scheduler.get("trained_betas") is not None:
+        raise ValueError(f"--init_from {source}: its scheduler has trained_betas, which a training run cannot take; give "
+                         "--beta_schedule and its values instead.")
+    values = {k: scheduler[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
+              if k in scheduler}
+    variance = scheduler.get("variance_type", "fixed_small").replace("_log", "")
+    values.update(variance_type=variance, unet_config=source, channels=unet["in_channels"])
+    if variance in LEARNED_VARIANCE_TYPES:
+        values["loss"] = "hybrid"  # what trains a learned variance
+    size = unet.get("sample_size")
+    if size is not None:
+        values["resolution"] = size if isinstance(size, int) else int(size[0])
+    return values
+
+
+def read_pipeline_json(source: str, names: Sequence[str]) -> Dict[str, Any]:
+    """The first of `names` in a pipeline folder or Hub repo (cached repos work offline), parsed."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        for name in names:
+            if (folder / name).is_file():
+                return json.loads((folder / name).read_text())
+        raise ValueError(f"--init_from {source}: no {' or '.join(names)} there; give a pipeline folder (save_pretrained, a "
+                         "training run) or a Hub repo id.")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    for name in names:
+        try:
+            return json.loads(Path(hf_hub_download(source, name)).read_text())
+        except EntryNotFoundError:
+            continue
+        except (LocalEntryNotFoundError, RepositoryNotFoundError, OSError, ValueError) as e:
+            raise ValueError(f"--init_from {source}: not a local folder, and the Hub repo cannot be read here "
+                             f"({type(e).__name__}); pass a folder, or download the repo where there is internet "
+                             f"(`hf download {source}`) and copy the cache (HF_HOME).") from None
+    raise ValueError(f"--init_from {source}: the repo has no {' or '.join(names)}.")
+
+
 def resolve_config(overrides: Dict[str, Any], preset: Optional[str] = None) -> TrainingConfig:
-    """Defaults, then the recipe `preset`, then `overrides` (the flags given)."""
-    values: Dict[str, Any] = {}
+    """Defaults, then the recipe `preset`, then (resuming) the checkpoint's settings or (--init_from) the starting
+    pipeline's, then `overrides` (the flags given). diffusers' flag names arrive as `alias:NAME` keys."""
+    overrides = translate_aliases(dict(overrides))
+    given = set(overrides) - {"per_device_batch_size", "use_ema"}
     preset = overrides.get("preset", preset)
+    values: Dict[str, Any] = {}
     if preset is not None:
         if preset not in RECIPES:
             raise ValueError(f"Unknown --preset {preset!r}; choose one of {', '.join(sorted(RECIPES))}.")
         values.update(RECIPES[preset])
+    if overrides.get("resume_from_checkpoint") is not None:  # the flags left out keep the checkpoint's values
+        output_dir = overrides.get("output_dir", values.get("output_dir", TrainingConfig.output_dir))
+        saved = saved_run_config(output_dir, overrides["resume_from_checkpoint"]) or {}
+        values.update({k: v for k, v in saved.items() if k not in ("allow_config_change", "overwrite_output_dir")})
+        preset = preset if preset is not None else saved.get("preset")
+    elif overrides.get("init_from"):
+        values.update({k: v for k, v in starting_point(overrides["init_from"]).items() if k not in given})
+    per_device, use_ema = overrides.pop("per_device_batch_size", None), overrides.pop("use_ema", None)
     values.update(overrides)
     values["preset"] = preset
-    if "num_epochs" in overrides:
-        if "max_train_steps" in overrides:
-            raise ValueError("Give one of --max_train_steps or --num_epochs, not both.")
+    for one, other in (("max_train_steps", "num_epochs"), ("unet_preset", "unet_config"),
+                       ("save_images_steps", "save_images_epochs"), ("checkpointing_steps", "save_model_epochs")):
+        if one in given and other in given:
+            raise ValueError(f"Give one of --{one} or --{other}, not both.")
+    if "num_epochs" in given:  # the one given says how long
         values["max_train_steps"] = None
+    elif "max_train_steps" in given:
+        values["num_epochs"] = None
+    if "unet_preset" in given:
+        values["unet_config"] = None
+    if per_device is not None:
+        values["batch_size"] = per_device * int(os.environ.get("WORLD_SIZE", "1")) * values.get("gradient_accumulation_steps", 1)
+    if use_ema is not None:
+        values["ema_warmup"] = use_ema
+        if not use_ema:
+            values["ema_decay"] = 0.0  # every update copies the weights: the saved weights are the trained ones
+        elif "ema_decay" not in given and values.get("ema_decay", 0.9999) == 0.0:
+            values["ema_decay"] = 0.9999  # the example's --ema_max_decay default
     config = TrainingConfig(**values)
     config.validate()
     return config
+
+
+def translate_aliases(args: Dict[str, Any]) -> Dict[str, Any]:
+    """diffusers' train_unconditional.py flags (parsed as `alias:NAME`) to ours; refuses one given twice."""
+    out = {k: v for k, v in args.items() if not k.startswith(("alias:", "ignored:"))}
+    for key in [k for k in args if k.startswith("ignored:")]:
+        import logging
+
+        logging.getLogger(__name__).warning("--%s has nothing to do in ddpm_hf and is ignored.", key.split(":", 1)[1])
+    for key, value in args.items():
+        if not key.startswith("alias:"):
+            continue
+        alias = key.split(":", 1)[1]
+        if alias == "train_batch_size":
+            target, value = "per_device_batch_size", value
+        elif alias == "use_ema":
+            target = "use_ema"
+        elif alias == "adam_weight_decay":
+            target, out["optimizer"] = "weight_decay", out.get("optimizer", "adamw")
+        else:
+            target = DIFFUSERS_ALIASES[alias]
+        if target in out:
+            raise ValueError(f"--{alias} and --{target} say the same thing; give one of them.")
+        out[target] = value
+    return out
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):

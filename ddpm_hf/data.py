@@ -308,6 +308,16 @@ def build_image_bank(ds, column: str, channels: int, resolution: int, center_cro
     return ImageBank(torch.from_numpy(out[:n]).permute(0, 3, 1, 2).contiguous(), skipped)
 
 
+def load_images(dataset: str, split: str, num_images: int, channels: int, resolution: int,
+                dataset_config: Optional[str] = None, image_column: Optional[str] = None) -> torch.Tensor:
+    """The first `num_images` images of a dataset split (anything --dataset takes) as uint8 [N, C, H, W]."""
+    ds = load_image_dataset(dataset, dataset_config, split)
+    if len(ds) < num_images:
+        raise ValueError(f"--dataset {dataset} (split {split}) has {len(ds)} images; lower --num_images to at most {len(ds)}.")
+    ds = ds.select(range(num_images))
+    return build_image_bank(ds, find_image_column(ds.features, image_column), channels, resolution, progress=False).images
+
+
 def stream_batches(ds, column: str, batch_size: int, channels: int, resolution: int, center_crop: bool,
                    on_bad_image: str, rank: int, world_size: int, seed: int, epoch: int) -> Iterator[torch.Tensor]:
     """uint8 batches [B, C, H, W] from a streaming dataset: this rank's shard of epoch `epoch`, shuffled
@@ -361,7 +371,7 @@ class BatchSource:
     def __init__(self, config: "TrainingConfig", micro: int, rank: int, world: int, progress: bool,
                  device: Optional[torch.device] = None):
         self.config, self.micro, self.rank, self.world = config, micro, rank, world
-        ds = load_image_dataset(config.dataset, config.dataset_config, config.split, config.streaming)
+        ds = load_image_dataset(config.dataset, config.dataset_config, config.split, config.streaming, config.cache_dir)
         features = ds.features
         if features is None:
             raise ValueError(f"The dataset {config.dataset!r} does not declare its columns; name the image column with --image_column.")

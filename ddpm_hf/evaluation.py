@@ -9,6 +9,7 @@ resolution, mode and feature network.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -22,13 +23,23 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
-from .choices import FID_MODES
-from .metrics import feature_statistics, frechet_distance, inception_score, kernel_inception_distance
+from .choices import FEATURE_NETWORKS, FID_MODES
+from .metrics import (
+    feature_statistics,
+    frechet_distance,
+    improved_precision_recall,
+    inception_score,
+    kernel_inception_distance,
+)
 from .outputs import atomic_write_bytes, atomic_write_json, replace_dir, sha256_of, tmp_sibling
-from .paths import INCEPTION_FILE, INCEPTION_URL, WEIGHTS_ENV, default_cache_dir
+from .paths import DINOV2_DEFAULT, INCEPTION_FILE, INCEPTION_URL, WEIGHTS_ENV, default_cache_dir
 
 
-class InceptionWeightsMissing(FileNotFoundError):
+class FeatureWeightsMissing(FileNotFoundError):
+    """No usable weights for a feature network (Inception or DINOv2): one line saying where to get them."""
+
+
+class InceptionWeightsMissing(FeatureWeightsMissing):
     """No usable Inception weights: missing, or (InceptionWeightsDamaged) not loadable."""
 
 
@@ -65,16 +76,27 @@ def download_inception(cache_dir: Optional[Path] = None) -> Path:
 
 @dataclass
 class FeatureNetwork:
-    """A feature network for clean-fid: `fn(images float [B, 3, 299, 299] in 0..255) -> [B, D (+ K logits)]`.
-    `num_features` columns are the FID/KID features; the rest (if any) are class logits for the IS."""
+    """A feature network for clean-fid: `fn(images float [B, 3, H, W] in 0..255) -> [B, D (+ K logits)]`.
+    `num_features` columns are the FD/KD features; the rest (if any) are class logits for the IS. `prepare`, when
+    given, replaces clean-fid's resizing for the mode (uint8 HWC array in, HWC array out: the network's own input
+    size); `kind` (of FEATURE_NETWORKS) names the metrics: fid/kid for Inception, fd_dinov2/kd_dinov2 for DINOv2."""
 
     fn: Callable[[torch.Tensor], torch.Tensor]
     name: str
     weights_sha256: str
     num_features: int
+    kind: str = "inception"
+    prepare: Optional[Callable[[np.ndarray], np.ndarray]] = None
+    details: Optional[dict] = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
+
+    def metric(self, name: str) -> str:
+        """The key of metric `name` (fd or kd) in this feature space: fid/kid (Inception), fd_dinov2/kd_dinov2."""
+        if name not in ("fd", "kd"):
+            raise ValueError(f"metric {name!r} is not fd or kd.")
+        return {"fd": "fid", "kd": "kid"}[name] if self.kind == "inception" else f"{name}_{self.kind}"
 
 
 def inception_network(weights: Path, device) -> FeatureNetwork:
@@ -102,6 +124,77 @@ def inception_network(weights: Path, device) -> FeatureNetwork:
     return FeatureNetwork(fn, "inception-v3-tf-2015-12-05 (clean-fid TorchScript)", sha256_of(weights), 2048)
 
 
+def resolve_feature_model(name: str, cache_dir: Optional[str] = None) -> Path:
+    """A transformers model folder: `name` itself, or the Hub repo's snapshot (the cached one offline). One line
+    naming the way to get it when neither is there."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"], cache_dir=cache_dir))
+    except Exception as e:  # offline, not cached, no such repo, or an invalid id: all one line
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise FeatureWeightsMissing(
+            f"No weights for the feature network {name!r}: not a local folder, not in the Hugging Face cache, and not "
+            f"downloadable here ({reason}). Run `hf download {name}` where there is internet and copy the cache "
+            "(HF_HOME), or pass --dinov2_model FOLDER (a save_pretrained folder with its preprocessor_config.json)."
+        ) from None
+
+
+def dinov2_network(name: str = DINOV2_DEFAULT, device="cpu", cache_dir: Optional[str] = None) -> FeatureNetwork:
+    """DINOv2 ViT features through transformers (Stein et al. 2023's FD_DINOv2): the class token after the final
+    layer norm (`pooler_output`), images resized and cropped as the model's image processor does, then rescaled and
+    normalised with its constants."""
+    folder = resolve_feature_model(name, cache_dir)
+    if not (folder / "preprocessor_config.json").is_file():
+        raise FeatureWeightsMissing(f"{name} has no preprocessor_config.json: DINOv2 features need the model's image "
+                                    "processor; pass the folder of a DINOv2 model saved with its processor.")
+    from transformers import AutoImageProcessor, AutoModel
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    try:
+        model = AutoModel.from_pretrained(folder).to(device).eval()
+        processor = AutoImageProcessor.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise FeatureWeightsMissing(f"Cannot load the feature network {name} ({reason}); fetch it again or pass another "
+                                    "--dinov2_model.") from None
+    if not model.config.model_type.startswith("dinov2"):
+        raise ValueError(f"{name} is a {model.config.model_type!r} model, not DINOv2; pass a DINOv2 model (e.g. {DINOV2_DEFAULT}).")
+    mean = torch.tensor(processor.image_mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    scale = float(processor.rescale_factor)
+
+    def prepare(image: np.ndarray) -> np.ndarray:  # the processor's resize and crop, still uint8
+        return processor(images=image, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"][0] \
+            .permute(1, 2, 0).numpy().astype(np.uint8)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(pixel_values=((x.float() * scale - mean) / std)).pooler_output.float()
+
+    weights = sorted(folder.glob("*.safetensors"))
+    digest = sha256_of(weights[0]) if len(weights) == 1 else hashlib.sha256(
+        "".join(sha256_of(w) for w in weights).encode()).hexdigest()
+    details = {"model": name, "features": "class token after the final layer norm (pooler_output)",
+               "preprocessing": f"{type(processor).__name__}: resize/crop to {processor.crop_size}, rescale, normalise"}
+    return FeatureNetwork(fn, f"dinov2 {name}", digest, model.config.hidden_size, "dinov2", prepare, details)
+
+
+def feature_network(kind: str, device="cpu", inception_weights: Optional[str] = None, dinov2_model: str = DINOV2_DEFAULT,
+                    cache_dir: Optional[str] = None) -> FeatureNetwork:
+    """The feature network `kind` (of FEATURE_NETWORKS), its weights found or one clear error, before any work."""
+    if kind == "inception":
+        return inception_network(resolve_inception_weights(inception_weights, cache_dir), device)
+    elif kind == "dinov2":
+        return dinov2_network(dinov2_model, device)
+    else:
+        raise ValueError(f"--feature_network {kind!r} is not one of {', '.join(FEATURE_NETWORKS)}.")
+
+
 def folder_features(folder, network: FeatureNetwork, mode: str = "clean", batch_size: int = 64, device="cpu",
                     num_workers: int = 0) -> np.ndarray:
     """Features of every image under `folder` (recursively) through clean-fid's resizing for `mode`."""
@@ -113,7 +206,7 @@ def folder_features(folder, network: FeatureNetwork, mode: str = "clean", batch_
     if len(files) < 2:
         raise ValueError(f"{folder} holds {len(files)} images; FID needs at least 2 (use thousands).")
     return get_folder_features(str(folder), network, num_workers=num_workers, batch_size=batch_size,
-                               device=torch.device(device), mode=mode, verbose=False)
+                               device=torch.device(device), mode=mode, verbose=False, custom_fn_resize=network.prepare)
 
 
 def features_of_images(images01: torch.Tensor, network, mode: str = "clean", device="cpu") -> torch.Tensor:
@@ -121,7 +214,7 @@ def features_of_images(images01: torch.Tensor, network, mode: str = "clean", dev
     PNG and clean-fid's resizing for `mode`, so that they match features of the same images in a folder."""
     from cleanfid.resize import build_resizer
 
-    resize = build_resizer(mode)
+    resize = getattr(network, "prepare", None) or build_resizer(mode)
     arrays = (images01.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
     if arrays.shape[-1] == 1:
         arrays = np.repeat(arrays, 3, axis=-1)
@@ -238,13 +331,22 @@ def sampling_protocol(samples: Path) -> Optional[dict]:
     return protocol
 
 
+def metrics_file(network: FeatureNetwork) -> str:
+    """The default name of the metrics file: metrics.json for Inception, metrics-<kind>.json for another space."""
+    return "metrics.json" if network.kind == "inception" else f"metrics-{network.kind}.json"
+
+
 def evaluate_folder(samples, reference: str, network: FeatureNetwork, mode: str = "clean", cache_dir=None,
                     split: str = "train", resolution: Optional[int] = None, channels: int = 3, kid: bool = True,
-                    isc: bool = True, output: Optional[Path] = None, **kw) -> dict:
-    """FID (and KID, IS) of the images in `samples` against `reference`; writes metrics.json into the
-    samples folder (or `output`) with the numbers and the protocol. A sampling.json (from ddpm-sample) that does
-    not describe the images in the folder is refused before any feature is computed."""
+                    isc: bool = True, output: Optional[Path] = None, precision_recall: bool = False, **kw) -> dict:
+    """The Fréchet distance (FID in Inception's space, FD_DINOv2 in DINOv2's), and the kernel distance, IS and
+    precision/recall (k = 3) as asked, of the images in `samples` against `reference`; writes `metrics_file(network)`
+    into the samples folder (or `output`) with the numbers and the protocol. A sampling.json (from ddpm-sample)
+    that does not describe the images in the folder is refused before any feature is computed."""
     cache_dir = Path(cache_dir or default_cache_dir())
+    if precision_recall and reference.startswith("cleanfid:"):
+        raise ValueError("--precision_recall needs the reference's features; clean-fid's statistics hold only their mean "
+                         "and covariance: give a folder or dataset --reference.")
     sampling = sampling_protocol(Path(samples))
     d = network.num_features
     if reference.startswith("cleanfid:"):  # fetched first: offline, it fails before any feature work
@@ -255,9 +357,13 @@ def evaluate_folder(samples, reference: str, network: FeatureNetwork, mode: str 
         sample_all = folder_features(samples, network, mode, **kw)
         ref_all, ref_description = reference_features(reference, network, mode, cache_dir, split, resolution, channels, **kw)
         ref_stats, ref_kid, num_reference = feature_statistics(ref_all[:, :d]), ref_all[:, :d], int(ref_all.shape[0])
-    result = {"fid": frechet_distance(*feature_statistics(sample_all[:, :d]), *ref_stats)}
+    result = {network.metric("fd"): frechet_distance(*feature_statistics(sample_all[:, :d]), *ref_stats)}
     if kid:
-        result["kid"] = kernel_inception_distance(sample_all[:, :d], ref_kid)
+        result[network.metric("kd")] = kernel_inception_distance(sample_all[:, :d], ref_kid)
+    if precision_recall:
+        precision, recall = improved_precision_recall(sample_all[:, :d], ref_kid, k=3)
+        result["precision"], result["recall"] = precision, recall
+        result["precision_recall"] = {"k": 3, "from": "Kynkäänniemi et al. 2019, torch-fidelity's calculate_precision_recall_part"}
     if isc and sample_all.shape[1] > d:
         mean, std = inception_score(sample_all[:, d:], splits=10)
         result["inception_score"] = {"mean": mean, "std": std, "splits": 10,
@@ -268,10 +374,11 @@ def evaluate_folder(samples, reference: str, network: FeatureNetwork, mode: str 
         "samples": str(Path(samples).resolve()),
         "sampling": sampling,
         "reference": ref_description,
-        "mode": mode,
-        "feature_network": {"name": network.name, "weights_sha256": network.weights_sha256},
+        "mode": mode if network.prepare is None else f"{network.kind} image processor (clean-fid's {mode} resizing unused)",
+        "feature_network": {"name": network.name, "kind": network.kind, "weights_sha256": network.weights_sha256,
+                            **(network.details or {})},
         "fid_implementation": "clean-fid frechet_distance",
         "versions": versions(),
     }
-    atomic_write_json(Path(output) if output else Path(samples) / "metrics.json", result)
+    atomic_write_json(Path(output) if output else Path(samples) / metrics_file(network), result)
     return result

@@ -34,7 +34,12 @@ UPLOAD_PATTERNS = (
     "README.md",
     "samples.png",
     "samples/step-*.png",
+    "progressive.png",
+    "denoising.gif",
+    "denoising.webp",
+    "figures.json",
     "metrics.json",
+    "metrics-dinov2.json",
     "training_config.json",
     "loss_curve.png",
 )

@@ -57,3 +57,19 @@ def inception_score(logits, splits: int = 10) -> Tuple[float, float]:
         raise ValueError(f"Need logits of shape [N >= splits={splits}, classes], got {tuple(logits.shape)}.")
     out = isc_features_to_metric(logits, splits=splits, shuffle=False)
     return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
+
+
+def improved_precision_recall(generated, real, k: int = 3) -> Tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of generated features against real ones, via
+    torch-fidelity: precision is the share of generated samples inside some real sample's ball (radius: its distance
+    to its k-th nearest real neighbour), recall the share of real samples inside some generated sample's ball."""
+    import torch
+    from torch_fidelity.metric_prc import calculate_precision_recall_part
+
+    generated = torch.as_tensor(np.asarray(generated, dtype=np.float64))
+    real = torch.as_tensor(np.asarray(real, dtype=np.float64))
+    if generated.shape[0] <= k or real.shape[0] <= k or generated.shape[1] != real.shape[1]:
+        raise ValueError(f"Precision/recall with k={k} needs more than {k} feature rows of one width on each side; "
+                         f"got {tuple(generated.shape)} and {tuple(real.shape)}.")
+    precision, recall = calculate_precision_recall_part(generated, real, neighborhood=k)
+    return float(precision), float(recall)

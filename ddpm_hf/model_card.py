@@ -59,6 +59,15 @@ def _nll(output_dir: Path) -> Optional[Tuple[dict, str, Optional[str]]]:
     return None
 
 
+def _read_json(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _precision_recall_rows(metrics: dict) -> list:
+    k = (metrics.get("precision_recall") or {}).get("k", 3)
+    return [f"| {name.capitalize()} (k = {k}) | {metrics[name]:.4f} |" for name in ("precision", "recall") if name in metrics]
+
+
 def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Optional[Tuple[int, int]] = None):
     """A `huggingface_hub.ModelCard` for the run in `output_dir`; `progress` = (step, total steps) marks a
     run still training. Images are shown only when their files exist."""
@@ -66,8 +75,7 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
 
     output_dir = Path(output_dir)
     config = TrainingConfig.load(output_dir / "training_config.json")
-    metrics_path = output_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+    metrics = _read_json(output_dir / "metrics.json")
     name = repo_id or output_dir.resolve().name
     dataset = _hub_dataset(config)
     dataset_label = dataset or ("scikit-learn digits (built in)" if config.dataset == "digits" else Path(config.dataset).name)
@@ -89,23 +97,32 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
                        metric_name=metric, metric_value=float(value))
             for metric, value in values.items() if value is not None
         ]
+    dinov2 = _read_json(output_dir / "metrics-dinov2.json")
+    if dinov2:
+        eval_results.append(EvalResult(task_type="unconditional-image-generation", dataset_type=dataset or "custom",
+                                       dataset_name=dataset_label, metric_type="fd_dinov2", metric_name="FD_DINOv2",
+                                       dataset_split=(dinov2.get("protocol", {}).get("reference") or {}).get("split"),
+                                       metric_value=float(dinov2["fd_dinov2"])))
     data = ModelCardData(
         license="apache-2.0", library_name="diffusers", tags=TAGS, datasets=[dataset] if dataset else None,
         model_name=name, eval_results=eval_results or None, pipeline_tag="unconditional-image-generation",
     )
     scheduler = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
     unet = json.loads((output_dir / "unet" / "config.json").read_text())
-    load_id = repo_id or "path/to/this/folder"
+    load_id = repo_id or config.output_dir  # the folder the run wrote, as it was given
+    network = f"UNet from `{config.unet_config}`" if config.unet_config else f"UNet preset `{config.unet_preset}`"
 
     parts = [
         f"# {name}",
         "",
         f"A denoising diffusion probabilistic model ([Ho et al. 2020](https://arxiv.org/abs/2006.11239)) trained "
-        f"with [ddpm_hf](https://pypi.org/project/ddpm_hf/) on **{dataset_label}** at {config.resolution}x{config.resolution} "
-        f"({config.channels} channel{'s' if config.channels > 1 else ''}), UNet preset `{config.unet_preset}`, "
+        f"with ddpm_hf on **{dataset_label}** at {config.resolution}x{config.resolution} "
+        f"({config.channels} channel{'s' if config.channels > 1 else ''}), {network} "
+        f"({sum(1 for _ in unet['block_out_channels'])} levels, channels {unet['block_out_channels']}), "
         f"{config.max_train_steps or config.num_epochs} {'steps' if config.max_train_steps else 'epochs'} of batch {config.batch_size}. "
         "The weights are the EMA weights.",
         "",
+        *([f"Started from the weights of `{config.init_from}`.", ""] if config.init_from else []),
     ]
     if progress is not None:
         parts += [f"**Training in progress: step {progress[0]:,} of {progress[1]:,}.** The weights, samples and this "
@@ -116,6 +133,19 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
             "",
             f"*Samples from fixed seeds ({config.num_sample_images} images, "
             f"{config.sample_inference_steps or config.num_train_timesteps} DDPM steps).*",
+            "",
+        ]
+    animation = next((name for name in ("denoising.webp", "denoising.gif") if (output_dir / name).is_file()), None)
+    progressive = (output_dir / "progressive.png").is_file()
+    if animation or progressive:
+        parts += [
+            " ".join(([f"![The reverse chain]({animation})"] if animation else []) +
+                     (["![Progressive generation](progressive.png)"] if progressive else [])),
+            "",
+            "*" + " ".join(([f"The reverse chain from x_T (`{animation}`)."] if animation else []) +
+                           (["Progressive generation (Ho et al. 2020, Fig. 6): for each seed, x_t (upper row) and the "
+                             "predicted x̂_0 (lower row) along the chain (`progressive.png`)."] if progressive else []))
+            + " figures.json says how each was made.*",
             "",
         ]
     parts += [
@@ -141,6 +171,7 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
             f"| FID | {metrics['fid']:.4f} |",
             *([f"| KID | {metrics['kid']:.6f} |"] if metrics.get("kid") is not None else []),
             *([f"| Inception Score | {isc['mean']:.3f} ± {isc['std']:.3f} ({isc.get('splits', 10)} splits) |"] if isc else []),
+            *_precision_recall_rows(metrics),
             "",
             "Protocol: "
             f"{protocol.get('num_samples')} samples ({sampling.get('scheduler', '?')} sampler, "
@@ -149,7 +180,19 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
             f"{(protocol.get('feature_network') or {}).get('name')} (weights SHA-256 "
             f"`{(protocol.get('feature_network') or {}).get('weights_sha256', '')[:16]}…`).",
         ]
-    elif not nll:
+    if dinov2:
+        dprotocol = dinov2.get("protocol", {})
+        parts += [
+            "",
+            "| metric in DINOv2's feature space | value |",
+            "| --- | --- |",
+            f"| FD_DINOv2 | {dinov2['fd_dinov2']:.4f} |",
+            *_precision_recall_rows(dinov2),
+            "",
+            f"FD_DINOv2 (Stein et al. 2023): {dprotocol.get('num_samples')} samples, features "
+            f"{(dprotocol.get('feature_network') or {}).get('name')} against {json.dumps(dprotocol.get('reference'))}.",
+        ]
+    elif not metrics and not nll:
         parts += ["No metrics yet: measure with `ddpm-sample` and `ddpm-metrics --output THIS_FOLDER/metrics.json` "
                   "(and the likelihood with `ddpm-nll THIS_FOLDER WORK_DIR --output THIS_FOLDER/nll.json`), "
                   "then rebuild this card with `ddpm-card THIS_FOLDER`."]
@@ -185,6 +228,14 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
         "",
         "```json",
         config.to_json(),
+        "```",
+        "",
+        "</details>",
+        "",
+        "<details><summary>Resolved UNet config</summary>",
+        "",
+        "```json",
+        json.dumps({k: v for k, v in unet.items() if not k.startswith("_")}, indent=2),
         "```",
         "",
         "</details>",

@@ -121,9 +121,10 @@ def _contiguous(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 def save_checkpoint(output_dir: Path, step: int, unet, ema_model, optimizer, trainer_state: dict,
-                    name: Optional[str] = None, config_json: Optional[str] = None) -> Path:
-    """Write checkpoint-<step>/ (or `name`/): UNet and EMA weights as safetensors, optimizer state, the run's
-    training_config.json, and last trainer_state.json holding the step and the SHA-256 of every other file.
+                    name: Optional[str] = None, extra_files: Optional[Dict[str, str]] = None) -> Path:
+    """Write checkpoint-<step>/ (or `name`/): UNet and EMA weights as safetensors, optimizer state, `extra_files`
+    ({name: text}, e.g. the run's configs), and last trainer_state.json holding the step and the SHA-256 of every
+    other file.
     Written under a temporary name and renamed into place; non-finite weights are refused, and a failed write
     (a full disk) removes its temporary and leaves the previous checkpoints as they were."""
     final = Path(output_dir) / (name or f"{CHECKPOINT_PREFIX}{step}")
@@ -137,8 +138,8 @@ def save_checkpoint(output_dir: Path, step: int, unet, ema_model, optimizer, tra
         save_file(_contiguous(unet.state_dict()), str(tmp / "unet.safetensors"))
         save_file(_contiguous(ema_model.state_dict()), str(tmp / "ema.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        if config_json is not None:
-            (tmp / "training_config.json").write_text(config_json + "\n")
+        for filename, text in (extra_files or {}).items():
+            (tmp / filename).write_text(text + "\n")
         files = {p.name: sha256_of(p) for p in sorted(tmp.iterdir())}
         with open(tmp / TRAINER_STATE, "w") as f:  # written last: its presence marks a complete checkpoint
             json.dump({**trainer_state, "step": step, "files": files}, f, indent=2)
@@ -244,21 +245,21 @@ def rotate_checkpoints(output_dir: Path, limit: Optional[int], keep: Sequence[Pa
 # ---------------------------------------------------------------- pictures
 
 
-def image_grid(images: torch.Tensor, pad: int = 1):
-    """A near-square PIL grid of images in [0, 1] (NCHW), each framed by `pad` dark pixels; small images
-    are enlarged (nearest neighbour) so the grid is at least ~256 px per image."""
+def image_grid(images: torch.Tensor, pad: int = 1, cols: Optional[int] = None, min_size: int = 256):
+    """A PIL grid of images in [0, 1] (NCHW), near-square or `cols` wide, each framed by `pad` dark pixels; small
+    images are enlarged (nearest neighbour) to at least ~`min_size` px each."""
     from diffusers.pipelines.pipeline_utils import DiffusionPipeline
     from diffusers.utils import make_image_grid
     from PIL import ImageOps
 
     n = images.shape[0]
-    cols = math.ceil(math.sqrt(n))
+    cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     pil = DiffusionPipeline.numpy_to_pil(images.permute(0, 2, 3, 1).float().cpu().numpy())
     pil += [pil[0].point(lambda _: 0)] * (rows * cols - n)
     pil = [ImageOps.expand(img, border=pad, fill=0) for img in pil]
     grid = make_image_grid(pil, rows=rows, cols=cols)
-    scale = max(1, 256 // images.shape[-1])
+    scale = max(1, min_size // images.shape[-1])
     return grid.resize((grid.width * scale, grid.height * scale), resample=0) if scale > 1 else grid
 
 

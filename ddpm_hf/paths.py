@@ -8,6 +8,8 @@ CACHE_ENV = "DDPM_HF_CACHE"
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 WEIGHTS_ENV = "DDPM_HF_INCEPTION_WEIGHTS"
+# FD_DINOv2 (Stein et al. 2023; EDM2 reports it) uses the large ViT
+DINOV2_DEFAULT = "facebook/dinov2-large"
 
 
 def default_cache_dir() -> Path:

@@ -134,7 +134,7 @@ def make_beta_schedule(
 ) -> np.ndarray:
     """The betas β_1..β_T of a named schedule, in float64."""
     _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
-    if beta_schedule != "squaredcos_cap_v2" and not 0 < beta_start < beta_end < 1:
+    if beta_schedule not in ("squaredcos_cap_v2", "laplace") and not 0 < beta_start < beta_end < 1:
         raise ValueError(
             f"beta_start={beta_start} and beta_end={beta_end} must satisfy 0 < beta_start < beta_end < 1 "
             f"for beta_schedule={beta_schedule!r} (the paper uses beta_start=1e-4, beta_end=0.02)."
@@ -153,6 +153,13 @@ def make_beta_schedule(
     elif beta_schedule == "sigmoid":  # GeoDiff (Xu et al. 2022)
         x = np.linspace(-6, 6, T, dtype=np.float64)
         return 1 / (1 + np.exp(-x)) * (beta_end - beta_start) + beta_start
+    elif beta_schedule == "laplace":
+        # diffusers' laplace schedule (Hang et al. 2024): λ(t) = -½ sign(½ - t) log(1 - 2|½ - t| + 1e-6), the curve
+        # sqrt(e^λ / (1 + e^λ)) discretised as β_t = 1 - f(t/T + 1/T) / f(t/T) <= 0.999, as diffusers defines it
+        t = np.arange(T + 1, dtype=np.float64) / T
+        lmb = -0.5 * np.sign(0.5 - t) * np.log(1 - 2 * np.abs(0.5 - t) + 1e-6)
+        f = np.sqrt(np.exp(lmb) / (1 + np.exp(lmb)))
+        return np.minimum(1 - f[1:] / f[:-1], 0.999)
     else:  # unreachable: _check_choice above
         raise ValueError(f"beta_schedule={beta_schedule!r}")
 
@@ -337,14 +344,17 @@ class DDPMScheduler(_DiffusersDDPMScheduler):
         self._prev = {int(t): int(p) for t, p in zip(ts, list(ts[1:]) + [-1])}
         self.timesteps = torch.from_numpy(ts).to(device)
 
-    def previous_timestep(self, timestep) -> int:
-        """t' of the step from t in the current chain; -1 for the last step (the one that lands on x_0)."""
+    def previous_timestep(self, timestep):
+        """t' of the step from t in the current chain; -1 for the last step (the one that lands on x_0). An int for
+        an int, a tensor for a tensor (as diffusers' returns)."""
         t = int(timestep)
         if self._prev is None:
-            return t - 1
-        if t not in self._prev:
+            prev = t - 1
+        elif t in self._prev:
+            prev = self._prev[t]
+        else:
             raise ValueError(f"timestep {t} is not in the chain set by set_timesteps ({self.timesteps.tolist()[:8]}...).")
-        return self._prev[t]
+        return torch.tensor(prev, device=timestep.device) if isinstance(timestep, torch.Tensor) else prev
 
     # ------------------------------------------------------------------ closed-form quantities
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -62,7 +63,6 @@ from .sampling import draw_share
 from .scheduler import DDPMScheduler
 from .seeding import DROPOUT_SEED_TAG, EVAL_SEED_TAG, GRID_SEED_TAG, mix_seed
 from .timestep_samplers import UniformSampler, make_timestep_sampler
-from .unets import build_unet
 
 logger = get_logger(__name__)  # Accelerate's: logs on the main process only
 
@@ -83,16 +83,46 @@ def make_scheduler(config: TrainingConfig) -> DDPMScheduler:
     )
 
 
-def make_unet(config: TrainingConfig):
-    """The UNet of the config: C input channels, and C output channels (2C with a learned variance)."""
+def run_unet_config(config: TrainingConfig, checkpoint: Optional[Path] = None) -> Dict[str, Any]:
+    """The UNet2DModel config of a run: a resumed run's own (saved in its checkpoint, so the source is not needed
+    any more), else --unet_config's (checked against the run: C input channels, C output channels or 2C with a
+    learned variance, the resolution), else the preset's."""
+    import json
+
+    from .unets import check_unet_config, resolve_unet_config, unet_config
+
+    if checkpoint is not None and (checkpoint / "unet_config.json").is_file():
+        return json.loads((checkpoint / "unet_config.json").read_text())
     extra = {} if config.dropout is None else {"dropout": config.dropout}
-    if config.variance_type in LEARNED_VARIANCE_TYPES:
-        extra["out_channels"] = 2 * config.channels
-    return build_unet(config.unet_preset, sample_size=config.resolution, in_channels=config.channels, **extra)
+    out = 2 * config.channels if config.variance_type in LEARNED_VARIANCE_TYPES else config.channels
+    if config.unet_config:
+        read = resolve_unet_config(config.unet_config, config.unet_subfolder)
+        return {**check_unet_config(read, config.channels, out, config.resolution, config.unet_config), **extra}
+    return unet_config(config.unet_preset, sample_size=config.resolution, in_channels=config.channels, out_channels=out, **extra)
+
+
+def make_unet(config: TrainingConfig, checkpoint: Optional[Path] = None):
+    """A freshly initialised UNet2DModel of the run's config (`run_unet_config`)."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel.from_config(run_unet_config(config, checkpoint))
+
+
+def load_starting_weights(unet, source: str) -> None:
+    """--init_from: the UNet weights of the pipeline `source` (a folder, a google/ddpm-* root layout, or a Hub repo
+    id; cached ones work offline), into `unet`."""
+    from .pipelines.pipeline_ddpm import DDPMPipeline
+
+    weights = DDPMPipeline.from_pretrained(source).unet.state_dict()
+    try:
+        unet.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"--init_from {source}: its UNet weights do not fit this run's UNet ({str(e).splitlines()[1][:160]}); "
+                         "leave --unet_config/--unet_preset and --channels to the starting pipeline.") from None
 
 
 def make_optimizer(config: TrainingConfig, parameters) -> tuple:
-    """(Adam, skips_on_device). Fused where torch has a fused kernel for the device (CUDA, CPU, ...): it then
+    """(Adam or AdamW, skips_on_device). Fused where torch has a fused kernel for the device (CUDA, CPU, ...): it then
     skips a step whose gradient is not finite on the device itself (`found_inf`). Elsewhere foreach Adam, and
     the host decides the skip."""
     parameters = list(parameters)
@@ -297,16 +327,17 @@ def setup(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
                            config.hub_private_repo, config.output_dir)
         logger.info("Will push to %s.", pusher.url)
     if config.eval_every and feature_network is None:
-        from .evaluation import inception_network, resolve_inception_weights
+        from .evaluation import feature_network as load_feature_network
 
-        weights = resolve_inception_weights(config.inception_weights, config.eval_cache_dir)
-        feature_network = inception_network(weights, accelerator.device)
+        feature_network = load_feature_network(config.eval_feature_network, accelerator.device, config.inception_weights,
+                                               config.eval_dinov2_model, config.eval_cache_dir)
     nll_images = load_held_out_images(config) if config.eval_nll_every else None
     micro = config.batch_size // (world * accum)
     source = BatchSource(config, micro, accelerator.process_index, world,
                          progress=accelerator.is_local_main_process, device=accelerator.device)
     if source.skipped:
         logger.warning("Skipped %d undecodable images (--on_bad_image skip).", source.skipped)
+    config = epochs_to_steps(config, source.steps_per_epoch)
     if config.max_train_steps is not None:
         total_steps = config.max_train_steps
     elif source.steps_per_epoch is None:
@@ -315,7 +346,23 @@ def setup(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
         total_steps = config.num_epochs * source.steps_per_epoch
     return Run(config=config, accelerator=accelerator, source=source, total_steps=total_steps, pusher=pusher,
                feature_network=feature_network, nll_images=nll_images, checkpoint=checkpoint, config_changes=changes,
-               **build_model(config, accelerator, total_steps))
+               **build_model(config, accelerator, total_steps, checkpoint))
+
+
+def epochs_to_steps(config: TrainingConfig, steps_per_epoch: Optional[int]) -> TrainingConfig:
+    """--save_images_epochs / --save_model_epochs as the step intervals they are for this data and batch."""
+    if not (config.save_images_epochs or config.save_model_epochs):
+        return config
+    if steps_per_epoch is None:
+        raise ValueError("--save_images_epochs and --save_model_epochs need the dataset size; with --streaming give "
+                         "--save_images_steps and --checkpointing_steps.")
+    changes = {}
+    if config.save_images_epochs:
+        changes["save_images_steps"] = config.save_images_epochs * steps_per_epoch
+    if config.save_model_epochs:
+        changes["checkpointing_steps"] = config.save_model_epochs * steps_per_epoch
+    logger.info("Epochs are %d steps: %s.", steps_per_epoch, ", ".join(f"--{k} {v}" for k, v in changes.items()))
+    return dataclasses.replace(config, **changes)
 
 
 def find_checkpoint(config: TrainingConfig) -> tuple:
@@ -359,14 +406,16 @@ def load_held_out_images(config: TrainingConfig) -> torch.Tensor:
     return bank.images
 
 
-def build_model(config: TrainingConfig, accelerator, total_steps: int) -> dict:
-    """The UNet (prepared by Accelerate), its forward pass, the diffusion and loss, Adam, the LR schedule,
-    the EMA and the step meters."""
+def build_model(config: TrainingConfig, accelerator, total_steps: int, checkpoint: Optional[Path] = None) -> dict:
+    """The UNet (prepared by Accelerate; from --init_from's weights on a fresh start), its forward pass, the
+    diffusion and loss, Adam, the LR schedule, the EMA (from the same weights) and the step meters."""
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
     set_seed(config.seed)
-    unet = make_unet(config)
+    unet = make_unet(config, checkpoint)
+    if config.init_from and checkpoint is None:
+        load_starting_weights(unet, config.init_from)
     scheduler = make_scheduler(config)
     if config.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
@@ -435,7 +484,8 @@ def clear_earlier_run(run: Run) -> None:
     """With --overwrite_output_dir, remove an earlier run's checkpoints, grids and logs (each renamed to a
     temporary first); without it, say that an earlier run's logs stay beside the new ones."""
     leftovers = [p for p in run.output_dir.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) or p.name in
-                 ("best_checkpoint", "samples", "samples.png", "logs", "train_summary.json", "loss_curve.png")]
+                 ("best_checkpoint", "samples", "samples.png", "logs", "train_summary.json", "loss_curve.png",
+                  "progressive.png", "denoising.gif", "denoising.webp", "figures.json")]
     if run.config.overwrite_output_dir and leftovers:
         for path in leftovers:
             path.replace(tmp_sibling(path))
@@ -555,9 +605,10 @@ def periodic_work(run: Run, state: TrainState, bar) -> None:
     def due(every: Optional[int]) -> bool:
         return bool(every) and (done % every == 0 or done == run.total_steps)
 
-    if due(config.logging_steps) or due(config.checkpointing_steps):
+    log_now = due(config.logging_steps) or done == 1  # the first step too: a short run's curve has two points
+    if log_now or due(config.checkpointing_steps):
         check_nonfinite(run, state)
-    if due(config.logging_steps):
+    if log_now:
         log_progress(run, state, bar)
     push_now = bool(run.pusher and config.hub_push_every and done % config.hub_push_every == 0 and done < run.total_steps)
     with run.clock.pause():
@@ -639,7 +690,9 @@ def write_checkpoint(run: Run, state: TrainState, name: Optional[str] = None) ->
         state.lr_scheduler, state.ema = run.lr_scheduler.state_dict(), run.ema.state()
         state.timestep_sampler = run.timesteps.state_dict()
         save_checkpoint(run.output_dir, state.step, run.raw_unet, run.ema.model, run.optimizer, state.to_dict(), name=name,
-                        config_json=run.config.to_json())
+                        extra_files={"training_config.json": run.config.to_json(),
+                                     "unet_config.json": json.dumps({k: v for k, v in run.raw_unet.config.items()
+                                                                     if not k.startswith("_")}, indent=2)})
         if name is None:
             rotate_checkpoints(run.output_dir, run.config.checkpoints_total_limit)
     run.accelerator.wait_for_everyone()
@@ -662,10 +715,11 @@ def evaluate(run: Run, state: TrainState) -> None:
     state.evals.append({"step": state.step, **metrics})
     run.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
     isc = f", IS {metrics['inception_score']:.3f}" if "inception_score" in metrics else ""
-    logger.info("Step %d: FID %.4f (%d samples, DDIM %d steps)%s", state.step, metrics["fid"], config.eval_samples,
-                config.eval_steps, isc)
-    if config.keep_best and (state.best is None or metrics["fid"] < state.best["fid"]):
-        state.best = {"step": state.step, "fid": metrics["fid"]}
+    key = run.feature_network.metric("fd")
+    logger.info("Step %d: %s %.4f (%d samples, DDIM %d steps)%s", state.step, key.upper(), metrics[key],
+                config.eval_samples, config.eval_steps, isc)
+    if config.keep_best and (state.best is None or metrics[key] < state.best[key]):
+        state.best = {"step": state.step, key: metrics[key]}
         write_checkpoint(run, state, name="best_checkpoint")
 
 
@@ -699,6 +753,20 @@ def save_ema_pipeline(run: Run) -> None:
                   run.output_dir)
 
 
+def save_card_figures(run: Run) -> None:
+    """The denoising animation and the progressive figure of the EMA pipeline (the grid's first 16 seeds and its
+    sampler steps: the animation ends on the grid's first images), for the model card."""
+    from .figures import chain_figures, record_figures
+    from .pipelines.pipeline_ddpm import DDPMPipeline
+
+    config = run.config
+    pipe = DDPMPipeline(unet=run.ema.model, scheduler=DDPMScheduler.from_config(run.scheduler.config))
+    pipe.set_progress_bar_config(desc="Card figures", leave=False)
+    seeds = [mix_seed(config.seed, i, GRID_SEED_TAG) for i in range(min(16, config.num_sample_images))]
+    steps = config.sample_inference_steps or config.num_train_timesteps
+    record_figures(run.output_dir, chain_figures(pipe, run.output_dir, seeds, steps, about={"pipeline": "this run (EMA)"}))
+
+
 def log_grid(accelerator, grid, step: int) -> None:
     """The sample grid (a PIL image) to the trackers that take images."""
     import numpy as np
@@ -727,7 +795,7 @@ def sample_images(unet, scheduler_config, config: TrainingConfig, accelerator) -
 
 
 def evaluate_during_training(unet, scheduler_config, config: TrainingConfig, accelerator, network, reference) -> dict:
-    """FID (and IS) of `eval_samples` images from `unet` drawn with DDIM in `eval_steps` steps, each process
+    """FID and IS (or FD_DINOv2) of `eval_samples` images from `unet` drawn with DDIM in `eval_steps` steps, each process
     drawing its share (image i from seed (seed, i)); every process returns the same numbers."""
     from accelerate.utils import gather_object
     from diffusers import DDIMScheduler
@@ -745,7 +813,7 @@ def evaluate_during_training(unet, scheduler_config, config: TrainingConfig, acc
     rows = [row for ids, images in drawn for row in zip(ids, features_of_images(images, network, device=accelerator.device))]
     feats = torch.stack([f for _, f in sorted(gather_object(rows), key=lambda row: row[0])]).double().numpy()
     d = network.num_features
-    result = {"fid": frechet_distance(*feature_statistics(feats[:, :d]), *reference)}
+    result = {network.metric("fd"): frechet_distance(*feature_statistics(feats[:, :d]), *reference)}
     if feats.shape[1] > d and feats.shape[0] >= 10:
         result["inception_score"] = inception_score(feats[:, d:], splits=10)[0]
     return result
@@ -760,6 +828,8 @@ def finish(run: Run, state: TrainState) -> None:
     refuse_unsound_weights(run, state, "the pipeline")
     if run.is_main:
         save_ema_pipeline(run)
+        if run.config.card_figures:
+            save_card_figures(run)
         atomic_write_json(run.output_dir / "train_summary.json", {
             "steps": run.total_steps, "images_seen": run.total_steps * run.config.batch_size,
             "skipped_images": run.source.skipped, "nonfinite_steps": state.nonfinite_total,

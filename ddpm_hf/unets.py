@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
 if TYPE_CHECKING:  # diffusers loads only when a network is built: the command lines read the presets first
@@ -77,6 +78,13 @@ UNET_PRESETS: Dict[str, Dict[str, Any]] = {
         norm_num_groups=8,
         dropout=0.0,
     ),
+    # diffusers' train_unconditional.py example's default network (64x64 by default; 113.7M parameters).
+    # The network of the 256x256 checkpoints, with diffusers' UNet2DModel defaults, which the example keeps.
+    "diffusers-example": dict(
+        _DDPM_256,
+        sample_size=64,
+        attention_head_dim=8, downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5,
+    ),
     # 0.18M parameters: for tests.
     "cpu-tiny": dict(
         _PAPER_CONVENTIONS,
@@ -125,3 +133,55 @@ def build_unet(preset: str, **kwargs: Any) -> "UNet2DModel":
     from diffusers import UNet2DModel
 
     return UNet2DModel.from_config(unet_config(preset, **kwargs))
+
+
+def resolve_unet_config(source: str, subfolder: Optional[str] = None) -> Dict[str, Any]:
+    """A UNet2DModel config from `source`: a config.json file, a folder holding one (or unet/config.json, or the
+    config.json of a google/ddpm-* root layout), or a Hub repo id (cached ones work offline), read through
+    diffusers' `load_config`. `subfolder` picks the folder inside a pipeline (default: `unet`, else the root).
+    Raises a one-line ValueError when it cannot be read or is not a UNet2DModel config."""
+    from diffusers import UNet2DModel
+
+    tries = [subfolder] if subfolder is not None else ["unet", None]
+    if Path(source).is_file():
+        tries = [None]
+    errors = []
+    import warnings
+
+    for folder in tries:
+        try:
+            with warnings.catch_warnings():  # huggingface_hub's deprecation notes about diffusers' own arguments
+                warnings.simplefilter("ignore")
+                config = dict(UNet2DModel.load_config(source, subfolder=folder))
+        except (OSError, ValueError, EnvironmentError) as e:
+            errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            continue
+        name = config.get("_class_name", "UNet2DModel")
+        if name != "UNet2DModel":
+            raise ValueError(f"--unet_config {source}: its config is a {name}'s; ddpm_hf trains a UNet2DModel.")
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+    where = f" (subfolder {subfolder})" if subfolder else ""
+    raise ValueError(f"--unet_config {source}{where}: no UNet2DModel config.json there ({errors[-1]}); give a config.json, "
+                     "a folder holding one, or a Hub repo id.")
+
+
+def check_unet_config(config: Dict[str, Any], channels: int, out_channels: int, resolution: int, source: str) -> Dict[str, Any]:
+    """`config` against the run: in/out channels and sample_size; the resolution divisible by its downsampling.
+    Each mismatch is one line naming the key; returns the config with sample_size set."""
+    from diffusers import UNet2DModel
+
+    defaults = {k: p.default for k, p in inspect.signature(UNet2DModel.__init__).parameters.items() if k != "self"}
+    full = {**defaults, **config}
+    for key, want, flag in (("in_channels", channels, f"--channels {channels}"),
+                            ("out_channels", out_channels, f"--channels {channels} with this --variance_type")):
+        if full[key] != want:
+            raise ValueError(f"--unet_config {source}: {key}={full[key]}, but {flag} needs {want}; set {key} in the config "
+                             "or change the flag.")
+    if full.get("sample_size") not in (None, resolution):
+        raise ValueError(f"--unet_config {source}: sample_size={full['sample_size']}, but --resolution is {resolution}; "
+                         "set sample_size in the config or change --resolution.")
+    factor = downsampling_factor(full)
+    if resolution % factor:
+        raise ValueError(f"--unet_config {source}: its {len(full['block_out_channels'])} levels downsample by {factor}, "
+                         f"which does not divide --resolution {resolution}; use a multiple of {factor}.")
+    return {**config, "sample_size": resolution}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-from typing import List, Optional, Union
+from typing import Callable, List, NamedTuple, Optional, Union
 
 import diffusers
 import torch
@@ -18,6 +18,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UN
 from diffusers.utils.torch_utils import randn_tensor
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+logger = diffusers.utils.logging.get_logger(__name__)
 # as ddpm_hf.choices.LEARNED_VARIANCE_TYPES (a test checks): this file also runs on the Hub, without ddpm_hf
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 
@@ -51,6 +52,19 @@ def _diffusers_equivalent(library: str, class_name: str) -> Optional[str]:
     return None
 
 
+class DenoiseStep(NamedTuple):
+    """One step of the reverse chain, as `denoise` gives it to a callback: the step's index in the scheduler's
+    timesteps, its timestep t, the sample x_t it started from, the model output the scheduler was given, x_{t-1},
+    and the scheduler's predicted x_0 when its step returns one (DDPM and DDIM do; DPM-Solver does not)."""
+
+    index: int
+    timestep: torch.Tensor
+    sample: torch.Tensor
+    model_output: torch.Tensor
+    prev_sample: torch.Tensor
+    pred_original_sample: Optional[torch.Tensor]
+
+
 def denoise(
     unet: torch.nn.Module,
     scheduler: SchedulerMixin,
@@ -59,11 +73,18 @@ def denoise(
     generator: Union[torch.Generator, List[torch.Generator], None] = None,
     eta: Optional[float] = None,
     progress=lambda it: it,
+    callback: Optional[Callable[["DenoiseStep"], None]] = None,
+    start: int = 0,
 ) -> torch.Tensor:
     """The reverse process: from x_T = `noise` (scaled by the scheduler's init_noise_sigma) down to x_0
     in `num_inference_steps` scheduler steps. Returns x_0 in the model's range ([-1, 1]). A UNet with a learned
-    variance (2C output channels) gives all of them to a scheduler that uses the variance, the first C to others."""
+    variance (2C output channels) gives all of them to a scheduler that uses the variance, the first C to others.
+
+    `callback(DenoiseStep)` is called after each step (figures watch the chain through it). With `start` > 0 the
+    chain begins at step `start` (timestep `scheduler.timesteps[start]`) and `noise` is that x_t itself."""
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
+    if start and hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
     extra = {}
     step_params = inspect.signature(scheduler.step).parameters
     if "generator" in step_params:
@@ -73,12 +94,15 @@ def denoise(
             raise ValueError(f"eta={eta} was given but {type(scheduler).__name__}.step takes no eta; use DDIMScheduler.")
         extra["eta"] = eta
     keep_variance = uses_learned_variance(scheduler)
-    x = noise * scheduler.init_noise_sigma
-    for t in progress(scheduler.timesteps):
+    x = noise * scheduler.init_noise_sigma if start == 0 else noise
+    for i, t in enumerate(progress(scheduler.timesteps[start:]), start):
         model_output = unet(scheduler.scale_model_input(x, t), t).sample  # 1. predict ε (or x_0, or v)
         if model_output.shape[1] == 2 * x.shape[1] and not keep_variance:
             model_output = model_output[:, : x.shape[1]]  # the variance channels are DDPM's alone
-        x = scheduler.step(model_output, t, x, **extra).prev_sample  # 2. x_t -> x_{t-1}
+        out = scheduler.step(model_output, t, x, **extra)  # 2. x_t -> x_{t-1}
+        if callback is not None:
+            callback(DenoiseStep(i, t, x, model_output, out.prev_sample, getattr(out, "pred_original_sample", None)))
+        x = out.prev_sample
     return x
 
 
@@ -143,7 +167,10 @@ class DDPMPipeline(DiffusionPipeline):
                 from ddpm_hf.scheduler import DDPMScheduler
             except ImportError:  # running as Hub pipeline code without ddpm_hf: keep diffusers' class
                 return pipe
-            pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+            try:
+                pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+            except (ValueError, TypeError) as e:  # a config value newer than ddpm_hf: diffusers' own class runs it
+                logger.warning("Keeping diffusers' DDPMScheduler: ddpm_hf's does not take this config (%s).", e)
         return pipe
 
     @torch.no_grad()
@@ -155,6 +182,7 @@ class DDPMPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         eta: Optional[float] = None,
+        callback: Optional[Callable[[DenoiseStep], None]] = None,
     ):
         """Generate `batch_size` images.
 
@@ -166,6 +194,8 @@ class DDPMPipeline(DiffusionPipeline):
             output_type: `pil` (list of PIL images), `np` (NHWC float array in [0, 1]) or `pt` (NCHW tensor in [0, 1]).
             return_dict: return an `ImagePipelineOutput` rather than a tuple.
             eta: DDIM's eta, for schedulers whose `step` takes it.
+            callback: called with a `DenoiseStep` after each step of the reverse chain (x_t, the model output,
+                x_{t-1}, the predicted x_0 when the scheduler gives one).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}.")
@@ -181,7 +211,8 @@ class DDPMPipeline(DiffusionPipeline):
         was_training = self.unet.training
         self.unet.eval()  # sampling never uses dropout, also when called on a model that is training
         try:
-            images = denoise(self.unet, self.scheduler, noise, num_inference_steps, generator, eta, self.progress_bar)
+            images = denoise(self.unet, self.scheduler, noise, num_inference_steps, generator, eta, self.progress_bar,
+                             callback)
         finally:
             self.unet.train(was_training)
         images = to_output(images, output_type)

@@ -56,7 +56,7 @@ def test_fid_of_a_folder_against_itself_is_zero_and_protocol_is_recorded(tmp_pat
     protocol = saved["protocol"]
     assert protocol["num_samples"] == 40 and protocol["mode"] == "clean"
     assert protocol["sampling"] == {"scheduler": "ddpm", "num_inference_steps": 1000}
-    assert protocol["feature_network"] == {"name": "stand-in random projection", "weights_sha256": "0" * 64}
+    assert protocol["feature_network"] == {"name": "stand-in random projection", "kind": "inception", "weights_sha256": "0" * 64}
     assert protocol["reference"]["kind"] == "folder"
     assert {"torch", "diffusers", "clean-fid", "torch-fidelity"} <= set(protocol["versions"])
     assert 1.0 <= result["inception_score"]["mean"] <= 10.0

@@ -35,7 +35,13 @@ REPO = "alice/ddpm-digits"
 # what a finished run pushes, besides the .gitattributes every Hub repo starts with
 PUSHED = {"README.md", "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
           "scheduler/scheduler_config.json", "samples.png", "samples/step-0000001.png", "samples/step-0000002.png",
-          "training_config.json", "loss_curve.png"}
+          "training_config.json", "loss_curve.png", "progressive.png", "figures.json"}
+
+
+def animation(out: Path) -> str:
+    """The card's denoising animation: GIF or WebP, whichever was smaller."""
+    (found,) = [p.name for p in out.glob("denoising.*")]
+    return found
 
 
 @contextlib.contextmanager
@@ -102,7 +108,8 @@ def pushed_run(hub, tmp_path_factory):
 def test_allow_list_picks_only_published_files(tmp_path):
     wanted = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
               "scheduler/scheduler_config.json", "README.md", "samples.png", "samples/step-0000400.png",
-              "metrics.json", "training_config.json", "loss_curve.png"]
+              "metrics.json", "training_config.json", "loss_curve.png", "progressive.png", "denoising.gif",
+              "denoising.webp", "figures.json", "metrics-dinov2.json"]
     unwanted = ["checkpoint-0000400/unet.safetensors", "checkpoint-0000400/optimizer.pt", "checkpoint-0000400/trainer_state.json",
                 "best_checkpoint/ema.safetensors", "logs/events.out.tfevents.1", "train_summary.json", "optimizer.pt",
                 "unet/diffusion_pytorch_model.bin", ".samples.png.tmp-1234", ".hub-push.tmp-abcd/model_index.json",
@@ -116,8 +123,8 @@ def test_allow_list_picks_only_published_files(tmp_path):
 def test_training_push_uploads_exactly_the_allow_list(pushed_run, hub):
     out, _ = pushed_run
     files = hub.files(REPO)
-    assert set(files) == PUSHED | {".gitattributes"}
-    for rel in PUSHED:
+    assert set(files) == PUSHED | {".gitattributes", animation(out)}
+    for rel in PUSHED | {animation(out)}:
         assert files[rel] == (out / rel).read_bytes(), rel
     # what stayed home
     assert list(out.glob("checkpoint-*/optimizer.pt")) and (out / "logs").is_dir() and (out / "train_summary.json").is_file()
@@ -142,7 +149,9 @@ def test_pushed_card_metadata_and_image_links(pushed_run, hub):
     assert set(TAGS) <= set(card.data.tags)
     html = markdown.markdown(card.text, extensions=["fenced_code"]).replace("&quot;", '"')
     sources = re.findall(r'<img[^>]*src="([^"]+)"', html)
-    assert sorted(sources) == ["loss_curve.png", "samples.png"] and set(sources) <= set(files)
+    out, _ = pushed_run
+    assert sorted(sources) == sorted([animation(out), "loss_curve.png", "progressive.png", "samples.png"])
+    assert set(sources) <= set(files)
     assert f'DDPMPipeline.from_pretrained("{REPO}")' in html
     assert "push_to_hub" not in re.search(r"```bash\n(.*?)\n```", card.text, re.S).group(1), "a reproduction pushes nowhere"
 
@@ -289,7 +298,7 @@ def test_ddpm_push_command_through_hf_endpoint(pushed_run, hub, tmp_path):
     assert f"to {hub.endpoint}/alice/cli-push" in result.stdout
     assert WRITE_TOKEN not in result.stdout + result.stderr
     files = hub.files("alice/cli-push")
-    assert set(files) == PUSHED | {".gitattributes"}
+    assert set(files) == PUSHED | {".gitattributes", animation(out)}
     assert 'from_pretrained("alice/cli-push")' in files["README.md"].decode()
     assert files["README.md"] == (out / "README.md").read_bytes(), "the local card names the repo too"
 
@@ -330,4 +339,5 @@ def test_two_processes_push_once_per_push(hub, tmp_path):
     assert "2 processes" in proc.stderr and WRITE_TOKEN not in proc.stdout + proc.stderr
     assert [c.message for c in hub.repos["alice/two-procs"].commits] == ["initial commit", "Training step 2 of 4", "End of training: step 4"]
     assert sum(1 for _, path, _ in hub.requests if path.startswith("/api/whoami")) == whoami_before + 1
-    assert set(hub.files("alice/two-procs")) == (PUSHED - {"samples/step-0000001.png"}) | {".gitattributes", "samples/step-0000004.png"}
+    assert set(hub.files("alice/two-procs")) == (PUSHED - {"samples/step-0000001.png"}) | {
+        ".gitattributes", "samples/step-0000004.png", animation(tmp_path / "run")}

@@ -41,9 +41,16 @@ def test_card_metadata(run_dir):
 def test_card_renders_and_its_images_resolve_to_files(run_dir):
     html = markdown.markdown(ModelCard.load(run_dir / "README.md").text, extensions=["fenced_code"])
     sources = re.findall(r'<img[^>]*src="([^"]+)"', html)
-    assert sorted(sources) == ["loss_curve.png", "samples.png"]
+    (animation,) = [p.name for p in run_dir.glob("denoising.*")]  # GIF or WebP, whichever is smaller
+    assert sorted(sources) == sorted([animation, "loss_curve.png", "progressive.png", "samples.png"])
     assert all((run_dir / s).is_file() for s in sources)
-    assert 'DDPMPipeline.from_pretrained("path/to/this/folder")' in html.replace("&quot;", '"')
+    recorded = json.loads((run_dir / "figures.json").read_text())
+    assert set(recorded) == {animation, "progressive.png"}
+    assert recorded[animation]["num_inference_steps"] == json.loads((run_dir / "training_config.json").read_text())[
+        "sample_inference_steps"]
+    # the usage snippet loads the run's own folder (it said "path/to/this/folder" before), and no link leads nowhere
+    assert f'DDPMPipeline.from_pretrained("{run_dir}")' in html.replace("&quot;", '"')
+    assert "pypi.org" not in html
 
 
 def test_reproduce_command_gives_back_the_config(run_dir):
@@ -70,3 +77,19 @@ def test_card_with_metrics_has_model_index_and_protocol(run_dir, tmp_path):
     assert card.data.to_dict()["model-index"][0]["name"] == "someone/ddpm-digits"
     assert "| FID | 12.5000 |" in card.text and "1000 samples (ddim sampler, 50 steps, EMA weights)" in card.text
     assert 'from_pretrained("someone/ddpm-digits")' in card.text
+
+
+def test_card_shows_fd_dinov2_with_precision_and_recall(run_dir):
+    metrics = {"fd_dinov2": 321.5, "precision": 0.75, "recall": 0.5, "precision_recall": {"k": 3},
+               "protocol": {"num_samples": 500, "reference": {"kind": "dataset", "dataset": "digits", "split": "train"},
+                            "feature_network": {"name": "dinov2 facebook/dinov2-large", "kind": "dinov2"}}}
+    (run_dir / "metrics-dinov2.json").write_text(json.dumps(metrics))
+    try:
+        card = ModelCard.load(write_model_card(run_dir))
+    finally:
+        (run_dir / "metrics-dinov2.json").unlink()
+        write_model_card(run_dir)
+    assert {r.metric_name: r.metric_value for r in card.data.eval_results} == {"FD_DINOv2": 321.5}
+    assert "| FD_DINOv2 | 321.5000 |" in card.text
+    assert "| Precision (k = 3) | 0.7500 |" in card.text and "| Recall (k = 3) | 0.5000 |" in card.text
+    assert "500 samples, features dinov2 facebook/dinov2-large" in card.text and "No metrics yet" not in card.text

@@ -247,6 +247,7 @@ def test_two_processes_on_cpu(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes" in proc.stderr
+    assert proc.stderr.count("Training 4 steps of 8 images") == 1  # start-up lines once, not once per process
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 4]
     config = TrainingConfig.load(tmp_path / "training_config.json")
     pipe = DDPMPipeline.from_pretrained(tmp_path)

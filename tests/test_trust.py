@@ -358,6 +358,7 @@ def draw(pipe_dir, folder, **kw):
     (dict(num_inference_steps=5), "num_inference_steps"),
     (dict(sampler="ddim", eta=0.0), "eta, scheduler, scheduler_config"),
     (dict(other_weights=True), "weights_sha256"),
+    (dict(seed=5), "seed"),
 ])
 def test_a_sample_folder_refuses_a_rerun_with_other_settings(two_pipelines, tmp_path, change, named):
     a, b = two_pipelines
