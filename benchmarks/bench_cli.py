@@ -18,6 +18,7 @@ COMMANDS = {
     "ddpm-sample": [sys.executable, "-m", "ddpm_hf.sample"],
     "ddpm-metrics": [sys.executable, "-m", "ddpm_hf.metrics_cli"],
     "ddpm-nll": [sys.executable, "-m", "ddpm_hf.nll"],
+    "ddpm-visualize": [sys.executable, "-m", "ddpm_hf.visualize"],
     "ddpm-push": [sys.executable, "-m", "ddpm_hf.push"],
     "ddpm-card": [sys.executable, "-c", "import sys; from ddpm_hf.cli import card_main; sys.exit(card_main())"],
 }

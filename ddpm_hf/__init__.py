@@ -11,11 +11,13 @@ __version__ = "0.1.0"
 _LAZY = {
     "DDPMPipeline": "ddpm_hf.pipelines.pipeline_ddpm",
     "denoise": "ddpm_hf.pipelines.pipeline_ddpm",
+    "DenoiseStep": "ddpm_hf.pipelines.pipeline_ddpm",
     "DDPMScheduler": "ddpm_hf.scheduler",
     "UNET_PRESETS": "ddpm_hf.unets",
     "build_unet": "ddpm_hf.unets",
     "unet_config": "ddpm_hf.unets",
     "bits_per_dim": "ddpm_hf.likelihood",
+    "visualize": "ddpm_hf.figures",
 }
 
 __all__ = sorted(_LAZY)

@@ -292,7 +292,8 @@ def test_help_and_usage_errors_load_no_torch():
     script = textwrap.dedent("""
         import sys
         from ddpm_hf import cli
-        for main in (cli.train_main, cli.sample_main, cli.metrics_main, cli.nll_main, cli.push_main, cli.card_main):
+        for main in (cli.train_main, cli.sample_main, cli.metrics_main, cli.nll_main, cli.visualize_main,
+                     cli.push_main, cli.card_main):
             for argv in (["--help"], ["--no_such_flag"]):
                 try:
                     main(argv)
