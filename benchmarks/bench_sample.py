@@ -9,7 +9,6 @@ the FID feature-extraction rate (clean-fid's folder path: PNG decode, clean resi
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path

@@ -10,12 +10,11 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import socket
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, List, Optional
 
 import numpy as np
 import torch

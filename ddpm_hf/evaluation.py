@@ -14,7 +14,6 @@ import io
 import json
 import os
 import re
-import shutil
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path

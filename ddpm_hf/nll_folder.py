@@ -13,7 +13,6 @@ mean bound term per timestep.
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Dict, Optional, Set
 

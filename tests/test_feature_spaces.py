@@ -3,6 +3,7 @@
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,9 @@ from PIL import Image
 from ddpm_hf.cli import metrics_main
 from ddpm_hf.evaluation import FeatureWeightsMissing, dinov2_network, evaluate_folder
 from ddpm_hf.metrics import improved_precision_recall
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_training import TINY, _fresh_accelerate_state  # noqa: E402,F401  (the fixture resets accelerate)
 
 
 @pytest.fixture(scope="module")
@@ -179,11 +183,6 @@ def test_precision_recall_against_clean_fid_statistics_is_refused_before_any_wor
 
 
 def test_eval_every_measures_fd_dinov2_and_keeps_the_best_by_it(tmp_path, tiny_dinov2):
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_training import TINY, _fresh_accelerate_state  # noqa: F401
-
     from ddpm_hf.config import resolve_config
     from ddpm_hf.training import train
 

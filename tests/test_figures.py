@@ -2,7 +2,6 @@
 interpolation, with our scheduler and swapped diffusers samplers, checked against the pipeline and closed forms."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
