@@ -262,21 +262,19 @@ def visualize_main(argv: Optional[Sequence[str]] = None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name}={getattr(args, name)} must be at least 1")
 
+    import torch
+
+    from .data import first_rows, images_of
     from .figures import visualize
     from .pipelines.pipeline_ddpm import DDPMPipeline
     from .sampling import use_scheduler
 
+    rows = first_rows(args.dataset, args.split, args.num_images, args.dataset_config) if needs_images else None
     quiet_loading()
-    import torch
-
     pipe = DDPMPipeline.from_pretrained(args.pipeline).to("cuda" if torch.cuda.is_available() else "cpu")
     use_scheduler(pipe, args.scheduler)
-    images = None
-    if needs_images:
-        from .data import load_images
-
-        images = load_images(args.dataset, args.split, args.num_images, pipe.unet.config.in_channels,
-                             pipe.unet.config.sample_size, args.dataset_config, args.image_column)
+    images = None if rows is None else images_of(rows, pipe.unet.config.in_channels, pipe.unet.config.sample_size,
+                                                 args.image_column)
     about = {"pipeline": args.pipeline, "dataset": args.dataset, "split": args.split} if needs_images else {"pipeline": args.pipeline}
     entries = visualize(pipe, args.output_dir, figures, args.seeds, args.num_inference_steps, args.eta, images,
                         args.depths, columns=args.columns, frames=args.frames, seed=args.noise_seed,

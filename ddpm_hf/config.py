@@ -137,6 +137,11 @@ class TrainingConfig:
     report_to: str = _f("tensorboard", "experiment tracker", TRACKERS)
     preset: Optional[str] = _f(None, "a training recipe whose values replace the defaults (flags still win)")
 
+    @property
+    def grid_steps(self) -> int:
+        """The sampler steps of the grids and the card's figures: --sample_inference_steps, else the full chain."""
+        return self.sample_inference_steps or self.num_train_timesteps
+
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")

@@ -307,14 +307,24 @@ def build_image_bank(ds, column: str, channels: int, resolution: int, center_cro
     return ImageBank(torch.from_numpy(out[:n]).permute(0, 3, 1, 2).contiguous(), skipped)
 
 
-def load_images(dataset: str, split: str, num_images: int, channels: int, resolution: int,
-                dataset_config: Optional[str] = None, image_column: Optional[str] = None) -> torch.Tensor:
-    """The first `num_images` images of a dataset split (anything --dataset takes) as uint8 [N, C, H, W]."""
+def first_rows(dataset: str, split: str, num_images: int, dataset_config: Optional[str] = None):
+    """The first `num_images` rows of a dataset split (anything --dataset takes), opened but not decoded: a name
+    that is not there, or too few images, fail here, before any model is loaded."""
     ds = load_image_dataset(dataset, dataset_config, split)
     if len(ds) < num_images:
         raise ValueError(f"--dataset {dataset} (split {split}) has {len(ds)} images; lower --num_images to at most {len(ds)}.")
-    ds = ds.select(range(num_images))
-    return build_image_bank(ds, find_image_column(ds.features, image_column), channels, resolution, progress=False).images
+    return ds.select(range(num_images))
+
+
+def images_of(rows, channels: int, resolution: int, image_column: Optional[str] = None) -> torch.Tensor:
+    """The images of dataset rows as uint8 [N, C, H, W] at `resolution`."""
+    return build_image_bank(rows, find_image_column(rows.features, image_column), channels, resolution, progress=False).images
+
+
+def load_images(dataset: str, split: str, num_images: int, channels: int, resolution: int,
+                dataset_config: Optional[str] = None, image_column: Optional[str] = None) -> torch.Tensor:
+    """The first `num_images` images of a dataset split (anything --dataset takes) as uint8 [N, C, H, W]."""
+    return images_of(first_rows(dataset, split, num_images, dataset_config), channels, resolution, image_column)
 
 
 def stream_batches(ds, column: str, batch_size: int, channels: int, resolution: int, center_crop: bool,

@@ -32,6 +32,7 @@ from .metrics import (
 )
 from .outputs import atomic_write_bytes, atomic_write_json, replace_dir, sha256_of, tmp_sibling
 from .paths import DINOV2_DEFAULT, INCEPTION_FILE, INCEPTION_URL, WEIGHTS_ENV, default_cache_dir
+from .pipelines.pipeline_ddpm import names_a_local_path
 
 
 class FeatureWeightsMissing(FileNotFoundError):
@@ -129,6 +130,9 @@ def resolve_feature_model(name: str, cache_dir: Optional[str] = None) -> Path:
     local = Path(name).expanduser()
     if local.is_dir():
         return local
+    if names_a_local_path(name):
+        raise FeatureWeightsMissing(f"--dinov2_model {name}: no such folder; give a folder that save_pretrained wrote (with "
+                                    "its preprocessor_config.json) or a Hub id such as facebook/dinov2-large.")
     from huggingface_hub import snapshot_download
 
     try:

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from .choices import ANIMATION_FORMATS, FIGURES
-from .outputs import atomic_write_bytes, atomic_write_json, image_grid
+from .data import to_model_range
+from .outputs import atomic_save_image, atomic_write_bytes, atomic_write_json, image_grid
+from .pipelines.pipeline_ddpm import denoise, to_output
 
 FIGURES_FILE = "figures.json"
 FRAME_MS = 80  # each animation frame; the last one is held for HOLD_MS
@@ -89,7 +91,7 @@ def record_chain(pipe, seeds: Sequence[int], num_inference_steps: int, counts: S
 
 def to01(x: torch.Tensor) -> torch.Tensor:
     """Model range [-1, 1] to [0, 1], as the pipeline's output."""
-    return (x / 2 + 0.5).clamp(0, 1)
+    return to_output(x, "pt")
 
 
 def rows_grid(rows: Sequence[torch.Tensor], min_size: int = 64):
@@ -206,8 +208,6 @@ def decode(pipe, latents: torch.Tensor, begin: int, num_inference_steps: int, se
            eta: Optional[float] = None) -> torch.Tensor:
     """The pipeline's reverse chain from step `begin` (x_t = `latents`) to x_0, each image's noise from its own
     generator seeded `seed` (the same noise for every image, as Fig. 8 fixes it); in [-1, 1]."""
-    from .pipelines.pipeline_ddpm import denoise
-
     device = pipe._execution_device
     x = latents.to(device, pipe.unet.dtype)
     if begin < num_inference_steps:
@@ -248,8 +248,6 @@ def record_figures(folder: Path, entries: Dict[str, dict]) -> None:
 
 
 def save_png(image, path: Path) -> Path:
-    from .outputs import atomic_save_image
-
     atomic_save_image(image, path)
     return path
 
@@ -300,7 +298,7 @@ def visualize(pipe, folder, figures: Sequence[str], seeds: Sequence[int], num_in
     if sampled:
         entries.update(chain_figures(pipe, folder, seeds, num_inference_steps, sampled, frames, columns, progressive_seeds,
                                      fmt, eta, about))
-    real = images.float() / 127.5 - 1 if images is not None else None
+    real = to_model_range(images, random_flip=False) if images is not None else None
     if "forward" in figures:
         entries.update(forward_figures(pipe.scheduler, real, folder, columns, frames, seed, fmt, about))
     if "interpolate" in figures:

@@ -68,100 +68,47 @@ def _precision_recall_rows(metrics: dict) -> list:
     return [f"| {name.capitalize()} (k = {k}) | {metrics[name]:.4f} |" for name in ("precision", "recall") if name in metrics]
 
 
-def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Optional[Tuple[int, int]] = None):
-    """A `huggingface_hub.ModelCard` for the run in `output_dir`; `progress` = (step, total steps) marks a
-    run still training. Images are shown only when their files exist."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+def _eval_results(metrics: Optional[dict], dinov2: Optional[dict], nll, dataset: Optional[str], dataset_label: str) -> list:
+    """The card's model-index entries: bits/dim, FID/KID/IS and FD_DINOv2, those that were measured."""
+    from huggingface_hub import EvalResult
 
-    output_dir = Path(output_dir)
-    config = TrainingConfig.load(output_dir / "training_config.json")
-    metrics = _read_json(output_dir / "metrics.json")
-    name = repo_id or output_dir.resolve().name
-    dataset = _hub_dataset(config)
-    dataset_label = dataset or ("scikit-learn digits (built in)" if config.dataset == "digits" else Path(config.dataset).name)
+    def result(metric_type: str, metric_name: str, value, split: Optional[str]):
+        return EvalResult(task_type="unconditional-image-generation", dataset_type=dataset or "custom",
+                          dataset_name=dataset_label, dataset_split=split, metric_type=metric_type,
+                          metric_name=metric_name, metric_value=float(value))
 
-    protocol = (metrics or {}).get("protocol", {})
-    nll = _nll(output_dir)
-    eval_results = []
-    if nll:
-        eval_results.append(EvalResult(task_type="unconditional-image-generation", dataset_type=dataset or "custom",
-                                       dataset_name=dataset_label, dataset_split=nll[2], metric_type="nll",
-                                       metric_name="NLL (bits/dim)", metric_value=float(nll[0]["total"]["mean"])))
+    def split_of(measured: dict) -> Optional[str]:
+        return (measured.get("protocol", {}).get("reference") or {}).get("split")
+
+    results = [result("nll", "NLL (bits/dim)", nll[0]["total"]["mean"], nll[2])] if nll else []
     if metrics:
-        reference = protocol.get("reference", {})
         values = {"FID": metrics.get("fid"), "KID": metrics.get("kid"),
                   "Inception Score": (metrics.get("inception_score") or {}).get("mean")}
-        eval_results += [
-            EvalResult(task_type="unconditional-image-generation", dataset_type=dataset or "custom",
-                       dataset_name=dataset_label, dataset_split=reference.get("split"), metric_type=metric.lower().replace(" ", "_"),
-                       metric_name=metric, metric_value=float(value))
-            for metric, value in values.items() if value is not None
-        ]
-    dinov2 = _read_json(output_dir / "metrics-dinov2.json")
+        results += [result(metric.lower().replace(" ", "_"), metric, value, split_of(metrics))
+                    for metric, value in values.items() if value is not None]
     if dinov2:
-        eval_results.append(EvalResult(task_type="unconditional-image-generation", dataset_type=dataset or "custom",
-                                       dataset_name=dataset_label, metric_type="fd_dinov2", metric_name="FD_DINOv2",
-                                       dataset_split=(dinov2.get("protocol", {}).get("reference") or {}).get("split"),
-                                       metric_value=float(dinov2["fd_dinov2"])))
-    data = ModelCardData(
-        license="apache-2.0", library_name="diffusers", tags=TAGS, datasets=[dataset] if dataset else None,
-        model_name=name, eval_results=eval_results or None, pipeline_tag="unconditional-image-generation",
-    )
-    scheduler = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
-    unet = json.loads((output_dir / "unet" / "config.json").read_text())
-    load_id = repo_id or config.output_dir  # the folder the run wrote, as it was given
-    network = f"UNet from `{config.unet_config}`" if config.unet_config else f"UNet preset `{config.unet_preset}`"
+        results.append(result("fd_dinov2", "FD_DINOv2", dinov2["fd_dinov2"], split_of(dinov2)))
+    return results
 
-    parts = [
-        f"# {name}",
-        "",
-        f"A denoising diffusion probabilistic model ([Ho et al. 2020](https://arxiv.org/abs/2006.11239)) trained "
-        f"with ddpm_hf on **{dataset_label}** at {config.resolution}x{config.resolution} "
-        f"({config.channels} channel{'s' if config.channels > 1 else ''}), {network} "
-        f"({sum(1 for _ in unet['block_out_channels'])} levels, channels {unet['block_out_channels']}), "
-        f"{config.max_train_steps or config.num_epochs} {'steps' if config.max_train_steps else 'epochs'} of batch {config.batch_size}. "
-        "The weights are the EMA weights.",
-        "",
-        *([f"Started from the weights of `{config.init_from}`.", ""] if config.init_from else []),
-    ]
-    if progress is not None:
-        parts += [f"**Training in progress: step {progress[0]:,} of {progress[1]:,}.** The weights, samples and this "
-                  "card are updated as it goes.", ""]
-    if (output_dir / "samples.png").is_file():
-        parts += [
-            "![Samples](samples.png)",
-            "",
-            f"*Samples from fixed seeds ({config.num_sample_images} images, "
-            f"{config.sample_inference_steps or config.num_train_timesteps} DDPM steps).*",
-            "",
-        ]
+
+def _figures_section(output_dir: Path) -> list:
+    """The denoising animation and the progressive figure, those whose files exist."""
     animation = next((name for name in ("denoising.webp", "denoising.gif") if (output_dir / name).is_file()), None)
     progressive = (output_dir / "progressive.png").is_file()
-    if animation or progressive:
-        parts += [
-            " ".join(([f"![The reverse chain]({animation})"] if animation else []) +
-                     (["![Progressive generation](progressive.png)"] if progressive else [])),
-            "",
-            "*" + " ".join(([f"The reverse chain from x_T (`{animation}`)."] if animation else []) +
-                           (["Progressive generation (Ho et al. 2020, Fig. 6): for each seed, x_t (upper row) and the "
-                             "predicted x̂_0 (lower row) along the chain (`progressive.png`)."] if progressive else []))
-            + " figures.json says how each was made.*",
-            "",
-        ]
-    parts += [
-        "## Usage",
-        "",
-        "```python",
-        "import torch",
-        "from diffusers import DDPMPipeline  # or: from ddpm_hf import DDPMPipeline",
-        "",
-        f'pipe = DDPMPipeline.from_pretrained("{load_id}")',
-        "images = pipe(batch_size=16, generator=torch.Generator().manual_seed(0)).images",
-        "```",
-        "",
-        "## Metrics",
-        "",
-    ]
+    if not (animation or progressive):
+        return []
+    images = ([f"![The reverse chain]({animation})"] if animation else []) + \
+        (["![Progressive generation](progressive.png)"] if progressive else [])
+    captions = ([f"The reverse chain from x_T (`{animation}`)."] if animation else []) + \
+        (["Progressive generation (Ho et al. 2020, Fig. 6): for each seed, x_t (upper row) and the predicted x̂_0 "
+          "(lower row) along the chain (`progressive.png`)."] if progressive else [])
+    return [" ".join(images), "", "*" + " ".join(captions) + " figures.json says how each was made.*", ""]
+
+
+def _metrics_section(metrics: Optional[dict], dinov2: Optional[dict], nll) -> list:
+    """The metrics tables with their protocols: Inception, DINOv2 and bits/dim, as measured."""
+    parts = []
+    protocol = (metrics or {}).get("protocol", {})
     if metrics:
         sampling = protocol.get("sampling") or {}
         isc = metrics.get("inception_score") or {}
@@ -207,6 +154,72 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
             "",
             f"The variational bound (Ho et al. 2020, Eq. 5; ± the standard error over images), {how}.",
         ]
+    return parts
+
+
+def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Optional[Tuple[int, int]] = None):
+    """A `huggingface_hub.ModelCard` for the run in `output_dir`; `progress` = (step, total steps) marks a
+    run still training. Images are shown only when their files exist."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    output_dir = Path(output_dir)
+    config = TrainingConfig.load(output_dir / "training_config.json")
+    metrics = _read_json(output_dir / "metrics.json")
+    name = repo_id or output_dir.resolve().name
+    dataset = _hub_dataset(config)
+    dataset_label = dataset or ("scikit-learn digits (built in)" if config.dataset == "digits" else Path(config.dataset).name)
+
+    nll = _nll(output_dir)
+    dinov2 = _read_json(output_dir / "metrics-dinov2.json")
+    eval_results = _eval_results(metrics, dinov2, nll, dataset, dataset_label)
+    data = ModelCardData(
+        license="apache-2.0", library_name="diffusers", tags=TAGS, datasets=[dataset] if dataset else None,
+        model_name=name, eval_results=eval_results or None, pipeline_tag="unconditional-image-generation",
+    )
+    scheduler = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
+    unet = json.loads((output_dir / "unet" / "config.json").read_text())
+    load_id = repo_id or config.output_dir  # the folder the run wrote, as it was given
+    network = f"UNet from `{config.unet_config}`" if config.unet_config else f"UNet preset `{config.unet_preset}`"
+
+    parts = [
+        f"# {name}",
+        "",
+        f"A denoising diffusion probabilistic model ([Ho et al. 2020](https://arxiv.org/abs/2006.11239)) trained "
+        f"with ddpm_hf on **{dataset_label}** at {config.resolution}x{config.resolution} "
+        f"({config.channels} channel{'s' if config.channels > 1 else ''}), {network} "
+        f"({sum(1 for _ in unet['block_out_channels'])} levels, channels {unet['block_out_channels']}), "
+        f"{config.max_train_steps or config.num_epochs} {'steps' if config.max_train_steps else 'epochs'} of batch {config.batch_size}. "
+        "The weights are the EMA weights.",
+        "",
+        *([f"Started from the weights of `{config.init_from}`.", ""] if config.init_from else []),
+    ]
+    if progress is not None:
+        parts += [f"**Training in progress: step {progress[0]:,} of {progress[1]:,}.** The weights, samples and this "
+                  "card are updated as it goes.", ""]
+    if (output_dir / "samples.png").is_file():
+        parts += [
+            "![Samples](samples.png)",
+            "",
+            f"*Samples from fixed seeds ({config.num_sample_images} images, "
+            f"{config.grid_steps} DDPM steps).*",
+            "",
+        ]
+    parts += _figures_section(output_dir)
+    parts += [
+        "## Usage",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import DDPMPipeline  # or: from ddpm_hf import DDPMPipeline",
+        "",
+        f'pipe = DDPMPipeline.from_pretrained("{load_id}")',
+        "images = pipe(batch_size=16, generator=torch.Generator().manual_seed(0)).images",
+        "```",
+        "",
+        "## Metrics",
+        "",
+    ]
+    parts += _metrics_section(metrics, dinov2, nll)
     parts += [
         "",
         "## Training",

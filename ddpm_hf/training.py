@@ -746,25 +746,33 @@ def evaluate_nll(run: Run, state: TrainState) -> None:
                 summary["kl"]["mean"], summary["decoder"]["mean"])
 
 
-def save_ema_pipeline(run: Run) -> None:
+def ema_pipeline(run: Run):
+    """The pipeline of the EMA weights with the run's scheduler."""
     from .pipelines.pipeline_ddpm import DDPMPipeline
 
-    save_pipeline(DDPMPipeline(unet=run.ema.model, scheduler=DDPMScheduler.from_config(run.scheduler.config)),
-                  run.output_dir)
+    return DDPMPipeline(unet=run.ema.model, scheduler=DDPMScheduler.from_config(run.scheduler.config))
+
+
+def save_ema_pipeline(run: Run) -> None:
+    save_pipeline(ema_pipeline(run), run.output_dir)
+
+
+def grid_seed(config: TrainingConfig, i: int) -> int:
+    """The seed of grid image i (also the card figures' seeds)."""
+    return mix_seed(config.seed, i, GRID_SEED_TAG)
 
 
 def save_card_figures(run: Run) -> None:
     """The denoising animation and the progressive figure of the EMA pipeline (the grid's first 16 seeds and its
     sampler steps: the animation ends on the grid's first images), for the model card."""
     from .figures import chain_figures, record_figures
-    from .pipelines.pipeline_ddpm import DDPMPipeline
 
     config = run.config
-    pipe = DDPMPipeline(unet=run.ema.model, scheduler=DDPMScheduler.from_config(run.scheduler.config))
+    pipe = ema_pipeline(run)
     pipe.set_progress_bar_config(desc="Card figures", leave=False)
-    seeds = [mix_seed(config.seed, i, GRID_SEED_TAG) for i in range(min(16, config.num_sample_images))]
-    steps = config.sample_inference_steps or config.num_train_timesteps
-    record_figures(run.output_dir, chain_figures(pipe, run.output_dir, seeds, steps, about={"pipeline": "this run (EMA)"}))
+    seeds = [grid_seed(config, i) for i in range(min(16, config.num_sample_images))]
+    record_figures(run.output_dir, chain_figures(pipe, run.output_dir, seeds, config.grid_steps,
+                                                 about={"pipeline": "this run (EMA)"}))
 
 
 def log_grid(accelerator, grid, step: int) -> None:
@@ -787,9 +795,9 @@ def sample_images(unet, scheduler_config, config: TrainingConfig, accelerator) -
 
     pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler_config))
     pipe.set_progress_bar_config(disable=not accelerator.is_local_main_process, desc="Sampling grid", leave=False)
-    drawn = draw_share(pipe, config.num_sample_images, lambda i: mix_seed(config.seed, i, GRID_SEED_TAG),
+    drawn = draw_share(pipe, config.num_sample_images, lambda i: grid_seed(config, i),
                        accelerator.process_index, accelerator.num_processes, batch_size=config.num_sample_images,
-                       num_inference_steps=config.sample_inference_steps or config.num_train_timesteps, output_type="pt")
+                       num_inference_steps=config.grid_steps, output_type="pt")
     rows = [(i, image.cpu()) for ids, images in drawn for i, image in zip(ids, images)]
     return torch.stack([image for _, image in sorted(gather_object(rows), key=lambda row: row[0])])
 

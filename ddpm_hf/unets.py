@@ -42,6 +42,18 @@ _DDPM_256 = dict(
     dropout=0.0,
 )
 
+# Three levels, attention at the lowest, one ResNet block per level: the small CPU networks.
+_CPU_SMALL = dict(
+    _PAPER_CONVENTIONS,
+    sample_size=32,
+    block_out_channels=[32, 64, 64],
+    down_block_types=["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
+    up_block_types=["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+    layers_per_block=1,
+    norm_num_groups=8,
+    dropout=0.0,
+)
+
 UNET_PRESETS: Dict[str, Dict[str, Any]] = {
     # Ho et al. 2020, Appendix B: 35.7M parameters, attention at 16x16, dropout 0.1 on CIFAR-10.
     "ddpm-cifar10-32": dict(
@@ -57,27 +69,9 @@ UNET_PRESETS: Dict[str, Dict[str, Any]] = {
     "ddpm-lsun-bedroom-256": _DDPM_256,
     "ddpm-lsun-cat-256": _DDPM_256,
     # 1.1M parameters: learns 32x32 digits in minutes on 2 CPU cores.
-    "cpu-small": dict(
-        _PAPER_CONVENTIONS,
-        sample_size=32,
-        block_out_channels=[32, 64, 64],
-        down_block_types=["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
-        up_block_types=["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
-        layers_per_block=1,
-        norm_num_groups=8,
-        dropout=0.0,
-    ),
+    "cpu-small": _CPU_SMALL,
     # 0.69M parameters: the quick start's 16x16 digits, 1.7x faster per step than cpu-small there.
-    "cpu-digits": dict(
-        _PAPER_CONVENTIONS,
-        sample_size=16,
-        block_out_channels=[16, 32, 64],
-        down_block_types=["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
-        up_block_types=["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
-        layers_per_block=1,
-        norm_num_groups=8,
-        dropout=0.0,
-    ),
+    "cpu-digits": dict(_CPU_SMALL, sample_size=16, block_out_channels=[16, 32, 64]),
     # diffusers' train_unconditional.py example's default network (64x64 by default; 113.7M parameters).
     # The network of the 256x256 checkpoints, with diffusers' UNet2DModel defaults, which the example keeps.
     "diffusers-example": dict(

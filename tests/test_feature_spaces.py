@@ -198,3 +198,8 @@ def test_eval_every_measures_fd_dinov2_and_keeps_the_best_by_it(tmp_path, tiny_d
     assert summary["best"] == {"step": best["step"], "fd_dinov2": best["fd_dinov2"]}
     assert [p.name for p in (tmp_path / "cache" / "stats").iterdir()][0].startswith("digits-train-8px-clean-dinov2-")
     assert not (out / "progressive.png").exists() and not re.search(r"denoising", " ".join(p.name for p in out.iterdir()))
+
+
+def test_a_dinov2_folder_that_is_not_there_is_one_line_naming_it(tmp_path):
+    with pytest.raises(FeatureWeightsMissing, match=r"^--dinov2_model \./no-such-model: no such folder; give a folder"):
+        dinov2_network("./no-such-model")

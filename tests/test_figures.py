@@ -271,3 +271,13 @@ def test_visualize_usage_errors_are_one_line_before_loading(tmp_path, capsys, ar
 
     assert re.search(match, err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_dataset_is_told_before_the_pipeline_is_loaded(tmp_path, capsys):
+    """The real images are opened first: a wrong --dataset is one line even when the pipeline is not there either."""
+    assert visualize_main([str(tmp_path / "no-pipeline"), str(tmp_path / "out"), "--dataset", str(tmp_path / "no-data"),
+                           "--figures", "forward"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --dataset {tmp_path / 'no-data'}: no such file or folder; give a folder of images, "
+                   ".parquet/.arrow files, an alias such as cifar10, or a Hub dataset id.")
+    assert not (tmp_path / "out").exists()
