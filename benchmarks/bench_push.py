@@ -25,7 +25,7 @@ from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
 from ddpm_hf.config import resolve_config
 from ddpm_hf.hub import HubPusher, snapshot
 from ddpm_hf.model_card import write_model_card
-from ddpm_hf.outputs import save_pipeline
+from ddpm_hf.weights import save_pipeline
 
 HUB_SERVER = Path(__file__).resolve().parents[1] / "tests" / "hub_server.py"
 

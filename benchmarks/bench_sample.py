@@ -77,7 +77,7 @@ def main() -> None:
         print(f"{name:9s} scheduler.step: {1000 * s / args.steps:6.3f} ms/step = {100 * s / u:5.2f}% of the UNet time")
 
     from ddpm_hf.evaluation import FeatureNetwork, folder_features, inception_network
-    from ddpm_hf.sampling import sample_to_folder
+    from ddpm_hf.sample_folder import sample_to_folder
 
     with tempfile.TemporaryDirectory() as tmp:
         sample_to_folder(ours, Path(tmp), args.fid_images, batch_size=64, num_inference_steps=1, progress=False)

@@ -62,14 +62,6 @@ def quiet_loading() -> None:
     diffusers_logging.disable_progress_bar()
 
 
-def distributed_state():
-    from accelerate import PartialState
-
-    from .training import accelerator_available
-
-    return PartialState(cpu=not accelerator_available())
-
-
 @command
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
     """`train_ddpm.py` / `ddpm-train`: train a DDPM; `--dry_run` prints the resolved config and parameter count."""
@@ -77,7 +69,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
 
     config, options = parse_args(argv)
     if options.dry_run:
-        from .training import make_unet
+        from .training_parts import make_unet
 
         n = sum(p.numel() for p in make_unet(config).parameters())
         print(config.to_json())
@@ -109,8 +101,9 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="draw again from scratch in a folder drawn with other settings")
     args = parser.parse_args(argv)
 
+    from .devices import distributed_state
     from .pipelines.pipeline_ddpm import DDPMPipeline
-    from .sampling import sample_command
+    from .sample_folder import sample_command
 
     state = distributed_state()
     quiet_loading()
@@ -156,6 +149,7 @@ def metrics_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--download_inception", action="store_true", help="fetch the Inception weights into the cache and exit")
     args = parser.parse_args(argv)
 
+    from .devices import distributed_state
     from .evaluation import download_inception, evaluate_folder, feature_network
 
     if args.download_inception:
@@ -167,9 +161,7 @@ def metrics_main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if not args.samples or not args.reference:
         parser.error("give the samples folder and --reference")
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = distributed_state().device
     network = feature_network(args.feature_network, device, args.inception_weights, args.dinov2_model,
                               args.cache_dir)  # first: fail before any work
     result = evaluate_folder(args.samples, args.reference, network, args.mode, args.cache_dir, args.split,
@@ -203,7 +195,8 @@ def nll_main(argv: Optional[Sequence[str]] = None) -> int:
     if args.num_images < 1 or args.batch_size < 1:
         parser.error(f"--num_images={args.num_images} and --batch_size={args.batch_size} must be at least 1")
 
-    from .nll_folder import measure
+    from .devices import distributed_state
+    from .likelihood_folder import measure
     from .pipelines.pipeline_ddpm import DDPMPipeline
 
     state = distributed_state()
@@ -262,16 +255,15 @@ def visualize_main(argv: Optional[Sequence[str]] = None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name}={getattr(args, name)} must be at least 1")
 
-    import torch
-
     from .data import first_rows, images_of
+    from .devices import distributed_state
     from .figures import visualize
     from .pipelines.pipeline_ddpm import DDPMPipeline
-    from .sampling import use_scheduler
+    from .samplers import use_scheduler
 
     rows = first_rows(args.dataset, args.split, args.num_images, args.dataset_config) if needs_images else None
     quiet_loading()
-    pipe = DDPMPipeline.from_pretrained(args.pipeline).to("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = DDPMPipeline.from_pretrained(args.pipeline).to(distributed_state().device)
     use_scheduler(pipe, args.scheduler)
     images = None if rows is None else images_of(rows, pipe.unet.config.in_channels, pipe.unet.config.sample_size,
                                                  args.image_column)
@@ -293,9 +285,10 @@ def card_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repo_id", default=None, help="the Hub repo id to show in the usage snippet")
     args = parser.parse_args(argv)
     from .model_card import write_model_card
+    from .run_folder import TRAINING_CONFIG
 
-    if not (Path(args.output_dir) / "training_config.json").is_file():
-        raise FileNotFoundError(f"{args.output_dir} has no training_config.json; give the output folder of a training run.")
+    if not (Path(args.output_dir) / TRAINING_CONFIG).is_file():
+        raise FileNotFoundError(f"{args.output_dir} has no {TRAINING_CONFIG}; give the output folder of a training run.")
     print(f"wrote {write_model_card(args.output_dir, args.repo_id)}")
     return 0
 
@@ -305,9 +298,9 @@ def push_main(argv: Optional[Sequence[str]] = None) -> int:
     """`ddpm-push OUTPUT_DIR --hub_model_id ID`: publish a run's output folder on the Hub: the pipeline,
     the model card (rewritten for the repo), sample grids, metrics.json, training_config.json and the loss
     curve; never checkpoints, optimizer state or logs."""
-    from .hub import UPLOAD_PATTERNS
+    from .run_folder import PUBLISHED
 
-    parser = Parser(description=push_main.__doc__, epilog="Uploaded paths: " + ", ".join(UPLOAD_PATTERNS), prog="ddpm-push")
+    parser = Parser(description=push_main.__doc__, epilog="Uploaded paths: " + ", ".join(PUBLISHED), prog="ddpm-push")
     parser.add_argument("output_dir")
     parser.add_argument("--hub_model_id", default=None, help="'name' (under your account) or 'namespace/name' (default: the folder's name)")
     parser.add_argument("--hub_private_repo", action="store_true", help="create the repo as private")

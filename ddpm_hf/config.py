@@ -30,6 +30,13 @@ from .choices import (
     TRAINING_VARIANCE_TYPES,
 )
 from .paths import DINOV2_DEFAULT
+from .run_folder import (
+    ROOT_LAYOUT_SCHEDULER_CONFIG,
+    ROOT_LAYOUT_UNET_CONFIG,
+    SCHEDULER_CONFIG,
+    TRAINING_CONFIG,
+    UNET_CONFIG,
+)
 
 
 def _f(default, help: str, choices: Optional[Sequence[str]] = None):
@@ -225,10 +232,10 @@ class TrainingConfig:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False)
 
     def save(self, folder) -> Path:
-        path = Path(folder) / "training_config.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(self.to_json() + "\n")
-        tmp.replace(path)
+        from .files import atomic_write_text
+
+        path = Path(folder) / TRAINING_CONFIG
+        atomic_write_text(path, self.to_json() + "\n")
         return path
 
     @classmethod
@@ -257,6 +264,18 @@ def config_changes(old: TrainingConfig, new: TrainingConfig) -> Dict[str, list]:
     """{setting: [old, new]} for every setting outside RESUMABLE_SETTINGS that differs."""
     return {f.name: [getattr(old, f.name), getattr(new, f.name)] for f in dataclasses.fields(TrainingConfig)
             if f.name not in RESUMABLE_SETTINGS and getattr(old, f.name) != getattr(new, f.name)}
+
+
+def resume_changes(config: TrainingConfig, checkpoint: Path) -> Dict[str, list]:
+    """The settings in which `config` differs from the run the checkpoint belongs to (its own config, else the output
+    folder's); refused, before any data or model work, unless --allow_config_change."""
+    saved = next((p for p in (checkpoint / TRAINING_CONFIG, Path(config.output_dir) / TRAINING_CONFIG) if p.is_file()), None)
+    changes = config_changes(TrainingConfig.load(saved), config) if saved else {}
+    if changes and not config.allow_config_change:
+        listed = ", ".join(f"--{k} {old} -> {new}" for k, (old, new) in changes.items())
+        raise ValueError(f"{checkpoint.name} was trained with other settings ({listed}); resume with its settings, or add "
+                         "--allow_config_change to train on with these (recorded in the run's config history).")
+    return changes
 
 
 # Recipes: values that replace the defaults. Each is a complete, named experiment.
@@ -366,20 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
 def saved_run_config(output_dir, which: str) -> Optional[Dict[str, Any]]:
     """The settings of the run a resume continues: the config saved in the checkpoint (`latest`: the newest whose
     state reads) or else in the output folder; None if none reads (the resume then reports why)."""
-    from .outputs import CHECKPOINT_PREFIX, TRAINER_STATE  # light: paths and names only
+    from .checkpoints import saved_config_files
 
-    folder = Path(output_dir)
-    if which == "latest":
-        steps = []
-        for checkpoint in folder.glob(f"{CHECKPOINT_PREFIX}*"):
-            try:
-                steps.append((int(json.loads((checkpoint / TRAINER_STATE).read_text())["step"]), checkpoint))
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-        candidates = [c / "training_config.json" for _, c in sorted(steps, reverse=True)[:1]]
-    else:
-        candidates = [Path(which) / "training_config.json"]
-    for path in candidates + [folder / "training_config.json"]:
+    for path in saved_config_files(output_dir, which):
         try:
             return dataclasses.asdict(TrainingConfig.load(path))
         except (OSError, ValueError, TypeError):
@@ -390,8 +398,8 @@ def saved_run_config(output_dir, which: str) -> Optional[Dict[str, Any]]:
 def starting_point(source: str) -> Dict[str, Any]:
     """The settings a run started from the pipeline `source` (--init_from) takes from it unless given: its scheduler's
     diffusion settings, and its UNet (as --unet_config), resolution and channels."""
-    scheduler = read_pipeline_json(source, ("scheduler/scheduler_config.json", "scheduler_config.json"))
-    unet = read_pipeline_json(source, ("unet/config.json", "config.json"))
+    scheduler = read_pipeline_json(source, (SCHEDULER_CONFIG, ROOT_LAYOUT_SCHEDULER_CONFIG))
+    unet = read_pipeline_json(source, (UNET_CONFIG, ROOT_LAYOUT_UNET_CONFIG))
     if scheduler.get("trained_betas") is not None:
         raise ValueError(f"--init_from {source}: its scheduler has trained_betas, which a training run cannot take; give "
                          "--beta_schedule and its values instead.")

@@ -352,9 +352,11 @@ def stream_batches(ds, column: str, batch_size: int, channels: int, resolution: 
             batch = []
 
 
-def to_model_range(batch: torch.Tensor, random_flip: bool, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """uint8 [B, C, H, W] -> float in [-1, 1], each image flipped left-right with probability 1/2."""
-    x = batch.float().div_(127.5).sub_(1.0)
+def to_model_range(batch: torch.Tensor, random_flip: bool = False, generator: Optional[torch.Generator] = None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [B, C, H, W] -> `dtype` in [-1, 1] (pixel k at -1 + 2k/255), with `random_flip` each image flipped
+    left-right with probability 1/2."""
+    x = batch.to(dtype).div_(127.5).sub_(1.0)
     if random_flip:
         flip = torch.rand(x.shape[0], generator=generator, device=generator.device if generator else "cpu") < 0.5
         x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)

@@ -30,9 +30,11 @@ from .metrics import (
     inception_score,
     kernel_inception_distance,
 )
-from .outputs import atomic_write_bytes, atomic_write_json, replace_dir, sha256_of, tmp_sibling
+from .files import atomic_write_bytes, atomic_write_json, replace_dir, sha256_of, tmp_sibling
 from .paths import DINOV2_DEFAULT, INCEPTION_FILE, INCEPTION_URL, WEIGHTS_ENV, default_cache_dir
 from .pipelines.pipeline_ddpm import names_a_local_path
+from .run_folder import metrics_file
+from .sample_folder import SAMPLING_FILE
 
 
 class FeatureWeightsMissing(FileNotFoundError):
@@ -322,7 +324,7 @@ def versions() -> Dict[str, str]:
 
 def sampling_protocol(samples: Path) -> Optional[dict]:
     """The samples folder's sampling.json, when it describes the images there; an error when it does not."""
-    path = samples / "sampling.json"
+    path = samples / SAMPLING_FILE
     if not path.is_file():
         return None
     protocol = json.loads(path.read_text())
@@ -334,16 +336,11 @@ def sampling_protocol(samples: Path) -> Optional[dict]:
     return protocol
 
 
-def metrics_file(network: FeatureNetwork) -> str:
-    """The default name of the metrics file: metrics.json for Inception, metrics-<kind>.json for another space."""
-    return "metrics.json" if network.kind == "inception" else f"metrics-{network.kind}.json"
-
-
 def evaluate_folder(samples, reference: str, network: FeatureNetwork, mode: str = "clean", cache_dir=None,
                     split: str = "train", resolution: Optional[int] = None, channels: int = 3, kid: bool = True,
                     isc: bool = True, output: Optional[Path] = None, precision_recall: bool = False, **kw) -> dict:
     """The Fréchet distance (FID in Inception's space, FD_DINOv2 in DINOv2's), and the kernel distance, IS and
-    precision/recall (k = 3) as asked, of the images in `samples` against `reference`; writes `metrics_file(network)`
+    precision/recall (k = 3) as asked, of the images in `samples` against `reference`; writes `metrics_file(network.kind)`
     into the samples folder (or `output`) with the numbers and the protocol. A sampling.json (from ddpm-sample)
     that does not describe the images in the folder is refused before any feature is computed."""
     cache_dir = Path(cache_dir or default_cache_dir())
@@ -383,5 +380,5 @@ def evaluate_folder(samples, reference: str, network: FeatureNetwork, mode: str 
         "fid_implementation": "clean-fid frechet_distance",
         "versions": versions(),
     }
-    atomic_write_json(Path(output) if output else Path(samples) / metrics_file(network), result)
+    atomic_write_json(Path(output) if output else Path(samples) / metrics_file(network.kind), result)
     return result

@@ -20,10 +20,12 @@ import torch
 
 from .choices import ANIMATION_FORMATS, FIGURES
 from .data import to_model_range
-from .outputs import atomic_save_image, atomic_write_bytes, atomic_write_json, image_grid
+from .files import atomic_save_image, atomic_write_bytes, atomic_write_json
 from .pipelines.pipeline_ddpm import denoise, to_output
+from .plots import image_grid
+from .run_folder import DENOISING_STEM, FIGURES_RECORD, PROGRESSIVE
+from .weights import state_dict_sha256
 
-FIGURES_FILE = "figures.json"
 FRAME_MS = 80  # each animation frame; the last one is held for HOLD_MS
 HOLD_MS = 2000
 
@@ -241,7 +243,7 @@ def reconstruct(pipe, image: torch.Tensor, depth: float, num_inference_steps: in
 
 def record_figures(folder: Path, entries: Dict[str, dict]) -> None:
     """figures.json: how each figure in `folder` was made; entries of files no longer there are dropped."""
-    path = Path(folder) / FIGURES_FILE
+    path = Path(folder) / FIGURES_RECORD
     known = json.loads(path.read_text()) if path.is_file() else {}
     known.update(entries)
     atomic_write_json(path, {name: entry for name, entry in sorted(known.items()) if (Path(folder) / name).is_file()})
@@ -263,13 +265,13 @@ def chain_figures(pipe, folder: Path, seeds: Sequence[int], num_inference_steps:
     entries = {}
     if "progressive" in which:
         figure, shown = progressive_figure(chain, columns, progressive_seeds)
-        path = save_png(figure, Path(folder) / "progressive.png")
+        path = save_png(figure, Path(folder) / PROGRESSIVE)
         entries[path.name] = {**common, "figure": "progressive generation (Ho et al. 2020, Fig. 6): per seed a row of "
                               "x_t and a row of the predicted x_0", "seeds": list(seeds[:progressive_seeds]),
                               "timesteps": shown}
     if "denoise" in which:
         grids, shown = chain_frames(chain, frames)
-        path = save_animation(grids, Path(folder) / "denoising", fmt)
+        path = save_animation(grids, Path(folder) / DENOISING_STEM, fmt)
         entries[path.name] = {**common, "figure": "denoising: the grid of x_t along the reverse chain, from x_T",
                               "seeds": list(seeds), "frames": len(grids), "timesteps": shown}
     return entries
@@ -281,8 +283,6 @@ def visualize(pipe, folder, figures: Sequence[str], seeds: Sequence[int], num_in
               fmt: str = "auto", about: Optional[dict] = None, progressive_seeds: int = 4) -> Dict[str, dict]:
     """Write `figures` (of FIGURES) into `folder` and record them in figures.json; `images` (uint8 [N, C, H, W], at
     least two for `interpolate`) are the real images of `forward` and `interpolate`. Returns the new entries."""
-    from .outputs import state_dict_sha256
-
     unknown = [f for f in figures if f not in FIGURES]
     if unknown:
         raise ValueError(f"figure {unknown[0]!r} is not one of {', '.join(FIGURES)}.")

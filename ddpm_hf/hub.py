@@ -2,7 +2,7 @@
 
 1. `check_hub_access` runs when training starts: a token exists, the Hub accepts it with write access,
    and the repo exists or is created. A missing or bad token fails in seconds, not after the run.
-2. What goes up is an allow-list (`UPLOAD_PATTERNS`): the pipeline, the card, images, metrics and the
+2. What goes up is an allow-list (`run_folder.PUBLISHED`): the pipeline, the card, images, metrics and the
    config. Checkpoints, optimizer state and tracker logs are never listed, so never uploaded.
 3. `HubPusher.push` first takes a snapshot of those files (hard links: every file in an output folder
    is replaced by an atomic rename, so a link keeps the complete old content while training writes the
@@ -22,41 +22,23 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import List, Optional
 
+from .files import tmp_sibling
+from .run_folder import MODEL_INDEX, PUBLISHED, TRAINING_CONFIG
 
 logger = logging.getLogger(__name__)
-
-# Everything a repo of ours holds; a path is uploaded only when it matches one of these.
-UPLOAD_PATTERNS = (
-    "model_index.json",
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors",
-    "scheduler/scheduler_config.json",
-    "README.md",
-    "samples.png",
-    "samples/step-*.png",
-    "progressive.png",
-    "denoising.gif",
-    "denoising.webp",
-    "figures.json",
-    "metrics.json",
-    "metrics-dinov2.json",
-    "training_config.json",
-    "loss_curve.png",
-)
-
 
 class HubError(RuntimeError):
     """A one-line reason why the Hub cannot be used, and what to do about it."""
 
 
 def files_to_upload(folder) -> List[str]:
-    """The paths (relative, '/'-separated, sorted) under `folder` that match `UPLOAD_PATTERNS`."""
+    """The paths (relative, '/'-separated, sorted) under `folder` that match `run_folder.PUBLISHED`."""
     folder = Path(folder)
     found = []
     for path in folder.rglob("*"):
         rel = path.relative_to(folder).as_posix()
         if path.is_file() and not any(part.startswith(".") for part in rel.split("/")):
-            if any(fnmatch.fnmatchcase(rel, pattern) for pattern in UPLOAD_PATTERNS):
+            if any(fnmatch.fnmatchcase(rel, pattern) for pattern in PUBLISHED):
                 found.append(rel)
     return sorted(found)
 
@@ -115,8 +97,6 @@ def snapshot(folder) -> Path:
     """A hidden sibling folder inside `folder` holding hard links to (or, across devices, copies of) the
     files to upload, frozen as they are now. Named like our other temporaries, so a crash leaves
     nothing that `remove_stale_temporaries` does not clean."""
-    from .outputs import tmp_sibling
-
     folder = Path(folder)
     staging = tmp_sibling(folder / "hub-push")
     staging.mkdir()
@@ -200,15 +180,16 @@ def push_output_folder(output_dir, repo_id: Optional[str] = None, token: Optiona
     from .model_card import write_model_card
 
     output_dir = Path(output_dir)
-    if not (output_dir / "model_index.json").is_file():
-        raise HubError(f"{output_dir} has no model_index.json: give the output folder of a finished training run "
+    if not (output_dir / MODEL_INDEX).is_file():
+        raise HubError(f"{output_dir} has no {MODEL_INDEX}: give the output folder of a finished training run "
                        "(or a folder written by save_pretrained).")
     pusher = HubPusher(repo_id or output_dir.resolve().name, token, private, str(output_dir))
     try:
-        if (output_dir / "training_config.json").is_file():
+        if (output_dir / TRAINING_CONFIG).is_file():
             write_model_card(output_dir, pusher.repo_id)
         else:
-            logger.warning("%s has no training_config.json, so no model card is written; the repo gets what is there.", output_dir)
+            logger.warning("%s has no %s, so no model card is written; the repo gets what is there.", output_dir,
+                           TRAINING_CONFIG)
         return pusher.url, pusher.push(output_dir, commit_message)
     finally:
         pusher.close()

@@ -21,8 +21,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from .choices import LEARNED_VARIANCE_TYPES
-from .scheduler import DDPMScheduler, parameterization
+from .data import to_model_range
+from .scheduler import DDPMScheduler, FixedLogVariances, parameterization, variance
 
 LN2 = math.log(2.0)
 BIN_HALF_WIDTH = 1.0 / 255.0  # pixels k = 0..255 sit at -1 + 2k/255
@@ -73,23 +73,13 @@ def model_mean_log_variance(scheduler: DDPMScheduler, model_output: torch.Tensor
     posterior mean (Eq. 7) at x̂_0 from the model's output (per prediction_type, clipped to [-1, 1] if
     clip_denoised); the log-variance per variance_type with improved DDPM's conventions at t = 0."""
     config = scheduler.config
-    channels = x_t.shape[1]
-    if config.variance_type in LEARNED_VARIANCE_TYPES:
-        model_output, v = model_output.split(channels, dim=1)
+    kind, v = variance(config.variance_type), None
+    if kind.learned:
+        model_output, v = model_output.split(x_t.shape[1], dim=1)
     a, s, small, beta, fixed_large = scheduler.coefficients(
         t, x_t, "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "posterior_log_variance_clipped", "betas",
         "log_betas_clipped")
-    if config.variance_type in ("fixed_small", "fixed_small_log"):
-        log_variance = small.expand_as(x_t)
-    elif config.variance_type in ("fixed_large", "fixed_large_log"):
-        log_variance = fixed_large.expand_as(x_t)
-    elif config.variance_type == "learned":
-        log_variance = v
-    elif config.variance_type == "learned_range":
-        frac = (v + 1) / 2  # improved DDPM, Eq. 15
-        log_variance = frac * torch.log(beta) + (1 - frac) * small
-    else:
-        raise ValueError(f"variance_type={config.variance_type!r} has no log-variance here.")
+    log_variance = kind.log_variance(FixedLogVariances(small, fixed_large, torch.log(beta)), v).expand_as(x_t)
     x0_hat = parameterization(config.prediction_type).x0(model_output, x_t, a, s)
     if clip_denoised:
         x0_hat = x0_hat.clamp(-1, 1)
@@ -109,13 +99,6 @@ def vb_terms_bpd(scheduler: DDPMScheduler, model_output: torch.Tensor, x0: torch
     return torch.where(t == 0, mean_over_dimensions(decoder), mean_over_dimensions(kl)) / LN2
 
 
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, C, H, W] -> float64 in [-1, 1]: pixel k at -1 + 2k/255."""
-    if images.dtype != torch.uint8:
-        raise ValueError(f"bits_per_dim takes uint8 images (the 256-level data the bound is defined on), got {images.dtype}.")
-    return images.double() / 127.5 - 1.0
-
-
 def _network_dtype_and_device(unet, fallback_device):
     parameter = next(iter(unet.parameters()), None)
     if parameter is None:  # a module without parameters (an oracle): float64 in, on the images' device
@@ -129,7 +112,9 @@ def bound_terms(unet: Callable, scheduler: DDPMScheduler, images: torch.Tensor, 
     """(prior [N], terms [N, T]) in bits/dim, float64: the bound's term at every training index t of each image
     (t = 0: the decoder). `bits_per_dim` sums them; arguments as there."""
     dtype, device = _network_dtype_and_device(unet, images.device)
-    x0 = to_model_range(images.to(device))
+    if images.dtype != torch.uint8:
+        raise ValueError(f"bits_per_dim takes uint8 images (the 256-level data the bound is defined on), got {images.dtype}.")
+    x0 = to_model_range(images.to(device), dtype=torch.float64)  # pixel k at -1 + 2k/255
     T = scheduler.config.num_train_timesteps
     if noise is not None and tuple(noise.shape) != (T, *x0.shape):
         raise ValueError(f"noise has shape {tuple(noise.shape)}; bits_per_dim needs [T, N, C, H, W] = {(T, *x0.shape)}.")

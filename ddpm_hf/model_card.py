@@ -16,7 +16,21 @@ from typing import Optional, Tuple
 
 from .config import TrainingConfig, resolve_config
 from .data import BUILTIN_DATASETS, DATASET_ALIASES
-from .outputs import atomic_write_bytes
+from .files import atomic_write_bytes
+from .run_folder import (
+    DENOISING_ANIMATIONS,
+    LOSS_CURVE,
+    METRICS,
+    METRICS_DINOV2,
+    MODEL_CARD,
+    NLL,
+    PROGRESSIVE,
+    SAMPLE_GRID,
+    SCHEDULER_CONFIG,
+    TRAIN_SUMMARY,
+    TRAINING_CONFIG,
+    UNET_CONFIG,
+)
 
 TAGS = ["pytorch", "diffusers", "unconditional-image-generation", "ddpm"]
 
@@ -45,7 +59,7 @@ def _hub_dataset(config: TrainingConfig) -> Optional[str]:
 def _nll(output_dir: Path) -> Optional[Tuple[dict, str, Optional[str]]]:
     """(bits/dim terms {term: {mean, sem}}, how they were measured, split) from nll.json (`ddpm-nll`), else the last
     --eval_nll_every measurement in train_summary.json; None if neither exists."""
-    path, summary_path = output_dir / "nll.json", output_dir / "train_summary.json"
+    path, summary_path = output_dir / NLL, output_dir / TRAIN_SUMMARY
     if path.is_file():
         nll = json.loads(path.read_text())
         p = nll.get("protocol", {})
@@ -93,15 +107,15 @@ def _eval_results(metrics: Optional[dict], dinov2: Optional[dict], nll, dataset:
 
 def _figures_section(output_dir: Path) -> list:
     """The denoising animation and the progressive figure, those whose files exist."""
-    animation = next((name for name in ("denoising.webp", "denoising.gif") if (output_dir / name).is_file()), None)
-    progressive = (output_dir / "progressive.png").is_file()
+    animation = next((name for name in DENOISING_ANIMATIONS if (output_dir / name).is_file()), None)
+    progressive = (output_dir / PROGRESSIVE).is_file()
     if not (animation or progressive):
         return []
     images = ([f"![The reverse chain]({animation})"] if animation else []) + \
-        (["![Progressive generation](progressive.png)"] if progressive else [])
+        ([f"![Progressive generation]({PROGRESSIVE})"] if progressive else [])
     captions = ([f"The reverse chain from x_T (`{animation}`)."] if animation else []) + \
         (["Progressive generation (Ho et al. 2020, Fig. 6): for each seed, x_t (upper row) and the predicted x̂_0 "
-          "(lower row) along the chain (`progressive.png`)."] if progressive else [])
+          f"(lower row) along the chain (`{PROGRESSIVE}`)."] if progressive else [])
     return [" ".join(images), "", "*" + " ".join(captions) + " figures.json says how each was made.*", ""]
 
 
@@ -140,8 +154,8 @@ def _metrics_section(metrics: Optional[dict], dinov2: Optional[dict], nll) -> li
             f"{(dprotocol.get('feature_network') or {}).get('name')} against {json.dumps(dprotocol.get('reference'))}.",
         ]
     elif not metrics and not nll:
-        parts += ["No metrics yet: measure with `ddpm-sample` and `ddpm-metrics --output THIS_FOLDER/metrics.json` "
-                  "(and the likelihood with `ddpm-nll THIS_FOLDER WORK_DIR --output THIS_FOLDER/nll.json`), "
+        parts += [f"No metrics yet: measure with `ddpm-sample` and `ddpm-metrics --output THIS_FOLDER/{METRICS}` "
+                  f"(and the likelihood with `ddpm-nll THIS_FOLDER WORK_DIR --output THIS_FOLDER/{NLL}`), "
                   "then rebuild this card with `ddpm-card THIS_FOLDER`."]
     if nll:
         bpd, how, _ = nll
@@ -163,21 +177,21 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
     from huggingface_hub import ModelCard, ModelCardData
 
     output_dir = Path(output_dir)
-    config = TrainingConfig.load(output_dir / "training_config.json")
-    metrics = _read_json(output_dir / "metrics.json")
+    config = TrainingConfig.load(output_dir / TRAINING_CONFIG)
+    metrics = _read_json(output_dir / METRICS)
     name = repo_id or output_dir.resolve().name
     dataset = _hub_dataset(config)
     dataset_label = dataset or ("scikit-learn digits (built in)" if config.dataset == "digits" else Path(config.dataset).name)
 
     nll = _nll(output_dir)
-    dinov2 = _read_json(output_dir / "metrics-dinov2.json")
+    dinov2 = _read_json(output_dir / METRICS_DINOV2)
     eval_results = _eval_results(metrics, dinov2, nll, dataset, dataset_label)
     data = ModelCardData(
         license="apache-2.0", library_name="diffusers", tags=TAGS, datasets=[dataset] if dataset else None,
         model_name=name, eval_results=eval_results or None, pipeline_tag="unconditional-image-generation",
     )
-    scheduler = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
-    unet = json.loads((output_dir / "unet" / "config.json").read_text())
+    scheduler = json.loads((output_dir / SCHEDULER_CONFIG).read_text())
+    unet = json.loads((output_dir / UNET_CONFIG).read_text())
     load_id = repo_id or config.output_dir  # the folder the run wrote, as it was given
     network = f"UNet from `{config.unet_config}`" if config.unet_config else f"UNet preset `{config.unet_preset}`"
 
@@ -196,9 +210,9 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
     if progress is not None:
         parts += [f"**Training in progress: step {progress[0]:,} of {progress[1]:,}.** The weights, samples and this "
                   "card are updated as it goes.", ""]
-    if (output_dir / "samples.png").is_file():
+    if (output_dir / SAMPLE_GRID).is_file():
         parts += [
-            "![Samples](samples.png)",
+            f"![Samples]({SAMPLE_GRID})",
             "",
             f"*Samples from fixed seeds ({config.num_sample_images} images, "
             f"{config.grid_steps} DDPM steps).*",
@@ -230,7 +244,7 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
         reproduce_command(config),
         "```",
         "",
-        *(["![Loss curve](loss_curve.png)", ""] if (output_dir / "loss_curve.png").is_file() else []),
+        *([f"![Loss curve]({LOSS_CURVE})", ""] if (output_dir / LOSS_CURVE).is_file() else []),
         f"Diffusion: T = {scheduler['num_train_timesteps']}, `{scheduler['beta_schedule']}` betas "
         f"{scheduler['beta_start']}..{scheduler['beta_end']}, `{scheduler['prediction_type']}` prediction, "
         f"`{scheduler['variance_type']}` variance, `{config.loss}` loss"
@@ -258,6 +272,6 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
 
 
 def write_model_card(output_dir, repo_id: Optional[str] = None, progress: Optional[Tuple[int, int]] = None) -> Path:
-    path = Path(output_dir) / "README.md"
+    path = Path(output_dir) / MODEL_CARD
     atomic_write_bytes(path, str(build_model_card(output_dir, repo_id, progress)).encode())
     return path

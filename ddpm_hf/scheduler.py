@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -32,11 +32,12 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .choices import BETA_SCHEDULES, LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, TIMESTEP_SPACINGS, VARIANCE_TYPES
+from .choices import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, VARIANCE_TYPES
 
 __all__ = [
-    "DDPMScheduler", "DDPMSchedulerOutput", "DiffusionTables", "Parameterization", "PARAMETERIZATIONS",
-    "PREDICTION_TYPES", "make_beta_schedule", "extract_into_tensor", "parameterization",
+    "DDPMScheduler", "DDPMSchedulerOutput", "DiffusionTables", "FixedLogVariances", "Parameterization",
+    "PARAMETERIZATIONS", "PREDICTION_TYPES", "VARIANCES", "Variance", "make_beta_schedule", "extract_into_tensor",
+    "parameterization", "variance",
 ]
 
 
@@ -77,6 +78,51 @@ def parameterization(prediction_type: str) -> Parameterization:
         return PARAMETERIZATIONS[prediction_type]
     else:
         raise ValueError(f"prediction_type={prediction_type!r} is not one of {', '.join(map(repr, PREDICTION_TYPES))}.")
+
+
+class FixedLogVariances(NamedTuple):
+    """The logs of a reverse step's fixed variances (Sec. 3.2), floats or tensors that broadcast against the sample:
+    `small` = log β̃_t (the posterior variance, Eq. 7), `large` = fixed_large's log β_t, `beta` = log β_t itself (the
+    upper end of learned_range). `large` and `beta` differ only in the bound's convention at t = 0, where fixed_large
+    borrows β̃_1 (improved DDPM)."""
+
+    small: object
+    large: object
+    beta: object
+
+
+@dataclass(frozen=True)
+class Variance:
+    """A variance type: whether the network predicts it (2C output channels, the second C being `v`), and
+    log_variance(fixed, v): log σ_t² from the step's `FixedLogVariances` and `v` (None for a fixed variance)."""
+
+    name: str
+    learned: bool
+    log_variance: Callable
+
+
+def _learned_range(fixed: FixedLogVariances, v):
+    frac = (v + 1) / 2  # improved DDPM, Eq. 15: v in [-1, 1] interpolates the log-variances
+    return frac * fixed.beta + (1 - frac) * fixed.small
+
+
+# The one dispatch on variance_type: the scheduler's step and the variational bound (ddpm_hf.likelihood) both go
+# through this table. The `_log` names are diffusers' spellings of the same variances.
+VARIANCES: Dict[str, Variance] = {
+    "fixed_small": Variance("fixed_small", False, lambda fixed, v: fixed.small),  # σ² = β̃_t
+    "fixed_small_log": Variance("fixed_small_log", False, lambda fixed, v: fixed.small),
+    "fixed_large": Variance("fixed_large", False, lambda fixed, v: fixed.large),  # σ² = β_t
+    "fixed_large_log": Variance("fixed_large_log", False, lambda fixed, v: fixed.large),
+    "learned": Variance("learned", True, lambda fixed, v: v),  # v is log σ² itself (improved DDPM)
+    "learned_range": Variance("learned_range", True, _learned_range),
+}
+
+
+def variance(variance_type: str) -> Variance:
+    if variance_type in VARIANCES:
+        return VARIANCES[variance_type]
+    else:
+        raise ValueError(f"variance_type={variance_type!r} is not one of {', '.join(map(repr, VARIANCE_TYPES))}.")
 
 
 @dataclass(frozen=True)
@@ -377,23 +423,15 @@ class DDPMScheduler(_DiffusersDDPMScheduler):
         return c0, ct, var, beta
 
     def _get_variance(self, t, predicted_variance=None, variance_type=None):
-        """σ_t² of the reverse step from t (Sec. 3.2), or for `learned` and `learned_range` its log.
+        """σ_t² of the reverse step from t (Sec. 3.2, through `VARIANCES`), or for `learned` and `learned_range` its log.
 
         Kept under diffusers' private name so that code written against diffusers' class works."""
-        variance_type = variance_type or self.config.variance_type
+        kind = variance(variance_type or self.config.variance_type)
         _, _, var_small, var_large = self.posterior_coefficients(t, self.previous_timestep(t))
         var_small = max(var_small, 1e-20)  # β̃ = 0 on the step to x_0; keep its log finite
-        if variance_type in ("fixed_small", "fixed_small_log"):
-            return torch.tensor(var_small, dtype=torch.float64)
-        elif variance_type in ("fixed_large", "fixed_large_log"):
-            return torch.tensor(var_large, dtype=torch.float64)
-        elif variance_type == "learned":  # log σ² itself (improved DDPM)
-            return predicted_variance
-        elif variance_type == "learned_range":
-            frac = (predicted_variance + 1) / 2  # improved DDPM, Eq. 15: interpolate the log-variances
-            return frac * math.log(var_large) + (1 - frac) * math.log(var_small)
-        else:
-            raise ValueError(f"variance_type={variance_type!r} is not one of {VARIANCE_TYPES}.")
+        log_large = math.log(var_large)  # the step's β: a strided step has no t = 0 convention to follow
+        log_variance = kind.log_variance(FixedLogVariances(math.log(var_small), log_large, log_large), predicted_variance)
+        return log_variance if kind.learned else torch.tensor(math.exp(log_variance), dtype=torch.float64)
 
     def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
         """Dynamic thresholding (Saharia et al. 2022, Sec. 2.3): per sample, s = the
@@ -439,7 +477,7 @@ class DDPMScheduler(_DiffusersDDPMScheduler):
         t = int(timestep)
         prev_t = self.previous_timestep(t)
         C = sample.shape[1]
-        learned = self.config.variance_type in LEARNED_VARIANCE_TYPES
+        learned = variance(self.config.variance_type).learned
         if learned:
             if model_output.shape[1] != 2 * C:
                 raise ValueError(
@@ -472,11 +510,11 @@ class DDPMScheduler(_DiffusersDDPMScheduler):
         # 5. add σ_t z, z ~ N(0, I), except on the step that lands on x_0 (Algorithm 2, line 3)
         if prev_t >= 0:
             noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
-            variance = self._get_variance(t, predicted_variance=predicted_variance)
+            sigma2 = self._get_variance(t, predicted_variance=predicted_variance)
             if learned:
-                std = torch.exp(0.5 * variance)  # variance is log σ² here
+                std = torch.exp(0.5 * sigma2)  # log σ² here
             else:
-                std = math.sqrt(float(variance))
+                std = math.sqrt(float(sigma2))
             prev_sample = prev_sample + std * noise
 
         if not return_dict:

@@ -24,7 +24,7 @@ from ddpm_hf.figures import (
     record_chain,
     save_animation,
 )
-from ddpm_hf.sampling import use_scheduler
+from ddpm_hf.samplers import use_scheduler
 
 SAMPLERS = ["ddpm", "ddim", "dpm-solver"]
 

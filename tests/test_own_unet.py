@@ -17,7 +17,8 @@ from diffusers import UNet2DModel
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
 from ddpm_hf.config import RECIPES, parse_args, resolve_config
 from ddpm_hf.unets import unet_config
-from ddpm_hf.training import make_unet, resume, setup, train
+from ddpm_hf.training import resume, setup, train
+from ddpm_hf.training_parts import make_unet
 
 from test_pipeline import write_google_layout
 from test_training import REPO, TINY, _fresh_accelerate_state, cli_args  # noqa: F401  (the fixture resets accelerate)

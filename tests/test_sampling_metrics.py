@@ -21,7 +21,7 @@ from ddpm_hf.metrics import (
     inception_score,
     kernel_inception_distance,
 )
-from ddpm_hf.sampling import complete_images, image_name, sample_to_folder
+from ddpm_hf.sample_folder import complete_images, image_name, sample_to_folder
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8

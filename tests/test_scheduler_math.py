@@ -281,3 +281,39 @@ def test_learned_variance_channels_are_log_sigma_squared():
     c0, ct, _, _ = s.posterior_coefficients(t)
     z = torch.randn(eps.shape, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, c0 * mean + ct * x + math.exp(-1.5) * z, atol=1e-6, rtol=0)
+
+
+def test_the_variance_table_covers_every_variance_type_and_marks_the_learned_ones():
+    from ddpm_hf.choices import LEARNED_VARIANCE_TYPES, VARIANCE_TYPES
+    from ddpm_hf.scheduler import VARIANCES, variance
+
+    assert set(VARIANCES) == set(VARIANCE_TYPES)
+    assert {name for name, kind in VARIANCES.items() if kind.learned} == set(LEARNED_VARIANCE_TYPES)
+    with pytest.raises(ValueError, match=r"variance_type='fixed_medium' is not one of"):
+        variance("fixed_medium")
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large", "learned", "learned_range"])
+def test_the_step_and_the_bound_read_one_variance_table_alike(variance_type):
+    """For t >= 1 of the full chain, the scheduler's σ_t² and the bound's log σ_t² are the same closed form (Sec. 3.2;
+    improved DDPM Eq. 15 for learned_range), computed here in float64 from the betas."""
+    from ddpm_hf.likelihood import model_mean_log_variance
+
+    T = 50
+    s = DDPMScheduler(num_train_timesteps=T, variance_type=variance_type)
+    betas = np.linspace(1e-4, 0.02, T)
+    ab = np.cumprod(1 - betas)
+    small = betas[1:] * (1 - ab[:-1]) / (1 - ab[1:])  # β̃_t, t = 1..T-1
+    v = torch.linspace(-0.9, 0.9, T - 1, dtype=torch.float64)  # the network's variance channel, one value per t
+    expected = {"fixed_small": np.log(small), "fixed_large": np.log(betas[1:]), "learned": v.numpy(),
+                "learned_range": (v.numpy() + 1) / 2 * np.log(betas[1:]) + (1 - v.numpy()) / 2 * np.log(small)}[variance_type]
+    learned = variance_type.startswith("learned")
+    step = []
+    for t in range(1, T):
+        out = s._get_variance(t, predicted_variance=v[t - 1] if learned else None)
+        step.append(float(out) if learned else math.log(float(out)))
+    np.testing.assert_allclose(step, expected, rtol=1e-12)
+    x_t = torch.zeros(T - 1, 1, 2, 2, dtype=torch.float64)
+    output = torch.cat([x_t, v.view(-1, 1, 1, 1).expand_as(x_t)], 1) if learned else x_t
+    _, log_variance, _ = model_mean_log_variance(s, output, x_t, torch.arange(1, T))
+    np.testing.assert_allclose(log_variance[:, 0, 0, 0].numpy(), expected, rtol=1e-12)

@@ -18,9 +18,11 @@ from safetensors.torch import load_file
 
 from ddpm_hf import DDPMPipeline
 from ddpm_hf.config import RECIPES, TrainingConfig, parse_args, resolve_config
-from ddpm_hf.outputs import image_grid, list_checkpoints, load_checkpoint
+from ddpm_hf.checkpoints import list_checkpoints, load_checkpoint
+from ddpm_hf.plots import image_grid
 from ddpm_hf.seeding import GRID_SEED_TAG, mix_seed
-from ddpm_hf.training import NonFiniteLossError, make_unet, train
+from ddpm_hf.training import NonFiniteLossError, train
+from ddpm_hf.training_parts import make_unet
 
 REPO = Path(__file__).resolve().parents[1]
 

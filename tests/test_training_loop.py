@@ -12,11 +12,12 @@ from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
 from ddpm_hf.choices import LR_SCHEDULES, PREDICTION_TYPES
 from ddpm_hf.config import resolve_config
 from ddpm_hf.losses import min_snr_weight, snr, training_target
-from ddpm_hf.outputs import list_checkpoints
-from ddpm_hf.sampling import draw_share
+from ddpm_hf.checkpoints import list_checkpoints
+from ddpm_hf.samplers import draw_share
 from ddpm_hf.scheduler import PARAMETERIZATIONS, parameterization
-from ddpm_hf import training
-from ddpm_hf.training import TrainState, resume, run_step, setup
+from ddpm_hf import training, training_watch
+from ddpm_hf.training import resume, run_step, setup
+from ddpm_hf.training_state import TrainState
 
 from test_training import TINY, _fresh_accelerate_state  # noqa: F401  (the fixture resets accelerate)
 
@@ -78,7 +79,7 @@ def test_the_checkpoint_is_written_before_the_grid(tmp_path, monkeypatch):
     def killed_while_drawing(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "sample_images", killed_while_drawing)
+    monkeypatch.setattr(training_watch, "sample_images", killed_while_drawing)
     config = resolve_config({**TINY, "output_dir": str(tmp_path), "max_train_steps": 6, "checkpointing_steps": 3,
                              "save_images_steps": 3})
     with pytest.raises(KeyboardInterrupt):

@@ -26,17 +26,17 @@ from ddpm_hf import data as data_module
 from ddpm_hf.config import resolve_config
 from ddpm_hf.data import BadImageError, build_image_bank, find_image_column, load_image_dataset, stream_batches
 from ddpm_hf.evaluation import InceptionWeightsDamaged, evaluate_folder, inception_network
-from ddpm_hf.outputs import (
+from ddpm_hf.checkpoints import (
     CheckpointError,
-    NonFiniteWeightsError,
     checkpoint_problem,
     list_checkpoints,
     resolve_checkpoint,
-    rotate_checkpoints,
     save_checkpoint,
 )
-from ddpm_hf.sampling import SAMPLING_FILE, image_name, sample_command
-from ddpm_hf.training import TrainState, accelerator_available, resume, setup, train
+from ddpm_hf.devices import accelerator_available
+from ddpm_hf.sample_folder import SAMPLING_FILE, image_name, sample_command
+from ddpm_hf.training import resume, setup, train
+from ddpm_hf.weights import NonFiniteWeightsError
 
 from test_training import REPO, TINY, _fresh_accelerate_state, cli_args  # noqa: F401  (the fixture resets accelerate)
 
@@ -243,9 +243,9 @@ def test_a_batch_larger_than_the_dataset_is_refused_before_decoding(tmp_path, mo
 
 
 def test_a_full_disk_while_checkpointing_is_one_line_and_loses_nothing(run_copy, monkeypatch):
-    from ddpm_hf import outputs
+    import safetensors.torch
 
-    real = outputs.save_file
+    real = safetensors.torch.save_file
 
     def disk_full(tensors, filename, *args, **kwargs):
         if filename.endswith("ema.safetensors"):
@@ -253,7 +253,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_loses_nothing(run_copy,
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(tensors, filename, *args, **kwargs)
 
-    monkeypatch.setattr(outputs, "save_file", disk_full)
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
     with pytest.raises(CheckpointError, match=rf"Cannot write the checkpoint {run_copy / 'checkpoint-6'} \(No space left "
                                               rf"on device\); free space in {run_copy} or choose another --output_dir"):
         train(resolve_config({**TINY, "output_dir": str(run_copy), "max_train_steps": 6, "checkpointing_steps": 2,
@@ -273,7 +273,7 @@ def test_a_kill_during_rotation_leaves_no_orphan_checkpoint(tmp_path):
             (tmp_path / f"checkpoint-{step}" / "padding" / f"{i}").write_bytes(b"x")
     script = textwrap.dedent(f"""
         import os, shutil, time
-        from ddpm_hf import outputs
+        from ddpm_hf import checkpoints, files
         def slow_rmtree(path, ignore_errors=False):
             for root, dirs, files in os.walk(path, topdown=False):
                 for name in files:
@@ -281,8 +281,8 @@ def test_a_kill_during_rotation_leaves_no_orphan_checkpoint(tmp_path):
                 for name in dirs:
                     os.rmdir(os.path.join(root, name))
             os.rmdir(path)
-        outputs.shutil.rmtree = slow_rmtree
-        outputs.rotate_checkpoints({str(tmp_path)!r}, 1)
+        files.shutil.rmtree = slow_rmtree
+        checkpoints.rotate_checkpoints({str(tmp_path)!r}, 1)
         """)
     proc = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.time() + 60
@@ -295,7 +295,7 @@ def test_a_kill_during_rotation_leaves_no_orphan_checkpoint(tmp_path):
     assert temporaries, "the kill should land while a checkpoint is being removed"
     visible = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
     assert all(checkpoint_problem(tmp_path / name) is None for name in visible)  # no half-removed checkpoint-N/
-    from ddpm_hf.outputs import remove_stale_temporaries
+    from ddpm_hf.files import remove_stale_temporaries
 
     remove_stale_temporaries(tmp_path)
     assert not list(tmp_path.glob(".*"))

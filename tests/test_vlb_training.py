@@ -19,8 +19,8 @@ from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet, denoise
 from ddpm_hf.config import resolve_config
 from ddpm_hf.likelihood import TERMS, bits_per_dim_of_share
 from ddpm_hf.model_card import write_model_card
-from ddpm_hf.nll_folder import image_file
-from ddpm_hf.sampling import use_scheduler
+from ddpm_hf.likelihood_folder import image_file
+from ddpm_hf.samplers import use_scheduler
 from ddpm_hf.training import train
 
 from test_training import REPO, TINY, _fresh_accelerate_state  # noqa: F401  (the fixture resets accelerate)

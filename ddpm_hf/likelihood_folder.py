@@ -1,5 +1,5 @@
 """What `ddpm-nll PIPELINE OUTPUT_DIR --dataset D --num_images N` does: the variational bound of a pipeline in
-bits/dim (`ddpm_hf.likelihood`) on a dataset split or a folder of images.
+bits/dim (`likelihood`) on a dataset split or a folder of images, as a resumable folder job (`folder_jobs`).
 
 Image k of the set is measured by process k mod N under `accelerate launch`, with its noise from a generator
 seeded by (seed, k), and its result written to OUTPUT_DIR/images/{k:06d}.npz under a temporary name and renamed:
@@ -20,18 +20,15 @@ import numpy as np
 import torch
 
 from .data import load_images
+from .files import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
+from .folder_jobs import FolderJob
 from .likelihood import TERMS, bits_per_dim_of_share, summarize
-from .outputs import (
-    atomic_write_bytes,
-    atomic_write_json,
-    check_provenance,
-    remove_stale_temporaries,
-    state_dict_sha256,
-    tmp_sibling,
-)
-from .sampling import process_share
+from .plots import plot_bound_terms
+from .run_folder import NLL
+from .weights import state_dict_sha256
 
 PROTOCOL_FILE = "nll_protocol.json"
+TERMS_PLOT = "nll_terms.png"
 
 
 def image_file(folder: Path, k: int) -> Path:
@@ -65,37 +62,12 @@ def done_images(folder: Path, num_images: int) -> Set[int]:
     return done
 
 
-def plot_terms(per_timestep: np.ndarray, path: Path) -> None:
-    """nll_terms.png: the mean bound term (bits/dim) at each training index t; t = 0 is the decoder."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(np.arange(len(per_timestep)), per_timestep, lw=1.2)
-    ax.set_xlabel("training index t (0: the decoder L_0)")
-    ax.set_ylabel("bound term (bits/dim)")
-    ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.set_title(f"Terms of the variational bound: total {per_timestep.sum():.4f} bits/dim without L_T")
-    fig.tight_layout()
-    tmp = tmp_sibling(Path(path))
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-
-
 def measure(pipe, pipeline_name: str, folder, dataset: str, num_images: int, split: str = "test", batch_size: int = 64,
             seed: int = 0, clip_denoised: bool = True, dataset_config: Optional[str] = None,
             image_column: Optional[str] = None, overwrite: bool = False, output=None, state=None) -> Optional[dict]:
     """Measure this process's share (`state`: an accelerate PartialState, or None for one process); the main
     process then writes nll.json (at `output`, default folder/nll.json) and returns it."""
-    from tqdm.auto import tqdm
-
-    rank, world = (state.process_index, state.num_processes) if state else (0, 1)
-    is_main = state.is_main_process if state else True
-    folder, unet, scheduler = Path(folder), pipe.unet, pipe.scheduler
+    unet, scheduler = pipe.unet, pipe.scheduler
     protocol = {
         "pipeline": pipeline_name, "weights_sha256": state_dict_sha256(unet), "scheduler": dict(scheduler.config),
         "num_train_timesteps": scheduler.config.num_train_timesteps, "variance_type": scheduler.config.variance_type,
@@ -105,31 +77,25 @@ def measure(pipe, pipeline_name: str, folder, dataset: str, num_images: int, spl
         "noise": "image k: torch.Generator seeded by ddpm_hf.seeding.mix_seed(seed, k, NLL_SEED_TAG), t = T-1 .. 0",
         "convention": "improved DDPM calc_bpd_loop: index t = 0..T-1, decoder at t = 0 (exact normal CDF), bits/dim",
     }
-    # before any image is decoded or measured
-    check_provenance(folder, PROTOCOL_FILE, protocol, "a bits/dim measurement", "measure again from scratch", overwrite)
+    job = FolderJob(folder, PROTOCOL_FILE, protocol, state)
+    job.check("a bits/dim measurement", "measure again from scratch", overwrite)  # before any image is decoded
     images = load_images(dataset, split, num_images, unet.config.in_channels, unet.config.sample_size, dataset_config,
                          image_column)
-    if is_main:
-        (folder / "images").mkdir(parents=True, exist_ok=True)
+    results = job.folder / "images"
+    if job.is_main:
+        results.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(results)
         if output:
             Path(output).parent.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            for path in (folder / "images").glob("*.npz"):
-                path.unlink()
-        remove_stale_temporaries(folder / "images")
-        atomic_write_json(folder / PROTOCOL_FILE, protocol)
-    if state:
-        state.wait_for_everyone()
-    todo = process_share(num_images, rank, world, skip=done_images(folder, num_images))
-    bar = tqdm(total=len(todo), disable=not (state.is_local_main_process if state else True), unit="img", desc="Bits/dim")
+    job.start(results.glob("*.npz") if overwrite else (), overwrite)
+    todo = job.todo(num_images, done_images(job.folder, num_images))
+    bar = job.bar(len(todo), "Bits/dim", "img")
     for ks, terms in bits_per_dim_of_share(unet, scheduler, images, todo, seed, batch_size, clip_denoised):
         for i, k in enumerate(ks):
-            write_image_result(image_file(folder, k), terms, i)
+            write_image_result(image_file(job.folder, k), terms, i)
         bar.update(len(ks))
     bar.close()
-    if state:
-        state.wait_for_everyone()
-    return write_summary(folder, num_images, protocol, output) if is_main else None
+    return write_summary(job.folder, num_images, protocol, output) if job.finish() else None
 
 
 def write_summary(folder: Path, num_images: int, protocol: dict, output=None) -> dict:
@@ -141,6 +107,6 @@ def write_summary(folder: Path, num_images: int, protocol: dict, output=None) ->
     per_timestep = np.mean([r["terms"] for r in results], axis=0)
     summary = {"bits_per_dim": summarize(per_image), "num_images": num_images,
                "per_timestep_mean": per_timestep.tolist(), "protocol": protocol}
-    atomic_write_json(Path(output) if output else folder / "nll.json", summary)
-    plot_terms(per_timestep, folder / "nll_terms.png")
+    atomic_write_json(Path(output) if output else folder / NLL, summary)
+    plot_bound_terms(per_timestep, folder / TERMS_PLOT)
     return summary

@@ -1,0 +1,199 @@
+"""Checkpoints: writing, verifying, listing, rotating, and finding the one to resume from.
+
+A checkpoint is a folder `checkpoint-<step>/` (or `best_checkpoint/`, outside the rotation) holding the UNet and EMA
+weights (safetensors), the optimizer state (loaded with weights_only), the run's configs, and, written last,
+`trainer_state.json`: the step, the TrainState and the SHA-256 of every other file. The folder is written under a
+temporary name and renamed into place, so a checkpoint under its final name is always complete; a resume verifies
+the hashes and skips (or refuses) a damaged one.
+
+Importing this module is light (torch loads on first use): the command lines read checkpoints before torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from .files import remove_atomically, replace_dir, sha256_of, tmp_sibling
+from .run_folder import (
+    CHECKPOINT_EMA,
+    CHECKPOINT_OPTIMIZER,
+    CHECKPOINT_PREFIX,
+    CHECKPOINT_UNET,
+    TRAINER_STATE,
+    TRAINING_CONFIG,
+)
+
+REQUIRED_FILES = (CHECKPOINT_UNET, CHECKPOINT_EMA, CHECKPOINT_OPTIMIZER)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or used: one line saying which, why, and what to do."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step}"
+
+
+def _contiguous(state):
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def save_checkpoint(output_dir: Path, step: int, unet, ema_model, optimizer, trainer_state: dict,
+                    name: Optional[str] = None, extra_files: Optional[Dict[str, str]] = None) -> Path:
+    """Write checkpoint-<step>/ (or `name`/): UNet and EMA weights as safetensors, optimizer state, `extra_files`
+    ({name: text}, e.g. the run's configs), and last trainer_state.json holding the step and the SHA-256 of every
+    other file.
+    Written under a temporary name and renamed into place; non-finite weights are refused, and a failed write
+    (a full disk) removes its temporary and leaves the previous checkpoints as they were."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .weights import NonFiniteWeightsError, weights_are_finite
+
+    final = Path(output_dir) / (name or checkpoint_name(step))
+    for label, model in (("UNet", unet), ("EMA", ema_model)):
+        if not weights_are_finite(model):
+            raise NonFiniteWeightsError(f"The {label} weights are not finite at step {step}, so {final.name} is not written; "
+                                        "resume from the last checkpoint with a lower --learning_rate.")
+    tmp = tmp_sibling(final)
+    try:
+        tmp.mkdir(parents=True)
+        save_file(_contiguous(unet.state_dict()), str(tmp / CHECKPOINT_UNET))
+        save_file(_contiguous(ema_model.state_dict()), str(tmp / CHECKPOINT_EMA))
+        torch.save(optimizer.state_dict(), tmp / CHECKPOINT_OPTIMIZER)
+        for filename, text in (extra_files or {}).items():
+            (tmp / filename).write_text(text + "\n")
+        files = {p.name: sha256_of(p) for p in sorted(tmp.iterdir())}
+        with open(tmp / TRAINER_STATE, "w") as f:  # written last: its presence marks a complete checkpoint
+            json.dump({**trainer_state, "step": step, "files": files}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        replace_dir(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"Cannot write the checkpoint {final} ({e.strerror or e}); free space in {final.parent} "
+                              "or choose another --output_dir, then resume (the earlier checkpoints are intact).") from None
+    return final
+
+
+def checkpoint_problem(folder: Path) -> Optional[str]:
+    """Why `folder` cannot be resumed from (its state missing or damaged, a file missing or not matching its
+    SHA-256), or None when it is intact."""
+    state_path = Path(folder) / TRAINER_STATE
+    if not state_path.is_file():
+        return f"no {TRAINER_STATE}"
+    try:
+        state = json.loads(state_path.read_text())
+        int(state["step"])
+    except (ValueError, KeyError, TypeError):
+        return f"{TRAINER_STATE} is damaged"
+    files = state.get("files") or {}
+    for name in sorted(set(files) | set(REQUIRED_FILES)):
+        path = Path(folder) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if name in files and sha256_of(path) != files[name]:
+            return f"{name} does not match its SHA-256"
+    return None
+
+
+def checkpoint_folders(output_dir: Path) -> List[Path]:
+    """Every checkpoint-* folder in output_dir, readable or not."""
+    return sorted(f for f in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if f.is_dir())
+
+
+def list_checkpoints(output_dir: Path) -> List[tuple]:
+    """(step, folder) of every checkpoint whose state file reads, oldest first. The step comes from trainer_state.json."""
+    found = []
+    for folder in checkpoint_folders(output_dir):
+        try:
+            found.append((int(json.loads((folder / TRAINER_STATE).read_text())["step"]), folder))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return sorted(found)
+
+
+def resolve_checkpoint(output_dir: Path, which: Optional[str], warn: Callable[[str], None] = lambda message: None
+                       ) -> Optional[Path]:
+    """The checkpoint to resume from, verified against its hashes: `latest` (the newest intact one in output_dir;
+    damaged ones are skipped and named through `warn`; None if output_dir has none at all) or a folder."""
+    if which is None:
+        return None
+    if which == "latest":
+        folders = checkpoint_folders(output_dir)
+        readable = [folder for _, folder in reversed(list_checkpoints(output_dir))]  # newest first, by their step
+        # a checkpoint whose state does not read has no step to order it by: it is named first
+        skipped = [f"{f.name} ({checkpoint_problem(f)})" for f in sorted(set(folders) - set(readable))]
+        for folder in readable:
+            problem = checkpoint_problem(folder)
+            if problem is None:
+                if skipped:
+                    warn(f"Skipped damaged checkpoints: {'; '.join(skipped)}. Resuming from {folder.name}.")
+                return folder
+            skipped.append(f"{folder.name} ({problem})")
+        if skipped:
+            raise CheckpointError(f"{output_dir} holds checkpoints but none is intact: {'; '.join(skipped)}. Move them away "
+                                  "to start over, or resume from a copy with --resume_from_checkpoint PATH.")
+        return None
+    path = Path(which)
+    if not (path / TRAINER_STATE).is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint {which}: no {TRAINER_STATE} there; give a checkpoint-* folder or 'latest'.")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"--resume_from_checkpoint {which}: {problem}, so the checkpoint is damaged; resume from "
+                              "another one (--resume_from_checkpoint latest takes the newest intact one).")
+    return path
+
+
+def checkpoint_to_resume(output_dir: Path, which: Optional[str], overwrite: bool,
+                         warn: Callable[[str], None] = lambda message: None) -> Optional[Path]:
+    """`resolve_checkpoint`, after refusing a fresh start (`which` None) in a folder that holds checkpoints unless
+    `overwrite`: a run never starts over silently."""
+    if which is None:
+        existing = [f.name for f in checkpoint_folders(output_dir)]
+        if existing and not overwrite:
+            raise ValueError(f"{output_dir} already holds a run ({', '.join(existing)}): pass --resume_from_checkpoint "
+                             "latest to carry on, --overwrite_output_dir to start over there, or another --output_dir.")
+        return None
+    return resolve_checkpoint(output_dir, which, warn)
+
+
+def saved_config_files(output_dir: Path, which: str) -> List[Path]:
+    """Where the config of the run a resume continues may be, best first: in the checkpoint (`latest`: the newest
+    whose state reads; else the folder `which`), then in the output folder."""
+    folder = Path(output_dir)
+    if which == "latest":
+        newest = list_checkpoints(folder)[-1:]
+        candidates = [checkpoint / TRAINING_CONFIG for _, checkpoint in newest]
+    else:
+        candidates = [Path(which) / TRAINING_CONFIG]
+    return candidates + [folder / TRAINING_CONFIG]
+
+
+def load_checkpoint(folder: Path, unet, ema_model, optimizer) -> dict:
+    """Load weights (safetensors) and optimizer state (weights_only) into the given objects; return trainer_state."""
+    import torch
+    from safetensors.torch import load_file
+
+    try:
+        unet.load_state_dict(load_file(str(folder / CHECKPOINT_UNET)))
+        ema_model.load_state_dict(load_file(str(folder / CHECKPOINT_EMA)))
+        optimizer.load_state_dict(torch.load(folder / CHECKPOINT_OPTIMIZER, map_location="cpu", weights_only=True))
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{folder} does not fit this network or optimizer ({str(e).splitlines()[0][:200]}); "
+                              "resume with the settings it was trained with.") from None
+    return json.loads((folder / TRAINER_STATE).read_text())
+
+
+def rotate_checkpoints(output_dir: Path, limit: Optional[int], keep: Sequence[Path] = ()) -> None:
+    """Keep the newest `limit` checkpoints. Each one removed is first renamed to a temporary name: a kill while
+    removing leaves only a temporary, which the next start cleans up, never a half-removed checkpoint-N/."""
+    if not limit:
+        return
+    found = [f for _, f in list_checkpoints(output_dir) if f not in keep]
+    for folder in found[: max(0, len(found) - limit)]:
+        remove_atomically(folder)

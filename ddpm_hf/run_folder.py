@@ -1,0 +1,80 @@
+"""The names of the files in a run's output folder, defined once. No heavy imports: the command lines read these.
+
+Every other module (the loop, the checkpoints, the model card, the Hub allow-list, clearing an earlier run, the
+commands' help) takes a name from here. A run folder holds:
+
+    model_index.json, unet/, scheduler/     the pipeline (EMA weights), as save_pretrained writes it
+    README.md                               the model card
+    training_config.json                    the resolved config (also inside every checkpoint)
+    checkpoint-<step>/, best_checkpoint/    resumable checkpoints (trainer_state.json written last)
+    samples.png, samples/step-*.png         sample grids from fixed seeds
+    denoising.gif|webp, progressive.png     the card's figures, and figures.json saying how they were made
+    loss_curve.png, train_summary.json      the loss curve and the summary of the run
+    metrics.json, metrics-dinov2.json       ddpm-metrics' results (--output into the folder)
+    nll.json                                ddpm-nll's result (--output into the folder)
+    logs/                                   tracker logs (TensorBoard)
+"""
+
+# the pipeline (save_pretrained's layout)
+MODEL_INDEX = "model_index.json"
+UNET_DIR = "unet"
+SCHEDULER_DIR = "scheduler"
+UNET_WEIGHTS = f"{UNET_DIR}/diffusion_pytorch_model.safetensors"
+UNET_CONFIG = f"{UNET_DIR}/config.json"
+SCHEDULER_CONFIG = f"{SCHEDULER_DIR}/scheduler_config.json"
+MODEL_CARD = "README.md"
+# the google/ddpm-* repos keep both configs at the root
+ROOT_LAYOUT_UNET_CONFIG = "config.json"
+ROOT_LAYOUT_SCHEDULER_CONFIG = "scheduler_config.json"
+
+# what the run writes beside the pipeline
+TRAINING_CONFIG = "training_config.json"
+TRAIN_SUMMARY = "train_summary.json"
+LOSS_CURVE = "loss_curve.png"
+SAMPLE_GRID = "samples.png"
+SAMPLE_GRIDS_DIR = "samples"
+PROGRESSIVE = "progressive.png"
+DENOISING_STEM = "denoising"  # denoising.gif or denoising.webp, whichever is smaller
+DENOISING_ANIMATIONS = (f"{DENOISING_STEM}.webp", f"{DENOISING_STEM}.gif")
+FIGURES_RECORD = "figures.json"
+LOGS_DIR = "logs"
+
+# checkpoints: checkpoint-<step>/ (rotated) and best_checkpoint/ (kept); their files
+CHECKPOINT_PREFIX = "checkpoint-"
+BEST_CHECKPOINT = "best_checkpoint"
+TRAINER_STATE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+CHECKPOINT_UNET = "unet.safetensors"
+CHECKPOINT_EMA = "ema.safetensors"
+CHECKPOINT_OPTIMIZER = "optimizer.pt"
+CHECKPOINT_UNET_CONFIG = "unet_config.json"  # the network's config: a resume needs no --unet_config source
+
+# what the measuring commands write (ddpm-metrics, ddpm-nll; --output puts them into a run folder)
+METRICS = "metrics.json"
+NLL = "nll.json"
+
+
+def metrics_file(kind: str) -> str:
+    """The metrics file of a feature space: metrics.json for Inception, metrics-<kind>.json for another."""
+    return METRICS if kind == "inception" else f"metrics-{kind}.json"
+
+
+METRICS_DINOV2 = metrics_file("dinov2")
+
+
+def sample_grid_file(step: int) -> str:
+    return f"{SAMPLE_GRIDS_DIR}/step-{step:07d}.png"
+
+
+# What a Hub repo of ours holds: a path is uploaded only when it matches one of these. Never checkpoints,
+# optimizer state or logs.
+PUBLISHED = (
+    MODEL_INDEX, UNET_CONFIG, UNET_WEIGHTS, SCHEDULER_CONFIG, MODEL_CARD, SAMPLE_GRID, f"{SAMPLE_GRIDS_DIR}/step-*.png",
+    PROGRESSIVE, *DENOISING_ANIMATIONS, FIGURES_RECORD, METRICS, METRICS_DINOV2, TRAINING_CONFIG, LOSS_CURVE,
+)
+
+# What a training run itself leaves besides the pipeline, the card and its config: removed (with the checkpoints) when
+# --overwrite_output_dir starts the folder over.
+RUN_PRODUCTS = (
+    BEST_CHECKPOINT, SAMPLE_GRIDS_DIR, SAMPLE_GRID, LOGS_DIR, TRAIN_SUMMARY, LOSS_CURVE, PROGRESSIVE,
+    *DENOISING_ANIMATIONS, FIGURES_RECORD,
+)

@@ -1,0 +1,47 @@
+"""Samplers and drawing images: which scheduler a pipeline samples with, the pipeline of a network, and a process's
+share of images drawn one seed per image."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Collection, Iterator, List, Tuple
+
+import torch
+
+from .choices import SAMPLERS
+from .folder_jobs import process_share
+
+
+def use_scheduler(pipe, name: str):
+    """Swap in the sampler `name` (of SAMPLERS), built from the pipeline's scheduler config; `ddpm` keeps it."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if name == "ddpm":
+        return pipe
+    elif name == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    elif name == "dpm-solver":
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    else:
+        raise ValueError(f"--scheduler {name!r} is not one of {', '.join(SAMPLERS)}.")
+    return pipe
+
+
+def pipeline_for(unet, scheduler_config, sampler: str = "ddpm"):
+    """A DDPMPipeline of `unet` with our DDPM scheduler of `scheduler_config`, then the sampler `sampler`."""
+    from .pipelines.pipeline_ddpm import DDPMPipeline
+    from .scheduler import DDPMScheduler
+
+    return use_scheduler(DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler_config)), sampler)
+
+
+def draw_share(pipe, num_images: int, seed_of: Callable[[int], int], rank: int = 0, world_size: int = 1,
+               batch_size: int = 64, skip: Collection[int] = (), **call: Any) -> Iterator[Tuple[List[int], Any]]:
+    """This process's share of images 0..num_images-1 (`process_share`), image k drawn from a generator seeded
+    `seed_of(k)`, in batches of `batch_size`: yields (ks, images). Image k is the same whatever the batch size or
+    number of processes. `call` goes to the pipeline (num_inference_steps, output_type, eta)."""
+    device = pipe._execution_device
+    todo = process_share(num_images, rank, world_size, skip)
+    for i in range(0, len(todo), batch_size):
+        ks = todo[i : i + batch_size]
+        generators = [torch.Generator(device).manual_seed(seed_of(k)) for k in ks]
+        yield ks, pipe(batch_size=len(ks), generator=generators, **call).images

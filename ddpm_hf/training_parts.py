@@ -1,0 +1,81 @@
+"""The parts a training run is built from, each from the run's config: the diffusion (our DDPMScheduler), the UNet
+(its config: a resumed run's own, --unet_config's or the preset's; --init_from's weights) and the optimizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from .choices import LEARNED_VARIANCE_TYPES
+from .config import TrainingConfig
+from .run_folder import CHECKPOINT_UNET_CONFIG
+from .scheduler import DDPMScheduler
+
+
+def make_scheduler(config: TrainingConfig) -> DDPMScheduler:
+    return DDPMScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_schedule=config.beta_schedule,
+        beta_start=config.beta_start,
+        beta_end=config.beta_end,
+        prediction_type=config.prediction_type,
+        variance_type=config.variance_type,
+        clip_sample=True,
+    )
+
+
+def run_unet_config(config: TrainingConfig, checkpoint: Optional[Path] = None) -> Dict[str, Any]:
+    """The UNet2DModel config of a run: a resumed run's own (saved in its checkpoint, so the source is not needed
+    any more), else --unet_config's (checked against the run: C input channels, C output channels or 2C with a
+    learned variance, the resolution), else the preset's."""
+    from .unets import check_unet_config, resolve_unet_config, unet_config
+
+    if checkpoint is not None and (checkpoint / CHECKPOINT_UNET_CONFIG).is_file():
+        return json.loads((checkpoint / CHECKPOINT_UNET_CONFIG).read_text())
+    extra = {} if config.dropout is None else {"dropout": config.dropout}
+    out = 2 * config.channels if config.variance_type in LEARNED_VARIANCE_TYPES else config.channels
+    if config.unet_config:
+        read = resolve_unet_config(config.unet_config, config.unet_subfolder)
+        return {**check_unet_config(read, config.channels, out, config.resolution, config.unet_config), **extra}
+    return unet_config(config.unet_preset, sample_size=config.resolution, in_channels=config.channels, out_channels=out, **extra)
+
+
+def unet_config_json(unet) -> str:
+    """A UNet's own config as a checkpoint keeps it (CHECKPOINT_UNET_CONFIG): without diffusers' private keys."""
+    return json.dumps({k: v for k, v in unet.config.items() if not k.startswith("_")}, indent=2)
+
+
+def make_unet(config: TrainingConfig, checkpoint: Optional[Path] = None):
+    """A freshly initialised UNet2DModel of the run's config (`run_unet_config`)."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel.from_config(run_unet_config(config, checkpoint))
+
+
+def load_starting_weights(unet, source: str) -> None:
+    """--init_from: the UNet weights of the pipeline `source` (a folder, a google/ddpm-* root layout, or a Hub repo
+    id; cached ones work offline), into `unet`."""
+    from .pipelines.pipeline_ddpm import DDPMPipeline
+
+    weights = DDPMPipeline.from_pretrained(source).unet.state_dict()
+    try:
+        unet.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"--init_from {source}: its UNet weights do not fit this run's UNet ({str(e).splitlines()[1][:160]}); "
+                         "leave --unet_config/--unet_preset and --channels to the starting pipeline.") from None
+
+
+def make_optimizer(config: TrainingConfig, parameters) -> tuple:
+    """(Adam or AdamW, skips_on_device). Fused where torch has a fused kernel for the device (CUDA, CPU, ...): it then
+    skips a step whose gradient is not finite on the device itself (`found_inf`). Elsewhere foreach Adam, and
+    the host decides the skip."""
+    parameters = list(parameters)
+    kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+                  weight_decay=config.weight_decay)
+    try:
+        return torch.optim.Adam(parameters, fused=True, **kwargs), True
+    except (RuntimeError, ValueError):  # no fused kernel for this device
+        return torch.optim.Adam(parameters, foreach=True, **kwargs), False
