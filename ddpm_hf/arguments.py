@@ -40,9 +40,9 @@ def _first_to_say(line: str) -> bool:
         return True
 
 
-def emit_error(message: str) -> None:
-    """`error: MESSAGE` as one line on stderr, once per run of processes."""
-    line = "error: " + " ".join(str(message).split())
+def emit_error(message: str, prefix: str = "error") -> None:
+    """`error: MESSAGE` (or another `prefix`) as one line on stderr, once per run of processes."""
+    line = f"{prefix}: " + " ".join(str(message).split())
     if _first_to_say(line):
         print(line, file=sys.stderr, flush=True)
 

@@ -11,6 +11,7 @@ Importing this module is light (torch loads on first use): the command lines rea
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -28,6 +29,9 @@ from .run_folder import (
 )
 
 REQUIRED_FILES = (CHECKPOINT_UNET, CHECKPOINT_EMA, CHECKPOINT_OPTIMIZER)
+# what a resume reads from trainer_state.json besides the step and the hashes
+REQUIRED_STATE = ("lr_scheduler", "ema")
+STATE_HASH = "state_sha256"  # trainer_state.json's own contents (all but this key), so that they are covered too
 
 
 class CheckpointError(RuntimeError):
@@ -36,6 +40,18 @@ class CheckpointError(RuntimeError):
 
 def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step}"
+
+
+def state_sha256(state: dict) -> str:
+    """SHA-256 of a trainer state's contents, all but its own hash, in a canonical JSON form."""
+    body = {k: v for k, v in state.items() if k != STATE_HASH}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _named_step(folder: Path) -> Optional[int]:
+    """The step a checkpoint-<step> folder's name says; None for a folder named otherwise (best_checkpoint)."""
+    suffix = Path(folder).name[len(CHECKPOINT_PREFIX):]
+    return int(suffix) if Path(folder).name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
 
 
 def _contiguous(state):
@@ -50,6 +66,7 @@ def save_checkpoint(output_dir: Path, step: int, unet, ema_model, optimizer, tra
     Written under a temporary name and renamed into place; non-finite weights are refused, and a failed write
     (a full disk) removes its temporary and leaves the previous checkpoints as they were."""
     import torch
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from .weights import NonFiniteWeightsError, weights_are_finite
@@ -68,29 +85,47 @@ def save_checkpoint(output_dir: Path, step: int, unet, ema_model, optimizer, tra
         for filename, text in (extra_files or {}).items():
             (tmp / filename).write_text(text + "\n")
         files = {p.name: sha256_of(p) for p in sorted(tmp.iterdir())}
+        state = {**trainer_state, "step": step, "files": files}
         with open(tmp / TRAINER_STATE, "w") as f:  # written last: its presence marks a complete checkpoint
-            json.dump({**trainer_state, "step": step, "files": files}, f, indent=2)
+            json.dump({**state, STATE_HASH: state_sha256(state)}, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
         replace_dir(tmp, final)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error type
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"Cannot write the checkpoint {final} ({e.strerror or e}); free space in {final.parent} "
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else _io_reason(e)
+        raise CheckpointError(f"Cannot write the checkpoint {final} ({reason}); free space in {final.parent} "
                               "or choose another --output_dir, then resume (the earlier checkpoints are intact).") from None
     return final
 
 
-def checkpoint_problem(folder: Path) -> Optional[str]:
-    """Why `folder` cannot be resumed from (its state missing or damaged, a file missing or not matching its
-    SHA-256), or None when it is intact."""
+def _io_reason(error: Exception) -> str:
+    text = str(error)
+    return "No space left on device" if "StorageFull" in text or "No space" in text else text.splitlines()[0][:120]
+
+
+def checkpoint_problem(folder: Path, required: Sequence[str] = ()) -> Optional[str]:
+    """Why `folder` cannot be resumed from (its state missing, damaged, changed since it was written, naming another
+    step than the folder, or without the `required` entries; a file missing or not matching its SHA-256), or None
+    when it is intact."""
     state_path = Path(folder) / TRAINER_STATE
     if not state_path.is_file():
         return f"no {TRAINER_STATE}"
     try:
         state = json.loads(state_path.read_text())
-        int(state["step"])
+        step = state["step"]
     except (ValueError, KeyError, TypeError):
         return f"{TRAINER_STATE} is damaged"
+    if STATE_HASH in state and state[STATE_HASH] != state_sha256(state):
+        return f"{TRAINER_STATE} does not match its SHA-256 (it was changed after it was written)"
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f"{TRAINER_STATE} holds step {step!r}, not a step count"
+    named = _named_step(folder)
+    if named is not None and named != step:
+        return f"{TRAINER_STATE} says step {step}, but the folder is {Path(folder).name}"
+    missing = [key for key in required if key not in state]
+    if missing:
+        return f"{TRAINER_STATE} is incomplete (no {', '.join(missing)})"
     files = state.get("files") or {}
     for name in sorted(set(files) | set(REQUIRED_FILES)):
         path = Path(folder) / name
@@ -107,13 +142,16 @@ def checkpoint_folders(output_dir: Path) -> List[Path]:
 
 
 def list_checkpoints(output_dir: Path) -> List[tuple]:
-    """(step, folder) of every checkpoint whose state file reads, oldest first. The step comes from trainer_state.json."""
+    """(step, folder) of every checkpoint whose state file reads and names the step of the folder's name, oldest
+    first. Others are left alone (never rotated away) and named as damaged by a resume."""
     found = []
     for folder in checkpoint_folders(output_dir):
         try:
-            found.append((int(json.loads((folder / TRAINER_STATE).read_text())["step"]), folder))
+            step = json.loads((folder / TRAINER_STATE).read_text())["step"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
+        if isinstance(step, int) and step == _named_step(folder):
+            found.append((step, folder))
     return sorted(found)
 
 
@@ -127,9 +165,9 @@ def resolve_checkpoint(output_dir: Path, which: Optional[str], warn: Callable[[s
         folders = checkpoint_folders(output_dir)
         readable = [folder for _, folder in reversed(list_checkpoints(output_dir))]  # newest first, by their step
         # a checkpoint whose state does not read has no step to order it by: it is named first
-        skipped = [f"{f.name} ({checkpoint_problem(f)})" for f in sorted(set(folders) - set(readable))]
+        skipped = [f"{f.name} ({checkpoint_problem(f, REQUIRED_STATE)})" for f in sorted(set(folders) - set(readable))]
         for folder in readable:
-            problem = checkpoint_problem(folder)
+            problem = checkpoint_problem(folder, REQUIRED_STATE)
             if problem is None:
                 if skipped:
                     warn(f"Skipped damaged checkpoints: {'; '.join(skipped)}. Resuming from {folder.name}.")
@@ -139,10 +177,10 @@ def resolve_checkpoint(output_dir: Path, which: Optional[str], warn: Callable[[s
             raise CheckpointError(f"{output_dir} holds checkpoints but none is intact: {'; '.join(skipped)}. Move them away "
                                   "to start over, or resume from a copy with --resume_from_checkpoint PATH.")
         return None
-    path = Path(which)
+    path = Path(which).expanduser()
     if not (path / TRAINER_STATE).is_file():
         raise FileNotFoundError(f"--resume_from_checkpoint {which}: no {TRAINER_STATE} there; give a checkpoint-* folder or 'latest'.")
-    problem = checkpoint_problem(path)
+    problem = checkpoint_problem(path, REQUIRED_STATE)
     if problem is not None:
         raise CheckpointError(f"--resume_from_checkpoint {which}: {problem}, so the checkpoint is damaged; resume from "
                               "another one (--resume_from_checkpoint latest takes the newest intact one).")
@@ -152,14 +190,33 @@ def resolve_checkpoint(output_dir: Path, which: Optional[str], warn: Callable[[s
 def checkpoint_to_resume(output_dir: Path, which: Optional[str], overwrite: bool,
                          warn: Callable[[str], None] = lambda message: None) -> Optional[Path]:
     """`resolve_checkpoint`, after refusing a fresh start (`which` None) in a folder that holds checkpoints unless
-    `overwrite`: a run never starts over silently."""
+    `overwrite`: a run never starts over silently. The optimizer state of the one found is read once (memory-mapped)
+    so that a file a safe load refuses is refused here, before the data and the model."""
     if which is None:
         existing = [f.name for f in checkpoint_folders(output_dir)]
         if existing and not overwrite:
             raise ValueError(f"{output_dir} already holds a run ({', '.join(existing)}): pass --resume_from_checkpoint "
                              "latest to carry on, --overwrite_output_dir to start over there, or another --output_dir.")
         return None
-    return resolve_checkpoint(output_dir, which, warn)
+    checkpoint = resolve_checkpoint(output_dir, which, warn)
+    if checkpoint is not None:
+        _load_optimizer_state(checkpoint, mmap=True)
+    return checkpoint
+
+
+def _load_optimizer_state(folder: Path, mmap: bool = False):
+    """The optimizer state, loaded with weights_only (tensors, numbers and containers only)."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(folder / CHECKPOINT_OPTIMIZER, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        # torch's own message suggests turning the safe load off: never repeat that for a file we did not write
+        raise CheckpointError(f"{folder / CHECKPOINT_OPTIMIZER} holds objects that a safe load refuses (not only tensors "
+                              "and numbers), so ddpm_hf did not write it or it was changed; resume from another "
+                              "checkpoint.") from None
 
 
 def saved_config_files(output_dir: Path, which: str) -> List[Path]:
@@ -176,13 +233,12 @@ def saved_config_files(output_dir: Path, which: str) -> List[Path]:
 
 def load_checkpoint(folder: Path, unet, ema_model, optimizer) -> dict:
     """Load weights (safetensors) and optimizer state (weights_only) into the given objects; return trainer_state."""
-    import torch
     from safetensors.torch import load_file
 
     try:
         unet.load_state_dict(load_file(str(folder / CHECKPOINT_UNET)))
         ema_model.load_state_dict(load_file(str(folder / CHECKPOINT_EMA)))
-        optimizer.load_state_dict(torch.load(folder / CHECKPOINT_OPTIMIZER, map_location="cpu", weights_only=True))
+        optimizer.load_state_dict(_load_optimizer_state(folder))
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{folder} does not fit this network or optimizer ({str(e).splitlines()[0][:200]}); "
                               "resume with the settings it was trained with.") from None

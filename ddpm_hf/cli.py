@@ -34,6 +34,9 @@ def command(main):
             emit_error("interrupted")
             return 130
         except Exception as e:
+            if getattr(e, "exit_code", None) is not None:  # a run stopped on request (a signal): not an error
+                emit_error(str(e), prefix="stopped")
+                return e.exit_code
             if debug:
                 raise
             if isinstance(e, USER_ERRORS):
@@ -102,12 +105,12 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     from .devices import distributed_state
-    from .pipelines.pipeline_ddpm import DDPMPipeline
     from .sample_folder import sample_command
+    from .weights import load_pipeline
 
     state = distributed_state()
     quiet_loading()
-    pipe = DDPMPipeline.from_pretrained(args.pipeline).to(state.device)
+    pipe = load_pipeline(args.pipeline).to(state.device)
     result = sample_command(pipe, args.pipeline, args.output_dir, args.num_images, args.batch_size, args.scheduler,
                             args.num_inference_steps, args.eta, args.seed, args.overwrite, state)
     rate = f"{result['images_per_s']:.2f} images/s" if result["images_per_s"] else "nothing to draw"
@@ -167,6 +170,8 @@ def metrics_main(argv: Optional[Sequence[str]] = None) -> int:
     result = evaluate_folder(args.samples, args.reference, network, args.mode, args.cache_dir, args.split,
                              args.resolution, args.channels, kid=args.kid, isc=args.isc, output=args.output,
                              precision_recall=args.precision_recall, batch_size=args.batch_size, device=device)
+    if "caution" in result["protocol"]:
+        print(f"note: {result['protocol']['caution']}", file=sys.stderr)
     print(json.dumps({k: v for k, v in result.items() if k != "protocol"}, indent=2))
     return 0
 
@@ -181,7 +186,8 @@ def nll_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("output_dir", help="where the per-image results, nll.json and nll_terms.png go")
     parser.add_argument("--dataset", required=True, help="anything train_ddpm.py --dataset takes: cifar10, a Hub id, "
                         "a folder of images, .parquet/.arrow files")
-    parser.add_argument("--split", default="test", help="the dataset's split (local files have one)")
+    parser.add_argument("--split", default=None, help="the dataset's split (default: test for a Hub dataset; local files "
+                        "and folders are one set, measured whole)")
     parser.add_argument("--dataset_config", default=None)
     parser.add_argument("--image_column", default=None)
     parser.add_argument("--num_images", type=int, required=True, help="the first N images of the split")
@@ -195,13 +201,24 @@ def nll_main(argv: Optional[Sequence[str]] = None) -> int:
     if args.num_images < 1 or args.batch_size < 1:
         parser.error(f"--num_images={args.num_images} and --batch_size={args.batch_size} must be at least 1")
 
+    from .data import BUILTIN_DATASETS, first_rows, image_fit_note
     from .devices import distributed_state
     from .likelihood_folder import measure
-    from .pipelines.pipeline_ddpm import DDPMPipeline
+    from .weights import load_pipeline
 
+    if args.split is None and args.dataset in BUILTIN_DATASETS:
+        raise ValueError(f"--dataset {args.dataset} is the built-in training set, with no held-out split: give held-out "
+                         "images (a folder or .parquet files), or --split train to measure the training images (recorded "
+                         "as split train).")
+    if args.split is None and not Path(args.dataset).expanduser().exists():
+        args.split = "test"  # a Hub dataset's held-out images
     state = distributed_state()
     quiet_loading()
-    pipe = DDPMPipeline.from_pretrained(args.pipeline).to(state.device)
+    pipe = load_pipeline(args.pipeline).to(state.device)
+    note = image_fit_note(first_rows(args.dataset, args.split, 1, args.dataset_config), pipe.unet.config.in_channels,
+                          pipe.unet.config.sample_size, args.image_column)
+    if note and state.is_main_process:
+        print(f"note: {note}.", file=sys.stderr)
     summary = measure(pipe, args.pipeline, args.output_dir, args.dataset, args.num_images, args.split, args.batch_size,
                       args.seed, args.clip_denoised, args.dataset_config, args.image_column, args.overwrite, args.output, state)
     if summary is not None:
@@ -258,12 +275,12 @@ def visualize_main(argv: Optional[Sequence[str]] = None) -> int:
     from .data import first_rows, images_of
     from .devices import distributed_state
     from .figures import visualize
-    from .pipelines.pipeline_ddpm import DDPMPipeline
     from .samplers import use_scheduler
+    from .weights import load_pipeline
 
     rows = first_rows(args.dataset, args.split, args.num_images, args.dataset_config) if needs_images else None
     quiet_loading()
-    pipe = DDPMPipeline.from_pretrained(args.pipeline).to(distributed_state().device)
+    pipe = load_pipeline(args.pipeline).to(distributed_state().device)
     use_scheduler(pipe, args.scheduler)
     images = None if rows is None else images_of(rows, pipe.unet.config.in_channels, pipe.unet.config.sample_size,
                                                  args.image_column)

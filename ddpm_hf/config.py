@@ -184,7 +184,7 @@ class TrainingConfig:
             raise ValueError("--overwrite_output_dir starts over; it cannot go with --resume_from_checkpoint.")
         if (self.hub_model_id or self.hub_private_repo or self.hub_push_every) and not self.push_to_hub:
             raise ValueError("--hub_model_id, --hub_private_repo and --hub_push_every need --push_to_hub.")
-        for name in ("batch_size", "gradient_accumulation_steps", "resolution", "checkpointing_steps",
+        for name in ("batch_size", "gradient_accumulation_steps", "resolution", "checkpointing_steps", "sample_inference_steps",
                      "save_images_steps", "logging_steps", "num_sample_images", "eval_samples", "eval_steps", "hub_push_every",
                      "eval_nll_every", "eval_nll_images", "save_images_epochs", "save_model_epochs"):
             value = getattr(self, name)
@@ -266,11 +266,25 @@ def config_changes(old: TrainingConfig, new: TrainingConfig) -> Dict[str, list]:
             if f.name not in RESUMABLE_SETTINGS and getattr(old, f.name) != getattr(new, f.name)}
 
 
+# Settings that make the network what it is: a resumed run goes on with the checkpoint's network, so a change to one
+# of these cannot apply, and is refused even with --allow_config_change.
+NETWORK_SETTINGS = ("unet_preset", "unet_config", "unet_subfolder", "dropout", "resolution", "channels")
+
+
 def resume_changes(config: TrainingConfig, checkpoint: Path) -> Dict[str, list]:
     """The settings in which `config` differs from the run the checkpoint belongs to (its own config, else the output
-    folder's); refused, before any data or model work, unless --allow_config_change."""
+    folder's); refused, before any data or model work, unless --allow_config_change, and always where the change
+    cannot apply to the checkpoint's network (NETWORK_SETTINGS, or a learned variance turned on or off)."""
     saved = next((p for p in (checkpoint / TRAINING_CONFIG, Path(config.output_dir) / TRAINING_CONFIG) if p.is_file()), None)
     changes = config_changes(TrainingConfig.load(saved), config) if saved else {}
+    fixed = {k: v for k, v in changes.items() if k in NETWORK_SETTINGS or
+             (k == "variance_type" and (v[0] in LEARNED_VARIANCE_TYPES) != (v[1] in LEARNED_VARIANCE_TYPES))}
+    if fixed:
+        listed = ", ".join(f"--{k} {old} -> {new}" for k, (old, new) in fixed.items())
+        raise ValueError(f"{checkpoint.name} holds a network of other settings ({listed}), which a resumed run cannot "
+                         "change (--allow_config_change covers how it trains: learning rate, steps, EMA, logging, ...); "
+                         f"resume with its settings, or start a new run from this run's pipeline (--init_from "
+                         f"{config.output_dir}).")
     if changes and not config.allow_config_change:
         listed = ", ".join(f"--{k} {old} -> {new}" for k, (old, new) in changes.items())
         raise ValueError(f"{checkpoint.name} was trained with other settings ({listed}); resume with its settings, or add "

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import re
 import socket
 import urllib.parse
 from dataclasses import dataclass
@@ -66,16 +68,64 @@ def _builtin_digits():
     return datasets.Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
 
 
+def _is_run_folder(folder: Path) -> bool:
+    """A training run's output folder (our marker, or a run's config beside its pipeline): never read as data."""
+    from .run_folder import MODEL_INDEX, RUN_MARKER, TRAINING_CONFIG
+
+    return (folder / RUN_MARKER).is_file() or ((folder / TRAINING_CONFIG).is_file() and (folder / MODEL_INDEX).is_file())
+
+
+def data_files_under(path: Path, suffixes) -> List[str]:
+    """Every file under `path` (recursively) with one of `suffixes`, sorted, leaving out hidden files and folders and
+    the folders of our own training runs."""
+    found = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _is_run_folder(Path(root) / d))
+        found += [os.path.join(root, f) for f in files if not f.startswith(".") and Path(f).suffix.lower() in suffixes]
+    return sorted(found)
+
+
 def _local_files(path: Path) -> Optional[tuple]:
     """(builder, files) for a parquet/arrow file or a folder of them; None for anything else."""
     if path.is_file():
         builder = LOCAL_FILE_BUILDERS.get(path.suffix.lower())
         return (builder, [str(path)]) if builder else None
     for suffix, builder in LOCAL_FILE_BUILDERS.items():
-        files = sorted(str(p) for p in path.rglob(f"*{suffix}"))
+        files = data_files_under(path, {suffix})
         if files:
             return builder, files
     return None
+
+
+# words that `datasets` reads as split names in file names (train_1.png, test-2.png, ...); we never split a folder
+SPLIT_WORDS = re.compile(r"(^|[-_./ ])(train|training|test|testing|eval|valid|validation|dev)([-_./ 0-9]|$)", re.IGNORECASE)
+
+
+def _one_split(dataset: str, split: Optional[str], kind: str) -> None:
+    """Built-in and local data have one split, train (every image): refuse another split name, so that no report
+    records a split that was not used."""
+    if split not in (None, "train"):
+        raise DatasetUnavailableError(
+            f"--dataset {dataset} is {kind} with one split, train (every image), not {split!r}: give held-out images as "
+            "their own folder or files, or --split train to use these (recorded as split train).")
+
+
+def _load_local(builder: str, files: List[str], streaming: bool, cache_dir: Optional[str]):
+    import datasets
+
+    quiet = logging.getLogger("datasets")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # it logs a damaged file's error itself; ours below names the file and the fix
+    try:
+        return datasets.load_dataset(builder, data_files={"train": files}, split="train", streaming=streaming,
+                                     cache_dir=cache_dir)
+    except Exception as e:  # pyarrow and datasets raise many types for a damaged file
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:160]
+        named = next((f for f in files if f in str(e)), None) or (files[0] if len(files) == 1 else f"{len(files)} files")
+        raise DatasetUnavailableError(f"Cannot read the {builder} data {named} ({type(e).__name__}: {reason}); the file is "
+                                      "damaged or incomplete (a partial copy?): copy it again.") from None
+    finally:
+        quiet.setLevel(level)
 
 
 def hub_reachable(timeout: float = 2.0) -> bool:
@@ -119,18 +169,23 @@ def load_image_dataset(
     import datasets
 
     if dataset in BUILTIN_DATASETS:
+        _one_split(dataset, split, "a built-in set")
         ds = _builtin_digits()
         return ds.to_iterable_dataset() if streaming else ds
     path = Path(dataset).expanduser()
     if path.exists():
+        _one_split(dataset, split, "local data")
         local = _local_files(path)
         if local is not None:
-            builder, files = local
-            return datasets.load_dataset(builder, data_files={"train": files}, split="train", streaming=streaming, cache_dir=cache_dir)
+            return _load_local(*local, streaming, cache_dir)
         if path.is_dir():
-            if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")):
+            images = data_files_under(path, IMAGE_SUFFIXES)
+            if not images:
                 raise DatasetUnavailableError(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) and no parquet/arrow files.")
-            return datasets.load_dataset("imagefolder", data_dir=str(path), split="train", streaming=streaming, cache_dir=cache_dir)
+            if any(SPLIT_WORDS.search(Path(f).relative_to(path).as_posix()) for f in images):
+                logger.info("%s: names like train_*/test_* are not split names here: every one of its %d images is used.",
+                            path, len(images))
+            return _load_local("imagefolder", images, streaming, cache_dir)
         raise DatasetUnavailableError(f"{path} is neither a folder of images nor a .parquet/.arrow file.")
     if names_a_local_path(dataset) or path.suffix.lower() in set(LOCAL_FILE_BUILDERS) | IMAGE_SUFFIXES:
         raise DatasetUnavailableError(f"--dataset {dataset}: no such file or folder; give a folder of images, .parquet/.arrow "
@@ -319,6 +374,23 @@ def first_rows(dataset: str, split: str, num_images: int, dataset_config: Option
 def images_of(rows, channels: int, resolution: int, image_column: Optional[str] = None) -> torch.Tensor:
     """The images of dataset rows as uint8 [N, C, H, W] at `resolution`."""
     return build_image_bank(rows, find_image_column(rows.features, image_column), channels, resolution, progress=False).images
+
+
+def image_fit_note(rows, channels: int, resolution: int, image_column: Optional[str] = None,
+                   what: str = "the pipeline") -> Optional[str]:
+    """Whether the first image of `rows` is what a model of `channels` and `resolution` sees: an error for other
+    channels (converting them would measure other images), a note for another size (resized and cropped); None if it
+    fits."""
+    column = find_image_column(rows.features, image_column)
+    image = decode_image(_undecoded(rows, column)[0][column], "image 0")
+    has = 1 if image.mode in ("1", "L", "LA", "I", "F") or image.mode.startswith("I;16") else 3
+    if has != channels:
+        raise ValueError(f"The images have {has} channel{'s' if has > 1 else ''} and {what} models {channels}: converting "
+                         f"them would measure other images than these; give {channels}-channel images.")
+    if image.size != (resolution, resolution):
+        return (f"the images are {image.size[0]}x{image.size[1]}; they are resized and center-cropped to "
+                f"{resolution}x{resolution}, the size {what} models, before measuring")
+    return None
 
 
 def load_images(dataset: str, split: str, num_images: int, channels: int, resolution: int,

@@ -344,6 +344,12 @@ def evaluate_folder(samples, reference: str, network: FeatureNetwork, mode: str 
     into the samples folder (or `output`) with the numbers and the protocol. A sampling.json (from ddpm-sample)
     that does not describe the images in the folder is refused before any feature is computed."""
     cache_dir = Path(cache_dir or default_cache_dir())
+    if not Path(samples).is_dir():
+        raise FileNotFoundError(f"{samples}: no such folder; give the folder of generated images (e.g. from ddpm-sample).")
+    if not reference.startswith("cleanfid:") and not Path(reference).expanduser().exists() and (
+            names_a_local_path(reference) or Path(reference).suffix.lower() in (".parquet", ".arrow")):
+        raise FileNotFoundError(f"--reference {reference}: no such file or folder; give a folder of images, a dataset "
+                                "(cifar10, a Hub id, .parquet files) or clean-fid statistics (cleanfid:NAME:SPLIT:RES).")
     if precision_recall and reference.startswith("cleanfid:"):
         raise ValueError("--precision_recall needs the reference's features; clean-fid's statistics hold only their mean "
                          "and covariance: give a folder or dataset --reference.")
@@ -380,5 +386,9 @@ def evaluate_folder(samples, reference: str, network: FeatureNetwork, mode: str 
         "fid_implementation": "clean-fid frechet_distance",
         "versions": versions(),
     }
+    if sample_all.shape[0] < d:  # fewer images than feature dimensions: a rank-deficient covariance
+        result["protocol"]["caution"] = (f"{network.metric('fd').upper()} on {sample_all.shape[0]} images is biased upward "
+                                         "and not comparable with published figures (50,000 samples); use at least "
+                                         f"{d} images.")
     atomic_write_json(Path(output) if output else Path(samples) / metrics_file(network.kind), result)
     return result

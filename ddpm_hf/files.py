@@ -21,14 +21,31 @@ def tmp_sibling(path: Path) -> Path:
     return path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
+class WriteError(OSError):
+    """A file that could not be written (a full disk, a read-only folder): one line naming it and what to do."""
+
+
+def _written(path: Path, write) -> None:
+    """Run `write(tmp)` on a temporary beside `path`, then rename it into place; a failure removes the temporary and
+    is one line naming `path`."""
     tmp = tmp_sibling(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise WriteError(f"Cannot write {path} ({e.strerror or e}); free space in {Path(path).parent} or choose another "
+                         "folder (what was written before is intact).") from None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _written(Path(path), write)
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -41,20 +58,17 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_save_image(image, path: Path, format: str = "PNG") -> None:
     """A PIL image, saved atomically."""
-    path = Path(path)
-    tmp = tmp_sibling(path)
-    image.save(tmp, format=format)
-    os.replace(tmp, path)
+    _written(Path(path), lambda tmp: image.save(tmp, format=format))
 
 
 def atomic_save_figure(fig, path: Path) -> None:
     """A matplotlib figure as PNG, saved atomically, then closed."""
     import matplotlib.pyplot as plt
 
-    tmp = tmp_sibling(Path(path))
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        _written(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def replace_dir(src: Path, dst: Path) -> None:

@@ -63,8 +63,9 @@ def _nll(output_dir: Path) -> Optional[Tuple[dict, str, Optional[str]]]:
     if path.is_file():
         nll = json.loads(path.read_text())
         p = nll.get("protocol", {})
+        split = f" (split {p['split']})" if p.get("split") else ""  # local data is one set: no split to name
         return nll["bits_per_dim"], (
-            f"`ddpm-nll` on {nll.get('num_images')} images of {p.get('dataset')} (split {p.get('split')}), T = "
+            f"`ddpm-nll` on {nll.get('num_images')} images of {p.get('dataset')}{split}, T = "
             f"{p.get('num_train_timesteps')}, `{p.get('variance_type')}` variance, x̂_0 clipped: {p.get('clip_denoised')}"), p.get("split")
     history = json.loads(summary_path.read_text()).get("nll") if summary_path.is_file() else None
     if history:

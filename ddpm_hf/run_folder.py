@@ -4,6 +4,8 @@ Every other module (the loop, the checkpoints, the model card, the Hub allow-lis
 commands' help) takes a name from here. A run folder holds:
 
     model_index.json, unet/, scheduler/     the pipeline (EMA weights), as save_pretrained writes it
+    ddpm_hf_hashes.json                     the SHA-256 of the pipeline's files, verified when a command loads it
+    .ddpm_hf-run                            marks the folder as a ddpm_hf run's; locked while a run trains
     README.md                               the model card
     training_config.json                    the resolved config (also inside every checkpoint)
     checkpoint-<step>/, best_checkpoint/    resumable checkpoints (trainer_state.json written last)
@@ -27,7 +29,11 @@ MODEL_CARD = "README.md"
 ROOT_LAYOUT_UNET_CONFIG = "config.json"
 ROOT_LAYOUT_SCHEDULER_CONFIG = "scheduler_config.json"
 
+# the SHA-256 of every file of a pipeline we save (plain diffusers ignores it; our commands verify it)
+PIPELINE_HASHES = "ddpm_hf_hashes.json"
+
 # what the run writes beside the pipeline
+RUN_MARKER = ".ddpm_hf-run"  # marks a ddpm_hf run folder; the running run's lock (hidden: never uploaded)
 TRAINING_CONFIG = "training_config.json"
 TRAIN_SUMMARY = "train_summary.json"
 LOSS_CURVE = "loss_curve.png"

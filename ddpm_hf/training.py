@@ -42,6 +42,7 @@ from .files import atomic_write_json, remove_atomically, remove_stale_temporarie
 from .losses import DiffusionLoss
 from .model_card import write_model_card
 from .plots import plot_loss_curve
+from .run_guard import RunFolderLock, RunStopped, StopSignals, check_fresh_start
 from .run_folder import (
     BEST_CHECKPOINT,
     CHECKPOINT_PREFIX,
@@ -66,7 +67,7 @@ from .training_watch import (
     save_card_figures,
     save_grid,
 )
-from .weights import NonFiniteWeightsError, save_pipeline, weights_problem
+from .weights import NonFiniteWeightsError, save_pipeline, verify_pipeline, weights_problem
 
 logger = get_logger(__name__)  # Accelerate's: logs on the main process only
 
@@ -81,10 +82,19 @@ def train(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
     --eval_every. With --push_to_hub, `hub_token` (else HF_TOKEN or the login) is checked before anything
     else, and the folder's allow-listed files are pushed at the end (and every --hub_push_every steps)."""
     run = setup(config, feature_network, hub_token)
-    state = resume(run)
-    run_loop(run, state)
-    finish(run, state)
+    try:
+        with StopSignals() as run.stop:
+            state = resume(run)
+            run_loop(run, state)
+            finish(run, state)
+    finally:
+        release(run)
     return run.output_dir
+
+
+def release(run: Run) -> None:
+    if run.lock is not None:
+        run.lock.release()
 
 
 # ---------------------------------------------------------------- 1. setup
@@ -114,11 +124,8 @@ def setup(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
             f"--batch_size={config.batch_size} does not split evenly over {world} processes x {accum} accumulation steps; "
             f"use a multiple of {world * accum}."
         )
-    checkpoint = checkpoint_to_resume(Path(config.output_dir), config.resume_from_checkpoint, config.overwrite_output_dir,
-                                      warn=logger.warning)
-    changes = resume_changes(config, checkpoint) if checkpoint is not None else {}
     pusher = None
-    if config.push_to_hub and accelerator.is_main_process:
+    if config.push_to_hub and accelerator.is_main_process:  # before anything is written
         from .hub import HubPusher
 
         pusher = HubPusher(config.hub_model_id or Path(config.output_dir).resolve().name, hub_token,
@@ -129,6 +136,27 @@ def setup(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
 
         feature_network = load_feature_network(config.eval_feature_network, accelerator.device, config.inception_weights,
                                                config.eval_dinov2_model, config.eval_cache_dir)
+    lock = RunFolderLock(Path(config.output_dir)).acquire(warn=logger.warning) if accelerator.is_main_process else None
+    try:
+        return build_run(config, accelerator, lock, pusher, feature_network)
+    except BaseException:
+        if lock is not None:
+            lock.release(abandon=True)
+        raise
+
+
+def build_run(config: TrainingConfig, accelerator, lock, pusher, feature_network) -> Run:
+    """`setup` once the output folder is locked: the checkpoint to resume (or a fresh start where one may start), the
+    data, the model."""
+    world, accum = accelerator.num_processes, config.gradient_accumulation_steps
+    output_dir = Path(config.output_dir)
+    checkpoint = checkpoint_to_resume(output_dir, config.resume_from_checkpoint, config.overwrite_output_dir,
+                                      warn=logger.warning)
+    changes = resume_changes(config, checkpoint) if checkpoint is not None else {}
+    if checkpoint is None and lock is not None:
+        check_fresh_start(output_dir, lock.had_marker, config.overwrite_output_dir or config.resume_from_checkpoint == "latest")
+    if config.init_from and checkpoint is None:
+        verify_pipeline(config.init_from)  # before the data: its weights load only once the model is built
     nll_images = load_held_out_images(config) if config.eval_nll_every else None
     micro = config.batch_size // (world * accum)
     source = BatchSource(config, micro, accelerator.process_index, world,
@@ -144,7 +172,7 @@ def setup(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
         total_steps = config.num_epochs * source.steps_per_epoch
     return Run(config=config, accelerator=accelerator, source=source, total_steps=total_steps, pusher=pusher,
                feature_network=feature_network, nll_images=nll_images, checkpoint=checkpoint, config_changes=changes,
-               **build_model(config, accelerator, total_steps, checkpoint))
+               lock=lock, **build_model(config, accelerator, total_steps, checkpoint))
 
 
 def epochs_to_steps(config: TrainingConfig, steps_per_epoch: Optional[int]) -> TrainingConfig:
@@ -274,8 +302,40 @@ def run_loop(run: Run, state: TrainState) -> None:
             state.step = step + 1
             bar.update(1)
             periodic_work(run, state, bar)
+            signum = stop_requested(run, state.step)
+            if signum:
+                stop(run, state, signum)
     finally:
         bar.close()
+
+
+# Several processes agree on a stop every this many steps (a collective, which waits for the device); one process
+# reads its own flag after every step.
+STOP_CHECK_EVERY = 10
+
+
+def stop_requested(run: Run, step: int) -> Optional[int]:
+    """The signal that asks the run to stop after this step, agreed by every process (the largest one received)."""
+    if run.stop is None:
+        return None
+    if run.accelerator.num_processes == 1:
+        return run.stop.received
+    if step % STOP_CHECK_EVERY and step != run.total_steps:
+        return None
+    flag = torch.tensor([run.stop.received or 0], device=run.device)
+    return int(run.accelerator.reduce(flag, reduction="max").item()) or None  # note: a host sync, every few steps
+
+
+def stop(run: Run, state: TrainState, signum: int) -> None:
+    """Checkpoint the step just finished (unless periodic work just did) and end the run with the line that resumes it."""
+    import signal
+
+    name = checkpoint_name(state.step)
+    if not (run.output_dir / name).is_dir():
+        write_checkpoint(run, state)
+    raise RunStopped(f"{signal.Signals(signum).name} received: stopped after step {state.step} of {run.total_steps} with "
+                     f"{run.output_dir / name} written; resume with `python train_ddpm.py --output_dir {run.output_dir} "
+                     "--resume_from_checkpoint latest` (or the same under accelerate launch).", signum)
 
 
 def run_step(run: Run, step: int) -> None:

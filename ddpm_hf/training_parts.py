@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .choices import LEARNED_VARIANCE_TYPES
+from .choices import LEARNED_VARIANCE_TYPES, OPTIMIZERS
 from .config import TrainingConfig
 from .run_folder import CHECKPOINT_UNET_CONFIG
 from .scheduler import DDPMScheduler
@@ -58,9 +58,9 @@ def make_unet(config: TrainingConfig, checkpoint: Optional[Path] = None):
 def load_starting_weights(unet, source: str) -> None:
     """--init_from: the UNet weights of the pipeline `source` (a folder, a google/ddpm-* root layout, or a Hub repo
     id; cached ones work offline), into `unet`."""
-    from .pipelines.pipeline_ddpm import DDPMPipeline
+    from .weights import load_pipeline
 
-    weights = DDPMPipeline.from_pretrained(source).unet.state_dict()
+    weights = load_pipeline(source).unet.state_dict()
     try:
         unet.load_state_dict(weights)
     except RuntimeError as e:
@@ -68,14 +68,25 @@ def load_starting_weights(unet, source: str) -> None:
                          "leave --unet_config/--unet_preset and --channels to the starting pipeline.") from None
 
 
+def optimizer_class(name: str):
+    """--optimizer: Adam (the paper; weight decay added to the gradient, as L2) or AdamW (decoupled weight decay)."""
+    if name == "adam":
+        return torch.optim.Adam
+    elif name == "adamw":
+        return torch.optim.AdamW
+    else:
+        raise ValueError(f"--optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}.")
+
+
 def make_optimizer(config: TrainingConfig, parameters) -> tuple:
     """(Adam or AdamW, skips_on_device). Fused where torch has a fused kernel for the device (CUDA, CPU, ...): it then
-    skips a step whose gradient is not finite on the device itself (`found_inf`). Elsewhere foreach Adam, and
-    the host decides the skip."""
+    skips a step whose gradient is not finite on the device itself (`found_inf`). Elsewhere foreach, and the host
+    decides the skip."""
     parameters = list(parameters)
+    cls = optimizer_class(config.optimizer)
     kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
                   weight_decay=config.weight_decay)
     try:
-        return torch.optim.Adam(parameters, fused=True, **kwargs), True
+        return cls(parameters, fused=True, **kwargs), True
     except (RuntimeError, ValueError):  # no fused kernel for this device
-        return torch.optim.Adam(parameters, foreach=True, **kwargs), False
+        return cls(parameters, foreach=True, **kwargs), False

@@ -133,6 +133,8 @@ class Run:
     nll_images: Optional[torch.Tensor] = None  # uint8 held-out images for --eval_nll_every
     checkpoint: Optional[Path] = None  # the verified checkpoint to resume from
     config_changes: Dict[str, list] = field(default_factory=dict)  # settings that differ from the checkpoint's
+    lock: Optional[Any] = None  # the output folder's RunFolderLock, held by the main process for the whole run
+    stop: Optional[Any] = None  # the StopSignals that end the run at a step boundary (SIGTERM, SIGINT, SIGUSR1)
 
     @property
     def output_dir(self) -> Path:

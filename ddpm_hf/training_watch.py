@@ -142,7 +142,8 @@ def load_held_out_images(config: TrainingConfig) -> torch.Tensor:
         raise ValueError(
             f"--eval_nll_every needs held-out images, and --dataset {config.dataset} (split {config.eval_nll_split}) is "
             "the training data: give --eval_nll_dataset (images not trained on), or --eval_nll_split of a Hub dataset.")
-    ds = load_image_dataset(name, config.dataset_config if name == config.dataset else None, config.eval_nll_split)
+    split = None if local else config.eval_nll_split  # local data is one set, used whole
+    ds = load_image_dataset(name, config.dataset_config if name == config.dataset else None, split)
     ds = ds.select(range(min(config.eval_nll_images, len(ds))))
     bank = build_image_bank(ds, find_image_column(ds.features, config.image_column if name == config.dataset else None),
                             config.channels, config.resolution, config.center_crop, config.on_bad_image, progress=False)

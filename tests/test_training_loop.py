@@ -12,7 +12,7 @@ from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
 from ddpm_hf.choices import LR_SCHEDULES, PREDICTION_TYPES
 from ddpm_hf.config import resolve_config
 from ddpm_hf.losses import min_snr_weight, snr, training_target
-from ddpm_hf.checkpoints import list_checkpoints
+from ddpm_hf.checkpoints import STATE_HASH, list_checkpoints
 from ddpm_hf.samplers import draw_share
 from ddpm_hf.scheduler import PARAMETERIZATIONS, parameterization
 from ddpm_hf import training, training_watch
@@ -92,6 +92,7 @@ def test_train_state_is_what_the_checkpoint_holds(tmp_path):
     training.train(config)
     saved = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
     files = saved.pop("files")  # the checkpoint writer's: the SHA-256 of every other file it holds
+    saved.pop(STATE_HASH)  # ... and of the state itself
     assert sorted(files) == sorted(p.name for p in (tmp_path / "checkpoint-4").iterdir() if p.name != "trainer_state.json")
     state = TrainState.from_dict(saved)
     assert state.to_dict() == saved

@@ -27,11 +27,13 @@ from ddpm_hf.config import resolve_config
 from ddpm_hf.data import BadImageError, build_image_bank, find_image_column, load_image_dataset, stream_batches
 from ddpm_hf.evaluation import InceptionWeightsDamaged, evaluate_folder, inception_network
 from ddpm_hf.checkpoints import (
+    STATE_HASH,
     CheckpointError,
     checkpoint_problem,
     list_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
+    state_sha256,
 )
 from ddpm_hf.devices import accelerator_available
 from ddpm_hf.sample_folder import SAMPLING_FILE, image_name, sample_command
@@ -200,10 +202,11 @@ def fail_if_data_is_touched(monkeypatch):
 
 def test_resume_with_other_settings_is_refused_before_any_data_or_model_work(run_copy, monkeypatch):
     fail_if_data_is_touched(monkeypatch)
-    with pytest.raises(ValueError, match=r"checkpoint-4 was trained with other settings \(--resolution 8 -> 16, "
-                                         r"--batch_size 8 -> 4\); resume with its settings, or add --allow_config_change"):
-        setup(resolve_config({**TINY, "output_dir": str(run_copy), "max_train_steps": 6, "resolution": 16, "batch_size": 4,
-                              "resume_from_checkpoint": "latest"}))
+    with pytest.raises(ValueError, match=r"checkpoint-4 was trained with other settings \(--prediction_type epsilon -> "
+                                         r"v_prediction, --batch_size 8 -> 4\); resume with its settings, or add "
+                                         r"--allow_config_change"):
+        setup(resolve_config({**TINY, "output_dir": str(run_copy), "max_train_steps": 6, "prediction_type": "v_prediction",
+                              "batch_size": 4, "resume_from_checkpoint": "latest"}))
 
 
 def test_an_allowed_config_change_is_recorded_in_the_history(run_copy):
@@ -318,6 +321,7 @@ def test_a_resume_starts_a_new_run_of_non_finite_steps(run_copy):
     state_path = run_copy / "checkpoint-4" / "trainer_state.json"
     state = json.loads(state_path.read_text())
     state.update(nonfinite_total=7, nonfinite_in_a_row=5)  # as if the last 5 steps before it had been skipped
+    state[STATE_HASH] = state_sha256(state)
     state_path.write_text(json.dumps(state))
     config = resolve_config({**TINY, "output_dir": str(run_copy), "max_train_steps": 6, "resume_from_checkpoint": "latest"})
     resumed = resume(setup(config))
