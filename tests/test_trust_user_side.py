@@ -348,7 +348,7 @@ def test_optimizer_adamw_is_torch_adamw_with_decoupled_weight_decay():
 # ---------------------------------------------------------------- 7. preemption
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
 def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(tmp_path, signum):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(REPO / "train_ddpm.py"),
