@@ -3,8 +3,10 @@ diffusers' train_unconditional example builds it (diffusers DDPMScheduler and EM
 torchvision transforms in a DataLoader, AdamW, accelerate.accumulate), with the same UNet config, batch
 and step count, on the same synthetic RGB PNG dataset.
 
-Ours runs in four settings: fp32, `--mixed_precision bf16` (on a CPU with AVX512-BF16 or AMX this is the
-lever), `--channels_last`, and both; the reference runs as the diffusers example runs by default (fp32).
+Ours runs in five settings: fp32, `--mixed_precision bf16` (on some CPUs with AVX512-BF16 or AMX this is the
+lever, on others it is slower), `--channels_last`, both, and `--mixed_precision auto` (the faster of fp32 and bf16,
+timed before training, outside the timed steps); the reference runs as the diffusers example runs by default (fp32).
+The CPU features torch sees are printed beside the table: which precision is faster depends on them.
 Prints images/s, peak RSS and the loss statistics of each, and the ratio to the reference. Each loop runs
 in its own process (so peak memory is its own). All are timed over the steps after the warmup: ours from
 the per-step wall times `ddpm_hf.training.train` records in its history (logging every step), the
@@ -33,7 +35,22 @@ VARIANTS = {  # name: (mixed_precision, channels_last)
     "bf16": ("bf16", False),
     "fp32 channels_last": ("no", True),
     "bf16 channels_last": ("bf16", True),
+    "auto": ("auto", False),
 }
+
+
+def cpu_features() -> str:
+    """What decides whether bf16 pays on this CPU: torch's capability level, oneDNN's native bf16, and the flags."""
+    import torch
+
+    from ddpm_hf.devices import cpu_has_bf16
+
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    return (f"CPU: torch capability {torch.backends.cpu.get_cpu_capability()}, oneDNN native bf16 {cpu_has_bf16()}, "
+            f"avx512_bf16 {'avx512_bf16' in flags}, AMX {'amx_bf16' in flags}, cores {torch.get_num_threads()}")
 
 
 def make_dataset(folder: Path, n: int, resolution: int) -> Path:
@@ -126,6 +143,8 @@ def run_ours(args, steps: int, out: Path) -> dict:
         mixed_precision=mixed_precision, channels_last=channels_last, compile=args.compile,
     ))
     train(config)
+    if mixed_precision == "auto":
+        print("CHOSEN " + json.loads((out / "train_summary.json").read_text())["mixed_precision"])
     history = json.loads((out / f"checkpoint-{steps}" / "trainer_state.json").read_text())["history"]
     timed = history[-args.steps:]  # each entry holds the wall time of its step (logging_steps=1)
     return {"seconds": sum(h["seconds"] for h in timed), "losses": [h["loss"] for h in timed]}
@@ -148,7 +167,9 @@ def spawn(args, which: str, total_steps: int = 0, variant: str = "fp32") -> dict
            "--variant", variant]
     cmd += ["--compile"] * args.compile
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    result["chosen"] = next((line[7:] for line in out.splitlines() if line.startswith("CHOSEN ")), None)
+    return result
 
 
 def main() -> None:
@@ -185,13 +206,15 @@ def main() -> None:
             results[f"ddpm_hf {variant}"] = spawn(args, "ours", args.warmup + args.steps, variant)
     print(f"UNet preset {args.preset}, {args.resolution}x{args.resolution}, {args.channels} channel(s), batch {args.batch_size}, "
           f"{args.steps} timed steps after {args.warmup} warmup, torch threads {torch.get_num_threads()}, compile={args.compile}")
+    print(cpu_features())
     ref_ips = ref_mean = None
     for name, result in results.items():
         ips = args.steps * args.batch_size / result["seconds"]
         mean, sd = statistics.mean(result["losses"]), statistics.stdev(result["losses"])
         ref_ips, ref_mean = ref_ips or ips, ref_mean or mean
+        chosen = f"   (auto chose {'fp32' if result['chosen'] == 'no' else result['chosen']})" if result.get("chosen") else ""
         print(f"{name:42s} {ips:8.1f} images/s  {ips / ref_ips:5.2f}x   peak RSS {result['peak_rss_mb']:6.0f} MB   "
-              f"loss {mean:.4f} ± {sd:.4f} ({100 * (mean / ref_mean - 1):+.1f}% vs reference)")
+              f"loss {mean:.4f} ± {sd:.4f} ({100 * (mean / ref_mean - 1):+.1f}% vs reference){chosen}")
 
 
 if __name__ == "__main__":

@@ -98,7 +98,9 @@ class TrainingConfig:
     lr_scheduler: str = _f("constant_with_warmup", "diffusers LR schedule", LR_SCHEDULES)
     lr_warmup_steps: int = _f(5000, "LR warmup steps")
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0 disables)")
-    mixed_precision: str = _f("no", "mixed precision through Accelerate", MIXED_PRECISIONS)
+    mixed_precision: str = _f("no", "mixed precision through Accelerate; auto: on a CPU the faster of no and bf16, timed on a "
+                              "few steps before training (the choice is saved with the run), on a GPU bf16 where supported",
+                              MIXED_PRECISIONS)
     max_nonfinite_in_a_row: int = _f(20, "stop after this many consecutive steps with a non-finite loss (each is skipped)")
     seed: int = _f(0, "seed for initialisation, data order, noise and timesteps: the same seed gives the same run")
     channels_last: bool = _f(False, "channels_last memory format (faster convolutions on GPUs)")
@@ -297,13 +299,13 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     # The defaults: CIFAR-10 at FID 3.17 / IS 9.46 in the paper.
     "ddpm-cifar10": {},
     # The quick start: recognisable 16x16 digits from the built-in set in under 3 minutes on 2 CPU cores.
-    # bf16 autocast: 1.4x the fp32 images/s on a CPU with native bf16, at the same loss and sample quality
-    # (benchmarks/bench_train.py); grids with 100 strided DDPM steps, as recognisable as with 1000.
+    # Precision by measurement: bf16 autocast was 1.44x fp32 on one CPU with AVX512-BF16 and 0.7-0.93x on others
+    # (benchmarks/bench_train.py), at the same loss; grids with 100 strided DDPM steps, as recognisable as with 1000.
     "digits-cpu": dict(
         dataset="digits", channels=1, resolution=16, random_flip=False, unet_preset="cpu-digits", dropout=0.0,
         learning_rate=2e-3, batch_size=64, lr_scheduler="cosine", lr_warmup_steps=100, max_train_steps=1200,
         ema_decay=0.999, ema_warmup=True, checkpointing_steps=400, save_images_steps=400, logging_steps=25,
-        num_sample_images=25, sample_inference_steps=100, mixed_precision="bf16", output_dir="runs/digits",
+        num_sample_images=25, sample_inference_steps=100, mixed_precision="auto", output_dir="runs/digits",
     ),
     # diffusers' examples/unconditional_image_generation/train_unconditional.py as it runs by default: its UNet,
     # AdamW (0.95, 0.999, weight decay 1e-6), cosine LR with 500 warmup steps, 100 epochs of 16, no EMA unless

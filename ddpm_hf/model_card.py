@@ -106,6 +106,18 @@ def _eval_results(metrics: Optional[dict], dinov2: Optional[dict], nll, dataset:
     return results
 
 
+def _precision(config: TrainingConfig, summary: Optional[dict]) -> str:
+    """The training precision, and how --mixed_precision auto chose it when it did."""
+    name = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(config.mixed_precision, config.mixed_precision)
+    auto = (summary or {}).get("mixed_precision_auto")
+    if not auto:
+        return f"Precision: {name}."
+    rates = auto.get("images_per_s") or {}
+    measured = ", ".join(f"{'fp32' if p == 'no' else p} {r:.0f} images/s" for p, r in rates.items())
+    return f"Precision: {name}, chosen by `--mixed_precision auto` on {auto.get('device')}" + \
+        (f" as the faster of {measured} (timed before training)." if measured else ".")
+
+
 def _figures_section(output_dir: Path) -> list:
     """The denoising animation and the progressive figure, those whose files exist."""
     animation = next((name for name in DENOISING_ANIMATIONS if (output_dir / name).is_file()), None)
@@ -186,6 +198,7 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
 
     nll = _nll(output_dir)
     dinov2 = _read_json(output_dir / METRICS_DINOV2)
+    summary = _read_json(output_dir / TRAIN_SUMMARY)
     eval_results = _eval_results(metrics, dinov2, nll, dataset, dataset_label)
     data = ModelCardData(
         license="apache-2.0", library_name="diffusers", tags=TAGS, datasets=[dataset] if dataset else None,
@@ -250,7 +263,7 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
         f"{scheduler['beta_start']}..{scheduler['beta_end']}, `{scheduler['prediction_type']}` prediction, "
         f"`{scheduler['variance_type']}` variance, `{config.loss}` loss"
         f"{f' (λ = {config.vlb_weight})' if config.loss == 'hybrid' else ''}, `{config.timestep_sampler}` timesteps. "
-        f"UNet channels {unet['block_out_channels']}.",
+        f"UNet channels {unet['block_out_channels']}. {_precision(config, summary)}",
         "",
         "<details><summary>Resolved training config</summary>",
         "",

@@ -106,6 +106,7 @@ def setup(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
     from accelerate import Accelerator
 
     config.validate()
+    config, precision_choice = resolve_mixed_precision(config)
     if config.mixed_precision == "fp16" and not accelerator_available():
         raise ValueError("--mixed_precision fp16 needs a GPU; on a CPU use --mixed_precision bf16 (on a CPU with AVX512-BF16 "
                          "or AMX) or no.")
@@ -115,6 +116,10 @@ def setup(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
         log_with=None if config.report_to == "none" else config.report_to,
         project_dir=config.output_dir,
     )
+    if precision_choice is not None:
+        rates = ", ".join(f"{'fp32' if p == 'no' else p} {r:.0f} images/s" for p, r in precision_choice.get("images_per_s", {}).items())
+        logger.info("--mixed_precision auto: %s on %s%s.", config.mixed_precision, precision_choice["device"],
+                    f" (the faster: {rates})" if rates else "")
     if config.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_bf16():
         logger.warning("This CPU has no native bf16 (AVX512-BF16 or AMX): --mixed_precision bf16 is emulated here and "
                        "slower than fp32; pass --mixed_precision no.")
@@ -138,11 +143,31 @@ def setup(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
                                                config.eval_dinov2_model, config.eval_cache_dir)
     lock = RunFolderLock(Path(config.output_dir)).acquire(warn=logger.warning) if accelerator.is_main_process else None
     try:
-        return build_run(config, accelerator, lock, pusher, feature_network)
+        run = build_run(config, accelerator, lock, pusher, feature_network)
+        run.precision_choice = precision_choice
+        return run
     except BaseException:
         if lock is not None:
             lock.release(abandon=True)
         raise
+
+
+def resolve_mixed_precision(config: TrainingConfig) -> tuple:
+    """(config, choice): --mixed_precision auto replaced by what it means on this machine (the main process measures,
+    all take its choice), and how it was chosen; an explicit precision is kept as it is (choice None)."""
+    if config.mixed_precision != "auto":
+        return config, None
+    from accelerate.utils import broadcast_object_list
+
+    from .devices import distributed_state
+    from .training_parts import choose_mixed_precision
+
+    state = distributed_state()
+    choice = [choose_mixed_precision(config, state.device, state.num_processes) if state.is_main_process else None]
+    if state.num_processes > 1:
+        broadcast_object_list(choice)
+    precision, how = choice[0]
+    return dataclasses.replace(config, mixed_precision=precision), how
 
 
 def build_run(config: TrainingConfig, accelerator, lock, pusher, feature_network) -> Run:
@@ -248,6 +273,8 @@ def resume(run: Run) -> TrainState:
         logger.info("Resumed from %s at step %d.", run.checkpoint, state.step)
     elif config.resume_from_checkpoint == "latest":
         logger.info("No checkpoint in %s yet: starting from scratch.", run.output_dir)
+    if run.precision_choice is not None:
+        state.precision_choice = run.precision_choice
     run.meters = StepMeters(run.device, config.num_train_timesteps, state.nonfinite_total, state.nonfinite_in_a_row)
     run.source.fast_forward(state.step)
     if run.is_main:
@@ -510,7 +537,8 @@ def finish(run: Run, state: TrainState) -> None:
             "steps": run.total_steps, "images_seen": run.total_steps * run.config.batch_size,
             "skipped_images": run.source.skipped, "nonfinite_steps": state.nonfinite_total,
             "final_loss": state.history[-1]["loss"] if state.history else None, "evals": state.evals, "best": state.best,
-            "nll": state.nll, "config_history": state.config_history,
+            "nll": state.nll, "config_history": state.config_history, "mixed_precision": run.config.mixed_precision,
+            "mixed_precision_auto": state.precision_choice,
             "checkpoints": [str(f.name) for _, f in list_checkpoints(run.output_dir)],
         })
         write_model_card(run.output_dir, run.pusher.repo_id if run.pusher else None)

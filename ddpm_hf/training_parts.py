@@ -68,6 +68,58 @@ def load_starting_weights(unet, source: str) -> None:
                          "leave --unet_config/--unet_preset and --channels to the starting pipeline.") from None
 
 
+def step_rates(config: TrainingConfig, precisions, batch: int, rounds: int = 5, warmup: int = 2) -> dict:
+    """{precision: images/s} of this run's training step (a fresh UNet of its config, a micro-batch of `batch` random
+    images, forward, backward and the optimizer) on the CPU in each of `precisions` (no, bf16): after `warmup` steps
+    of each, `rounds` steps of each in turn (so that a busy moment of the machine hits both alike), the median."""
+    import statistics
+    import time
+
+    import torch.nn.functional as F
+
+    unet = make_unet(config)
+    optimizer, _ = make_optimizer(config, unet.parameters())
+    scheduler = make_scheduler(config)
+    x0 = torch.rand(batch, config.channels, config.resolution, config.resolution) * 2 - 1
+    t = torch.randint(0, config.num_train_timesteps, (batch,))
+    noise = torch.randn_like(x0)
+    x_t = scheduler.add_noise(x0, noise, t)
+
+    def step(precision: str) -> float:
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            output = unet(x_t, t).sample
+        F.mse_loss(output[:, : config.channels].float(), noise).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    for precision in precisions:
+        for _ in range(warmup):
+            step(precision)
+    seconds = {precision: [] for precision in precisions}
+    for _ in range(rounds):
+        for precision in precisions:
+            seconds[precision].append(step(precision))
+    return {precision: batch / statistics.median(times) for precision, times in seconds.items()}
+
+
+def choose_mixed_precision(config: TrainingConfig, device: torch.device, processes: int = 1, rate=None) -> tuple:
+    """(the precision --mixed_precision auto means here, what it was chosen from). On a GPU: bf16 where supported,
+    else no. On a CPU: the faster of no and bf16 by `rate` (images/s of the run's own step), bf16 only where oneDNN
+    has native bf16 at all."""
+    from .devices import cpu_has_bf16
+
+    if device.type == "cuda":
+        return ("bf16" if torch.cuda.is_bf16_supported() else "no"), {"device": "cuda"}
+    if device.type != "cpu":
+        return "no", {"device": device.type}
+    rate = rate or step_rates
+    micro = max(1, config.batch_size // (processes * config.gradient_accumulation_steps))
+    rates = rate(config, ("no", "bf16") if cpu_has_bf16() else ("no",), micro)
+    return max(rates, key=rates.get), {"device": "cpu", "images_per_s": rates}
+
+
 def optimizer_class(name: str):
     """--optimizer: Adam (the paper; weight decay added to the gradient, as L2) or AdamW (decoupled weight decay)."""
     if name == "adam":

@@ -37,6 +37,7 @@ class TrainState:
     ema: Dict[str, Any] = field(default_factory=dict)
     timestep_sampler: Optional[Dict[str, Any]] = None
     config_history: List[dict] = field(default_factory=list)  # settings changed on resume: {"step", "changes"}
+    precision_choice: Optional[dict] = None  # how --mixed_precision auto chose the run's precision, if it did
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -135,6 +136,7 @@ class Run:
     config_changes: Dict[str, list] = field(default_factory=dict)  # settings that differ from the checkpoint's
     lock: Optional[Any] = None  # the output folder's RunFolderLock, held by the main process for the whole run
     stop: Optional[Any] = None  # the StopSignals that end the run at a step boundary (SIGTERM, SIGINT, SIGUSR1)
+    precision_choice: Optional[dict] = None  # how --mixed_precision auto chose (None: given explicitly)
 
     @property
     def output_dir(self) -> Path:
