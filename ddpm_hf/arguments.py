@@ -51,9 +51,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default where there is one to show (not for None, off switches or suppressed defaults)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in text or "(default:" in text:
+            return action.help  # nothing to show, or the help says its default itself
+        return f"{text} (default: %(default)s)".strip()
 
 
 class Parser(argparse.ArgumentParser):
@@ -65,6 +66,11 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self.add_argument("--debug", action="store_true", help=DEBUG_HELP)
 
+    def add_argument(self, *args, **kwargs):
+        if "help" not in kwargs and kwargs.get("default") not in (None, False, argparse.SUPPRESS):
+            kwargs["help"] = "(default: %(default)s)"  # argparse shows no help line, so no default, for a flag without help
+        return super().add_argument(*args, **kwargs)
+
     def error(self, message: str):
         emit_error(f"{message} (see {self.prog} --help)")
         sys.exit(2)
@@ -72,7 +78,10 @@ class Parser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         namespace, extras = self.parse_known_args(args, namespace)
         if extras:
-            self.error("unrecognized arguments: " + " ".join(self._with_suggestion(a) for a in extras))
+            # an unknown flag's value is not news: name the flags (with a suggestion), and stray words only alone
+            flags = [a for a in extras if a.startswith("-")]
+            shown = [self._with_suggestion(a) for a in flags] or extras
+            self.error("unrecognized arguments: " + " ".join(shown))
         return namespace
 
     def _with_suggestion(self, arg: str) -> str:

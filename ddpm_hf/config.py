@@ -339,6 +339,16 @@ DIFFUSERS_ALIASES = {
 DIFFUSERS_IGNORED = ("dataloader_num_workers", "logging_dir", "local_rank", "enable_xformers_memory_efficient_attention")
 
 
+def describe_recipe(name: str) -> str:
+    """A preset in a few words: what it trains and the settings it changes."""
+    values = RECIPES[name]
+    if not values:
+        return "the paper's CIFAR-10 recipe (the defaults)"
+    shown = ("dataset", "resolution", "unet_preset", "batch_size", "learning_rate", "max_train_steps", "num_epochs",
+             "mixed_precision", "output_dir")
+    return ", ".join(f"{k}={values[k]}" for k in shown if values.get(k) is not None)
+
+
 def _argparse_type(tp):
     """The flag's value type; an Optional field also takes `none` (its None)."""
     origin = typing.get_origin(tp)
@@ -360,17 +370,23 @@ def build_parser() -> argparse.ArgumentParser:
     from .unets import UNET_PRESETS
 
     parser = Parser(
-        description="Train a DDPM (Ho et al. 2020). Defaults are the paper's CIFAR-10 recipe; --preset replaces them with "
-                    "another recipe, and flags given win over both. Run with `accelerate launch train_ddpm.py ...` for "
-                    "several GPUs or processes.",
+        description="Train a DDPM (Ho et al. 2020). The defaults shown are the paper's CIFAR-10 recipe; --preset replaces "
+                    "them with another recipe (listed under --preset), and flags given win over both. Run with "
+                    "`accelerate launch train_ddpm.py ...` for several GPUs or processes.",
         prog="train_ddpm.py",
     )
+    parser.add_argument("--preset", choices=sorted(RECIPES), default=argparse.SUPPRESS, metavar="PRESET",
+                        help="a recipe whose values replace the defaults below (flags still win): " + "; ".join(
+                            f"{name}: {describe_recipe(name)}" for name in sorted(RECIPES)))
     hints = typing.get_type_hints(TrainingConfig)
     for f in dataclasses.fields(TrainingConfig):
+        if f.name == "preset":
+            continue
         tp = _argparse_type(hints[f.name])
         choices = {"preset": sorted(RECIPES), "unet_preset": sorted(UNET_PRESETS)}.get(f.name, f.metadata.get("choices"))
         # the default is shown, not set: flags left out stay out of the namespace, so a --preset can fill them
-        kwargs = dict(help=f"{f.metadata['help']} (default: {f.default})", default=argparse.SUPPRESS)
+        shown = "" if "(default:" in f.metadata["help"] else f" (default: {f.default})"
+        kwargs = dict(help=f"{f.metadata['help']}{shown}", default=argparse.SUPPRESS)
         if tp is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kwargs)
         elif choices:
@@ -382,15 +398,15 @@ def build_parser() -> argparse.ArgumentParser:
         field_ = next(f for f in dataclasses.fields(TrainingConfig) if f.name == target)
         choices = field_.metadata.get("choices")
         aliases.add_argument(f"--{alias}", dest=f"alias:{alias}", type=_argparse_type(hints[target]), choices=choices,
-                             default=argparse.SUPPRESS, help=f"= --{target}")
+                             default=argparse.SUPPRESS, help=f"= --{target}", metavar=None if choices else target.upper())
     aliases.add_argument("--train_batch_size", dest="alias:train_batch_size", type=int, default=argparse.SUPPRESS,
-                         help="images per process and micro-batch: --batch_size = this x processes x --gradient_accumulation_steps")
+                         metavar="N", help="images per process and micro-batch: --batch_size = this x processes x --gradient_accumulation_steps")
     aliases.add_argument("--use_ema", dest="alias:use_ema", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                          help="EMA with warmup up to --ema_max_decay (as the example's EMAModel); --no-use_ema: no EMA")
     aliases.add_argument("--adam_weight_decay", dest="alias:adam_weight_decay", type=float, default=argparse.SUPPRESS,
-                         help="= --weight_decay with --optimizer adamw (the example's AdamW)")
+                         metavar="WEIGHT_DECAY", help="= --weight_decay with --optimizer adamw (the example's AdamW)")
     for ignored in DIFFUSERS_IGNORED:
-        kind = dict(action="store_true") if ignored.startswith("enable_") else dict(type=str)
+        kind = dict(action="store_true") if ignored.startswith("enable_") else dict(type=str, metavar="VALUE")
         aliases.add_argument(f"--{ignored}", dest=f"ignored:{ignored}", default=argparse.SUPPRESS, help="accepted and ignored", **kind)
     parser.add_argument("--dry_run", action="store_true", help="print the resolved config and the parameter count, then exit")
     parser.add_argument("--hub_token", default=None, help="Hub token for --push_to_hub (default: HF_TOKEN or the `hf auth login` "

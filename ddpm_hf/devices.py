@@ -19,6 +19,22 @@ def cpu_has_bf16() -> bool:
         return True
 
 
+def device_name(device: torch.device) -> str:
+    """The model name of a device, as a user would compare runs by it: the GPU's, or the CPU's from /proc/cpuinfo."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    import platform
+
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
 def distributed_state():
     """Accelerate's PartialState of this process (one process, or one of `accelerate launch`): its `device` is the
     device a command runs on."""

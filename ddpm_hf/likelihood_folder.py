@@ -108,5 +108,5 @@ def write_summary(folder: Path, num_images: int, protocol: dict, output=None) ->
     summary = {"bits_per_dim": summarize(per_image), "num_images": num_images,
                "per_timestep_mean": per_timestep.tolist(), "protocol": protocol}
     atomic_write_json(Path(output) if output else folder / NLL, summary)
-    plot_bound_terms(per_timestep, folder / TERMS_PLOT)
+    plot_bound_terms(per_timestep, folder / TERMS_PLOT, summary["bits_per_dim"]["prior"]["mean"])
     return summary

@@ -106,6 +106,27 @@ def _eval_results(metrics: Optional[dict], dinov2: Optional[dict], nll, dataset:
     return results
 
 
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else (f"{minutes} min {secs} s" if minutes else f"{secs} s")
+
+
+def _hardware(summary: Optional[dict]) -> str:
+    """What the run trained on and how long it took, as train_summary.json records them."""
+    hardware = (summary or {}).get("hardware")
+    if not hardware:
+        return ""
+    processes = hardware.get("processes", 1)
+    where = f"{processes} x {hardware.get('name')}" if processes > 1 else hardware.get("name")
+    took = summary.get("training_seconds")
+    wall = summary.get("wall_seconds")
+    return (f" Trained on {where} ({hardware.get('device')})"
+            + (f" in {_duration(took)} of training steps" if took is not None else "")
+            + (f", {_duration(wall)} in all (data, grids, checkpoints and figures included)" if wall is not None else "")
+            + ".")
+
+
 def _precision(config: TrainingConfig, summary: Optional[dict]) -> str:
     """The training precision, and how --mixed_precision auto chose it when it did."""
     name = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(config.mixed_precision, config.mixed_precision)
@@ -132,7 +153,7 @@ def _figures_section(output_dir: Path) -> list:
     return [" ".join(images), "", "*" + " ".join(captions) + " figures.json says how each was made.*", ""]
 
 
-def _metrics_section(metrics: Optional[dict], dinov2: Optional[dict], nll) -> list:
+def _metrics_section(metrics: Optional[dict], dinov2: Optional[dict], nll, folder: str = "THIS_FOLDER") -> list:
     """The metrics tables with their protocols: Inception, DINOv2 and bits/dim, as measured."""
     parts = []
     protocol = (metrics or {}).get("protocol", {})
@@ -167,9 +188,9 @@ def _metrics_section(metrics: Optional[dict], dinov2: Optional[dict], nll) -> li
             f"{(dprotocol.get('feature_network') or {}).get('name')} against {json.dumps(dprotocol.get('reference'))}.",
         ]
     elif not metrics and not nll:
-        parts += [f"No metrics yet: measure with `ddpm-sample` and `ddpm-metrics --output THIS_FOLDER/{METRICS}` "
-                  f"(and the likelihood with `ddpm-nll THIS_FOLDER WORK_DIR --output THIS_FOLDER/{NLL}`), "
-                  "then rebuild this card with `ddpm-card THIS_FOLDER`."]
+        parts += [f"No metrics yet: measure with `ddpm-sample {folder} SAMPLES_DIR` and `ddpm-metrics SAMPLES_DIR "
+                  f"--output {folder}/{METRICS}` (and the likelihood with `ddpm-nll {folder} WORK_DIR --output "
+                  f"{folder}/{NLL}`), then rebuild this card with `ddpm-card {folder}`."]
     if nll:
         bpd, how, _ = nll
         parts += [
@@ -247,7 +268,7 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
         "## Metrics",
         "",
     ]
-    parts += _metrics_section(metrics, dinov2, nll)
+    parts += _metrics_section(metrics, dinov2, nll, config.output_dir)
     parts += [
         "",
         "## Training",
@@ -263,7 +284,7 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
         f"{scheduler['beta_start']}..{scheduler['beta_end']}, `{scheduler['prediction_type']}` prediction, "
         f"`{scheduler['variance_type']}` variance, `{config.loss}` loss"
         f"{f' (λ = {config.vlb_weight})' if config.loss == 'hybrid' else ''}, `{config.timestep_sampler}` timesteps. "
-        f"UNet channels {unet['block_out_channels']}. {_precision(config, summary)}",
+        f"UNet channels {unet['block_out_channels']}. {_precision(config, summary)}{_hardware(summary)}",
         "",
         "<details><summary>Resolved training config</summary>",
         "",

@@ -59,14 +59,15 @@ def plot_loss_curve(history: List[dict], path: Path) -> None:
     atomic_save_figure(fig, path)
 
 
-def plot_bound_terms(per_timestep: np.ndarray, path: Path) -> None:
-    """The mean bound term (bits/dim) at each training index t; t = 0 is the decoder."""
+def plot_bound_terms(per_timestep: np.ndarray, path: Path, prior: float) -> None:
+    """The mean bound term (bits/dim) at each training index t; t = 0 is the decoder; `prior` is the mean L_T."""
     fig, ax = _axes()
     ax.plot(np.arange(len(per_timestep)), per_timestep, lw=1.2)
     ax.set_xlabel("training index t (0: the decoder L_0)")
     ax.set_ylabel("bound term (bits/dim)")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
-    ax.set_title(f"Terms of the variational bound: total {per_timestep.sum():.4f} bits/dim without L_T")
+    ax.set_title(f"Terms of the bound per t: they sum to {per_timestep.sum():.4f} bits/dim; with L_T = {prior:.4f}, "
+                 f"the bound is {per_timestep.sum() + prior:.4f}", fontsize=9)
     fig.tight_layout()
     atomic_save_figure(fig, path)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import time
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -36,7 +37,7 @@ from accelerate.logging import get_logger
 from .checkpoints import checkpoint_name, checkpoint_to_resume, list_checkpoints, load_checkpoint, rotate_checkpoints, save_checkpoint
 from .config import TrainingConfig, resume_changes
 from .data import BatchSource, to_model_range
-from .devices import accelerator_available, cpu_has_bf16
+from .devices import accelerator_available, cpu_has_bf16, device_name
 from .ema import EMA
 from .files import atomic_write_json, remove_atomically, remove_stale_temporaries
 from .losses import DiffusionLoss
@@ -105,6 +106,7 @@ def setup(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
     model, so that they fail in seconds); the data; then the model and everything that trains it."""
     from accelerate import Accelerator
 
+    started = time.perf_counter()
     config.validate()
     config, precision_choice = resolve_mixed_precision(config)
     if config.mixed_precision == "fp16" and not accelerator_available():
@@ -144,7 +146,7 @@ def setup(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
     lock = RunFolderLock(Path(config.output_dir)).acquire(warn=logger.warning) if accelerator.is_main_process else None
     try:
         run = build_run(config, accelerator, lock, pusher, feature_network)
-        run.precision_choice = precision_choice
+        run.precision_choice, run.started = precision_choice, started
         return run
     except BaseException:
         if lock is not None:
@@ -539,6 +541,9 @@ def finish(run: Run, state: TrainState) -> None:
             "final_loss": state.history[-1]["loss"] if state.history else None, "evals": state.evals, "best": state.best,
             "nll": state.nll, "config_history": state.config_history, "mixed_precision": run.config.mixed_precision,
             "mixed_precision_auto": state.precision_choice,
+            "hardware": {"device": run.device.type, "name": device_name(run.device), "processes": run.accelerator.num_processes},
+            "training_seconds": sum(h["seconds"] for h in state.history),  # the steps of every session, resumed ones too
+            "wall_seconds": time.perf_counter() - run.started,  # this session, from setup
             "checkpoints": [str(f.name) for _, f in list_checkpoints(run.output_dir)],
         })
         write_model_card(run.output_dir, run.pusher.repo_id if run.pusher else None)

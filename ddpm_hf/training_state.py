@@ -137,6 +137,7 @@ class Run:
     lock: Optional[Any] = None  # the output folder's RunFolderLock, held by the main process for the whole run
     stop: Optional[Any] = None  # the StopSignals that end the run at a step boundary (SIGTERM, SIGINT, SIGUSR1)
     precision_choice: Optional[dict] = None  # how --mixed_precision auto chose (None: given explicitly)
+    started: float = 0.0  # time.perf_counter() when setup began
 
     @property
     def output_dir(self) -> Path:

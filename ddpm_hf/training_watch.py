@@ -5,6 +5,7 @@ measures with fixed seeds, shared over the processes (image i on process i mod N
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -27,6 +28,12 @@ def per_process_batch(run: Run) -> int:
     return max(1, run.config.batch_size // (run.accelerator.num_processes * run.config.gradient_accumulation_steps))
 
 
+def inner_bars(accelerator) -> bool:
+    """Whether bars inside the training bar are shown: on the local main process, on a terminal only (written to a
+    file or a CI log, nested bars leave cursor-movement escapes between the lines)."""
+    return accelerator.is_local_main_process and sys.stderr.isatty()
+
+
 def ema_pipeline(run: Run, sampler: str = "ddpm"):
     """The pipeline of the EMA weights with the run's scheduler (then `sampler`)."""
     return pipeline_for(run.ema.model, run.scheduler.config, sampler)
@@ -45,7 +52,7 @@ def sample_images(run: Run) -> torch.Tensor:
     gathered; every process returns the full [N, C, H, W] batch in [0, 1]."""
     config, accelerator = run.config, run.accelerator
     pipe = ema_pipeline(run)
-    pipe.set_progress_bar_config(disable=not accelerator.is_local_main_process, desc="Sampling grid", leave=False)
+    pipe.set_progress_bar_config(disable=not inner_bars(accelerator), desc="Sampling grid", leave=False)
     drawn = draw_share(pipe, config.num_sample_images, lambda i: grid_seed(config, i),
                        accelerator.process_index, accelerator.num_processes, batch_size=config.num_sample_images,
                        num_inference_steps=config.grid_steps, output_type="pt")
@@ -180,7 +187,7 @@ def save_card_figures(run: Run) -> None:
 
     config = run.config
     pipe = ema_pipeline(run)
-    pipe.set_progress_bar_config(desc="Card figures", leave=False)
+    pipe.set_progress_bar_config(disable=not inner_bars(run.accelerator), desc="Card figures", leave=False)
     seeds = [grid_seed(config, i) for i in range(min(16, config.num_sample_images))]
     record_figures(run.output_dir, chain_figures(pipe, run.output_dir, seeds, config.grid_steps,
                                                  about={"pipeline": "this run (EMA)"}))

@@ -24,11 +24,13 @@ LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 
 
 def names_a_local_path(name) -> bool:
-    """Whether `name` can only mean a local path: it starts with ./ ../ / or ~, or its first part is a folder here
-    (as `runs/digits` is in a checkout that has `runs/`). A Hub id otherwise."""
-    text = os.fspath(name)
-    first = text.replace("\\", "/").split("/")[0]
-    return text.startswith((".", "/", "~")) or ("/" in text and bool(first) and os.path.isdir(first))
+    """Whether `name` can only mean a local path: it starts with ./ ../ / or ~, ends with a slash, has more than the one
+    slash of `namespace/name`, or its first part is a folder here (as `runs/digits` is in a checkout that has `runs/`).
+    A Hub id otherwise."""
+    text = os.fspath(name).replace("\\", "/")
+    first = text.split("/")[0]
+    return (text.startswith((".", "/", "~")) or text.endswith("/") or text.count("/") > 1
+            or ("/" in text and bool(first) and os.path.isdir(first)))
 
 
 def uses_learned_variance(scheduler: SchedulerMixin) -> bool:
@@ -172,6 +174,17 @@ class DDPMPipeline(DiffusionPipeline):
             except (ValueError, TypeError) as e:  # a config value newer than ddpm_hf: diffusers' own class runs it
                 logger.warning("Keeping diffusers' DDPMScheduler: ddpm_hf's does not take this config (%s).", e)
         return pipe
+
+    def progress_bar(self, iterable=None, total=None):
+        """diffusers' bar, labelled with what it counts unless the caller named it (a bar without a label, in a log of
+        several, says nothing)."""
+        config = getattr(self, "_progress_bar_config", {})
+        if "desc" not in config:
+            self._progress_bar_config = {**config, "desc": "Denoising steps"}
+        try:
+            return super().progress_bar(iterable, total)
+        finally:
+            self._progress_bar_config = config
 
     @torch.no_grad()
     def __call__(

@@ -453,3 +453,20 @@ def test_metrics_name_a_missing_samples_folder_and_reference_and_caution_on_few_
     assert result["protocol"]["caution"] == (f"FID on 4 images is biased upward and not comparable with published "
                                              f"figures (50,000 samples); use at least {network.num_features} images.")
     assert json.loads((tmp_path / "s" / "metrics.json").read_text())["protocol"]["caution"] == result["protocol"]["caution"]
+
+
+@pytest.mark.parametrize("name", ["data/my_images/", "data/my/images"])
+def test_a_missing_path_that_looks_like_one_is_no_such_file_in_every_command(tmp_path, name, finished_run):
+    """A trailing slash or a second slash cannot be a Hub id: it is a folder that is not there, not an unreachable Hub."""
+    checks = {
+        "train": (subprocess.run([sys.executable, str(REPO / "train_ddpm.py"), *tiny_args(tmp_path / "run", dataset=name)],
+                                 capture_output=True, text=True, cwd=tmp_path), f"error: --dataset {name}: no such file or folder"),
+        "ddpm-sample": (subprocess.run([sys.executable, "-m", "ddpm_hf.sample", name, tmp_path / "s", "--num_images", "1"],
+                                       capture_output=True, text=True, cwd=tmp_path), f"error: {name}: no such file or folder"),
+        "ddpm-nll": (subprocess.run([sys.executable, "-m", "ddpm_hf.nll", finished_run, tmp_path / "n", "--dataset", name,
+                                     "--num_images", "1"], capture_output=True, text=True, cwd=tmp_path),
+                     f"error: --dataset {name}: no such file or folder"),
+    }
+    for command_name, (proc, start) in checks.items():
+        line = one_error_line(proc)
+        assert line.startswith(start) and "Hub" not in line.split(";")[0], (command_name, line)
