@@ -449,7 +449,7 @@ def test_debug_shows_the_traceback_and_usage_errors_name_help(tmp_path):
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "--max_train_steps=0 must be at least 1" in debug.stderr
     usage = subprocess.run(train_cmd + ["--learning_rat", "0.1"], capture_output=True, text=True)
     assert usage.returncode == 2 and one_error_line(usage) == (
-        "error: unrecognized arguments: --learning_rat (did you mean --learning_rate?) 0.1 (see train_ddpm.py --help)")
+        "error: unrecognized arguments: --learning_rat (did you mean --learning_rate?) (see train_ddpm.py --help)")
     prefix = subprocess.run(train_cmd + ["--learning", "0.1", "--dry_run"], capture_output=True, text=True)
     assert prefix.returncode == 2 and "unrecognized arguments: --learning" in prefix.stderr  # never matched by prefix
 
