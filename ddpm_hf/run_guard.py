@@ -148,10 +148,13 @@ class RunStopped(Exception):
 
 class StopSignals:
     """While inside: SIGTERM, SIGINT or SIGUSR1 asks the run to stop at the next step boundary (`received` holds the
-    signal; the loop then checkpoints and raises RunStopped). A second signal stops at once, as it would have."""
+    signal; the loop then checkpoints and raises RunStopped). A second signal stops at once, as it would have, unless
+    it is the same signal within `same_notice` seconds: a launcher (torchrun) forwards to its workers the SIGTERM that
+    a scheduler also sent them, and that copy must not cut the checkpoint short."""
 
-    def __init__(self):
+    def __init__(self, same_notice: float = 2.0):
         self.received: Optional[int] = None
+        self.same_notice, self._at = same_notice, 0.0
         self._previous: Dict[int, object] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -164,8 +167,10 @@ class StopSignals:
 
     def _handle(self, signum, frame) -> None:
         if self.received is None:
-            self.received = signum
+            self.received, self._at = signum, time.monotonic()
             return
+        if signum == self.received and time.monotonic() - self._at < self.same_notice:
+            return  # the same notice, forwarded
         previous = self._previous.get(signum, signal.SIG_DFL)
         self.__exit__(None, None, None)
         if callable(previous):

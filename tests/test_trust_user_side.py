@@ -372,19 +372,41 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(t
     assert [s for s, _ in list_checkpoints(out)][-1] == step + 2
 
 
-def test_a_second_signal_stops_at_once():
+def test_a_second_signal_stops_at_once_but_a_forwarded_copy_of_the_first_does_not():
     from ddpm_hf.run_guard import StopSignals
 
     seen = []
     previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
     try:
-        with StopSignals() as stop:
+        with StopSignals(same_notice=0.5) as stop:
             os.kill(os.getpid(), signal.SIGUSR1)
             assert stop.received == signal.SIGUSR1 and seen == []  # the first asks for a stop at the step's end
             os.kill(os.getpid(), signal.SIGUSR1)
-            assert seen == [signal.SIGUSR1]  # the second goes where it went before: at once
+            assert seen == []  # at once again: the same notice, as a launcher forwards it
+            time.sleep(0.6)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert seen == [signal.SIGUSR1]  # later, a second signal goes where it went before: at once
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_under_accelerate_launch_the_processes_agree_on_the_step_they_stop_after(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train_ddpm.py"),
+           *tiny_args(out, max_train_steps=100000, checkpointing_steps=100000, logging_steps=1000)]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: marker_state(out).get("state") == "running" and (out / "training_config.json").is_file(),
+             what="the run to start")
+    time.sleep(3)
+    launcher.send_signal(signal.SIGTERM)  # torchrun passes it on to both workers
+    _, stderr = launcher.communicate(timeout=120)
+    (step, folder), = list_checkpoints(out)
+    assert step % 10 == 0 and checkpoint_problem(folder) is None  # both stopped after the same agreed step
+    stopped = [line for line in stderr.splitlines() if line.startswith("stopped: ")]
+    assert stopped == [f"stopped: SIGTERM received: stopped after step {step} of 100000 with {folder} written; resume "
+                       f"with `python train_ddpm.py --output_dir {out} --resume_from_checkpoint latest` (or the same "
+                       "under accelerate launch)."]
 
 
 # ---------------------------------------------------------------- 8. full disks and bad settings: one line
