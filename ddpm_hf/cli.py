@@ -201,7 +201,7 @@ def nll_main(argv: Optional[Sequence[str]] = None) -> int:
     if args.num_images < 1 or args.batch_size < 1:
         parser.error(f"--num_images={args.num_images} and --batch_size={args.batch_size} must be at least 1")
 
-    from .data import BUILTIN_DATASETS, first_rows, image_fit_note
+    from .data import BUILTIN_DATASETS
     from .devices import distributed_state
     from .likelihood_folder import measure
     from .weights import load_pipeline
@@ -215,12 +215,9 @@ def nll_main(argv: Optional[Sequence[str]] = None) -> int:
     state = distributed_state()
     quiet_loading()
     pipe = load_pipeline(args.pipeline).to(state.device)
-    note = image_fit_note(first_rows(args.dataset, args.split, 1, args.dataset_config), pipe.unet.config.in_channels,
-                          pipe.unet.config.sample_size, args.image_column)
-    if note and state.is_main_process:
-        print(f"note: {note}.", file=sys.stderr)
     summary = measure(pipe, args.pipeline, args.output_dir, args.dataset, args.num_images, args.split, args.batch_size,
-                      args.seed, args.clip_denoised, args.dataset_config, args.image_column, args.overwrite, args.output, state)
+                      args.seed, args.clip_denoised, args.dataset_config, args.image_column, args.overwrite, args.output, state,
+                      notify=lambda note: print(f"note: {note}.", file=sys.stderr))
     if summary is not None:
         bpd = summary["bits_per_dim"]
         print(f"NLL bound: {bpd['total']['mean']:.4f} ± {bpd['total']['sem']:.4f} bits/dim on {args.num_images} images "

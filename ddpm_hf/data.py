@@ -393,12 +393,6 @@ def image_fit_note(rows, channels: int, resolution: int, image_column: Optional[
     return None
 
 
-def load_images(dataset: str, split: str, num_images: int, channels: int, resolution: int,
-                dataset_config: Optional[str] = None, image_column: Optional[str] = None) -> torch.Tensor:
-    """The first `num_images` images of a dataset split (anything --dataset takes) as uint8 [N, C, H, W]."""
-    return images_of(first_rows(dataset, split, num_images, dataset_config), channels, resolution, image_column)
-
-
 def stream_batches(ds, column: str, batch_size: int, channels: int, resolution: int, center_crop: bool,
                    on_bad_image: str, rank: int, world_size: int, seed: int, epoch: int) -> Iterator[torch.Tensor]:
     """uint8 batches [B, C, H, W] from a streaming dataset: this rank's shard of epoch `epoch`, shuffled

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Dict, Optional, Set
+from typing import Callable, Dict, Optional, Set
 
 import numpy as np
 import torch
 
-from .data import load_images
+from .data import first_rows, image_fit_note, images_of
 from .files import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 from .folder_jobs import FolderJob
 from .likelihood import TERMS, bits_per_dim_of_share, summarize
@@ -64,9 +64,11 @@ def done_images(folder: Path, num_images: int) -> Set[int]:
 
 def measure(pipe, pipeline_name: str, folder, dataset: str, num_images: int, split: str = "test", batch_size: int = 64,
             seed: int = 0, clip_denoised: bool = True, dataset_config: Optional[str] = None,
-            image_column: Optional[str] = None, overwrite: bool = False, output=None, state=None) -> Optional[dict]:
+            image_column: Optional[str] = None, overwrite: bool = False, output=None, state=None,
+            notify: Callable[[str], None] = lambda message: None) -> Optional[dict]:
     """Measure this process's share (`state`: an accelerate PartialState, or None for one process); the main
-    process then writes nll.json (at `output`, default folder/nll.json) and returns it."""
+    process then writes nll.json (at `output`, default folder/nll.json) and returns it. Images of other channels than
+    the pipeline's are refused; a resize to its size is told to `notify` (on the main process)."""
     unet, scheduler = pipe.unet, pipe.scheduler
     protocol = {
         "pipeline": pipeline_name, "weights_sha256": state_dict_sha256(unet), "scheduler": dict(scheduler.config),
@@ -79,8 +81,11 @@ def measure(pipe, pipeline_name: str, folder, dataset: str, num_images: int, spl
     }
     job = FolderJob(folder, PROTOCOL_FILE, protocol, state)
     job.check("a bits/dim measurement", "measure again from scratch", overwrite)  # before any image is decoded
-    images = load_images(dataset, split, num_images, unet.config.in_channels, unet.config.sample_size, dataset_config,
-                         image_column)
+    rows = first_rows(dataset, split, num_images, dataset_config)
+    note = image_fit_note(rows, unet.config.in_channels, unet.config.sample_size, image_column)
+    if note and job.is_main:
+        notify(note)
+    images = images_of(rows, unet.config.in_channels, unet.config.sample_size, image_column)
     results = job.folder / "images"
     if job.is_main:
         results.mkdir(parents=True, exist_ok=True)

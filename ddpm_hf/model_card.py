@@ -31,6 +31,7 @@ from .run_folder import (
     TRAINING_CONFIG,
     UNET_CONFIG,
 )
+from .training_parts import rates_text
 
 TAGS = ["pytorch", "diffusers", "unconditional-image-generation", "ddpm"]
 
@@ -134,7 +135,7 @@ def _precision(config: TrainingConfig, summary: Optional[dict]) -> str:
     if not auto:
         return f"Precision: {name}."
     rates = auto.get("images_per_s") or {}
-    measured = ", ".join(f"{'fp32' if p == 'no' else p} {r:.0f} images/s" for p, r in rates.items())
+    measured = rates_text(rates)
     return f"Precision: {name}, chosen by `--mixed_precision auto` on {auto.get('device')}" + \
         (f" as the faster of {measured} (timed before training)." if measured else ".")
 

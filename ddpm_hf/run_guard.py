@@ -114,6 +114,10 @@ def not_ours(folder: Path, had_marker: bool) -> List[str]:
     return [e for e in folder_entries(folder) if e.rstrip("/") not in RUN_PRODUCTS and not e.startswith(CHECKPOINT_PREFIX)]
 
 
+def _listed(names: List[str], most: int = 6) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def check_fresh_start(folder: Path, had_marker: bool, overwrite: bool) -> None:
     """A new run (no resume) starts in an empty folder, in an earlier run of ours that saved nothing yet (no
     checkpoint, no pipeline), or with --overwrite_output_dir over an earlier run of ours. A folder holding anything
@@ -123,12 +127,12 @@ def check_fresh_start(folder: Path, had_marker: bool, overwrite: bool) -> None:
         return
     strange = not_ours(folder, had_marker)
     if strange:
-        shown = ", ".join(strange[:6]) + (f" and {len(strange) - 6} more" if len(strange) > 6 else "")
+        shown = _listed(strange)
         raise ValueError(f"--output_dir {folder} holds files that ddpm_hf did not write ({shown}); a run would write its "
                          "pipeline and model card over them, so it is refused (--overwrite_output_dir clears only an "
                          "earlier ddpm_hf run): choose a new or empty --output_dir.")
     if not overwrite and (any(e.startswith(CHECKPOINT_PREFIX) for e in entries) or (Path(folder) / MODEL_INDEX).is_file()):
-        shown = ", ".join(entries[:6]) + (f" and {len(entries) - 6} more" if len(entries) > 6 else "")
+        shown = _listed(entries)
         checkpoints = [e for e in entries if e.startswith(CHECKPOINT_PREFIX)]
         how = "pass --resume_from_checkpoint latest to carry on, " if checkpoints else ""
         raise ValueError(f"{folder} already holds a run ({shown}): {how}--overwrite_output_dir to start over there, or "

@@ -57,7 +57,7 @@ from .run_folder import (
 )
 from .seeding import DROPOUT_SEED_TAG, mix_seed
 from .timestep_samplers import make_timestep_sampler
-from .training_parts import load_starting_weights, make_optimizer, make_scheduler, make_unet, unet_config_json
+from .training_parts import load_starting_weights, make_optimizer, make_scheduler, make_unet, rates_text, unet_config_json
 from .training_state import Clock, Run, StepMeters, TrainState
 from .training_watch import (
     ema_pipeline,
@@ -119,7 +119,7 @@ def setup(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
         project_dir=config.output_dir,
     )
     if precision_choice is not None:
-        rates = ", ".join(f"{'fp32' if p == 'no' else p} {r:.0f} images/s" for p, r in precision_choice.get("images_per_s", {}).items())
+        rates = rates_text(precision_choice.get("images_per_s", {}))
         logger.info("--mixed_precision auto: %s on %s%s.", config.mixed_precision, precision_choice["device"],
                     f" (the faster: {rates})" if rates else "")
     if config.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_bf16():

@@ -104,6 +104,11 @@ def step_rates(config: TrainingConfig, precisions, batch: int, rounds: int = 5, 
     return {precision: batch / statistics.median(times) for precision, times in seconds.items()}
 
 
+def rates_text(rates: dict) -> str:
+    """`fp32 N images/s, bf16 M images/s`: what --mixed_precision auto measured, for the log and the card."""
+    return ", ".join(f"{'fp32' if precision == 'no' else precision} {rate:.0f} images/s" for precision, rate in rates.items())
+
+
 def choose_mixed_precision(config: TrainingConfig, device: torch.device, processes: int = 1, rate=None) -> tuple:
     """(the precision --mixed_precision auto means here, what it was chosen from). On a GPU: bf16 where supported,
     else no. On a CPU: the faster of no and bf16 by `rate` (images/s of the run's own step), bf16 only where oneDNN
