@@ -4,7 +4,7 @@ torchvision transforms in a DataLoader, AdamW, accelerate.accumulate), with the 
 and step count, on the same synthetic RGB PNG dataset.
 
 Ours runs in five settings: fp32, `--mixed_precision bf16` (on some CPUs with AVX512-BF16 or AMX this is the
-lever, on others it is slower), `--channels_last`, both, and `--mixed_precision auto` (the faster of fp32 and bf16,
+lever, on others it is slower), `--channels_last`, both, and `--mixed_precision auto` (bf16 where it times at least 10% faster than fp32,
 timed before training, outside the timed steps); the reference runs as the diffusers example runs by default (fp32).
 The CPU features torch sees are printed beside the table: which precision is faster depends on them.
 Prints images/s, peak RSS and the loss statistics of each, and the ratio to the reference. Each loop runs

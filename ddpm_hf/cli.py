@@ -186,8 +186,8 @@ def nll_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("output_dir", help="where the per-image results, nll.json and nll_terms.png go")
     parser.add_argument("--dataset", required=True, help="anything train_ddpm.py --dataset takes: cifar10, a Hub id, "
                         "a folder of images, .parquet/.arrow files")
-    parser.add_argument("--split", default=None, help="the dataset's split (default: test for a Hub dataset; local files "
-                        "and folders are one set, measured whole)")
+    parser.add_argument("--split", default=None, help="the dataset's split (default: test for a Hub dataset and the "
+                        "built-in digits; local files and folders are one set, measured whole)")
     parser.add_argument("--dataset_config", default=None)
     parser.add_argument("--image_column", default=None)
     parser.add_argument("--num_images", type=int, required=True, help="the first N images of the split")
@@ -201,17 +201,12 @@ def nll_main(argv: Optional[Sequence[str]] = None) -> int:
     if args.num_images < 1 or args.batch_size < 1:
         parser.error(f"--num_images={args.num_images} and --batch_size={args.batch_size} must be at least 1")
 
-    from .data import BUILTIN_DATASETS
     from .devices import distributed_state
     from .likelihood_folder import measure
     from .weights import load_pipeline
 
-    if args.split is None and args.dataset in BUILTIN_DATASETS:
-        raise ValueError(f"--dataset {args.dataset} is the built-in training set, with no held-out split: give held-out "
-                         "images (a folder or .parquet files), or --split train to measure the training images (recorded "
-                         "as split train).")
     if args.split is None and not Path(args.dataset).expanduser().exists():
-        args.split = "test"  # a Hub dataset's held-out images
+        args.split = "test"  # the held-out images of a Hub dataset or the built-in digits
     state = distributed_state()
     quiet_loading()
     pipe = load_pipeline(args.pipeline).to(state.device)

@@ -57,7 +57,8 @@ from .run_folder import (
 )
 from .seeding import DROPOUT_SEED_TAG, mix_seed
 from .timestep_samplers import make_timestep_sampler
-from .training_parts import load_starting_weights, make_optimizer, make_scheduler, make_unet, rates_text, unet_config_json
+from .training_parts import (BF16_MIN_GAIN, load_starting_weights, make_optimizer, make_scheduler, make_unet, rates_text,
+                             unet_config_json)
 from .training_state import Clock, Run, StepMeters, TrainState
 from .training_watch import (
     ema_pipeline,
@@ -121,7 +122,8 @@ def setup(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
     if precision_choice is not None:
         rates = rates_text(precision_choice.get("images_per_s", {}))
         logger.info("--mixed_precision auto: %s on %s%s.", config.mixed_precision, precision_choice["device"],
-                    f" (the faster: {rates})" if rates else "")
+                    f" (timed: {rates}; bf16 where at least {BF16_MIN_GAIN:.2f}x "
+                    "as fast)" if rates else "")
     if config.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_bf16():
         logger.warning("This CPU has no native bf16 (AVX512-BF16 or AMX): --mixed_precision bf16 is emulated here and "
                        "slower than fp32; pass --mixed_precision no.")

@@ -68,7 +68,13 @@ def load_starting_weights(unet, source: str) -> None:
                          "leave --unet_config/--unet_preset and --channels to the starting pipeline.") from None
 
 
-def step_rates(config: TrainingConfig, precisions, batch: int, rounds: int = 5, warmup: int = 2) -> dict:
+# bf16 is taken on a CPU only when its step measured at least this much faster: the probe's few steps are noisy (±15%
+# between processes on one 2-core machine), a smaller gain did not survive into the real loop there, and fp32 is the
+# exact one of the two
+BF16_MIN_GAIN = 1.10
+
+
+def step_rates(config: TrainingConfig, precisions, batch: int, rounds: int = 10, warmup: int = 5) -> dict:
     """{precision: images/s} of this run's training step (a fresh UNet of its config, a micro-batch of `batch` random
     images, forward, backward and the optimizer) on the CPU in each of `precisions` (no, bf16): after `warmup` steps
     of each, `rounds` steps of each in turn (so that a busy moment of the machine hits both alike), the median."""
@@ -111,8 +117,8 @@ def rates_text(rates: dict) -> str:
 
 def choose_mixed_precision(config: TrainingConfig, device: torch.device, processes: int = 1, rate=None) -> tuple:
     """(the precision --mixed_precision auto means here, what it was chosen from). On a GPU: bf16 where supported,
-    else no. On a CPU: the faster of no and bf16 by `rate` (images/s of the run's own step), bf16 only where oneDNN
-    has native bf16 at all."""
+    else no. On a CPU: bf16 where its step (`rate`: images/s of the run's own step) is at least BF16_MIN_GAIN times
+    as fast as fp32's, else no; bf16 is not timed where oneDNN has no native bf16 at all."""
     from .devices import cpu_has_bf16
 
     if device.type == "cuda":
@@ -122,7 +128,8 @@ def choose_mixed_precision(config: TrainingConfig, device: torch.device, process
     rate = rate or step_rates
     micro = max(1, config.batch_size // (processes * config.gradient_accumulation_steps))
     rates = rate(config, ("no", "bf16") if cpu_has_bf16() else ("no",), micro)
-    return max(rates, key=rates.get), {"device": "cpu", "images_per_s": rates}
+    chosen = "bf16" if rates.get("bf16", 0.0) >= BF16_MIN_GAIN * rates["no"] else "no"
+    return chosen, {"device": "cpu", "images_per_s": rates}
 
 
 def optimizer_class(name: str):

@@ -144,11 +144,12 @@ def load_held_out_images(config: TrainingConfig) -> torch.Tensor:
     from .data import BUILTIN_DATASETS, build_image_bank, find_image_column, load_image_dataset
 
     name = config.eval_nll_dataset or config.dataset
-    local = name in BUILTIN_DATASETS or Path(name).expanduser().exists()
+    local = name not in BUILTIN_DATASETS and Path(name).expanduser().exists()
     if config.eval_nll_dataset is None and (local or config.eval_nll_split == config.split):
         raise ValueError(
             f"--eval_nll_every needs held-out images, and --dataset {config.dataset} (split {config.eval_nll_split}) is "
-            "the training data: give --eval_nll_dataset (images not trained on), or --eval_nll_split of a Hub dataset.")
+            "the training data: give --eval_nll_dataset (images not trained on), or --eval_nll_split of a Hub dataset "
+            "or the built-in digits.")
     split = None if local else config.eval_nll_split  # local data is one set, used whole
     ds = load_image_dataset(name, config.dataset_config if name == config.dataset else None, split)
     ds = ds.select(range(min(config.eval_nll_images, len(ds))))

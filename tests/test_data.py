@@ -25,14 +25,21 @@ from ddpm_hf.data import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_builtin_digits_are_sklearn_digits_exactly():
+def test_builtin_digits_are_sklearn_digits_exactly_with_the_last_297_held_out():
     from sklearn.datasets import load_digits
 
-    ds = load_image_dataset("digits")
-    bank = build_image_bank(ds, find_image_column(ds.features), channels=1, resolution=8, progress=False)
-    expected = np.round(load_digits().images * 255 / 16).astype(np.uint8)
-    assert bank.images.shape == (1797, 1, 8, 8)
-    np.testing.assert_array_equal(bank.images[:, 0].numpy(), expected)
+    banks = {}
+    for split in ("train", "test"):
+        ds = load_image_dataset("digits", split=split)
+        banks[split] = build_image_bank(ds, find_image_column(ds.features), channels=1, resolution=8, progress=False)
+    digits = load_digits()
+    expected = np.round(digits.images * 255 / 16).astype(np.uint8)
+    assert banks["train"].images.shape == (1500, 1, 8, 8) and banks["test"].images.shape == (297, 1, 8, 8)
+    np.testing.assert_array_equal(torch.cat([banks["train"].images, banks["test"].images])[:, 0].numpy(), expected)
+    assert load_image_dataset("digits")["label"] == digits.target[:1500].tolist()  # train is the default split
+    assert np.bincount(load_image_dataset("digits", split="test")["label"]).min() >= 27  # every digit held out
+    with pytest.raises(DatasetUnavailableError, match=r"--dataset digits has the splits train and test .*not 'valid'"):
+        load_image_dataset("digits", split="valid")
 
 
 def test_image_column_detection():

@@ -41,8 +41,9 @@ def test_auto_takes_the_faster_precision_records_it_and_a_resume_keeps_it(tmp_pa
     assert summary["mixed_precision"] == chosen
     assert summary["mixed_precision_auto"] == {"device": "cpu", "images_per_s": rates}
     card = (out / "README.md").read_text()
-    assert ("chosen by `--mixed_precision auto` on cpu as the faster of fp32 "
-            f"{rates['no']:.0f} images/s, bf16 {rates['bf16']:.0f} images/s (timed before training)") in card
+    assert ("chosen by `--mixed_precision auto` on cpu from fp32 "
+            f"{rates['no']:.0f} images/s, bf16 {rates['bf16']:.0f} images/s, timed before training (bf16 where at least "
+            "1.10x as fast)") in card
 
     from accelerate.state import AcceleratorState
 
@@ -52,6 +53,15 @@ def test_auto_takes_the_faster_precision_records_it_and_a_resume_keeps_it(tmp_pa
                           "checkpointing_steps": 2}))
     assert json.loads((out / "checkpoint-4" / "training_config.json").read_text())["mixed_precision"] == chosen
     assert json.loads((out / "train_summary.json").read_text())["mixed_precision_auto"]["images_per_s"] == rates
+
+
+@pytest.mark.parametrize("bf16, chosen", [(109.9, "no"), (110.1, "bf16"), (150.0, "bf16"), (90.0, "no")])
+def test_auto_takes_bf16_only_when_it_is_at_least_ten_percent_faster(monkeypatch, bf16, chosen):
+    import torch
+
+    stub_rates(monkeypatch, {"no": 100.0, "bf16": bf16})
+    config = resolve_config({**TINY, "output_dir": "unused", "mixed_precision": "auto"})
+    assert training_parts.choose_mixed_precision(config, torch.device("cpu"))[0] == chosen
 
 
 @pytest.mark.parametrize("explicit", ["no", "bf16"])

@@ -280,18 +280,22 @@ def test_a_run_folder_inside_the_data_folder_is_not_read_as_data(tmp_path, finis
     assert len(load_image_dataset(str(folder))) == 6
 
 
-def test_nll_on_the_built_in_digits_needs_an_explicit_training_split_and_records_it(tmp_path, finished_run):
-    line = one_error_line(command("ddpm_hf.nll", finished_run, tmp_path / "n", "--dataset", "digits", "--num_images", 2))
-    assert line == ("error: --dataset digits is the built-in training set, with no held-out split: give held-out images "
-                    "(a folder or .parquet files), or --split train to measure the training images (recorded as split "
-                    "train).")
-    assert not (tmp_path / "n").exists()
-    with pytest.raises(DatasetUnavailableError, match=r"--dataset digits is a built-in set with one split, train"):
-        load_image_dataset("digits", split="test")
-    proc = command("ddpm_hf.nll", finished_run, tmp_path / "n", "--dataset", "digits", "--split", "train", "--num_images", 2,
+def test_nll_on_the_built_in_digits_measures_the_held_out_split_and_records_the_split_it_measured(tmp_path, finished_run):
+    proc = command("ddpm_hf.nll", finished_run, tmp_path / "n", "--dataset", "digits", "--num_images", 2)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "n" / "nll.json").read_text())["protocol"]["split"] == "test"
+    proc = command("ddpm_hf.nll", finished_run, tmp_path / "m", "--dataset", "digits", "--split", "train", "--num_images", 2,
                    "--output", finished_run.parent / "nll.json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((finished_run.parent / "nll.json").read_text())["protocol"]["split"] == "train"
+    for i in range(2):
+        png(tmp_path / "imgs" / f"{i}.png", i)
+    line = one_error_line(command("ddpm_hf.nll", finished_run, tmp_path / "o", "--dataset", tmp_path / "imgs", "--split",
+                                  "test", "--num_images", 2))
+    assert line == (f"error: --dataset {tmp_path / 'imgs'} is local data with one split, train (every image), not 'test': "
+                    "give held-out images as their own folder or files, or --split train to use these (recorded as split "
+                    "train).")
+    assert not (tmp_path / "o").exists()
 
 
 def test_nll_refuses_images_of_other_channels_and_says_when_it_resizes(tmp_path, finished_run):

@@ -146,8 +146,22 @@ def test_nll_during_training_is_the_bound_of_the_ema_model_on_held_out_images(tm
 
 def test_nll_during_training_refuses_the_training_data_as_held_out_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"--eval_nll_every needs held-out images.*give --eval_nll_dataset"):
-        train(resolve_config({**TINY, "output_dir": str(tmp_path), "max_train_steps": 2, "eval_nll_every": 1}))
-    assert not (tmp_path / "checkpoint-1").exists()
+        train(resolve_config({**TINY, "output_dir": str(tmp_path / "run"), "max_train_steps": 2, "eval_nll_every": 1,
+                              "eval_nll_split": "train"}))
+    folder = held_out_digits(tmp_path / "images", 5)  # a local folder is one set: it cannot hold its own held-out images
+    with pytest.raises(ValueError, match=r"--eval_nll_every needs held-out images.*give --eval_nll_dataset"):
+        train(resolve_config({**TINY, "dataset": str(folder), "output_dir": str(tmp_path / "run"), "max_train_steps": 2,
+                              "max_train_samples": None, "eval_nll_every": 1}))
+    assert not (tmp_path / "run" / "checkpoint-1").exists()
+
+
+def test_nll_during_training_on_the_built_in_digits_uses_their_held_out_split(tmp_path):
+    from ddpm_hf.data import build_image_bank, load_image_dataset
+    from ddpm_hf.training_watch import load_held_out_images
+
+    config = resolve_config({**TINY, "output_dir": str(tmp_path), "eval_nll_every": 2, "eval_nll_images": 3})
+    test = build_image_bank(load_image_dataset("digits", split="test"), "image", 1, config.resolution, progress=False)
+    assert torch.equal(load_held_out_images(config), test.images[:3])
 
 
 # ---------------------------------------------------------------- ddpm-nll
