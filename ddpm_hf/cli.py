@@ -103,6 +103,8 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="image k is drawn from seed + k")
     parser.add_argument("--overwrite", action="store_true", help="draw again from scratch in a folder drawn with other settings")
     args = parser.parse_args(argv)
+    if args.seed < 0:
+        parser.error(f"--seed {args.seed}: seeds are integers from 0 (image k is drawn from seed + k)")
 
     from .devices import distributed_state
     from .sample_folder import sample_command

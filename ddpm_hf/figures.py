@@ -83,9 +83,7 @@ def record_chain(pipe, seeds: Sequence[int], num_inference_steps: int, counts: S
             recorded["samples"].append(step.prev_sample.float().cpu())
             recorded["predictions"].append(predicted_x0(pipe.scheduler, step).float().cpu())
 
-    device = pipe._execution_device
-    generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
-    output = pipe(batch_size=len(seeds), generator=generators, num_inference_steps=num_inference_steps, eta=eta,
+    output = pipe(batch_size=len(seeds), seeds=[int(s) for s in seeds], num_inference_steps=num_inference_steps, eta=eta,
                   output_type="pt", callback=callback).images
     return Chain(recorded["start"][0], len(pipe.scheduler.timesteps), recorded["indices"], recorded["timesteps"],
                  recorded["samples"], recorded["predictions"], output.cpu())

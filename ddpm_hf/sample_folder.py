@@ -16,6 +16,7 @@ from typing import Optional
 
 from .files import atomic_save_image
 from .folder_jobs import FolderJob
+from .pipelines.counter_noise import NOISE
 from .run_folder import TRAINING_CONFIG
 from .samplers import draw_share, use_scheduler
 from .weights import state_dict_sha256
@@ -113,7 +114,7 @@ def sample_command(pipe, pipeline_name: str, folder, num_images: int, batch_size
     protocol = {
         "pipeline": pipeline_name, "weights_sha256": state_dict_sha256(pipe.unet), "scheduler": sampler,
         "scheduler_config": dict(pipe.scheduler.config), "num_inference_steps": num_inference_steps, "eta": eta,
-        "seed": seed, "weights": "EMA" if (Path(pipeline_name) / TRAINING_CONFIG).is_file() else "as published",
+        "seed": seed, "noise": NOISE, "weights": "EMA" if (Path(pipeline_name) / TRAINING_CONFIG).is_file() else "as published",
     }
     job = FolderJob(folder, SAMPLING_FILE, protocol, state, free=("pipeline", "num_images", "complete"))
     job.check("images drawn", "draw again from scratch", overwrite)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Collection, Iterator, List, Tuple
 
-import torch
-
 from .choices import SAMPLERS
 from .folder_jobs import process_share
 
@@ -36,12 +34,11 @@ def pipeline_for(unet, scheduler_config, sampler: str = "ddpm"):
 
 def draw_share(pipe, num_images: int, seed_of: Callable[[int], int], rank: int = 0, world_size: int = 1,
                batch_size: int = 64, skip: Collection[int] = (), **call: Any) -> Iterator[Tuple[List[int], Any]]:
-    """This process's share of images 0..num_images-1 (`process_share`), image k drawn from a generator seeded
-    `seed_of(k)`, in batches of `batch_size`: yields (ks, images). Image k is the same whatever the batch size or
-    number of processes. `call` goes to the pipeline (num_inference_steps, output_type, eta)."""
-    device = pipe._execution_device
+    """This process's share of images 0..num_images-1 (`process_share`), image k drawn with the counter-based noise
+    of seed `seed_of(k)` (`pipe(seeds=...)`), in batches of `batch_size`: yields (ks, images). Image k is the same
+    whatever the batch size, the number of processes or the device. `call` goes to the pipeline
+    (num_inference_steps, output_type, eta)."""
     todo = process_share(num_images, rank, world_size, skip)
     for i in range(0, len(todo), batch_size):
         ks = todo[i : i + batch_size]
-        generators = [torch.Generator(device).manual_seed(seed_of(k)) for k in ks]
-        yield ks, pipe(batch_size=len(ks), generator=generators, **call).images
+        yield ks, pipe(batch_size=len(ks), seeds=[seed_of(k) for k in ks], **call).images

@@ -471,9 +471,13 @@ class DDPMScheduler(_DiffusersDDPMScheduler):
         sample: torch.Tensor,
         generator: Union[torch.Generator, list, None] = None,
         return_dict: bool = True,
+        variance_noise: Optional[torch.Tensor] = None,
     ) -> Union[DDPMSchedulerOutput, tuple]:
         """One ancestral step x_t -> x_{t'} ~ p(x_{t'} | x_t) (Algorithm 2), where t' is the next timestep
-        of the chain. Returns `prev_sample` (x_{t'}) and `pred_original_sample` (x̂_0)."""
+        of the chain. Returns `prev_sample` (x_{t'}) and `pred_original_sample` (x̂_0). The step's z ~ N(0, I) is
+        `variance_noise` where given (as DDIMScheduler.step takes it), else drawn from `generator`."""
+        if variance_noise is not None and generator is not None:
+            raise ValueError("Pass variance_noise or generator to step, not both: variance_noise is the noise itself.")
         t = int(timestep)
         prev_t = self.previous_timestep(t)
         C = sample.shape[1]
@@ -509,7 +513,8 @@ class DDPMScheduler(_DiffusersDDPMScheduler):
 
         # 5. add σ_t z, z ~ N(0, I), except on the step that lands on x_0 (Algorithm 2, line 3)
         if prev_t >= 0:
-            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+            noise = variance_noise if variance_noise is not None else randn_tensor(
+                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
             sigma2 = self._get_variance(t, predicted_variance=predicted_variance)
             if learned:
                 std = torch.exp(0.5 * sigma2)  # log σ² here

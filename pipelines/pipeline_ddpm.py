@@ -1,6 +1,7 @@
 """`DDPMPipeline`: unconditional image generation with a UNet and any diffusers scheduler.
 
-This file is the pipeline code that also goes to the Hub: it needs only torch and diffusers. With
+This file is the pipeline code that also goes to the Hub: it needs only torch and diffusers (and, for `seeds=`,
+`counter_noise.py` beside it). With
 `ddpm_hf` installed, loading swaps diffusers' `DDPMScheduler` for ours (same config, float64 math);
 what it saves names only diffusers classes, so plain diffusers loads it too.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-from typing import Callable, List, NamedTuple, Optional, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Union
 
 import diffusers
 import torch
@@ -77,19 +78,37 @@ def denoise(
     progress=lambda it: it,
     callback: Optional[Callable[["DenoiseStep"], None]] = None,
     start: int = 0,
+    seeds: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """The reverse process: from x_T = `noise` (scaled by the scheduler's init_noise_sigma) down to x_0
     in `num_inference_steps` scheduler steps. Returns x_0 in the model's range ([-1, 1]). A UNet with a learned
     variance (2C output channels) gives all of them to a scheduler that uses the variance, the first C to others.
 
     `callback(DenoiseStep)` is called after each step (figures watch the chain through it). With `start` > 0 the
-    chain begins at step `start` (timestep `scheduler.timesteps[start]`) and `noise` is that x_t itself."""
+    chain begins at step `start` (timestep `scheduler.timesteps[start]`) and `noise` is that x_t itself.
+
+    With `seeds` (one per image, instead of `generator`) the noise of step i of image k is counter-based:
+    `seeded_normal([seeds[k]], ..., step=i, stream="step")`, the same on every device and in every batch."""
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
     if start and hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
     extra = {}
     step_params = inspect.signature(scheduler.step).parameters
-    if "generator" in step_params:
+    step_noise = None
+    if seeds is not None:
+        if generator is not None:
+            raise ValueError("Pass seeds or generator, not both: with seeds, each image's noise comes from its seed.")
+        if len(seeds) != noise.shape[0]:
+            raise ValueError(f"Got {len(seeds)} seeds for {noise.shape[0]} images; pass one seed per image.")
+        if "variance_noise" in step_params:
+            from .counter_noise import seeded_normal
+
+            def step_noise(i: int) -> torch.Tensor:
+                return seeded_normal(seeds, noise.shape[1:], i, "step", noise.device, noise.dtype)
+        elif "generator" in step_params:
+            raise ValueError(f"{type(scheduler).__name__}.step draws its noise from a generator only; sample with "
+                             "generator= instead of seeds=.")
+    elif "generator" in step_params:
         extra["generator"] = generator
     if eta is not None:
         if "eta" not in step_params:
@@ -101,6 +120,8 @@ def denoise(
         model_output = unet(scheduler.scale_model_input(x, t), t).sample  # 1. predict ε (or x_0, or v)
         if model_output.shape[1] == 2 * x.shape[1] and not keep_variance:
             model_output = model_output[:, : x.shape[1]]  # the variance channels are DDPM's alone
+        if step_noise is not None:
+            extra["variance_noise"] = step_noise(i)
         out = scheduler.step(model_output, t, x, **extra)  # 2. x_t -> x_{t-1}
         if callback is not None:
             callback(DenoiseStep(i, t, x, model_output, out.prev_sample, getattr(out, "pred_original_sample", None)))
@@ -196,6 +217,7 @@ class DDPMPipeline(DiffusionPipeline):
         return_dict: bool = True,
         eta: Optional[float] = None,
         callback: Optional[Callable[[DenoiseStep], None]] = None,
+        seeds: Optional[Sequence[int]] = None,
     ):
         """Generate `batch_size` images.
 
@@ -209,9 +231,14 @@ class DDPMPipeline(DiffusionPipeline):
             eta: DDIM's eta, for schedulers whose `step` takes it.
             callback: called with a `DenoiseStep` after each step of the reverse chain (x_t, the model output,
                 x_{t-1}, the predicted x_0 when the scheduler gives one).
+            seeds: one integer per image, instead of `generator`: image i's noise (x_T and every step's) is
+                counter-based (`counter_noise.seeded_normal`), a function of seeds[i] alone, drawn for the whole batch
+                at once and the same on every device (a CPU and a GPU give the same noise for the same seed).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}.")
+        if seeds is not None and len(seeds) != batch_size:
+            raise ValueError(f"Got {len(seeds)} seeds for batch_size={batch_size}; pass one seed per image.")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"Got {len(generator)} generators for batch_size={batch_size}; pass one generator per image or a single one."
@@ -220,12 +247,19 @@ class DDPMPipeline(DiffusionPipeline):
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (batch_size, self.unet.config.in_channels, *size)
         device = self._execution_device
-        noise = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        if seeds is not None:
+            from .counter_noise import seeded_normal
+
+            if generator is not None:
+                raise ValueError("Pass seeds or generator, not both: with seeds, each image's noise comes from its seed.")
+            noise = seeded_normal(seeds, shape[1:], 0, "initial", device, self.unet.dtype)
+        else:
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         was_training = self.unet.training
         self.unet.eval()  # sampling never uses dropout, also when called on a model that is training
         try:
             images = denoise(self.unet, self.scheduler, noise, num_inference_steps, generator, eta, self.progress_bar,
-                             callback)
+                             callback, seeds=seeds)
         finally:
             self.unet.train(was_training)
         images = to_output(images, output_type)

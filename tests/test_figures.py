@@ -11,6 +11,7 @@ from PIL import Image
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
 from ddpm_hf.cli import visualize_main
+from ddpm_hf.pipelines.counter_noise import seeded_normal
 from ddpm_hf.figures import (
     HOLD_MS,
     chain_figures,
@@ -61,8 +62,7 @@ def test_progressive_last_column_is_the_pipelines_output_for_the_same_seed(tmp_p
     pipe = tiny_pipeline(sampler)
     seeds = [3, 5]
     entries = chain_figures(pipe, tmp_path, seeds, 12, which=("progressive",), frames=6, columns=4, progressive_seeds=2)
-    expected = pipe(batch_size=2, generator=[torch.Generator().manual_seed(s) for s in seeds], num_inference_steps=12,
-                    output_type="pil").images
+    expected = pipe(batch_size=2, seeds=seeds, num_inference_steps=12, output_type="pil").images
     figure = Image.open(tmp_path / "progressive.png").convert("RGB")
     assert figure.size == (4 * 80, 4 * 80)  # 4 columns; rows x_t and x̂_0 for each of 2 seeds
     for n in range(2):
@@ -93,7 +93,7 @@ def test_record_chain_keeps_evenly_spread_steps_ending_on_the_output():
     assert [chain.indices[j] for j in chain.pick(3)] == [0, 10, 19]
     assert chain.timesteps[-1] == int(pipe.scheduler.timesteps[-1]) and chain.timesteps[0] == int(pipe.scheduler.timesteps[0])
     assert torch.equal((chain.samples[-1] / 2 + 0.5).clamp(0, 1), chain.output)
-    noise = torch.stack([torch.randn((3, 8, 8), generator=torch.Generator().manual_seed(s)) for s in range(3)])
+    noise = seeded_normal([0, 1, 2], (3, 8, 8), 0, "initial")
     assert torch.equal(chain.start, noise * pipe.scheduler.init_noise_sigma)  # x_T of each seed, as the pipeline draws it
 
 
@@ -112,8 +112,7 @@ def test_denoising_animation_has_a_frame_per_kept_step_and_holds_the_last(tmp_pa
             durations.append(animation.info["duration"])
         last = animation.convert("RGB")
     assert durations[-1] == HOLD_MS and durations[0] < HOLD_MS
-    final = pipe(batch_size=4, generator=[torch.Generator().manual_seed(s) for s in range(4)], num_inference_steps=10,
-                 output_type="pil").images
+    final = pipe(batch_size=4, seeds=list(range(4)), num_inference_steps=10, output_type="pil").images
     tolerance = 0 if fmt == "webp" else 24  # lossless WebP; GIF quantises to a 256-colour palette
     assert np.abs(cell(last, 1, 1).astype(int) - np.asarray(final[3]).astype(int)).max() <= tolerance
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind

@@ -254,8 +254,9 @@ def test_two_processes_on_cpu(tmp_path):
     config = TrainingConfig.load(tmp_path / "training_config.json")
     pipe = DDPMPipeline.from_pretrained(tmp_path)
     pipe.set_progress_bar_config(disable=True)
-    gens = [torch.Generator().manual_seed(mix_seed(config.seed, i, GRID_SEED_TAG)) for i in range(config.num_sample_images)]
-    images = pipe(batch_size=config.num_sample_images, generator=gens, num_inference_steps=config.sample_inference_steps, output_type="pt").images
+    seeds = [mix_seed(config.seed, i, GRID_SEED_TAG) for i in range(config.num_sample_images)]
+    images = pipe(batch_size=config.num_sample_images, seeds=seeds, num_inference_steps=config.sample_inference_steps,
+                  output_type="pt").images
     expected = np.asarray(image_grid(images)).astype(int)
     got = np.asarray(Image.open(tmp_path / "samples.png")).astype(int)
     assert np.abs(expected - got).max() <= 1
