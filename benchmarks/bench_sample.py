@@ -1,8 +1,10 @@
-"""Sampling throughput: our DDPMPipeline (our scheduler) against diffusers' DDPMPipeline (diffusers'
-DDPMScheduler), same UNet weights, scheduler config and steps; the scheduler's share of the time; and
+"""Sampling throughput per network dtype: our DDPMPipeline (our scheduler; one seed per image, or one generator per
+image) against diffusers' DDPMPipeline (diffusers' DDPMScheduler, one generator per image), same UNet weights,
+scheduler config and steps; the scheduler's share of the time (on a CPU); and
 the FID feature-extraction rate (clean-fid's folder path: PNG decode, clean resize to 299, network).
 
-    python benchmarks/bench_sample.py                       # cpu-small UNet, 32x32, batch 16, 50 steps
+    python benchmarks/bench_sample.py                       # cpu-small UNet, 32x32, batch 16, 50 steps, fp32 and bf16
+    python benchmarks/bench_sample.py --preset ddpm-cifar10-32 --batch_size 512 --steps 20   # on a GPU: fp16 too
     python benchmarks/bench_sample.py --inception_weights inception-2015-12-05.pt
 """
 
@@ -45,6 +47,33 @@ def scheduler_share(unet, scheduler, batch: int, steps: int, size: int) -> tuple
     return t_unet, t_step
 
 
+def timed_variants(unet, ours, ref, args, device) -> list:
+    """(name, dtype, images/s or an error) for each dtype: ours with one seed per image (counter-based noise, the way
+    ddpm-sample draws), ours and diffusers with one torch.Generator per image (the way diffusers users draw
+    per-image reproducible batches)."""
+    n, rows = args.batch_size, []
+    for name in args.dtypes.split(","):
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+        torch.nn.Module.to(unet, dtype)
+        generators = lambda: [torch.Generator(device).manual_seed(k) for k in range(n)]
+        variants = (
+            ("ddpm_hf, seeds (counter noise)", lambda: ours(batch_size=n, seeds=list(range(n)), num_inference_steps=args.steps,
+                                                          output_type="np")),
+            ("ddpm_hf, a generator per image", lambda: ours(batch_size=n, generator=generators(),
+                                                          num_inference_steps=args.steps, output_type="np")),
+            ("diffusers, a generator per image", lambda: ref(batch_size=n, generator=generators(),
+                                                           num_inference_steps=args.steps, output_type="np")),
+        )
+        for label, call in variants:
+            try:
+                call()  # warm up
+                rows.append((label, name, n / best_of(call, args.repeats)))
+            except Exception as e:  # diffusers cannot turn a bf16 tensor into numpy, for one
+                rows.append((label, name, f"fails ({type(e).__name__}: {str(e).splitlines()[0][:60]})"))
+    torch.nn.Module.to(unet, torch.float32)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu-small")
@@ -52,29 +81,41 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtypes", default=None, help="network dtypes to time (default: fp32,bf16 on a CPU, "
+                        "fp32,bf16,fp16 on a GPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--fid_images", type=int, default=256)
     parser.add_argument("--inception_weights", default=None)
     args = parser.parse_args()
+    device = torch.device(args.device)
+    args.dtypes = args.dtypes or ("fp32,bf16,fp16" if device.type == "cuda" else "fp32,bf16")
 
     torch.manual_seed(0)
-    unet = build_unet(args.preset, sample_size=args.resolution).eval()
+    unet = build_unet(args.preset, sample_size=args.resolution).eval().to(device)
     ours = DDPMPipeline(unet, DDPMScheduler())
     ref = diffusers.DDPMPipeline(unet, diffusers.DDPMScheduler.from_config(ours.scheduler.config))
     for pipe in (ours, ref):
         pipe.set_progress_bar_config(disable=True)
-    run = lambda pipe: pipe(batch_size=args.batch_size, generator=torch.Generator().manual_seed(0),
-                            num_inference_steps=args.steps, output_type="np")
-    run(ours), run(ref)  # warm up
-    t_ours, t_ref = best_of(lambda: run(ours), args.repeats), best_of(lambda: run(ref), args.repeats)
     n = args.batch_size
-    print(f"UNet {args.preset} at {args.resolution}x{args.resolution}, batch {n}, {args.steps} steps, "
-          f"torch threads {torch.get_num_threads()}, best of {args.repeats}")
-    print(f"ddpm_hf DDPMPipeline  : {n / t_ours:7.2f} images/s")
-    print(f"diffusers DDPMPipeline: {n / t_ref:7.2f} images/s   (ours / diffusers: {t_ref / t_ours:.2f}x)")
-    for name, sched in (("ddpm_hf", DDPMScheduler()), ("diffusers", diffusers.DDPMScheduler())):
-        shares = [scheduler_share(unet, sched, n, args.steps, args.resolution) for _ in range(args.repeats)]
-        u, s = min(x[0] for x in shares), min(x[1] for x in shares)
-        print(f"{name:9s} scheduler.step: {1000 * s / args.steps:6.3f} ms/step = {100 * s / u:5.2f}% of the UNet time")
+    print(f"UNet {args.preset} at {args.resolution}x{args.resolution}, batch {n}, {args.steps} steps, on {device} "
+          f"(torch threads {torch.get_num_threads()}), best of {args.repeats}")
+    rows = timed_variants(unet, ours, ref, args, device)
+    reference = {dtype: rate for label, dtype, rate in rows if label.startswith("diffusers") and not isinstance(rate, str)}
+    fp32 = {label: rate for label, dtype, rate in rows if dtype == "fp32"}
+    print("| sampler | dtype | images/s | vs diffusers, same dtype | vs its fp32 |")
+    print("|---|---|---|---|---|")
+    for label, dtype, rate in rows:
+        if isinstance(rate, str):
+            print(f"| {label} | {dtype} | {rate} | | |")
+            continue
+        vs_ref = f"{rate / reference[dtype]:.2f}x" if dtype in reference else "diffusers fails"
+        vs_fp32 = f"{rate / fp32[label]:.2f}x" if isinstance(fp32.get(label), float) else ""
+        print(f"| {label} | {dtype} | {rate:.2f} | {vs_ref} | {vs_fp32} |")
+    if device.type == "cpu":
+        for name, sched in (("ddpm_hf", DDPMScheduler()), ("diffusers", diffusers.DDPMScheduler())):
+            shares = [scheduler_share(unet, sched, n, args.steps, args.resolution) for _ in range(args.repeats)]
+            u, s = min(x[0] for x in shares), min(x[1] for x in shares)
+            print(f"{name:9s} scheduler.step: {1000 * s / args.steps:6.3f} ms/step = {100 * s / u:5.2f}% of the UNet time")
 
     from ddpm_hf.evaluation import FeatureNetwork, folder_features, inception_network
     from ddpm_hf.sample_folder import sample_to_folder

@@ -10,6 +10,8 @@ LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 TRAINING_VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range", "learned")
 # training objectives: L_simple (Eq. 14), the variational bound (Eq. 5), improved DDPM's L_hybrid
 LOSSES = ("simple", "vlb", "hybrid")
+# the network's dtype when sampling (the chain itself stays float32); fp16 only on a GPU
+SAMPLING_DTYPES = ("fp32", "bf16", "fp16")
 # how the training timestep t is drawn: uniformly, or by improved DDPM's importance sampling
 TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")

@@ -90,7 +90,7 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
     """`ddpm-sample` / `python -m ddpm_hf.sample`: draw N images from a pipeline into a folder (resumable;
     under `accelerate launch` the processes share the work). The folder records how its images were drawn
     (sampling.json: the weights' SHA-256, sampler, steps, eta, seed); a rerun with other settings is refused."""
-    from .choices import SAMPLERS
+    from .choices import SAMPLERS, SAMPLING_DTYPES
 
     parser = Parser(description=sample_main.__doc__, prog="ddpm-sample")
     parser.add_argument("pipeline", help="a folder written by save_pretrained / a training run, or a Hub repo id")
@@ -101,6 +101,8 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--num_inference_steps", type=int, default=1000)
     parser.add_argument("--eta", type=float, default=None, help="DDIM's eta (ddim only)")
     parser.add_argument("--seed", type=int, default=0, help="image k is drawn from seed + k")
+    parser.add_argument("--dtype", choices=SAMPLING_DTYPES, default="fp32", help="the network's precision (the chain "
+                        "and the scheduler stay float32); bf16 or fp16 are faster on a GPU, fp16 only there")
     parser.add_argument("--overwrite", action="store_true", help="draw again from scratch in a folder drawn with other settings")
     args = parser.parse_args(argv)
     if args.seed < 0:
@@ -108,13 +110,15 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
 
     from .devices import distributed_state
     from .sample_folder import sample_command
+    from .samplers import network_dtype
     from .weights import load_pipeline
 
     state = distributed_state()
+    network_dtype(args.dtype, state.device)  # refused before loading anything
     quiet_loading()
     pipe = load_pipeline(args.pipeline).to(state.device)
     result = sample_command(pipe, args.pipeline, args.output_dir, args.num_images, args.batch_size, args.scheduler,
-                            args.num_inference_steps, args.eta, args.seed, args.overwrite, state)
+                            args.num_inference_steps, args.eta, args.seed, args.overwrite, state, args.dtype)
     rate = f"{result['images_per_s']:.2f} images/s" if result["images_per_s"] else "nothing to draw"
     print(f"process {state.process_index}: wrote {result['written']}, kept {result['kept']} already complete; {rate}")
     return 0

@@ -209,7 +209,7 @@ def decode(pipe, latents: torch.Tensor, begin: int, num_inference_steps: int, se
     """The pipeline's reverse chain from step `begin` (x_t = `latents`) to x_0, each image's noise from its own
     generator seeded `seed` (the same noise for every image, as Fig. 8 fixes it); in [-1, 1]."""
     device = pipe._execution_device
-    x = latents.to(device, pipe.unet.dtype)
+    x = latents.to(device, torch.float32)  # the chain in float32, as the pipeline runs it
     if begin < num_inference_steps:
         generators = [torch.Generator(device).manual_seed(seed) for _ in range(x.shape[0])]
         with torch.no_grad():

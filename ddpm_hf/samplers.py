@@ -3,10 +3,13 @@ share of images drawn one seed per image."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Collection, Iterator, List, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterator, List, Tuple
 
-from .choices import SAMPLERS
+from .choices import SAMPLERS, SAMPLING_DTYPES
 from .folder_jobs import process_share
+
+if TYPE_CHECKING:
+    import torch
 
 
 def use_scheduler(pipe, name: str):
@@ -22,6 +25,18 @@ def use_scheduler(pipe, name: str):
     else:
         raise ValueError(f"--scheduler {name!r} is not one of {', '.join(SAMPLERS)}.")
     return pipe
+
+
+def network_dtype(name: str, device) -> "torch.dtype":
+    """--dtype (SAMPLING_DTYPES) as a torch dtype for a network on `device`; fp16 is refused on a CPU."""
+    import torch
+
+    dtypes = dict(zip(SAMPLING_DTYPES, (torch.float32, torch.bfloat16, torch.float16)))
+    if name not in dtypes:
+        raise ValueError(f"--dtype {name!r} is not one of {', '.join(SAMPLING_DTYPES)}.")
+    if name == "fp16" and torch.device(device).type == "cpu":
+        raise ValueError("--dtype fp16 needs a GPU (a CPU has no fast fp16 kernels); on a CPU use --dtype bf16 or fp32.")
+    return dtypes[name]
 
 
 def pipeline_for(unet, scheduler_config, sampler: str = "ddpm"):

@@ -19,6 +19,10 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UN
 from diffusers.utils.torch_utils import randn_tensor
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+# the reverse chain's x_t and the scheduler's arithmetic, whatever the network's dtype: a bf16 or fp16 UNet speeds up
+# the network, while x_t accumulates 1000 small steps that half precision would round away (diffusers runs the chain
+# in the UNet's dtype)
+CHAIN_DTYPE = torch.float32
 logger = diffusers.utils.logging.get_logger(__name__)
 # as ddpm_hf.choices.LEARNED_VARIANCE_TYPES (a test checks): this file also runs on the Hub, without ddpm_hf
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
@@ -81,7 +85,8 @@ def denoise(
     seeds: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """The reverse process: from x_T = `noise` (scaled by the scheduler's init_noise_sigma) down to x_0
-    in `num_inference_steps` scheduler steps. Returns x_0 in the model's range ([-1, 1]). A UNet with a learned
+    in `num_inference_steps` scheduler steps. Returns x_0 in the model's range ([-1, 1]). The chain (x_t and the
+    scheduler's arithmetic) stays in `noise`'s dtype; a UNet in half precision gets its input in its own dtype. A UNet with a learned
     variance (2C output channels) gives all of them to a scheduler that uses the variance, the first C to others.
 
     `callback(DenoiseStep)` is called after each step (figures watch the chain through it). With `start` > 0 the
@@ -103,8 +108,7 @@ def denoise(
         if "variance_noise" in step_params:
             from .counter_noise import seeded_normal
 
-            def step_noise(i: int) -> torch.Tensor:
-                return seeded_normal(seeds, noise.shape[1:], i, "step", noise.device, noise.dtype)
+            step_noise = lambda i: seeded_normal(seeds, noise.shape[1:], i, "step", noise.device, noise.dtype)  # noqa: E731
         elif "generator" in step_params:
             raise ValueError(f"{type(scheduler).__name__}.step draws its noise from a generator only; sample with "
                              "generator= instead of seeds=.")
@@ -115,9 +119,13 @@ def denoise(
             raise ValueError(f"eta={eta} was given but {type(scheduler).__name__}.step takes no eta; use DDIMScheduler.")
         extra["eta"] = eta
     keep_variance = uses_learned_variance(scheduler)
+    net_dtype = getattr(unet, "dtype", None)
     x = noise * scheduler.init_noise_sigma if start == 0 else noise
     for i, t in enumerate(progress(scheduler.timesteps[start:]), start):
-        model_output = unet(scheduler.scale_model_input(x, t), t).sample  # 1. predict ε (or x_0, or v)
+        # 1. predict ε (or x_0, or v): the network in its own dtype (bf16, fp16, ...), the chain in x's
+        model_input = scheduler.scale_model_input(x, t)
+        model_output = unet(model_input if net_dtype in (None, x.dtype) else model_input.to(net_dtype), t).sample
+        model_output = model_output.to(x.dtype)
         if model_output.shape[1] == 2 * x.shape[1] and not keep_variance:
             model_output = model_output[:, : x.shape[1]]  # the variance channels are DDPM's alone
         if step_noise is not None:
@@ -252,9 +260,9 @@ class DDPMPipeline(DiffusionPipeline):
 
             if generator is not None:
                 raise ValueError("Pass seeds or generator, not both: with seeds, each image's noise comes from its seed.")
-            noise = seeded_normal(seeds, shape[1:], 0, "initial", device, self.unet.dtype)
+            noise = seeded_normal(seeds, shape[1:], 0, "initial", device, CHAIN_DTYPE)
         else:
-            noise = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=CHAIN_DTYPE)
         was_training = self.unet.training
         self.unet.eval()  # sampling never uses dropout, also when called on a model that is training
         try:

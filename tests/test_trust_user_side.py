@@ -29,7 +29,7 @@ from ddpm_hf.checkpoints import (
     state_sha256,
 )
 from ddpm_hf.config import resolve_config
-from ddpm_hf.data import DatasetUnavailableError, load_image_dataset
+from ddpm_hf.data import load_image_dataset
 from ddpm_hf.files import WriteError, sha256_of
 from ddpm_hf.run_folder import PIPELINE_HASHES, RUN_MARKER, UNET_WEIGHTS
 from ddpm_hf.training import train
