@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 
 from .data import to_model_range
+from .pipelines.counter_noise import seeded_normal
 from .scheduler import DDPMScheduler, FixedLogVariances, parameterization, variance
 
 LN2 = math.log(2.0)
@@ -108,7 +109,8 @@ def _network_dtype_and_device(unet, fallback_device):
 
 @torch.no_grad()
 def bound_terms(unet: Callable, scheduler: DDPMScheduler, images: torch.Tensor, noise: Optional[torch.Tensor] = None,
-                generator=None, clip_denoised: bool = True, progress: Callable = lambda it: it) -> tuple:
+                generator=None, clip_denoised: bool = True, progress: Callable = lambda it: it,
+                seeds: Optional[Sequence[int]] = None) -> tuple:
     """(prior [N], terms [N, T]) in bits/dim, float64: the bound's term at every training index t of each image
     (t = 0: the decoder). `bits_per_dim` sums them; arguments as there."""
     dtype, device = _network_dtype_and_device(unet, images.device)
@@ -122,6 +124,8 @@ def bound_terms(unet: Callable, scheduler: DDPMScheduler, images: torch.Tensor, 
     for t in progress(range(T - 1, -1, -1)):
         if noise is not None:
             eps = noise[t].to(device=device, dtype=torch.float64)
+        elif seeds is not None:  # counter-based, for the whole batch at once; float32 as a generator's, then float64
+            eps = seeded_normal(seeds, x0.shape[1:], t, "bound", device).double()
         else:
             from diffusers.utils.torch_utils import randn_tensor
 
@@ -142,23 +146,25 @@ def bits_per_dim(
     generator: Union[torch.Generator, List[torch.Generator], None] = None,
     clip_denoised: bool = True,
     progress: Callable = lambda it: it,
+    seeds: Optional[Sequence[int]] = None,
 ) -> Dict[str, torch.Tensor]:
     """The bound on -log p(x_0) of each image, in bits/dim: {"total", "prior", "kl", "decoder"}, float64 [N] with
     total = prior + kl + decoder (kl sums the terms t = 1..T-1, decoder is the term at t = 0).
 
     images: uint8 [N, C, H, W]. noise: [T, N, C, H, W]; noise[t] draws the x_t of the term at index t (so a result
-    can be reproduced exactly); otherwise drawn from `generator` (one per image makes image k's noise independent
-    of the batch), for t = T-1 down to 0. unet: any module whose output `.sample` the scheduler reads."""
-    prior, terms = bound_terms(unet, scheduler, images, noise, generator, clip_denoised, progress)
+    can be reproduced exactly); or counter-based from `seeds` (one per image: `seeded_normal(seeds, ..., step=t,
+    stream="bound")`, the same on every device); otherwise drawn from `generator` (one per image makes image k's noise
+    independent of the batch), for t = T-1 down to 0. unet: any module whose output `.sample` the scheduler reads."""
+    prior, terms = bound_terms(unet, scheduler, images, noise, generator, clip_denoised, progress, seeds)
     kl, decoder = terms[:, 1:].sum(1), terms[:, 0]
     return {"total": prior + kl + decoder, "prior": prior, "kl": kl, "decoder": decoder}
 
 
-def image_generators(ids: Sequence[int], seed: int, device) -> List[torch.Generator]:
-    """One generator per image k, seeded by (seed, k): image k gets the same noise in any batch or process."""
+def image_seeds(ids: Sequence[int], seed: int) -> List[int]:
+    """Image k's seed, from (seed, k): image k gets the same noise in any batch, process or device."""
     from .seeding import NLL_SEED_TAG, mix_seed
 
-    return [torch.Generator(device).manual_seed(mix_seed(seed, k, NLL_SEED_TAG)) for k in ids]
+    return [mix_seed(seed, k, NLL_SEED_TAG) for k in ids]
 
 
 TERMS = ("total", "prior", "kl", "decoder")
@@ -167,13 +173,11 @@ TERMS = ("total", "prior", "kl", "decoder")
 def bits_per_dim_of_share(unet, scheduler: DDPMScheduler, images: torch.Tensor, ids: Sequence[int], seed: int,
                           batch_size: int, clip_denoised: bool = True, progress: Callable = lambda it: it):
     """The bound of images[k] for each k in `ids`, in batches: yields (ks, {term: float64 [len(ks)]}) with the
-    terms of `bits_per_dim` and "terms" [len(ks), T] (per timestep). Image k's noise comes from a generator seeded
-    by (seed, k), so its numbers do not depend on the batch or the process."""
-    _, device = _network_dtype_and_device(unet, images.device)
+    terms of `bits_per_dim` and "terms" [len(ks), T] (per timestep). Image k's noise is counter-based from its seed
+    (`image_seeds`), so its numbers do not depend on the batch, the process or the device."""
     for i in progress(range(0, len(ids), batch_size)):
         ks = list(ids[i : i + batch_size])
-        prior, terms = bound_terms(unet, scheduler, images[ks], generator=image_generators(ks, seed, device),
-                                   clip_denoised=clip_denoised)
+        prior, terms = bound_terms(unet, scheduler, images[ks], clip_denoised=clip_denoised, seeds=image_seeds(ks, seed))
         kl, decoder = terms[:, 1:].sum(1), terms[:, 0]
         yield ks, {"total": prior + kl + decoder, "prior": prior, "kl": kl, "decoder": decoder, "terms": terms}
 

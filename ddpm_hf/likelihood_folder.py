@@ -23,6 +23,7 @@ from .data import first_rows, image_fit_note, images_of
 from .files import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 from .folder_jobs import FolderJob
 from .likelihood import TERMS, bits_per_dim_of_share, summarize
+from .pipelines.counter_noise import NOISE
 from .plots import plot_bound_terms
 from .run_folder import NLL
 from .weights import state_dict_sha256
@@ -76,7 +77,7 @@ def measure(pipe, pipeline_name: str, folder, dataset: str, num_images: int, spl
         "prediction_type": scheduler.config.prediction_type, "clip_denoised": clip_denoised, "dataset": dataset,
         "dataset_config": dataset_config, "split": split, "image_column": image_column,
         "resolution": unet.config.sample_size, "channels": unet.config.in_channels, "seed": seed,
-        "noise": "image k: torch.Generator seeded by ddpm_hf.seeding.mix_seed(seed, k, NLL_SEED_TAG), t = T-1 .. 0",
+        "noise": f"image k: seed ddpm_hf.seeding.mix_seed(seed, k, NLL_SEED_TAG), term t: {NOISE}",
         "convention": "improved DDPM calc_bpd_loop: index t = 0..T-1, decoder at t = 0 (exact normal CDF), bits/dim",
     }
     job = FolderJob(folder, PROTOCOL_FILE, protocol, state)

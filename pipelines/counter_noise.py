@@ -35,7 +35,7 @@ MASK32 = 0xFFFFFFFF
 NOISE = "counter-based: Philox4x32-10 keyed by the image's seed, Box-Muller in float64"
 
 # what a draw is for: the counter's second word, so that x_T and the noise of the reverse steps never share numbers
-STREAMS = {"initial": 0, "step": 1}
+STREAMS = {"initial": 0, "step": 1, "bound": 2}  # bound: the x_t of the variational bound's term t (ddpm-nll)
 
 
 def _mulhilo(multiplier: int, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

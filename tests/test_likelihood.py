@@ -202,6 +202,13 @@ def test_noise_reproduces_a_generator_draw_and_image_k_does_not_depend_on_the_ba
     a = bits_per_dim(unet, s, images, generator=torch.Generator().manual_seed(11))
     b = bits_per_dim(unet, s, images, noise=torch.stack(drawn))
     torch.testing.assert_close(a["total"], b["total"], rtol=0, atol=1e-12)
+    # counter-based: the x_t of term t of image k is seeded_normal of its seed at step t, as given `noise`
+    from ddpm_hf.pipelines.counter_noise import seeded_normal
+
+    seeds = [5, 6, 7, 8, 9]
+    c = bits_per_dim(unet, s, images, seeds=seeds)
+    d = bits_per_dim(unet, s, images, noise=torch.stack([seeded_normal(seeds, (1, 8, 8), t, "bound") for t in range(T)]))
+    torch.testing.assert_close(c["total"], d["total"], rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match=r"noise has shape \(6, 5, 1, 8\); bits_per_dim needs \[T, N, C, H, W\]"):
         bits_per_dim(unet, s, images, noise=torch.zeros(6, 5, 1, 8))
     with pytest.raises(ValueError, match=r"bits_per_dim takes uint8 images"):
