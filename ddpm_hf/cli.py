@@ -125,6 +125,69 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 @command
+def evaluate_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`ddpm-evaluate PIPELINE OUTPUT_DIR` / `python -m ddpm_hf.evaluate`: a published protocol in one command
+    (default ddpm-cifar10, the paper's Table 1): samples (resumable, shared under `accelerate launch`), FID and IS in
+    clean-fid's legacy_tensorflow and clean modes, NLL in bits/dim on the held-out split, and evaluation.json and
+    evaluation.md with the published figures beside them. Smaller counts are allowed and written into the report."""
+    from .choices import FID_MODES, SAMPLING_DTYPES
+    from .paths import INCEPTION_FILE
+    from .protocols import PROTOCOLS
+
+    parser = Parser(description=evaluate_main.__doc__, prog="ddpm-evaluate")
+    parser.add_argument("pipeline", help="a folder written by save_pretrained / a training run, or a Hub repo id "
+                        "(e.g. google/ddpm-cifar10-32)")
+    parser.add_argument("output_dir", help="where the samples, metrics, bound and report go")
+    parser.add_argument("--protocol", choices=list(PROTOCOLS), default="ddpm-cifar10")
+    parser.add_argument("--num_images", type=int, default=None, help="samples for FID and IS (default: the protocol's, "
+                        "50,000)")
+    parser.add_argument("--num_inference_steps", type=int, default=None, help="DDPM steps (default: the protocol's, 1000)")
+    parser.add_argument("--reference", default=None, help="the FID reference, as ddpm-metrics takes it (default: cifar10)")
+    parser.add_argument("--reference_split", default=None, help="(default: train)")
+    parser.add_argument("--nll_dataset", default=None, help="the held-out images, as ddpm-nll takes them (default: cifar10)")
+    parser.add_argument("--nll_split", default=None, help="(default: test)")
+    parser.add_argument("--nll_images", type=int, default=None, help="images for the bound, 0 to skip it (default: "
+                        "the protocol's, 10,000)")
+    parser.add_argument("--modes", nargs="+", choices=FID_MODES, default=None, help="clean-fid modes (default: "
+                        "legacy_tensorflow clean)")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--dtype", choices=SAMPLING_DTYPES, default="fp32", help="the network's precision when sampling")
+    parser.add_argument("--seed", type=int, default=0, help="sample k from seed + k; the bound's image k from (seed, k)")
+    parser.add_argument("--inception_weights", default=None, help=f"path to {INCEPTION_FILE}")
+    parser.add_argument("--cache_dir", default=None, help="reference statistics and weights cache")
+    parser.add_argument("--overwrite", action="store_true", help="start again in a folder evaluated with other settings")
+    args = parser.parse_args(argv)
+    if args.seed < 0 or args.batch_size < 1:
+        parser.error(f"--seed {args.seed} must be at least 0 and --batch_size {args.batch_size} at least 1")
+
+    from .devices import distributed_state
+    from .evaluation import feature_network
+    from .protocols import check_data, evaluate_pipeline, settings
+    from .samplers import network_dtype
+    from .weights import load_pipeline
+
+    chosen = settings(args.protocol, num_images=args.num_images, num_inference_steps=args.num_inference_steps,
+                      reference=args.reference, reference_split=args.reference_split, nll_dataset=args.nll_dataset,
+                      nll_split=args.nll_split, nll_images=args.nll_images, modes=args.modes)
+    state = distributed_state()
+    network_dtype(args.dtype, state.device)
+    # before any sampling: the Inception weights and the data, each missing one a line now rather than hours later
+    network = feature_network("inception", state.device, args.inception_weights, cache_dir=args.cache_dir)
+    check_data(chosen)
+    quiet_loading()
+    pipe = load_pipeline(args.pipeline).to(state.device)
+    report = evaluate_pipeline(pipe, args.pipeline, args.output_dir, chosen, network, args.batch_size, args.dtype,
+                               args.seed, args.cache_dir, args.overwrite, state,
+                               reload=lambda: load_pipeline(args.pipeline).to(state.device),
+                               notify=lambda note: print(f"note: {note}.", file=sys.stderr))
+    if report is not None:
+        from .protocols import EVALUATION_MD
+
+        print((Path(args.output_dir) / EVALUATION_MD).read_text(), end="")
+    return 0
+
+
+@command
 def metrics_main(argv: Optional[Sequence[str]] = None) -> int:
     """`ddpm-metrics`: FID (clean-fid), KID and Inception Score of a folder of samples against a reference
     folder or dataset split, or the Fréchet distance in DINOv2's feature space (--feature_network dinov2:

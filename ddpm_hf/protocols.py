@@ -1,0 +1,167 @@
+"""`ddpm-evaluate`: a published evaluation protocol run on a pipeline in one command, side by side with the paper.
+
+Every stage is one of the existing commands' pieces, resumable with the provenance it records itself:
+1. `samples/`: ddpm-sample's folder job (image k from seed `seed + k`, counter-based noise, sampling.json);
+2. `metrics-<mode>.json`: ddpm-metrics' FID, KID and Inception Score in each of clean-fid's modes (the paper's numbers
+   use TensorFlow's Inception and resizing: `legacy_tensorflow`; `clean` beside it);
+3. `nll/` and `nll.json`: ddpm-nll's folder job on the held-out split;
+4. `evaluation.json` and `evaluation.md`: the results, each with its standard error where the protocol has one, the
+   exact protocol, and the published figures beside them.
+A killed run started again keeps every image and every per-image bound already written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence
+
+from .files import atomic_write_json, atomic_write_text
+
+EVALUATION_JSON = "evaluation.json"
+EVALUATION_MD = "evaluation.md"
+SAMPLES_DIR = "samples"
+NLL_DIR = "nll"
+NLL_JSON = "nll.json"
+
+
+def metrics_name(mode: str) -> str:
+    return f"metrics-{mode}.json"
+
+
+# What each protocol runs by default, and the figures it is compared with. Ho et al. 2020, Table 1 (CIFAR-10,
+# unconditional; FID and IS on 50,000 samples against the training set, NLL on the test set).
+PROTOCOLS: Dict[str, dict] = {
+    "ddpm-cifar10": dict(
+        num_images=50000, num_inference_steps=1000, reference="cifar10", reference_split="train",
+        modes=("legacy_tensorflow", "clean"), nll_dataset="cifar10", nll_split="test", nll_images=10000,
+        published=[
+            {"source": "Ho et al. 2020, Table 1: L_simple", "fid": 3.17, "inception_score": (9.46, 0.11), "nll": 3.75},
+            {"source": "Ho et al. 2020, Table 1: L, fixed isotropic Σ", "fid": 13.51, "inception_score": (7.67, 0.13),
+             "nll": 3.70},
+        ],
+    ),
+}
+PAPER_NUM_IMAGES = 50000  # the count the published FIDs use
+IS_SPLITS = 10  # the Inception Score's mean and spread over 10 splits of the samples
+
+
+def settings(protocol: str, **overrides) -> dict:
+    """The protocol's settings with the given overrides (None keeps the protocol's)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}.")
+    chosen = {k: v for k, v in PROTOCOLS[protocol].items() if k != "published"}
+    chosen.update({k: v for k, v in overrides.items() if v is not None})
+    problems = [f"--num_images {chosen['num_images']} must be at least {IS_SPLITS} (the Inception Score's splits)"
+                if chosen["num_images"] < IS_SPLITS else "",
+                f"--num_inference_steps {chosen['num_inference_steps']} at least 1" if chosen["num_inference_steps"] < 1 else "",
+                f"--nll_images {chosen['nll_images']} at least 0 (0 skips the bound)" if chosen["nll_images"] < 0 else ""]
+    if any(problems):
+        raise ValueError("; ".join(p for p in problems if p) + ".")
+    return {"protocol": protocol, **chosen}
+
+
+def check_data(chosen: dict) -> None:
+    """The reference and held-out data load here (a cached Hub dataset, a folder, the built-in digits), before any
+    sampling: offline, one line says so now rather than after hours of sampling."""
+    from .data import load_image_dataset
+
+    if not chosen["reference"].startswith("cleanfid:"):
+        load_image_dataset(chosen["reference"], split=chosen["reference_split"])
+    if chosen["nll_images"]:
+        load_image_dataset(chosen["nll_dataset"], split=chosen["nll_split"])
+
+
+def evaluate_pipeline(pipe, pipeline_name: str, folder, chosen: dict, network, batch_size: int = 64, dtype: str = "fp32",
+                      seed: int = 0, cache_dir=None, overwrite: bool = False, state=None, reload: Callable = None,
+                      notify: Callable[[str], None] = lambda message: None) -> Optional[dict]:
+    """Run the stages into `folder`; returns the report on the main process (None on the others). `reload()` gives the
+    pipeline again in float32 for the bound, since sampling casts the network to `dtype`."""
+    from .evaluation import evaluate_folder
+    from .likelihood_folder import measure
+    from .sample_folder import sample_command
+
+    folder = Path(folder)
+    is_main = state.is_main_process if state else True
+    unet_config = pipe.unet.config
+    sample_command(pipe, pipeline_name, folder / SAMPLES_DIR, chosen["num_images"], batch_size, "ddpm",
+                   chosen["num_inference_steps"], None, seed, overwrite, state, dtype)
+    metrics = {}
+    if is_main:
+        for mode in chosen["modes"]:
+            metrics[mode] = evaluate_folder(folder / SAMPLES_DIR, chosen["reference"], network, mode, cache_dir,
+                                            chosen["reference_split"], unet_config.sample_size, unet_config.in_channels,
+                                            output=folder / metrics_name(mode), device=network_device(state))
+    if state is not None:
+        state.wait_for_everyone()
+    nll = None
+    if chosen["nll_images"]:
+        nll = measure(reload() if dtype != "fp32" and reload else pipe, pipeline_name, folder / NLL_DIR,
+                      chosen["nll_dataset"], chosen["nll_images"], chosen["nll_split"], batch_size, seed,
+                      overwrite=overwrite, output=folder / NLL_JSON, state=state, notify=notify)
+    if not is_main:
+        return None
+    report = build_report(pipeline_name, chosen, metrics, nll, dtype, seed)
+    atomic_write_json(folder / EVALUATION_JSON, report)
+    atomic_write_text(folder / EVALUATION_MD, report_markdown(report))
+    return report
+
+
+def network_device(state):
+    return state.device if state is not None else "cpu"
+
+
+def build_report(pipeline_name: str, chosen: dict, metrics: dict, nll: Optional[dict], dtype: str, seed: int) -> dict:
+    """The numbers of this evaluation, the protocol that made them, and the published figures of the protocol."""
+    results = {}
+    for mode, result in metrics.items():
+        results[f"fid_{mode}"] = result["fid"]
+        if "inception_score" in result:
+            results[f"inception_score_{mode}"] = {k: result["inception_score"][k] for k in ("mean", "std")}
+    if nll is not None:
+        results["nll_bits_per_dim"] = {k: nll["bits_per_dim"]["total"][k] for k in ("mean", "sem")}
+    first = next(iter(metrics.values()), None)
+    protocol = {
+        **chosen, "pipeline": pipeline_name, "dtype": dtype, "seed": seed,
+        "weights_sha256": first["protocol"]["sampling"]["weights_sha256"] if first and first["protocol"]["sampling"] else None,
+        "feature_network": first["protocol"]["feature_network"] if first else None,
+        "files": {"samples": SAMPLES_DIR, "metrics": [metrics_name(m) for m in metrics], "nll": NLL_JSON if nll else None},
+    }
+    if chosen["num_images"] < PAPER_NUM_IMAGES:
+        protocol["caution"] = (f"{chosen['num_images']} samples, not the paper's {PAPER_NUM_IMAGES}: FID is biased upward "
+                               "with fewer samples, so these FIDs are not comparable with the published ones.")
+    return {"results": results, "protocol": protocol, "published": PROTOCOLS[chosen["protocol"]]["published"]}
+
+
+def _fmt(value: Optional[float], error: Optional[float] = None, places: int = 2) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.{places}f}" + (f" ± {error:.{places}f}" if error is not None else "")
+
+
+def report_markdown(report: dict) -> str:
+    """The report as a Markdown table, ours first and the published rows below, then the protocol in words."""
+    results, protocol = report["results"], report["protocol"]
+    modes: Sequence[str] = protocol["modes"]
+    head = ["", *[f"FID ({m})" for m in modes], *[f"IS ({m})" for m in modes], "NLL (bits/dim)"]
+    ours = [f"this pipeline ({protocol['num_images']} samples, {protocol['num_inference_steps']} steps)"]
+    ours += [_fmt(results.get(f"fid_{m}")) for m in modes]
+    ours += [_fmt(results[f"inception_score_{m}"]["mean"], results[f"inception_score_{m}"]["std"])
+             if f"inception_score_{m}" in results else "–" for m in modes]
+    nll = results.get("nll_bits_per_dim")
+    ours.append(_fmt(nll["mean"], nll["sem"], 3) if nll else "–")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(ours) + " |"]
+    for paper in report["published"]:
+        is_mean, is_std = paper["inception_score"]
+        cells = [paper["source"], *[_fmt(paper["fid"]) if m == "legacy_tensorflow" else "–" for m in modes],
+                 *[_fmt(is_mean, is_std) if m == "legacy_tensorflow" else "–" for m in modes], f"≤ {paper['nll']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    words = (f"FID and IS: {protocol['num_images']} samples of the DDPM chain at {protocol['num_inference_steps']} steps "
+             f"(network in {protocol['dtype']}, image k from seed {protocol['seed']} + k) against {protocol['reference']} "
+             f"({protocol['reference_split']}), clean-fid's Inception-v3 in each mode (the published FIDs use TensorFlow's "
+             "Inception and resizing: legacy_tensorflow); IS ± its standard deviation over 10 splits. ")
+    if nll:
+        words += (f"NLL: the variational bound (Eq. 5) on the first {protocol['nll_images']} images of "
+                  f"{protocol['nll_dataset']} ({protocol['nll_split']}), ± its standard error. ")
+    if "caution" in protocol:
+        words += protocol["caution"]
+    return "\n".join(lines) + "\n\n" + words.strip() + "\n"

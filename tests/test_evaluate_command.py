@@ -1,0 +1,132 @@
+"""`ddpm-evaluate` end to end offline: a tiny pipeline, a stand-in Inception network saved as TorchScript (the file
+layout clean-fid's weights have), a local reference folder and the built-in held-out digits; a kill during sampling
+and a rerun that resumes; the one-line error without Inception weights, before any sampling."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
+from ddpm_hf.data import build_image_bank, load_image_dataset
+from ddpm_hf.evaluation import evaluate_folder, inception_network
+from ddpm_hf.likelihood import bits_per_dim_of_share
+
+
+class StandInLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("projection", torch.randn(3 * 4 * 4, 2048, generator=torch.Generator().manual_seed(0)) / 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (F.adaptive_avg_pool2d(x, 4).flatten(1) @ self.projection).reshape(x.shape[0], 2048, 1, 1)
+
+
+class StandInInception(torch.nn.Module):
+    """What ddpm_hf calls on clean-fid's Inception: `.layers` (pool features of (x - 128) / 128) and the class
+    probabilities of x (0..255)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = StandInLayers()
+        self.register_buffer("classes", torch.randn(2048, 1008, generator=torch.Generator().manual_seed(1)) / 45)
+
+    def forward(self, x: torch.Tensor, no_output_bias: bool = False) -> torch.Tensor:
+        return torch.softmax(self.layers((x - 128) / 128).flatten(1) @ self.classes, dim=1)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    torch.manual_seed(0)
+    DDPMPipeline(build_unet("cpu-tiny", sample_size=8, in_channels=1, out_channels=1),
+                 DDPMScheduler(num_train_timesteps=40)).save_pretrained(root / "pipe")
+    torch.jit.script(StandInInception()).save(str(root / "stand-in.pt"))
+    reference = root / "reference"
+    reference.mkdir()
+    for i, image in enumerate(load_image_dataset("digits")["image"][:24]):
+        image.save(reference / f"{i}.png")
+    return root
+
+
+def evaluate_cli(root: Path, out: Path, *extra, weights=True) -> list:
+    return [sys.executable, "-m", "ddpm_hf.evaluate", str(root / "pipe"), str(out), "--num_images", "12",
+            "--num_inference_steps", "40", "--batch_size", "2", "--reference", str(root / "reference"),
+            "--nll_dataset", "digits", "--nll_images", "3", "--cache_dir", str(root / "cache"),
+            *(["--inception_weights", str(root / "stand-in.pt")] if weights else []), *map(str, extra)]
+
+
+def test_evaluate_resumes_after_a_kill_and_reports_what_the_single_commands_measure(setup, tmp_path):
+    out = tmp_path / "eval"
+    proc = subprocess.Popen(evaluate_cli(setup, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list((out / "samples").glob("0*.png"))) < 4 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = {p.name: p.read_bytes() for p in (out / "samples").glob("0*.png")}
+    assert 4 <= len(kept) < 12 and not (out / "evaluation.json").exists(), "killed in the middle of sampling"
+
+    done = subprocess.run(evaluate_cli(setup, out), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert all((out / "samples" / name).read_bytes() == data for name, data in kept.items())  # kept, not drawn again
+    assert len(list((out / "samples").glob("0*.png"))) == 12
+    report = json.loads((out / "evaluation.json").read_text())
+
+    network = inception_network(setup / "stand-in.pt", "cpu")  # the oracle: ddpm-metrics' own path on the folder
+    for mode in ("legacy_tensorflow", "clean"):
+        direct = evaluate_folder(out / "samples", str(setup / "reference"), network, mode, setup / "cache", resolution=8,
+                                 channels=1, output=tmp_path / f"direct-{mode}.json")
+        assert report["results"][f"fid_{mode}"] == pytest.approx(direct["fid"], rel=1e-9)
+        assert report["results"][f"inception_score_{mode}"]["mean"] == pytest.approx(direct["inception_score"]["mean"])
+    pipe = DDPMPipeline.from_pretrained(setup / "pipe")
+    held_out = build_image_bank(load_image_dataset("digits", split="test"), "image", 1, 8, progress=False).images
+    totals = [t for _, terms in bits_per_dim_of_share(pipe.unet, pipe.scheduler, held_out, range(3), 0, 3)
+              for t in terms["total"].tolist()]
+    # to float32 network precision: the command ran batches of 2
+    assert report["results"]["nll_bits_per_dim"]["mean"] == pytest.approx(np.mean(totals), rel=1e-6)
+    assert report["results"]["nll_bits_per_dim"]["sem"] == pytest.approx(np.std(totals, ddof=1) / np.sqrt(3), rel=1e-4)
+
+    protocol = report["protocol"]
+    assert protocol["num_images"] == 12 and protocol["nll_split"] == "test" and protocol["modes"] == ["legacy_tensorflow", "clean"]
+    assert "12 samples, not the paper's 50000" in protocol["caution"]
+    assert json.loads((out / "samples" / "sampling.json").read_text())["complete"] is True
+    table = (out / "evaluation.md").read_text()
+    assert "| Ho et al. 2020, Table 1: L_simple | 3.17 | – | 9.46 ± 0.11 | – | ≤ 3.75 |" in table
+    assert f"| {report['results']['fid_legacy_tensorflow']:.2f} |" in table.splitlines()[2]
+    assert done.stdout.endswith(table)
+
+
+def test_evaluate_without_inception_weights_stops_in_one_line_before_sampling(setup, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "DDPM_HF_INCEPTION_WEIGHTS"}
+    proc = subprocess.run(evaluate_cli(setup, tmp_path / "eval", weights=False), capture_output=True, text=True, env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("error: No Inception-v3 weights") and "--inception_weights PATH" in lines[0]
+    assert not (tmp_path / "eval").exists()
+
+
+def test_evaluate_refuses_unreachable_data_before_sampling(setup, tmp_path):
+    proc = subprocess.run(evaluate_cli(setup, tmp_path / "eval", "--nll_dataset", tmp_path / "nowhere/"), capture_output=True,
+                          text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --dataset {tmp_path / 'nowhere/'}: no such file or folder")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_the_paper_protocol_is_the_default_and_too_few_samples_for_the_inception_score_are_refused():
+    from ddpm_hf.protocols import settings
+
+    chosen = settings("ddpm-cifar10", num_images=None, reference="digits")
+    assert (chosen["num_images"], chosen["num_inference_steps"], chosen["nll_images"]) == (50000, 1000, 10000)
+    assert chosen["reference"] == "digits" and chosen["modes"] == ("legacy_tensorflow", "clean")
+    with pytest.raises(ValueError, match=r"^--num_images 8 must be at least 10 \(the Inception Score's splits\)\.$"):
+        settings("ddpm-cifar10", num_images=8)
