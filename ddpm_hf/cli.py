@@ -250,6 +250,8 @@ def nll_main(argv: Optional[Sequence[str]] = None) -> int:
     """`ddpm-nll PIPELINE OUTPUT_DIR --dataset D --num_images N` / `python -m ddpm_hf.nll`: the variational bound of
     a pipeline in bits/dim (prior, KL and decoder terms) on a dataset split or a folder of images; resumable, and
     shared over processes under `accelerate launch`; writes nll.json with the protocol and nll_terms.png."""
+    from .choices import SAMPLING_DTYPES
+
     parser = Parser(description=nll_main.__doc__, prog="ddpm-nll")
     parser.add_argument("pipeline", help="a folder written by save_pretrained / a training run, or a Hub repo id")
     parser.add_argument("output_dir", help="where the per-image results, nll.json and nll_terms.png go")
@@ -262,6 +264,8 @@ def nll_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--num_images", type=int, required=True, help="the first N images of the split")
     parser.add_argument("--batch_size", type=int, default=64, help="images per network call (T calls per batch)")
     parser.add_argument("--seed", type=int, default=0, help="image k's noise comes from (seed, k)")
+    parser.add_argument("--dtype", choices=SAMPLING_DTYPES, default="fp32", help="the network's precision (the bound's "
+                        "arithmetic stays float64); bf16 or fp16 are faster on a GPU, fp16 only there")
     parser.add_argument("--clip_denoised", action=argparse.BooleanOptionalAction, default=True, help="clip x̂_0 to [-1, 1]")
     parser.add_argument("--output", default=None, help="where to write nll.json (default: in OUTPUT_DIR), e.g. a run's "
                         "folder, whose model card then shows it")
@@ -272,16 +276,18 @@ def nll_main(argv: Optional[Sequence[str]] = None) -> int:
 
     from .devices import distributed_state
     from .likelihood_folder import measure
+    from .samplers import network_dtype
     from .weights import load_pipeline
 
     if args.split is None and not Path(args.dataset).expanduser().exists():
         args.split = "test"  # the held-out images of a Hub dataset or the built-in digits
     state = distributed_state()
+    network_dtype(args.dtype, state.device)  # refused before loading anything
     quiet_loading()
     pipe = load_pipeline(args.pipeline).to(state.device)
     summary = measure(pipe, args.pipeline, args.output_dir, args.dataset, args.num_images, args.split, args.batch_size,
                       args.seed, args.clip_denoised, args.dataset_config, args.image_column, args.overwrite, args.output, state,
-                      notify=lambda note: print(f"note: {note}.", file=sys.stderr))
+                      notify=lambda note: print(f"note: {note}.", file=sys.stderr), dtype=args.dtype)
     if summary is not None:
         bpd = summary["bits_per_dim"]
         print(f"NLL bound: {bpd['total']['mean']:.4f} ± {bpd['total']['sem']:.4f} bits/dim on {args.num_images} images "
@@ -295,7 +301,7 @@ def visualize_main(argv: Optional[Sequence[str]] = None) -> int:
     fixed seeds: progressive generation (Fig. 6: x_t and the predicted x_0 along the reverse chain), the denoising
     animation, the forward process on real images, and interpolation in the diffused space (Fig. 8). Seed s is the
     image ddpm-sample draws from seed s with the same sampler; figures.json records how each file was made."""
-    from .choices import ANIMATION_FORMATS, FIGURES, SAMPLERS
+    from .choices import ANIMATION_FORMATS, FIGURES, SAMPLERS, SAMPLING_DTYPES
 
     parser = Parser(description=visualize_main.__doc__, prog="ddpm-visualize")
     parser.add_argument("pipeline", help="a folder written by save_pretrained / a training run, or a Hub repo id")
@@ -320,6 +326,8 @@ def visualize_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--frames", type=int, default=50, help="frames of the animations (the last one is held)")
     parser.add_argument("--noise_seed", type=int, default=0, help="the noise of forward and interpolate")
     parser.add_argument("--animation_format", choices=ANIMATION_FORMATS, default="auto", help="auto: the smaller file")
+    parser.add_argument("--dtype", choices=SAMPLING_DTYPES, default="fp32", help="the network's precision (the chain "
+                        "stays float32); fp16 only on a GPU")
     args = parser.parse_args(argv)
     figures = args.figures or (["progressive", "denoise"] + (["forward", "interpolate"] if args.dataset else []))
     needs_images = [f for f in figures if f in ("forward", "interpolate")]
@@ -336,16 +344,22 @@ def visualize_main(argv: Optional[Sequence[str]] = None) -> int:
     from .data import first_rows, images_of
     from .devices import distributed_state
     from .figures import visualize
-    from .samplers import use_scheduler
-    from .weights import load_pipeline
+    from .samplers import cast_network, network_dtype, use_scheduler
+    from .weights import load_pipeline, state_dict_sha256
 
+    device = distributed_state().device
+    network_dtype(args.dtype, device)  # refused before loading anything
     rows = first_rows(args.dataset, args.split, args.num_images, args.dataset_config) if needs_images else None
     quiet_loading()
-    pipe = load_pipeline(args.pipeline).to(distributed_state().device)
+    pipe = load_pipeline(args.pipeline).to(device)
+    weights = state_dict_sha256(pipe.unet)  # the weights as saved, before a cast
+    cast_network(pipe.unet, args.dtype)
     use_scheduler(pipe, args.scheduler)
     images = None if rows is None else images_of(rows, pipe.unet.config.in_channels, pipe.unet.config.sample_size,
                                                  args.image_column)
-    about = {"pipeline": args.pipeline, "dataset": args.dataset, "split": args.split} if needs_images else {"pipeline": args.pipeline}
+    about = {"pipeline": args.pipeline, "weights_sha256": weights, "dtype": args.dtype}
+    if needs_images:
+        about.update(dataset=args.dataset, split=args.split)
     entries = visualize(pipe, args.output_dir, figures, args.seeds, args.num_inference_steps, args.eta, images,
                         args.depths, columns=args.columns, frames=args.frames, seed=args.noise_seed,
                         fmt=args.animation_format, about=about, progressive_seeds=args.progressive_seeds)

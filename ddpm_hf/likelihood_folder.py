@@ -25,6 +25,7 @@ from .folder_jobs import FolderJob
 from .likelihood import TERMS, bits_per_dim_of_share, summarize
 from .pipelines.counter_noise import NOISE
 from .plots import plot_bound_terms
+from .samplers import cast_network
 from .run_folder import NLL
 from .weights import state_dict_sha256
 
@@ -66,7 +67,7 @@ def done_images(folder: Path, num_images: int) -> Set[int]:
 def measure(pipe, pipeline_name: str, folder, dataset: str, num_images: int, split: str = "test", batch_size: int = 64,
             seed: int = 0, clip_denoised: bool = True, dataset_config: Optional[str] = None,
             image_column: Optional[str] = None, overwrite: bool = False, output=None, state=None,
-            notify: Callable[[str], None] = lambda message: None) -> Optional[dict]:
+            notify: Callable[[str], None] = lambda message: None, dtype: str = "fp32") -> Optional[dict]:
     """Measure this process's share (`state`: an accelerate PartialState, or None for one process); the main
     process then writes nll.json (at `output`, default folder/nll.json) and returns it. Images of other channels than
     the pipeline's are refused; a resize to its size is told to `notify` (on the main process)."""
@@ -79,7 +80,9 @@ def measure(pipe, pipeline_name: str, folder, dataset: str, num_images: int, spl
         "resolution": unet.config.sample_size, "channels": unet.config.in_channels, "seed": seed,
         "noise": f"image k: seed ddpm_hf.seeding.mix_seed(seed, k, NLL_SEED_TAG), term t: {NOISE}",
         "convention": "improved DDPM calc_bpd_loop: index t = 0..T-1, decoder at t = 0 (exact normal CDF), bits/dim",
+        "dtype": dtype,
     }
+    cast_network(unet, dtype)
     job = FolderJob(folder, PROTOCOL_FILE, protocol, state)
     job.check("a bits/dim measurement", "measure again from scratch", overwrite)  # before any image is decoded
     rows = first_rows(dataset, split, num_images, dataset_config)

@@ -14,13 +14,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from .files import atomic_save_image
 from .folder_jobs import FolderJob
 from .pipelines.counter_noise import NOISE
 from .run_folder import TRAINING_CONFIG
-from .samplers import draw_share, network_dtype, use_scheduler
+from .samplers import cast_network, draw_share, use_scheduler
 from .weights import state_dict_sha256
 
 SAMPLING_FILE = "sampling.json"
@@ -119,9 +117,7 @@ def sample_command(pipe, pipeline_name: str, folder, num_images: int, batch_size
         "scheduler_config": dict(pipe.scheduler.config), "num_inference_steps": num_inference_steps, "eta": eta,
         "seed": seed, "noise": NOISE, "dtype": dtype, "weights": "EMA" if (Path(pipeline_name) / TRAINING_CONFIG).is_file() else "as published",
     }
-    # after the hash, which names the weights as saved; Module.to: diffusers' own warns about float32 modules even
-    # when there are none
-    torch.nn.Module.to(pipe.unet, network_dtype(dtype, pipe.unet.device))
+    cast_network(pipe.unet, dtype)
     job = FolderJob(folder, SAMPLING_FILE, protocol, state, free=("pipeline", "num_images", "complete"))
     job.check("images drawn", "draw again from scratch", overwrite)
     job.start(drawn_images(job.folder) if overwrite else (), overwrite, num_images=None, complete=False)

@@ -39,6 +39,14 @@ def network_dtype(name: str, device) -> "torch.dtype":
     return dtypes[name]
 
 
+def cast_network(unet, name: str) -> None:
+    """The network in --dtype `name` (after its weights were hashed: the hash names the weights as saved)."""
+    import torch
+
+    # torch's Module.to: diffusers' own warns about modules to keep in float32 even when a UNet has none
+    torch.nn.Module.to(unet, network_dtype(name, unet.device))
+
+
 def pipeline_for(unet, scheduler_config, sampler: str = "ddpm"):
     """A DDPMPipeline of `unet` with our DDPM scheduler of `scheduler_config`, then the sampler `sampler`."""
     from .pipelines.pipeline_ddpm import DDPMPipeline
