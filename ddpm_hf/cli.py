@@ -181,9 +181,9 @@ def evaluate_main(argv: Optional[Sequence[str]] = None) -> int:
                                reload=lambda: load_pipeline(args.pipeline).to(state.device),
                                notify=lambda note: print(f"note: {note}.", file=sys.stderr))
     if report is not None:
-        from .protocols import EVALUATION_MD
+        from .run_folder import EVALUATION_TABLE
 
-        print((Path(args.output_dir) / EVALUATION_MD).read_text(), end="")
+        print((Path(args.output_dir) / EVALUATION_TABLE).read_text(), end="")
     return 0
 
 

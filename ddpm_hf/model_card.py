@@ -19,6 +19,7 @@ from .data import BUILTIN_DATASETS, DATASET_ALIASES
 from .files import atomic_write_bytes
 from .run_folder import (
     DENOISING_ANIMATIONS,
+    EVALUATION,
     LOSS_CURVE,
     METRICS,
     METRICS_DINOV2,
@@ -206,6 +207,17 @@ def _metrics_section(metrics: Optional[dict], dinov2: Optional[dict], nll, folde
     return parts
 
 
+def _evaluation_section(output_dir: Path) -> list:
+    """ddpm-evaluate's report (evaluation.json in the folder) as its table beside the paper's, with its protocol."""
+    from .protocols import report_markdown
+
+    report = _read_json(output_dir / EVALUATION)
+    if not report:
+        return []
+    return ["", f"### Against the paper ({report['protocol']['protocol']}, `ddpm-evaluate`)", "",
+            report_markdown(report).rstrip("\n")]
+
+
 def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Optional[Tuple[int, int]] = None):
     """A `huggingface_hub.ModelCard` for the run in `output_dir`; `progress` = (step, total steps) marks a
     run still training. Images are shown only when their files exist."""
@@ -270,6 +282,7 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
         "",
     ]
     parts += _metrics_section(metrics, dinov2, nll, config.output_dir)
+    parts += _evaluation_section(output_dir)
     parts += [
         "",
         "## Training",

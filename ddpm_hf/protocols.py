@@ -1,10 +1,10 @@
 """`ddpm-evaluate`: a published evaluation protocol run on a pipeline in one command, side by side with the paper.
 
 Every stage is one of the existing commands' pieces, resumable with the provenance it records itself:
-1. `samples/`: ddpm-sample's folder job (image k from seed `seed + k`, counter-based noise, sampling.json);
+1. `eval_samples/`: ddpm-sample's folder job (image k from seed `seed + k`, counter-based noise, sampling.json);
 2. `metrics-<mode>.json`: ddpm-metrics' FID, KID and Inception Score in each of clean-fid's modes (the paper's numbers
    use TensorFlow's Inception and resizing: `legacy_tensorflow`; `clean` beside it);
-3. `nll/` and `nll.json`: ddpm-nll's folder job on the held-out split;
+3. `eval_nll/` and `nll.json`: ddpm-nll's folder job on the held-out split;
 4. `evaluation.json` and `evaluation.md`: the results, each with its standard error where the protocol has one, the
    exact protocol, and the published figures beside them.
 A killed run started again keeps every image and every per-image bound already written.
@@ -16,16 +16,8 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
 
 from .files import atomic_write_json, atomic_write_text
-
-EVALUATION_JSON = "evaluation.json"
-EVALUATION_MD = "evaluation.md"
-SAMPLES_DIR = "samples"
-NLL_DIR = "nll"
-NLL_JSON = "nll.json"
-
-
-def metrics_name(mode: str) -> str:
-    return f"metrics-{mode}.json"
+from .run_folder import (EVALUATION, EVALUATION_NLL_DIR, EVALUATION_SAMPLES_DIR, EVALUATION_TABLE, NLL,
+                         evaluation_metrics_file)
 
 
 # What each protocol runs by default, and the figures it is compared with. Ho et al. 2020, Table 1 (CIFAR-10,
@@ -83,26 +75,26 @@ def evaluate_pipeline(pipe, pipeline_name: str, folder, chosen: dict, network, b
     folder = Path(folder)
     is_main = state.is_main_process if state else True
     unet_config = pipe.unet.config
-    sample_command(pipe, pipeline_name, folder / SAMPLES_DIR, chosen["num_images"], batch_size, "ddpm",
+    sample_command(pipe, pipeline_name, folder / EVALUATION_SAMPLES_DIR, chosen["num_images"], batch_size, "ddpm",
                    chosen["num_inference_steps"], None, seed, overwrite, state, dtype)
     metrics = {}
     if is_main:
         for mode in chosen["modes"]:
-            metrics[mode] = evaluate_folder(folder / SAMPLES_DIR, chosen["reference"], network, mode, cache_dir,
+            metrics[mode] = evaluate_folder(folder / EVALUATION_SAMPLES_DIR, chosen["reference"], network, mode, cache_dir,
                                             chosen["reference_split"], unet_config.sample_size, unet_config.in_channels,
-                                            output=folder / metrics_name(mode), device=network_device(state))
+                                            output=folder / evaluation_metrics_file(mode), device=network_device(state))
     if state is not None:
         state.wait_for_everyone()
     nll = None
     if chosen["nll_images"]:
-        nll = measure(reload() if dtype != "fp32" and reload else pipe, pipeline_name, folder / NLL_DIR,
+        nll = measure(reload() if dtype != "fp32" and reload else pipe, pipeline_name, folder / EVALUATION_NLL_DIR,
                       chosen["nll_dataset"], chosen["nll_images"], chosen["nll_split"], batch_size, seed,
-                      overwrite=overwrite, output=folder / NLL_JSON, state=state, notify=notify)
+                      overwrite=overwrite, output=folder / NLL, state=state, notify=notify)
     if not is_main:
         return None
     report = build_report(pipeline_name, chosen, metrics, nll, dtype, seed)
-    atomic_write_json(folder / EVALUATION_JSON, report)
-    atomic_write_text(folder / EVALUATION_MD, report_markdown(report))
+    atomic_write_json(folder / EVALUATION, report)
+    atomic_write_text(folder / EVALUATION_TABLE, report_markdown(report))
     return report
 
 
@@ -124,7 +116,7 @@ def build_report(pipeline_name: str, chosen: dict, metrics: dict, nll: Optional[
         **chosen, "pipeline": pipeline_name, "dtype": dtype, "seed": seed,
         "weights_sha256": first["protocol"]["sampling"]["weights_sha256"] if first and first["protocol"]["sampling"] else None,
         "feature_network": first["protocol"]["feature_network"] if first else None,
-        "files": {"samples": SAMPLES_DIR, "metrics": [metrics_name(m) for m in metrics], "nll": NLL_JSON if nll else None},
+        "files": {"samples": EVALUATION_SAMPLES_DIR, "metrics": [evaluation_metrics_file(m) for m in metrics], "nll": NLL if nll else None},
     }
     if chosen["num_images"] < PAPER_NUM_IMAGES:
         protocol["caution"] = (f"{chosen['num_images']} samples, not the paper's {PAPER_NUM_IMAGES}: FID is biased upward "

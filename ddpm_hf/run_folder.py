@@ -14,6 +14,7 @@ commands' help) takes a name from here. A run folder holds:
     loss_curve.png, train_summary.json      the loss curve and the summary of the run
     metrics.json, metrics-dinov2.json       ddpm-metrics' results (--output into the folder)
     nll.json                                ddpm-nll's result (--output into the folder)
+    evaluation.json, evaluation.md          ddpm-evaluate's report (with eval_samples/, eval_nll/, metrics-<mode>.json)
     logs/                                   tracker logs (TensorBoard)
 """
 
@@ -58,6 +59,18 @@ CHECKPOINT_UNET_CONFIG = "unet_config.json"  # the network's config: a resume ne
 METRICS = "metrics.json"
 NLL = "nll.json"
 
+# what ddpm-evaluate writes into its folder (a run folder or any other): the report, and its stages' folders, named
+# apart from a run's own samples/ grids
+EVALUATION = "evaluation.json"
+EVALUATION_TABLE = "evaluation.md"
+EVALUATION_SAMPLES_DIR = "eval_samples"
+EVALUATION_NLL_DIR = "eval_nll"
+
+
+def evaluation_metrics_file(mode: str) -> str:
+    """ddpm-evaluate's metrics in clean-fid mode `mode`."""
+    return f"metrics-{mode}.json"
+
 
 def metrics_file(kind: str) -> str:
     """The metrics file of a feature space: metrics.json for Inception, metrics-<kind>.json for another."""
@@ -76,6 +89,7 @@ def sample_grid_file(step: int) -> str:
 PUBLISHED = (
     MODEL_INDEX, UNET_CONFIG, UNET_WEIGHTS, SCHEDULER_CONFIG, MODEL_CARD, SAMPLE_GRID, f"{SAMPLE_GRIDS_DIR}/step-*.png",
     PROGRESSIVE, *DENOISING_ANIMATIONS, FIGURES_RECORD, METRICS, METRICS_DINOV2, TRAINING_CONFIG, LOSS_CURVE,
+    EVALUATION, EVALUATION_TABLE,
 )
 
 # What a training run itself leaves besides the pipeline, the card and its config: removed (with the checkpoints) when

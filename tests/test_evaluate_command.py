@@ -20,6 +20,9 @@ from ddpm_hf.data import build_image_bank, load_image_dataset
 from ddpm_hf.evaluation import evaluate_folder, inception_network
 from ddpm_hf.likelihood import bits_per_dim_of_share
 
+from test_training import _fresh_accelerate_state  # noqa: F401  (the fixture resets accelerate)
+from test_trust import finished_run  # noqa: F401  (a fixture)
+
 
 class StandInLayers(torch.nn.Module):
     def __init__(self):
@@ -68,22 +71,22 @@ def test_evaluate_resumes_after_a_kill_and_reports_what_the_single_commands_meas
     out = tmp_path / "eval"
     proc = subprocess.Popen(evaluate_cli(setup, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while len(list((out / "samples").glob("0*.png"))) < 4 and time.time() < deadline and proc.poll() is None:
+    while len(list((out / "eval_samples").glob("0*.png"))) < 4 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    kept = {p.name: p.read_bytes() for p in (out / "samples").glob("0*.png")}
+    kept = {p.name: p.read_bytes() for p in (out / "eval_samples").glob("0*.png")}
     assert 4 <= len(kept) < 12 and not (out / "evaluation.json").exists(), "killed in the middle of sampling"
 
     done = subprocess.run(evaluate_cli(setup, out), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert all((out / "samples" / name).read_bytes() == data for name, data in kept.items())  # kept, not drawn again
-    assert len(list((out / "samples").glob("0*.png"))) == 12
+    assert all((out / "eval_samples" / name).read_bytes() == data for name, data in kept.items())  # kept, not drawn again
+    assert len(list((out / "eval_samples").glob("0*.png"))) == 12
     report = json.loads((out / "evaluation.json").read_text())
 
     network = inception_network(setup / "stand-in.pt", "cpu")  # the oracle: ddpm-metrics' own path on the folder
     for mode in ("legacy_tensorflow", "clean"):
-        direct = evaluate_folder(out / "samples", str(setup / "reference"), network, mode, setup / "cache", resolution=8,
+        direct = evaluate_folder(out / "eval_samples", str(setup / "reference"), network, mode, setup / "cache", resolution=8,
                                  channels=1, output=tmp_path / f"direct-{mode}.json")
         assert report["results"][f"fid_{mode}"] == pytest.approx(direct["fid"], rel=1e-9)
         assert report["results"][f"inception_score_{mode}"]["mean"] == pytest.approx(direct["inception_score"]["mean"])
@@ -98,7 +101,7 @@ def test_evaluate_resumes_after_a_kill_and_reports_what_the_single_commands_meas
     protocol = report["protocol"]
     assert protocol["num_images"] == 12 and protocol["nll_split"] == "test" and protocol["modes"] == ["legacy_tensorflow", "clean"]
     assert "12 samples, not the paper's 50000" in protocol["caution"]
-    assert json.loads((out / "samples" / "sampling.json").read_text())["complete"] is True
+    assert json.loads((out / "eval_samples" / "sampling.json").read_text())["complete"] is True
     table = (out / "evaluation.md").read_text()
     assert "| Ho et al. 2020, Table 1: L_simple | 3.17 | – | 9.46 ± 0.11 | – | ≤ 3.75 |" in table
     assert f"| {report['results']['fid_legacy_tensorflow']:.2f} |" in table.splitlines()[2]
@@ -130,3 +133,26 @@ def test_the_paper_protocol_is_the_default_and_too_few_samples_for_the_inception
     assert chosen["reference"] == "digits" and chosen["modes"] == ("legacy_tensorflow", "clean")
     with pytest.raises(ValueError, match=r"^--num_images 8 must be at least 10 \(the Inception Score's splits\)\.$"):
         settings("ddpm-cifar10", num_images=8)
+
+
+def test_evaluating_into_a_run_folder_leaves_its_grids_and_puts_the_table_in_its_card(setup, finished_run, tmp_path):
+    import shutil
+
+    from ddpm_hf.cli import card_main
+    from ddpm_hf.run_folder import PUBLISHED
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    grids = {p.name: p.read_bytes() for p in (run / "samples").iterdir()}
+    proc = subprocess.run([sys.executable, "-m", "ddpm_hf.evaluate", str(run), str(run), "--num_images", "10",
+                           "--num_inference_steps", "5", "--reference", str(setup / "reference"), "--nll_dataset", "digits",
+                           "--nll_images", "2", "--inception_weights", str(setup / "stand-in.pt"), "--cache_dir",
+                           str(setup / "cache")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in (run / "samples").iterdir()} == grids  # the run's own grids untouched
+    assert len(list((run / "eval_samples").glob("*.png"))) == 10
+    assert card_main([str(run)]) == 0
+    card = (run / "README.md").read_text()
+    assert "### Against the paper (ddpm-cifar10, `ddpm-evaluate`)" in card
+    assert (run / "evaluation.md").read_text().rstrip("\n") in card
+    assert "evaluation.json" in PUBLISHED and "evaluation.md" in PUBLISHED
