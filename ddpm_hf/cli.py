@@ -176,10 +176,9 @@ def evaluate_main(argv: Optional[Sequence[str]] = None) -> int:
     check_data(chosen)
     quiet_loading()
     pipe = load_pipeline(args.pipeline).to(state.device)
-    report = evaluate_pipeline(pipe, args.pipeline, args.output_dir, chosen, network, args.batch_size, args.dtype,
-                               args.seed, args.cache_dir, args.overwrite, state,
-                               reload=lambda: load_pipeline(args.pipeline).to(state.device),
-                               notify=lambda note: print(f"note: {note}.", file=sys.stderr))
+    report = evaluate_pipeline(pipe, lambda: load_pipeline(args.pipeline).to(state.device), args.pipeline,
+                               args.output_dir, chosen, network, args.batch_size, args.dtype, args.seed, args.cache_dir,
+                               args.overwrite, state, notify=lambda note: print(f"note: {note}.", file=sys.stderr))
     if report is not None:
         from .run_folder import EVALUATION_TABLE
 
@@ -344,25 +343,21 @@ def visualize_main(argv: Optional[Sequence[str]] = None) -> int:
     from .data import first_rows, images_of
     from .devices import distributed_state
     from .figures import visualize
-    from .samplers import cast_network, network_dtype, use_scheduler
-    from .weights import load_pipeline, state_dict_sha256
+    from .samplers import network_dtype, use_scheduler
+    from .weights import load_pipeline
 
     device = distributed_state().device
     network_dtype(args.dtype, device)  # refused before loading anything
     rows = first_rows(args.dataset, args.split, args.num_images, args.dataset_config) if needs_images else None
     quiet_loading()
     pipe = load_pipeline(args.pipeline).to(device)
-    weights = state_dict_sha256(pipe.unet)  # the weights as saved, before a cast
-    cast_network(pipe.unet, args.dtype)
     use_scheduler(pipe, args.scheduler)
     images = None if rows is None else images_of(rows, pipe.unet.config.in_channels, pipe.unet.config.sample_size,
                                                  args.image_column)
-    about = {"pipeline": args.pipeline, "weights_sha256": weights, "dtype": args.dtype}
-    if needs_images:
-        about.update(dataset=args.dataset, split=args.split)
+    about = {"pipeline": args.pipeline, "dataset": args.dataset, "split": args.split} if needs_images else {"pipeline": args.pipeline}
     entries = visualize(pipe, args.output_dir, figures, args.seeds, args.num_inference_steps, args.eta, images,
                         args.depths, columns=args.columns, frames=args.frames, seed=args.noise_seed,
-                        fmt=args.animation_format, about=about, progressive_seeds=args.progressive_seeds)
+                        fmt=args.animation_format, about=about, progressive_seeds=args.progressive_seeds, dtype=args.dtype)
     for name in entries:
         print(f"wrote {Path(args.output_dir) / name}")
     return 0

@@ -24,6 +24,7 @@ from .files import atomic_save_image, atomic_write_bytes, atomic_write_json
 from .pipelines.pipeline_ddpm import denoise, to_output
 from .plots import image_grid
 from .run_folder import DENOISING_STEM, FIGURES_RECORD, PROGRESSIVE
+from .samplers import cast_network
 from .weights import state_dict_sha256
 
 FRAME_MS = 80  # each animation frame; the last one is held for HOLD_MS
@@ -278,9 +279,11 @@ def chain_figures(pipe, folder: Path, seeds: Sequence[int], num_inference_steps:
 def visualize(pipe, folder, figures: Sequence[str], seeds: Sequence[int], num_inference_steps: int,
               eta: Optional[float] = None, images: Optional[torch.Tensor] = None, depths: Sequence[float] = (0.0, 0.5),
               weights: Sequence[float] = (0.0, 0.5, 1.0), columns: int = 10, frames: int = 50, seed: int = 0,
-              fmt: str = "auto", about: Optional[dict] = None, progressive_seeds: int = 4) -> Dict[str, dict]:
+              fmt: str = "auto", about: Optional[dict] = None, progressive_seeds: int = 4,
+              dtype: str = "fp32") -> Dict[str, dict]:
     """Write `figures` (of FIGURES) into `folder` and record them in figures.json; `images` (uint8 [N, C, H, W], at
-    least two for `interpolate`) are the real images of `forward` and `interpolate`. Returns the new entries."""
+    least two for `interpolate`) are the real images of `forward` and `interpolate`. The network runs in `dtype`
+    (SAMPLING_DTYPES). Returns the new entries."""
     unknown = [f for f in figures if f not in FIGURES]
     if unknown:
         raise ValueError(f"figure {unknown[0]!r} is not one of {', '.join(FIGURES)}.")
@@ -290,7 +293,8 @@ def visualize(pipe, folder, figures: Sequence[str], seeds: Sequence[int], num_in
         raise ValueError("interpolate needs two images; pass --num_images 2 or more.")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    about = {"weights_sha256": state_dict_sha256(pipe.unet), **(about or {})}
+    about = {"weights_sha256": state_dict_sha256(pipe.unet), **(about or {}), "dtype": dtype}
+    cast_network(pipe.unet, dtype)  # after the hash, which names the weights as saved
     entries = {}
     sampled = [f for f in figures if f in ("progressive", "denoise")]
     if sampled:

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 
 from .data import to_model_range
-from .pipelines.counter_noise import seeded_normal
+from .pipelines.counter_noise import seed_keys, seeded_normal
 from .scheduler import DDPMScheduler, FixedLogVariances, parameterization, variance
 
 LN2 = math.log(2.0)
@@ -121,11 +121,12 @@ def bound_terms(unet: Callable, scheduler: DDPMScheduler, images: torch.Tensor, 
     if noise is not None and tuple(noise.shape) != (T, *x0.shape):
         raise ValueError(f"noise has shape {tuple(noise.shape)}; bits_per_dim needs [T, N, C, H, W] = {(T, *x0.shape)}.")
     terms = torch.zeros(x0.shape[0], T, dtype=torch.float64, device=device)
+    keys = seed_keys(seeds, device) if seeds is not None and noise is None else None  # once, not once per term
     for t in progress(range(T - 1, -1, -1)):
         if noise is not None:
             eps = noise[t].to(device=device, dtype=torch.float64)
-        elif seeds is not None:  # counter-based, for the whole batch at once; float32 as a generator's, then float64
-            eps = seeded_normal(seeds, x0.shape[1:], t, "bound", device).double()
+        elif keys is not None:  # counter-based, for the whole batch at once; float32 as a generator's, then float64
+            eps = seeded_normal(keys, x0.shape[1:], t, "bound").double()
         else:
             from diffusers.utils.torch_utils import randn_tensor
 

@@ -63,11 +63,11 @@ def check_data(chosen: dict) -> None:
         load_image_dataset(chosen["nll_dataset"], split=chosen["nll_split"])
 
 
-def evaluate_pipeline(pipe, pipeline_name: str, folder, chosen: dict, network, batch_size: int = 64, dtype: str = "fp32",
-                      seed: int = 0, cache_dir=None, overwrite: bool = False, state=None, reload: Callable = None,
+def evaluate_pipeline(pipe, reload: Callable, pipeline_name: str, folder, chosen: dict, network, batch_size: int = 64,
+                      dtype: str = "fp32", seed: int = 0, cache_dir=None, overwrite: bool = False, state=None,
                       notify: Callable[[str], None] = lambda message: None) -> Optional[dict]:
     """Run the stages into `folder`; returns the report on the main process (None on the others). `reload()` gives the
-    pipeline again in float32 for the bound, since sampling casts the network to `dtype`."""
+    pipeline again as saved, for the bound in float32: sampling cast `pipe`'s network to `dtype`."""
     from .evaluation import evaluate_folder
     from .likelihood_folder import measure
     from .sample_folder import sample_command
@@ -82,12 +82,13 @@ def evaluate_pipeline(pipe, pipeline_name: str, folder, chosen: dict, network, b
         for mode in chosen["modes"]:
             metrics[mode] = evaluate_folder(folder / EVALUATION_SAMPLES_DIR, chosen["reference"], network, mode, cache_dir,
                                             chosen["reference_split"], unet_config.sample_size, unet_config.in_channels,
-                                            output=folder / evaluation_metrics_file(mode), device=network_device(state))
+                                            output=folder / evaluation_metrics_file(mode),
+                                            device=state.device if state is not None else "cpu")
     if state is not None:
         state.wait_for_everyone()
     nll = None
     if chosen["nll_images"]:
-        nll = measure(reload() if dtype != "fp32" and reload else pipe, pipeline_name, folder / EVALUATION_NLL_DIR,
+        nll = measure(pipe if dtype == "fp32" else reload(), pipeline_name, folder / EVALUATION_NLL_DIR,
                       chosen["nll_dataset"], chosen["nll_images"], chosen["nll_split"], batch_size, seed,
                       overwrite=overwrite, output=folder / NLL, state=state, notify=notify)
     if not is_main:
@@ -96,10 +97,6 @@ def evaluate_pipeline(pipe, pipeline_name: str, folder, chosen: dict, network, b
     atomic_write_json(folder / EVALUATION, report)
     atomic_write_text(folder / EVALUATION_TABLE, report_markdown(report))
     return report
-
-
-def network_device(state):
-    return state.device if state is not None else "cpu"
 
 
 def build_report(pipeline_name: str, chosen: dict, metrics: dict, nll: Optional[dict], dtype: str, seed: int) -> dict:

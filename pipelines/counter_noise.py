@@ -21,7 +21,7 @@ The file depends on torch alone: it is part of the pipeline code.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple, Union
+from typing import NamedTuple, Sequence, Tuple, Union
 
 import torch
 
@@ -61,8 +61,26 @@ def philox4x32(counter: Sequence[torch.Tensor], key: Sequence[torch.Tensor]) -> 
     return c0, c1, c2, c3
 
 
+class SeedKeys(NamedTuple):
+    """The Philox keys of a batch's seeds on a device: the low and high 32 bits of each seed, int64 [N, 1]."""
+
+    low: torch.Tensor
+    high: torch.Tensor
+
+
+def seed_keys(seeds: Union[Sequence[int], torch.Tensor], device: Union[str, torch.device, None] = None) -> SeedKeys:
+    """The keys of `seeds` (integers in [0, 2^64)) on `device`, made once per chain: building them copies from the host,
+    which on a GPU would wait for the device at every step."""
+    seeds = [int(s) for s in (seeds.tolist() if isinstance(seeds, torch.Tensor) else seeds)]
+    if any(not 0 <= s < 2**64 for s in seeds):
+        raise ValueError("Seeds must be integers in [0, 2^64).")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return SeedKeys(torch.tensor([s & MASK32 for s in seeds], dtype=torch.int64, device=device).unsqueeze(1),
+                    torch.tensor([s >> 32 for s in seeds], dtype=torch.int64, device=device).unsqueeze(1))
+
+
 def seeded_normal(
-    seeds: Union[Sequence[int], torch.Tensor],
+    seeds: Union[Sequence[int], torch.Tensor, SeedKeys],
     shape: Sequence[int],
     step: int = 0,
     stream: str = "initial",
@@ -70,19 +88,15 @@ def seeded_normal(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Standard normal noise of shape (len(seeds), *shape): row k from seed seeds[k] alone, at chain step `step`, for
-    the purpose `stream` (STREAMS). Seeds are integers in [0, 2^64)."""
+    the purpose `stream` (STREAMS). Seeds are integers in [0, 2^64), or their `seed_keys` (then on their device)."""
     if stream not in STREAMS:
         raise ValueError(f"stream={stream!r} is not one of {', '.join(STREAMS)}.")
     if not 0 <= step <= MASK32:
         raise ValueError(f"step={step} must be in [0, 2^32).")
-    seeds = [int(s) for s in (seeds.tolist() if isinstance(seeds, torch.Tensor) else seeds)]
-    if any(not 0 <= s < 2**64 for s in seeds):
-        raise ValueError("Seeds must be integers in [0, 2^64).")
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    key_low, key_high = seeds if isinstance(seeds, SeedKeys) else seed_keys(seeds, device)
+    device = key_low.device
     per_image = math.prod(shape)
     blocks = -(-per_image // 4)  # each Philox call gives four words: four normals
-    key_low = torch.tensor([s & MASK32 for s in seeds], dtype=torch.int64, device=device).unsqueeze(1)
-    key_high = torch.tensor([s >> 32 for s in seeds], dtype=torch.int64, device=device).unsqueeze(1)
     block = torch.arange(blocks, dtype=torch.int64, device=device).unsqueeze(0)
     words = philox4x32((block, torch.full_like(block, STREAMS[stream]), torch.full_like(block, step),
                         torch.zeros_like(block)), (key_low, key_high))
@@ -95,5 +109,5 @@ def seeded_normal(
     for a, b in zip(u1, u2):
         radius, angle = torch.sqrt(-2.0 * torch.log(a)), (2.0 * math.pi) * b
         normals += [radius * torch.cos(angle), radius * torch.sin(angle)]
-    flat = torch.stack(normals, dim=-1).reshape(len(seeds), blocks * 4)[:, :per_image]
-    return flat.reshape(len(seeds), *shape).to(dtype)
+    flat = torch.stack(normals, dim=-1).reshape(len(key_low), blocks * 4)[:, :per_image]
+    return flat.reshape(len(key_low), *shape).to(dtype)

@@ -106,9 +106,10 @@ def denoise(
         if len(seeds) != noise.shape[0]:
             raise ValueError(f"Got {len(seeds)} seeds for {noise.shape[0]} images; pass one seed per image.")
         if "variance_noise" in step_params:
-            from .counter_noise import seeded_normal
+            from .counter_noise import seed_keys, seeded_normal
 
-            step_noise = lambda i: seeded_normal(seeds, noise.shape[1:], i, "step", noise.device, noise.dtype)  # noqa: E731
+            keys = seed_keys(seeds, noise.device)  # once per chain, not once per step
+            step_noise = lambda i: seeded_normal(keys, noise.shape[1:], i, "step", dtype=noise.dtype)  # noqa: E731
         elif "generator" in step_params:
             raise ValueError(f"{type(scheduler).__name__}.step draws its noise from a generator only; sample with "
                              "generator= instead of seeds=.")
@@ -255,11 +256,9 @@ class DDPMPipeline(DiffusionPipeline):
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (batch_size, self.unet.config.in_channels, *size)
         device = self._execution_device
-        if seeds is not None:
+        if seeds is not None:  # with a generator too, denoise refuses the pair
             from .counter_noise import seeded_normal
 
-            if generator is not None:
-                raise ValueError("Pass seeds or generator, not both: with seeds, each image's noise comes from its seed.")
             noise = seeded_normal(seeds, shape[1:], 0, "initial", device, CHAIN_DTYPE)
         else:
             noise = randn_tensor(shape, generator=generator, device=device, dtype=CHAIN_DTYPE)
