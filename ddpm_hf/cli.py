@@ -339,6 +339,8 @@ def visualize_main(argv: Optional[Sequence[str]] = None) -> int:
     for name in ("num_inference_steps", "columns", "frames", "num_images", "progressive_seeds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}={getattr(args, name)} must be at least 1")
+    if min(args.seeds) < 0:
+        parser.error(f"--seeds {min(args.seeds)}: seeds are integers from 0 (seed s is the image ddpm-sample draws from s)")
 
     from .data import first_rows, images_of
     from .devices import distributed_state

@@ -156,3 +156,31 @@ def test_evaluating_into_a_run_folder_leaves_its_grids_and_puts_the_table_in_its
     assert "### Against the paper (ddpm-cifar10, `ddpm-evaluate`)" in card
     assert (run / "evaluation.md").read_text().rstrip("\n") in card
     assert "evaluation.json" in PUBLISHED and "evaluation.md" in PUBLISHED
+
+
+def test_evaluate_obeys_its_modes_seed_steps_dtype_reference_split_and_skipping_the_bound(setup, tmp_path):
+    out = tmp_path / "eval"
+    args = [sys.executable, "-m", "ddpm_hf.evaluate", str(setup / "pipe"), str(out), "--num_images", "10",
+            "--num_inference_steps", "7", "--modes", "clean", "--dtype", "bf16", "--nll_images", "0", "--reference",
+            "digits", "--reference_split", "test", "--inception_weights", str(setup / "stand-in.pt"), "--cache_dir",
+            str(setup / "cache")]
+    proc = subprocess.run(args + ["--seed", "5"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sampling = json.loads((out / "eval_samples" / "sampling.json").read_text())
+    assert (sampling["seed"], sampling["num_inference_steps"], sampling["dtype"]) == (5, 7, "bf16")
+    assert (out / "eval_samples" / "000000-seed5.png").is_file()
+    assert sorted(p.name for p in out.glob("metrics-*.json")) == ["metrics-clean.json"]
+    metrics = json.loads((out / "metrics-clean.json").read_text())
+    assert metrics["protocol"]["num_reference"] == 297  # the held-out digits, not the 1,500 of train
+    report = json.loads((out / "evaluation.json").read_text())
+    assert sorted(report["results"]) == ["fid_clean", "inception_score_clean"]  # no bound: --nll_images 0
+    assert not (out / "nll.json").exists() and not (out / "eval_nll").exists()
+
+    refused = subprocess.run(args + ["--seed", "6"], capture_output=True, text=True)
+    assert refused.returncode != 0
+    assert refused.stderr.strip().splitlines()[-1].startswith(f"error: {out / 'eval_samples'} holds images drawn with other "
+                                                               "settings (seed)")
+    again = subprocess.run(args + ["--seed", "6", "--overwrite"], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "eval_samples" / "sampling.json").read_text())["seed"] == 6
+    assert sorted(p.name for p in (out / "eval_samples").glob("*.png"))[0] == "000000-seed6.png"

@@ -4,8 +4,10 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
 
@@ -46,6 +48,8 @@ def test_ddpm_sample_records_the_dtype_refuses_another_in_the_same_folder_and_fp
     recorded = json.loads((tmp_path / "b" / "sampling.json").read_text())
     assert recorded["dtype"] == "bf16" and recorded["weights_sha256"] == fp32_hash  # the hash names the saved weights
     assert len(list((tmp_path / "b").glob("*.png"))) == 2
+    drawn = lambda folder: [np.asarray(Image.open(p)).astype(int) for p in sorted(folder.glob("*.png"))]  # noqa: E731
+    assert any((a != b).any() for a, b in zip(drawn(tmp_path / "a"), drawn(tmp_path / "b")))  # measured: 5 and 3 levels
     proc = sample_cli(tmp_path / "pipe", tmp_path / "b", "--dtype", "fp32")
     assert proc.returncode != 0 and "holds images drawn with other settings (dtype)" in proc.stderr.strip().splitlines()[-1]
     if not torch.cuda.is_available():
@@ -84,3 +88,13 @@ def test_ddpm_nll_and_ddpm_visualize_run_the_network_in_bf16_and_record_it(tmp_p
     assert proc.returncode == 0, proc.stderr[-2000:]
     entry = json.loads((tmp_path / "fig" / "figures.json").read_text())["progressive.png"]
     assert entry["dtype"] == "bf16" and entry["weights_sha256"] == nll["fp32"]["protocol"]["weights_sha256"]
+    proc = subprocess.run([sys.executable, "-m", "ddpm_hf.visualize", str(tmp_path / "pipe"), str(tmp_path / "fig32"),
+                           "--num_inference_steps", "4", "--seeds", "0", "1"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    figure = lambda folder: np.asarray(Image.open(folder / "progressive.png")).astype(int)  # noqa: E731
+    assert (figure(tmp_path / "fig") != figure(tmp_path / "fig32")).any()  # measured: up to 16 levels apart
+    proc = subprocess.run([sys.executable, "-m", "ddpm_hf.visualize", str(tmp_path / "pipe"), str(tmp_path / "neg"),
+                           "--seeds", "0", "-3"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --seeds -3: seeds are integers from 0 (seed s is the image ddpm-sample draws from s) (see ddpm-visualize "
+        "--help)"]
