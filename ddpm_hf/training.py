@@ -335,6 +335,7 @@ def run_loop(run: Run, state: TrainState) -> None:
             periodic_work(run, state, bar)
             signum = stop_requested(run, state.step)
             if signum:
+                bar.close()  # its last line ends before any process prints the stop line (see stop)
                 stop(run, state, signum)
     finally:
         bar.close()
@@ -364,6 +365,9 @@ def stop(run: Run, state: TrainState, signum: int) -> None:
     name = checkpoint_name(state.step)
     if not (run.output_dir / name).is_dir():
         write_checkpoint(run, state)
+    # Every process raises the same line and the first to get there prints it: wait until the main process has
+    # closed its progress bar, else the line can land after the bar's unfinished one on a shared stderr.
+    run.accelerator.wait_for_everyone()
     raise RunStopped(f"{signal.Signals(signum).name} received: stopped after step {state.step} of {run.total_steps} with "
                      f"{run.output_dir / name} written; resume with `python train_ddpm.py --output_dir {run.output_dir} "
                      "--resume_from_checkpoint latest` (or the same under accelerate launch).", signum)
