@@ -81,7 +81,9 @@ def save_checkpoint(output_dir: Path, step: int, unet, ema_model, optimizer, tra
         tmp.mkdir(parents=True)
         save_file(_contiguous(unet.state_dict()), str(tmp / CHECKPOINT_UNET))
         save_file(_contiguous(ema_model.state_dict()), str(tmp / CHECKPOINT_EMA))
-        torch.save(optimizer.state_dict(), tmp / CHECKPOINT_OPTIMIZER)
+        optimizer_state = optimizer.state_dict()
+        optimizer_state["param_groups"] = plain_numbers(optimizer_state["param_groups"])
+        torch.save(optimizer_state, tmp / CHECKPOINT_OPTIMIZER)
         for filename, text in (extra_files or {}).items():
             (tmp / filename).write_text(text + "\n")
         files = {p.name: sha256_of(p) for p in sorted(tmp.iterdir())}
@@ -231,6 +233,9 @@ def saved_config_files(output_dir: Path, which: str) -> List[Path]:
     return candidates + [folder / TRAINING_CONFIG]
 
 
+OPTIMIZER_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")  # torch.optim's per-group switches
+
+
 def load_checkpoint(folder: Path, unet, ema_model, optimizer) -> dict:
     """Load weights (safetensors) and optimizer state (weights_only) into the given objects; return trainer_state."""
     from safetensors.torch import load_file
@@ -238,7 +243,12 @@ def load_checkpoint(folder: Path, unet, ema_model, optimizer) -> dict:
     try:
         unet.load_state_dict(load_file(str(folder / CHECKPOINT_UNET)))
         ema_model.load_state_dict(load_file(str(folder / CHECKPOINT_EMA)))
+        # how the optimizer runs is this machine's (fused and capturable in a CUDA graph, foreach elsewhere), not the
+        # checkpoint's: a state saved on a GPU resumes on a CPU
+        runs_as = [{k: g[k] for k in OPTIMIZER_IMPLEMENTATION if k in g} for g in optimizer.param_groups]
         optimizer.load_state_dict(_load_optimizer_state(folder))
+        for group, flags in zip(optimizer.param_groups, runs_as):
+            group.update(flags)
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{folder} does not fit this network or optimizer ({str(e).splitlines()[0][:200]}); "
                               "resume with the settings it was trained with.") from None
@@ -253,3 +263,18 @@ def rotate_checkpoints(output_dir: Path, limit: Optional[int], keep: Sequence[Pa
     found = [f for _, f in list_checkpoints(output_dir) if f not in keep]
     for folder in found[: max(0, len(found) - limit)]:
         remove_atomically(folder)
+
+
+def plain_numbers(value):
+    """`value` with its 0-d tensors as Python numbers, through dicts and lists. A step replayed as a CUDA graph holds its
+    learning rate in a device tensor (step_graph.py); a checkpoint saves the number (in the optimizer's groups and the
+    LR schedule's state), which JSON can hold and any device resumes."""
+    import torch
+
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        return value.item()
+    if isinstance(value, dict):
+        return {k: plain_numbers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_numbers(v) for v in value)
+    return value

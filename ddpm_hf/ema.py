@@ -35,18 +35,35 @@ class EMA:
             return self.decay
         return min(self.decay, max(0.0, 1.0 - (1.0 + n / self.inv_gamma) ** -self.power))
 
+    def advance(self) -> float:
+        """Count one update and return its weight 1 - d (1: a copy). The host's half of an update: a step replayed
+        as a CUDA graph (step_graph.py) holds `apply`'s work, and the host calls this before each replay."""
+        weight = 1.0 - self.current_decay()
+        self.num_updates += 1
+        return weight
+
     @torch.no_grad()
     def update(self, parameters: Iterable[torch.nn.Parameter]) -> None:
-        d = self.current_decay()
+        weight = self.advance()
+        params = self._matched(parameters)
+        if weight == 1.0:
+            torch._foreach_copy_(self._params, params)
+        else:
+            torch._foreach_lerp_(self._params, params, weight)  # θ_ema += (1 - d)(θ - θ_ema)
+
+    @torch.no_grad()
+    def apply(self, parameters: Iterable[torch.nn.Parameter], weight: torch.Tensor) -> None:
+        """The device's half of an update, with the weight 1 - d in a 0-d tensor (filled from `advance` before each
+        replay of a CUDA graph). A lerp with weight 1 is a copy, and a tensor weight rounds as the number does, so this
+        gives `update`'s results bit for bit."""
+        params = self._matched(parameters)
+        torch._foreach_lerp_(self._params, params, [weight] * len(params))
+
+    def _matched(self, parameters: Iterable[torch.nn.Parameter]) -> list:
         params = [p.detach() for p in parameters]
         if len(params) != len(self._params):
             raise ValueError(f"EMA tracks {len(self._params)} parameters but got {len(params)}.")
-        params = [p.to(e.dtype) if p.dtype != e.dtype else p for p, e in zip(params, self._params)]
-        if d == 0.0:
-            torch._foreach_copy_(self._params, params)
-        else:
-            torch._foreach_lerp_(self._params, params, 1.0 - d)  # θ_ema += (1 - d)(θ - θ_ema)
-        self.num_updates += 1
+        return [p.to(e.dtype) if p.dtype != e.dtype else p for p, e in zip(params, self._params)]
 
     def state(self) -> dict:
         return {"num_updates": self.num_updates}

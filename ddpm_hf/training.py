@@ -5,8 +5,9 @@
 1. `setup`: the accelerator, the Hub check (first: a bad token fails in seconds), the data, the model,
    the diffusion, the loss, the optimizer, the LR schedule and the EMA (a `Run`);
 2. `resume`: the checkpoint asked for, if any, into a `TrainState` (the one object a checkpoint saves);
-3. `run_loop`: for each step, `run_step` (Algorithm 1 over the micro-batches: `forward_backward`, then
-   clipping, the optimizer, the EMA) and `periodic_work` (log, checkpoint, grid, evaluation, push);
+3. `run_loop`: for each step, `run_step` (its `device_step`: Algorithm 1 over the micro-batches with
+   `forward_backward`, then clipping, the optimizer, the EMA; replayed as a CUDA graph where it can be, see
+   step_graph.py) and `periodic_work` (log, checkpoint, grid, evaluation, push);
 4. `finish`: the pipeline with the EMA weights, the summary, the model card, the final push.
 
 Determinism: everything random in step k (the batch, flips, noise, timesteps, dropout) is drawn from
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from pathlib import Path
@@ -34,7 +36,8 @@ from typing import Dict, Optional
 import torch
 from accelerate.logging import get_logger
 
-from .checkpoints import checkpoint_name, checkpoint_to_resume, list_checkpoints, load_checkpoint, rotate_checkpoints, save_checkpoint
+from .checkpoints import (checkpoint_name, checkpoint_to_resume, list_checkpoints, load_checkpoint, plain_numbers,
+                          rotate_checkpoints, save_checkpoint)
 from .config import TrainingConfig, resume_changes
 from .data import BatchSource, to_model_range
 from .devices import accelerator_available, cpu_has_bf16, device_name
@@ -56,6 +59,7 @@ from .run_folder import (
     TRAINING_CONFIG,
 )
 from .seeding import DROPOUT_SEED_TAG, mix_seed
+from .step_graph import StepGraph, graph_refusal
 from .timestep_samplers import make_timestep_sampler
 from .training_parts import (BF16_MIN_GAIN, load_starting_weights, make_optimizer, make_scheduler, make_unet, rates_text,
                              unet_config_json)
@@ -106,6 +110,7 @@ def setup(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
     """The accelerator; the Hub credentials and the Inception weights (checked before the data and the
     model, so that they fail in seconds); the data; then the model and everything that trains it."""
     from accelerate import Accelerator
+    from accelerate.utils import AutocastKwargs
 
     started = time.perf_counter()
     config.validate()
@@ -116,6 +121,8 @@ def setup(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
     accelerator = Accelerator(
         cpu=not accelerator_available(),
         mixed_precision=config.mixed_precision,
+        # a CUDA graph captures the casts themselves (torch.cuda.graph's rule: no autocast cache while capturing)
+        kwargs_handlers=[AutocastKwargs(cache_enabled=False)] if config.cuda_graph and accelerator_available() else None,
         log_with=None if config.report_to == "none" else config.report_to,
         project_dir=config.output_dir,
     )
@@ -246,7 +253,7 @@ def build_model(config: TrainingConfig, accelerator, total_steps: int, checkpoin
         timesteps=make_timestep_sampler(config.timestep_sampler, config.num_train_timesteps, accelerator.device),
         optimizer=optimizer,
         lr_scheduler=lr_scheduler, ema=ema, skips_on_device=skips_on_device,
-        meters=StepMeters(accelerator.device, config.num_train_timesteps),
+        meters=StepMeters(accelerator.device, config.num_train_timesteps), generator=torch.Generator(accelerator.device),
     )
 
 
@@ -326,6 +333,7 @@ def run_loop(run: Run, state: TrainState) -> None:
             evaluate_and_keep_best(run, state)
     bar = tqdm(total=run.total_steps, initial=state.step, desc="Training",
                disable=not run.accelerator.is_local_main_process)
+    start_step_graph(run)
     run.clock = Clock(state.step)
     try:
         for step in range(state.step, run.total_steps):
@@ -339,6 +347,18 @@ def run_loop(run: Run, state: TrainState) -> None:
                 stop(run, state, signum)
     finally:
         bar.close()
+
+
+def start_step_graph(run: Run) -> None:
+    """run.graph, where a step can be replayed as a CUDA graph (step_graph.py); else one line saying why not."""
+    refusal = graph_refusal(run.config, run.device, run.accelerator.num_processes)
+    if refusal is not None:
+        logger.info("Each training step runs eagerly: %s.", refusal)
+        return
+    config = run.config
+    shape = (run.source.micro, config.channels, config.resolution, config.resolution)
+    run.graph = StepGraph(functools.partial(device_step, run), run.source, shape, config.gradient_accumulation_steps,
+                          run.device, run.generator, run.optimizer, run.ema)
 
 
 # Several processes agree on a stop every this many steps (a collective, which waits for the device); one process
@@ -375,34 +395,55 @@ def stop(run: Run, state: TrainState, signum: int) -> None:
 
 def run_step(run: Run, step: int) -> None:
     """One optimizer step of Algorithm 1 over `gradient_accumulation_steps` micro-batches, then gradient
-    clipping, Adam (skipped on the device if the gradient is not finite), the LR schedule and the EMA. It only
-    queues work on the device: nothing here waits for it."""
-    config, accelerator = run.config, run.accelerator
-    generator = torch.Generator(run.device).manual_seed(mix_seed(config.seed, step, accelerator.process_index))
-    torch.manual_seed(mix_seed(config.seed, step, accelerator.process_index, DROPOUT_SEED_TAG))  # dropout
-    accum = config.gradient_accumulation_steps
-    for j in range(accum):
-        with accelerator.no_sync(run.unet) if j < accum - 1 else contextlib.nullcontext():
-            forward_backward(run, step, j, generator)
+    clipping, Adam (skipped on the device if the gradient is not finite), the EMA and the LR schedule: replayed as
+    a CUDA graph where run.graph is one, else launched here. It only queues work on the device: nothing here waits
+    for it."""
+    seed_step(run, step)
+    if run.graph is not None:
+        run.graph.step(step)
+    else:
+        batches = [run.source.get(step, j).to(run.device, non_blocking=True)
+                   for j in range(run.config.gradient_accumulation_steps)]
+        device_step(run, batches)
+        run.optimizer.zero_grad(set_to_none=True)
+    run.lr_scheduler.step()
+
+
+def seed_step(run: Run, step: int) -> None:
+    """The generators of step `step` on this process: flips, ε and t from run.generator, dropout from torch's own.
+    Reseeding (rather than a new generator) is what a CUDA graph's replay reads."""
+    rank = run.accelerator.process_index
+    run.generator.manual_seed(mix_seed(run.config.seed, step, rank))
+    torch.manual_seed(mix_seed(run.config.seed, step, rank, DROPOUT_SEED_TAG))
+
+
+def device_step(run: Run, batches: list, ema_weight: Optional[torch.Tensor] = None) -> None:
+    """The device's work of a step on its uint8 micro-batches (what step_graph.py captures): forward and backward of
+    each, clipping, Adam, the EMA (its weight in `ema_weight` inside a graph, else from the host) and the meters."""
+    accum = len(batches)
+    for j, batch in enumerate(batches):
+        with run.accelerator.no_sync(run.unet) if j < accum - 1 else contextlib.nullcontext():
+            forward_backward(run, batch)
     # the norm of the all-reduced gradient: the same on every process, so all agree on a skip
-    norm = accelerator.clip_grad_norm_(run.unet.parameters(), config.max_grad_norm or math.inf)
+    norm = run.accelerator.clip_grad_norm_(run.unet.parameters(), run.config.max_grad_norm or math.inf)
     skipped = ~torch.isfinite(norm)
     optimizer_step(run, skipped)
-    run.optimizer.zero_grad(set_to_none=True)
-    run.lr_scheduler.step()
-    run.ema.update(run.raw_unet.parameters())
+    if ema_weight is None:
+        run.ema.update(run.raw_unet.parameters())
+    else:
+        run.ema.apply(run.raw_unet.parameters(), ema_weight)
     run.meters.add_step(skipped)
 
 
-def forward_backward(run: Run, step: int, j: int, generator: torch.Generator) -> None:
-    """Micro-batch j of step `step`: x_0 from the data, ε ~ N(0, I) and t ~ U{0..T-1} (Algorithm 1, lines
-    2-4), the per-sample loss (line 5), its backward pass, and the loss into the meters."""
+def forward_backward(run: Run, batch: torch.Tensor) -> None:
+    """One uint8 micro-batch: x_0 from it, ε ~ N(0, I) and t ~ U{0..T-1} (Algorithm 1, lines 2-4), the per-sample
+    loss (line 5), its backward pass, and the loss into the meters."""
     config = run.config
-    x0 = to_model_range(run.source.get(step, j).to(run.device, non_blocking=True), config.random_flip, generator)
+    x0 = to_model_range(batch, config.random_flip, run.generator)
     if config.channels_last:
         x0 = x0.contiguous(memory_format=torch.channels_last)
-    noise = torch.randn(x0.shape, generator=generator, device=run.device)
-    t, weights = run.timesteps.sample(x0.shape[0], generator, run.device)
+    noise = torch.randn(x0.shape, generator=run.generator, device=run.device)
+    t, weights = run.timesteps.sample(x0.shape[0], run.generator, run.device)
     per_sample = run.loss(run.model, x0, noise, t)
     if run.timesteps.needs_losses:  # every process applies every process's (t, loss), so all keep one history
         run.timesteps.update(run.accelerator.gather(t), run.accelerator.gather(per_sample.detach()))
@@ -484,7 +525,7 @@ def log_progress(run: Run, state: TrainState, bar) -> None:
     LR, EMA decay and throughput to the history; send them to the trackers and the progress bar."""
     means, counts = run.meters.read_losses(run.accelerator)
     seconds, steps = run.clock.lap(state.step)
-    entry = {"step": state.step, "loss": means[0], "lr": run.lr_scheduler.get_last_lr()[0],
+    entry = {"step": state.step, "loss": means[0], "lr": float(run.lr_scheduler.get_last_lr()[0]),
              "ema_decay": run.ema.current_decay(), "seconds": seconds,
              "images_per_s": steps * run.config.batch_size / seconds}
     entry.update({f"loss_t_q{q}": means[q] for q in range(1, 5) if counts[q] > 0})
@@ -510,7 +551,7 @@ def write_checkpoint(run: Run, state: TrainState, name: Optional[str] = None) ->
     unsound weights."""
     refuse_unsound_weights(run, state, name or checkpoint_name(state.step))
     if run.is_main:
-        state.lr_scheduler, state.ema = run.lr_scheduler.state_dict(), run.ema.state()
+        state.lr_scheduler, state.ema = plain_numbers(run.lr_scheduler.state_dict()), run.ema.state()
         state.timestep_sampler = run.timesteps.state_dict()
         save_checkpoint(run.output_dir, state.step, run.raw_unet, run.ema.model, run.optimizer, state.to_dict(), name=name,
                         extra_files={TRAINING_CONFIG: run.config.to_json(),

@@ -127,7 +127,9 @@ class Run:
     ema: EMA
     skips_on_device: bool  # the optimizer takes found_inf (fused Adam)
     meters: StepMeters
+    generator: torch.Generator  # a step's flips, ε and t, reseeded for each step (training.seed_step)
     clock: Clock = field(default_factory=Clock)
+    graph: Optional[Any] = None  # the StepGraph that replays each step, where one can (step_graph.py)
     pusher: Optional[Any] = None
     feature_network: Optional[Any] = None
     reference: Optional[tuple] = None  # the evaluation reference statistics (mean, covariance)
