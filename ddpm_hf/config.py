@@ -106,9 +106,9 @@ class TrainingConfig:
     seed: int = _f(0, "seed for initialisation, data order, noise and timesteps: the same seed gives the same run")
     channels_last: bool = _f(False, "channels_last memory format (faster convolutions on GPUs)")
     compile: bool = _f(False, "torch.compile the UNet for training (the saved model is the plain one)")
-    cuda_graph: bool = _f(True, "replay each training step as one CUDA graph where it can be (one CUDA process, not fp16, "
-                                "--compile or --timestep_sampler importance; the log says why not); elsewhere each step "
-                                "runs eagerly, with the same data and randomness")
+    cuda_graph: bool = _f(True, "replay each training step as one CUDA graph where it can be (one CUDA process; not "
+                                "fp16, --compile or --timestep_sampler loss-second-moment; the log says why not); "
+                                "elsewhere each step runs eagerly, with the same data and randomness")
     # ---- EMA
     ema_decay: float = _f(0.9999, "EMA decay (the paper: 0.9999)")
     ema_warmup: bool = _f(False, "grow the EMA decay as 1 - (1 + n/inv_gamma)^-power up to --ema_decay")

@@ -111,7 +111,7 @@ CUDA = torch.device("cuda")
     ({}, 2, "2 processes: the DDP all-reduce is not captured"),
     (dict(mixed_precision="fp16"), 1, "fp16's gradient scaler decides each step on the host"),
     (dict(compile=True), 1, "--compile compiles the step instead"),
-    (dict(timestep_sampler="importance"), 1, "--timestep_sampler importance keeps its loss history on the host"),
+    (dict(timestep_sampler="loss-second-moment"), 1, "--timestep_sampler loss-second-moment keeps its loss history on the host"),
 ])
 def test_settings_a_graph_cannot_take_are_named(settings, processes, reason):
     assert graph_refusal(TrainingConfig(**settings), CUDA, processes).startswith(reason)
