@@ -109,6 +109,9 @@ class TrainingConfig:
     cuda_graph: bool = _f(True, "replay each training step as one CUDA graph where it can be (one CUDA process; not "
                                 "fp16, --compile or --timestep_sampler loss-second-moment; the log says why not); "
                                 "elsewhere each step runs eagerly, with the same data and randomness")
+    deterministic: bool = _f(False, "torch's deterministic kernels where it has them and no cuDNN autotuning (slower): on a "
+                                    "GPU, sums that do not depend on the order of atomic adds; a CPU run is bit-exact "
+                                    "without it")
     # ---- EMA
     ema_decay: float = _f(0.9999, "EMA decay (the paper: 0.9999)")
     ema_warmup: bool = _f(False, "grow the EMA decay as 1 - (1 + n/inv_gamma)^-power up to --ema_decay")
@@ -263,6 +266,7 @@ RESUMABLE_SETTINGS = (
     "keep_best", "inception_weights", "eval_cache_dir", "card_figures", "eval_nll_every", "eval_nll_images", "eval_nll_dataset",
     "eval_nll_split", "push_to_hub", "hub_model_id", "hub_private_repo", "hub_push_every", "report_to", "preset",
     "cache_dir", "init_from", "save_images_epochs", "save_model_epochs", "cuda_graph",
+    "deterministic",
 )
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 
 
@@ -41,3 +44,23 @@ def distributed_state():
     from accelerate import PartialState
 
     return PartialState(cpu=not accelerator_available())
+
+
+@contextlib.contextmanager
+def deterministic_kernels(on: bool):
+    """With `on`: torch's deterministic kernels where it has them (a warning names an op that has none) and no cuDNN
+    autotuning, as before afterwards. GPUs need it for bit-exact reruns: cuDNN's and atomics-based backward kernels
+    sum in an order that varies. cuBLAS reads CUBLAS_WORKSPACE_CONFIG at its first call, so it is set here if unset."""
+    if not on:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark = before[2]

@@ -40,7 +40,7 @@ from .checkpoints import (checkpoint_name, checkpoint_to_resume, list_checkpoint
                           rotate_checkpoints, save_checkpoint)
 from .config import TrainingConfig, resume_changes
 from .data import BatchSource, to_model_range
-from .devices import accelerator_available, cpu_has_bf16, device_name
+from .devices import accelerator_available, cpu_has_bf16, deterministic_kernels, device_name
 from .ema import EMA
 from .files import atomic_write_json, remove_atomically, remove_stale_temporaries
 from .losses import DiffusionLoss
@@ -87,14 +87,15 @@ def train(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
     training_config.json, checkpoints, model card). `feature_network` replaces Inception-v3 for
     --eval_every. With --push_to_hub, `hub_token` (else HF_TOKEN or the login) is checked before anything
     else, and the folder's allow-listed files are pushed at the end (and every --hub_push_every steps)."""
-    run = setup(config, feature_network, hub_token)
-    try:
-        with StopSignals() as run.stop:
-            state = resume(run)
-            run_loop(run, state)
-            finish(run, state)
-    finally:
-        release(run)
+    with deterministic_kernels(config.deterministic):
+        run = setup(config, feature_network, hub_token)
+        try:
+            with StopSignals() as run.stop:
+                state = resume(run)
+                run_loop(run, state)
+                finish(run, state)
+        finally:
+            release(run)
     return run.output_dir
 
 

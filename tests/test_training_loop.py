@@ -188,3 +188,22 @@ def test_the_hub_pipeline_file_knows_the_learned_variance_types_of_the_library()
     from ddpm_hf.pipelines import pipeline_ddpm
 
     assert pipeline_ddpm.LEARNED_VARIANCE_TYPES == LEARNED_VARIANCE_TYPES
+
+
+def test_deterministic_turns_on_torchs_deterministic_kernels_for_the_run_only(tmp_path, monkeypatch):
+    seen = []
+    device_step = training.device_step
+
+    def recording(run, batches, ema_weight=None):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark))
+        device_step(run, batches, ema_weight)
+
+    monkeypatch.setattr(training, "device_step", recording)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    settings = {**TINY, "max_train_steps": 2, "checkpointing_steps": 2}
+    training.train(resolve_config({**settings, "output_dir": str(tmp_path / "a"), "deterministic": True}))
+    assert seen == [(True, False)] * 2
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark is True
+    seen.clear()
+    training.train(resolve_config({**settings, "output_dir": str(tmp_path / "b")}))
+    assert seen == [(False, True)] * 2
