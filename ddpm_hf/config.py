@@ -25,6 +25,7 @@ from .choices import (
     MIXED_PRECISIONS,
     OPTIMIZERS,
     PREDICTION_TYPES,
+    SAMPLING_DTYPES,
     TIMESTEP_SAMPLERS,
     TRACKERS,
     TRAINING_VARIANCE_TYPES,
@@ -144,6 +145,9 @@ class TrainingConfig:
     eval_nll_images: int = _f(256, "held-out images for --eval_nll_every (shared over all processes)")
     eval_nll_dataset: Optional[str] = _f(None, "the held-out images of --eval_nll_every: anything --dataset takes (default: --dataset)")
     eval_nll_split: str = _f("test", "the split of the held-out dataset")
+    eval_dtype: str = _f("fp32", "the EMA network's dtype for --eval_every's samples and --eval_nll_every's bound (a copy; the "
+                                 "chain and the bound's arithmetic stay float32/float64): bf16, or fp16 on a GPU, is faster",
+                         SAMPLING_DTYPES)
     # ---- the Hub (the token is a flag of its own, --hub_token, and is never saved)
     card_figures: bool = _f(True, "at the end, the denoising animation and the progressive figure (Ho et al. Fig. 6) of the grid's first seeds, shown in the model card")
     push_to_hub: bool = _f(False, "push the pipeline, model card, grids, metrics and config to the Hub; the token and repo are checked before training starts")
@@ -264,7 +268,7 @@ RESUMABLE_SETTINGS = (
     "resume_from_checkpoint", "allow_config_change", "overwrite_output_dir", "save_images_steps", "num_sample_images",
     "sample_inference_steps", "logging_steps", "max_nonfinite_in_a_row", "eval_every", "eval_samples", "eval_steps",
     "keep_best", "inception_weights", "eval_cache_dir", "card_figures", "eval_nll_every", "eval_nll_images", "eval_nll_dataset",
-    "eval_nll_split", "push_to_hub", "hub_model_id", "hub_private_repo", "hub_push_every", "report_to", "preset",
+    "eval_nll_split", "eval_dtype", "push_to_hub", "hub_model_id", "hub_private_repo", "hub_push_every", "report_to", "preset",
     "cache_dir", "init_from", "save_images_epochs", "save_model_epochs", "cuda_graph",
     "deterministic",
 )

@@ -27,15 +27,15 @@ def use_scheduler(pipe, name: str):
     return pipe
 
 
-def network_dtype(name: str, device) -> "torch.dtype":
-    """--dtype (SAMPLING_DTYPES) as a torch dtype for a network on `device`; fp16 is refused on a CPU."""
+def network_dtype(name: str, device, flag: str = "--dtype") -> "torch.dtype":
+    """`flag` (SAMPLING_DTYPES) as a torch dtype for a network on `device`; fp16 is refused on a CPU."""
     import torch
 
     dtypes = dict(zip(SAMPLING_DTYPES, (torch.float32, torch.bfloat16, torch.float16)))
     if name not in dtypes:
-        raise ValueError(f"--dtype {name!r} is not one of {', '.join(SAMPLING_DTYPES)}.")
+        raise ValueError(f"{flag} {name!r} is not one of {', '.join(SAMPLING_DTYPES)}.")
     if name == "fp16" and torch.device(device).type == "cpu":
-        raise ValueError("--dtype fp16 needs a GPU (a CPU has no fast fp16 kernels); on a CPU use --dtype bf16 or fp32.")
+        raise ValueError(f"{flag} fp16 needs a GPU (a CPU has no fast fp16 kernels); on a CPU use {flag} bf16 or fp32.")
     return dtypes[name]
 
 

@@ -58,6 +58,7 @@ from .run_folder import (
     TRAIN_SUMMARY,
     TRAINING_CONFIG,
 )
+from .samplers import network_dtype
 from .seeding import DROPOUT_SEED_TAG, mix_seed
 from .step_graph import StepGraph, graph_refusal
 from .timestep_samplers import make_timestep_sampler
@@ -135,6 +136,8 @@ def setup(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
     if config.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_bf16():
         logger.warning("This CPU has no native bf16 (AVX512-BF16 or AMX): --mixed_precision bf16 is emulated here and "
                        "slower than fp32; pass --mixed_precision no.")
+    if config.eval_every or config.eval_nll_every:
+        network_dtype(config.eval_dtype, accelerator.device, flag="--eval_dtype")  # fp16 on a CPU: refused here
     world, accum = accelerator.num_processes, config.gradient_accumulation_steps
     if config.batch_size % (world * accum):
         raise ValueError(

@@ -16,7 +16,7 @@ from .files import atomic_save_image
 from .folder_jobs import gather_by_index, process_share
 from .plots import image_grid
 from .run_folder import SAMPLE_GRID, sample_grid_file
-from .samplers import draw_share, pipeline_for
+from .samplers import cast_network, draw_share, pipeline_for
 from .seeding import EVAL_SEED_TAG, GRID_SEED_TAG, mix_seed
 from .training_state import Run, TrainState
 
@@ -34,9 +34,21 @@ def inner_bars(accelerator) -> bool:
     return accelerator.is_local_main_process and sys.stderr.isatty()
 
 
-def ema_pipeline(run: Run, sampler: str = "ddpm"):
-    """The pipeline of the EMA weights with the run's scheduler (then `sampler`)."""
-    return pipeline_for(run.ema.model, run.scheduler.config, sampler)
+def ema_pipeline(run: Run, sampler: str = "ddpm", network=None):
+    """The pipeline of the EMA weights (or `network`) with the run's scheduler (then `sampler`)."""
+    return pipeline_for(run.ema.model if network is None else network, run.scheduler.config, sampler)
+
+
+def evaluated_network(run: Run) -> torch.nn.Module:
+    """The EMA network in --eval_dtype, for the evaluations: itself in fp32, else a cast copy (the EMA itself stays in
+    float32, as it keeps averaging)."""
+    import copy
+
+    if run.config.eval_dtype == "fp32":
+        return run.ema.model
+    network = copy.deepcopy(run.ema.model)
+    cast_network(network, run.config.eval_dtype)
+    return network
 
 
 def grid_seed(config: TrainingConfig, i: int) -> int:
@@ -104,7 +116,7 @@ def sample_quality(run: Run) -> dict:
     from .metrics import feature_statistics, frechet_distance, inception_score
 
     config, accelerator, network = run.config, run.accelerator, run.feature_network
-    pipe = ema_pipeline(run, "ddim")
+    pipe = ema_pipeline(run, "ddim", evaluated_network(run))
     pipe.set_progress_bar_config(disable=True)
     drawn = draw_share(pipe, config.eval_samples, lambda i: mix_seed(config.seed, i, EVAL_SEED_TAG),
                        accelerator.process_index, accelerator.num_processes, batch_size=per_process_batch(run),
@@ -127,8 +139,8 @@ def evaluate(run: Run, state: TrainState) -> bool:
     run.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
     isc = f", IS {metrics['inception_score']:.3f}" if "inception_score" in metrics else ""
     key = run.feature_network.metric("fd")
-    logger.info("Step %d: %s %.4f (%d samples, DDIM %d steps)%s", state.step, key.upper(), metrics[key],
-                config.eval_samples, config.eval_steps, isc)
+    logger.info("Step %d: %s %.4f (%d samples, DDIM %d steps, network in %s)%s", state.step, key.upper(), metrics[key],
+                config.eval_samples, config.eval_steps, config.eval_dtype, isc)
     if config.keep_best and (state.best is None or metrics[key] < state.best[key]):
         state.best = {"step": state.step, key: metrics[key]}
         return True
@@ -166,15 +178,15 @@ def evaluate_nll(run: Run, state: TrainState) -> None:
     config, accelerator = run.config, run.accelerator
     ids = process_share(len(run.nll_images), accelerator.process_index, accelerator.num_processes)
     rows = [(k, {term: terms[term][i].item() for term in TERMS})
-            for ks, terms in bits_per_dim_of_share(run.ema.model, run.scheduler, run.nll_images, ids, config.seed,
+            for ks, terms in bits_per_dim_of_share(evaluated_network(run), run.scheduler, run.nll_images, ids, config.seed,
                                                    per_process_batch(run))
             for i, k in enumerate(ks)]
     measured = gather_by_index(rows)
     summary = summarize({term: torch.tensor([r[term] for r in measured], dtype=torch.float64) for term in TERMS})
     state.nll.append({"step": state.step, "images": len(measured), **summary})
     accelerator.log({f"eval/bpd_{term}": summary[term]["mean"] for term in TERMS}, step=state.step)
-    logger.info("Step %d: NLL bound %.4f ± %.4f bits/dim on %d held-out images (prior %.4f, KL %.4f, decoder %.4f)",
-                state.step, summary["total"]["mean"], summary["total"]["sem"], len(measured), summary["prior"]["mean"],
+    logger.info("Step %d: NLL bound %.4f ± %.4f bits/dim on %d held-out images, network in %s (prior %.4f, KL %.4f, "
+                "decoder %.4f)", state.step, summary["total"]["mean"], summary["total"]["sem"], len(measured), config.eval_dtype, summary["prior"]["mean"],
                 summary["kl"]["mean"], summary["decoder"]["mean"])
 
 

@@ -1,6 +1,7 @@
 """Training on the bound (hybrid loss, learned variance, importance-sampled t), bits/dim during training, and
 the ddpm-nll command (1 and 2 processes, a kill and a restart, provenance)."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -142,6 +143,41 @@ def test_nll_during_training_is_the_bound_of_the_ema_model_on_held_out_images(tm
     card = (tmp_path / "run" / "README.md").read_text()
     assert f"| {nll[-1]['total']['mean']:.4f} ± {nll[-1]['total']['sem']:.4f} |" in card
     assert "during training, at step 4, on 5 held-out images" in card
+
+
+def test_eval_dtype_bf16_measures_a_bf16_copy_of_the_ema_model_and_leaves_the_ema_in_float32(tmp_path, monkeypatch):
+    from ddpm_hf import training_watch
+    from ddpm_hf.samplers import cast_network
+    from test_evaluation import stand_in_network
+
+    held_out = held_out_digits(tmp_path / "held_out", 5)
+    sampled_with = []
+    pipeline_for = training_watch.pipeline_for
+    monkeypatch.setattr(training_watch, "pipeline_for",
+                        lambda unet, *a, **k: sampled_with.append(unet.dtype) or pipeline_for(unet, *a, **k))
+    config = resolve_config({**TINY, "output_dir": str(tmp_path / "run"), "max_train_steps": 2, "checkpointing_steps": 2,
+                             "num_train_timesteps": 10, "eval_nll_every": 2, "eval_nll_images": 5, "eval_every": 2,
+                             "eval_samples": 10, "eval_steps": 2, "eval_cache_dir": str(tmp_path / "cache"),
+                             "eval_nll_dataset": str(held_out), "batch_size": 4, "max_train_samples": 16,
+                             "eval_dtype": "bf16"})
+    train(config, feature_network=stand_in_network())
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert torch.bfloat16 in sampled_with and len(summary["evals"]) == 1  # the FID's samples: a bf16 network
+    pipe = DDPMPipeline.from_pretrained(tmp_path / "run")
+    assert pipe.unet.dtype == torch.float32  # the EMA weights were saved as they were averaged
+    oracle = {precision: [] for precision in ("fp32", "bf16")}
+    for precision in oracle:
+        if precision == "bf16":
+            cast_network(pipe.unet, "bf16")
+        for _, terms in bits_per_dim_of_share(pipe.unet, pipe.scheduler, uint8_images(held_out), range(5), config.seed, 2):
+            oracle[precision] += terms["total"].tolist()
+    measured = summary["nll"][-1]["total"]["mean"]
+    assert measured == pytest.approx(np.mean(oracle["bf16"]), rel=1e-6)
+    assert measured != pytest.approx(np.mean(oracle["fp32"]), rel=1e-6)  # bf16 is measurably not fp32 ...
+    assert measured == pytest.approx(np.mean(oracle["fp32"]), abs=0.05)  # ... and close to it
+    with pytest.raises(ValueError, match=r"--eval_dtype fp16 needs a GPU .* use --eval_dtype bf16 or fp32"):
+        train(dataclasses.replace(config, output_dir=str(tmp_path / "fp16"), eval_dtype="fp16"))
+    assert not (tmp_path / "fp16").exists()
 
 
 def test_nll_during_training_refuses_the_training_data_as_held_out_before_training(tmp_path):
