@@ -8,6 +8,7 @@ CUDA graph's capture, torch.compile's compilation).
     python benchmarks/bench_gpu_train.py --variants "graph bf16" "eager fp32"
     python benchmarks/bench_gpu_train.py --data cifar10_train.parquet     # any dataset train_ddpm.py takes
     python benchmarks/bench_gpu_train.py --preset digits-cpu --steps 20   # the quick start's run (also on a CPU)
+    python benchmarks/bench_gpu_train.py --variants "graph bf16" --profile 15   # and where a step's time goes
 
 On a CPU the graph variants are refused and run eagerly (the line says so): the figures there are the eager loop's.
 """
@@ -43,8 +44,9 @@ def measure(args, settings: dict, out: Path) -> dict:
 
     warm, timed = args.warmup, args.steps
     config = resolve_config(dict(
-        preset=args.preset, dataset=args.data, output_dir=str(out), max_train_steps=warm + timed,
+        preset=args.preset, dataset=args.data, output_dir=str(out),
         checkpointing_steps=10**9, save_images_steps=10**9, logging_steps=10**9, report_to="none", **settings,
+        max_train_steps=warm + timed + 5 * bool(args.profile),
     ))
     run = setup(config)
     cuda = run.device.type == "cuda"
@@ -73,6 +75,15 @@ def measure(args, settings: dict, out: Path) -> dict:
             seconds = time.perf_counter() - started
         if cuda:
             torch.cuda.set_sync_debug_mode(0)
+        if args.profile:
+            from bench_sample import profile_table  # the same table as the sampling benchmark's
+
+            def profiled_steps():
+                for step in range(warm + timed, warm + timed + 5):
+                    run_step(run, step)
+
+            print(f"{args.child}: the {args.profile} ops that take the most time in 5 steps\n"
+                  + profile_table(profiled_steps, run.device, args.profile))
         syncs = sum("synchroniz" in str(w.message) for w in caught) if cuda else None
         peak_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return {"steps_per_s": timed / seconds, "syncs_per_step": None if syncs is None else syncs / timed,
@@ -97,6 +108,8 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="a dataset train_ddpm.py takes (default: 2048 random 32x32 images)")
     parser.add_argument("--steps", type=int, default=100, help="timed steps")
     parser.add_argument("--warmup", type=int, default=10, help="steps before the timed ones (the start-up)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also print each variant's N ops that take the most time in 5 more steps")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -108,10 +121,12 @@ def main() -> None:
         print(f"{args.preset}, {args.steps} timed steps after {args.warmup}; data {args.data or 'random 32x32 RGB'}")
         print("| variant | steps/s | host syncs per step | peak memory MiB | start-up s |")
         print("|---|---|---|---|---|")
+        profiles = []
         for name in args.variants:
             cmd = [sys.executable, __file__, "--child", name, "--preset", args.preset, "--data", data,
-                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--profile", str(args.profile)]
             done = subprocess.run(cmd, capture_output=True, text=True)
+            profiles.append("\n".join(l for l in done.stdout.splitlines() if not l.startswith("RESULT ")))
             line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:
                 print(f"| {name} | failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:150]} | | | |", flush=True)
@@ -121,6 +136,8 @@ def main() -> None:
             how = "" if r["graph"] or not name.startswith("graph") else f" (ran eagerly: {r['refused']})"
             print(f"| {name}{how} | {r['steps_per_s']:.1f} | {syncs} | {r['peak_mb']:.0f} | {r['startup_s']:.1f} |",
                   flush=True)
+        for text in profiles if args.profile else ():
+            print("\n" + text)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ the FID feature-extraction rate (clean-fid's folder path: PNG decode, clean resi
     python benchmarks/bench_sample.py                       # cpu-small UNet, 32x32, batch 16, 50 steps, fp32 and bf16
     python benchmarks/bench_sample.py --preset ddpm-cifar10-32 --batch_size 512 --steps 20   # on a GPU: fp16 too
     python benchmarks/bench_sample.py --inception_weights inception-2015-12-05.pt
+    python benchmarks/bench_sample.py --profile 15         # and where each dtype's time goes (torch.profiler)
 """
 
 from __future__ import annotations
@@ -74,6 +75,19 @@ def timed_variants(unet, ours, ref, args, device) -> list:
     return rows
 
 
+def profile_table(fn, device, top: int) -> str:
+    """The `top` ops of `fn()` by their own time on the device (CUDA kernels), or on the CPU without one: where a
+    dtype's time goes (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=top)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu-small")
@@ -86,6 +100,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--fid_images", type=int, default=256)
     parser.add_argument("--inception_weights", default=None)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also print the N ops that take the most time in one chain of ours (seeds) per dtype")
     args = parser.parse_args()
     device = torch.device(args.device)
     args.dtypes = args.dtypes or ("fp32,bf16,fp16" if device.type == "cuda" else "fp32,bf16")
@@ -111,6 +127,12 @@ def main() -> None:
         vs_ref = f"{rate / reference[dtype]:.2f}x" if dtype in reference else "diffusers fails"
         vs_fp32 = f"{rate / fp32[label]:.2f}x" if isinstance(fp32.get(label), float) else ""
         print(f"| {label} | {dtype} | {rate:.2f} | {vs_ref} | {vs_fp32} |")
+    for name in args.dtypes.split(",") if args.profile else ():
+        torch.nn.Module.to(unet, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name])
+        print(f"\nours, seeds, {name}: the {args.profile} ops that take the most time in one chain of {args.steps} steps")
+        print(profile_table(lambda: ours(batch_size=n, seeds=list(range(n)), num_inference_steps=args.steps,
+                                         output_type="np"), device, args.profile))
+    torch.nn.Module.to(unet, torch.float32)
     if device.type == "cpu":
         for name, sched in (("ddpm_hf", DDPMScheduler()), ("diffusers", diffusers.DDPMScheduler())):
             shares = [scheduler_share(unet, sched, n, args.steps, args.resolution) for _ in range(args.repeats)]
