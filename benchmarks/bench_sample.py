@@ -1,6 +1,7 @@
-"""Sampling throughput per network dtype: our DDPMPipeline (our scheduler; one seed per image, or one generator per
-image) against diffusers' DDPMPipeline (diffusers' DDPMScheduler, one generator per image), same UNet weights,
-scheduler config and steps; the scheduler's share of the time (on a CPU); and
+"""Sampling throughput per network dtype: our DDPMPipeline (our scheduler; one seed per image, its reverse step replayed
+as a CUDA graph on a GPU and eagerly beside it; or one generator per image) against diffusers' DDPMPipeline
+(diffusers' DDPMScheduler, one generator per image), same UNet weights, scheduler config and steps; the scheduler's
+share of the time (on a CPU); and
 the FID feature-extraction rate (clean-fid's folder path: PNG decode, clean resize to 299, network).
 
     python benchmarks/bench_sample.py                       # cpu-small UNet, 32x32, batch 16, 50 steps, fp32 and bf16
@@ -64,7 +65,8 @@ def timed_variants(unet, ours, ref, args, device) -> list:
                                                           num_inference_steps=args.steps, output_type="np")),
             ("diffusers, a generator per image", lambda: ref(batch_size=n, generator=generators(),
                                                            num_inference_steps=args.steps, output_type="np")),
-        )
+        ) + ((("ddpm_hf, seeds, eager (cuda_graph=False)", lambda: ours(batch_size=n, seeds=list(range(n)),
+              num_inference_steps=args.steps, output_type="np", cuda_graph=False)),) if device.type == "cuda" else ())
         for label, call in variants:
             try:
                 call()  # warm up

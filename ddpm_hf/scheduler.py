@@ -91,6 +91,18 @@ class FixedLogVariances(NamedTuple):
     beta: object
 
 
+class StepCoefficients(NamedTuple):
+    """A reverse step's numbers: `a` = √ᾱ_t and `s` = √(1 - ᾱ_t) (x̂_0 from the output), `c0` and `ct` (the posterior
+    mean, Eq. 7), and `std` = σ_t (0 on the step that lands on x_0; None for a learned variance, which the network
+    gives). Floats for one step on the host, or 0-d tensors gathered on the device."""
+
+    a: object
+    s: object
+    c0: object
+    ct: object
+    std: object
+
+
 @dataclass(frozen=True)
 class Variance:
     """A variance type: whether the network predicts it (2C output channels, the second C being `v`), and
@@ -464,6 +476,32 @@ class DDPMScheduler(_DiffusersDDPMScheduler):
 
     # ------------------------------------------------------------------ reverse process
 
+    def step_coefficients(self, timestep) -> "StepCoefficients":
+        """The numbers of the reverse step from `timestep` (float64 Python floats): stages 1 and 5 of `step`."""
+        t = int(timestep)
+        prev_t = self.previous_timestep(t)
+        ab_t = self._alpha_bar(t)  # 1. ᾱ_t, and the posterior's coefficients for the step t -> t'
+        c0, ct, _, _ = self.posterior_coefficients(t, prev_t)
+        std = None
+        if not variance(self.config.variance_type).learned:  # 5. σ_t; none on the step that lands on x_0
+            std = math.sqrt(float(self._get_variance(t))) if prev_t >= 0 else 0.0
+        return StepCoefficients(math.sqrt(ab_t), math.sqrt(1 - ab_t), c0, ct, std)
+
+    def reverse_mean(self, k: "StepCoefficients", model_output: torch.Tensor, sample: torch.Tensor) -> tuple:
+        """(μ̃_t, x̂_0): stages 2-4 of `step` with the step's numbers `k`, floats or 0-d tensors (a CUDA graph gathers
+        them on the device: pipelines/chain_graph.py). Either way the float64 numbers meet the float32 chain the
+        same way, so the two agree bit for bit."""
+        # 2. x̂_0 from the model output: Eq. 15 for ε; x_0 itself; or from v = sqrt(ᾱ)ε - sqrt(1-ᾱ)x_0
+        pred_original_sample = parameterization(self.config.prediction_type).x0(model_output, sample, k.a, k.s)
+        # 3. clip or dynamically threshold x̂_0
+        if self.config.thresholding:
+            pred_original_sample = self._threshold_sample(pred_original_sample)
+        elif self.config.clip_sample:
+            r = self.config.clip_sample_range
+            pred_original_sample = pred_original_sample.clamp(-r, r)
+        # 4. posterior mean μ̃_t(x_t, x̂_0) = c0·x̂_0 + ct·x_t (Eq. 7)
+        return k.c0 * pred_original_sample + k.ct * sample, pred_original_sample
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -493,33 +531,15 @@ class DDPMScheduler(_DiffusersDDPMScheduler):
         else:
             predicted_variance = None
 
-        # 1. ᾱ_t, ᾱ_{t'}, and the step's β = 1 - ᾱ_t / ᾱ_{t'} (all float64)
-        ab_t = self._alpha_bar(t)
-        c0, ct, _, _ = self.posterior_coefficients(t, prev_t)
-
-        # 2. x̂_0 from the model output: Eq. 15 for ε; x_0 itself; or from v = sqrt(ᾱ)ε - sqrt(1-ᾱ)x_0
-        to_x0 = parameterization(self.config.prediction_type).x0
-        pred_original_sample = to_x0(model_output, sample, math.sqrt(ab_t), math.sqrt(1 - ab_t))
-
-        # 3. clip or dynamically threshold x̂_0
-        if self.config.thresholding:
-            pred_original_sample = self._threshold_sample(pred_original_sample)
-        elif self.config.clip_sample:
-            r = self.config.clip_sample_range
-            pred_original_sample = pred_original_sample.clamp(-r, r)
-
-        # 4. posterior mean μ̃_t(x_t, x̂_0) = c0·x̂_0 + ct·x_t (Eq. 7)
-        prev_sample = c0 * pred_original_sample + ct * sample
+        # 1.-4. the posterior mean of the step, from its numbers (float64)
+        k = self.step_coefficients(t)
+        prev_sample, pred_original_sample = self.reverse_mean(k, model_output, sample)
 
         # 5. add σ_t z, z ~ N(0, I), except on the step that lands on x_0 (Algorithm 2, line 3)
         if prev_t >= 0:
             noise = variance_noise if variance_noise is not None else randn_tensor(
                 model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
-            sigma2 = self._get_variance(t, predicted_variance=predicted_variance)
-            if learned:
-                std = torch.exp(0.5 * sigma2)  # log σ² here
-            else:
-                std = math.sqrt(float(sigma2))
+            std = torch.exp(0.5 * self._get_variance(t, predicted_variance=predicted_variance)) if learned else k.std
             prev_sample = prev_sample + std * noise
 
         if not return_dict:

@@ -82,7 +82,7 @@ def seed_keys(seeds: Union[Sequence[int], torch.Tensor], device: Union[str, torc
 def seeded_normal(
     seeds: Union[Sequence[int], torch.Tensor, SeedKeys],
     shape: Sequence[int],
-    step: int = 0,
+    step: Union[int, torch.Tensor] = 0,
     stream: str = "initial",
     device: Union[str, torch.device, None] = None,
     dtype: torch.dtype = torch.float32,
@@ -91,14 +91,15 @@ def seeded_normal(
     the purpose `stream` (STREAMS). Seeds are integers in [0, 2^64), or their `seed_keys` (then on their device)."""
     if stream not in STREAMS:
         raise ValueError(f"stream={stream!r} is not one of {', '.join(STREAMS)}.")
-    if not 0 <= step <= MASK32:
+    if not isinstance(step, torch.Tensor) and not 0 <= step <= MASK32:  # a 0-d tensor: a CUDA graph's step counter
         raise ValueError(f"step={step} must be in [0, 2^32).")
     key_low, key_high = seeds if isinstance(seeds, SeedKeys) else seed_keys(seeds, device)
     device = key_low.device
     per_image = math.prod(shape)
     blocks = -(-per_image // 4)  # each Philox call gives four words: four normals
     block = torch.arange(blocks, dtype=torch.int64, device=device).unsqueeze(0)
-    words = philox4x32((block, torch.full_like(block, STREAMS[stream]), torch.full_like(block, step),
+    at_step = block * 0 + step if isinstance(step, torch.Tensor) else torch.full_like(block, step)
+    words = philox4x32((block, torch.full_like(block, STREAMS[stream]), at_step,
                         torch.zeros_like(block)), (key_low, key_high))
     # 2. uniforms: u1 in (0, 1] (its log is finite), u2 in [0, 1)
     scale = 2.0**-32

@@ -1,7 +1,7 @@
 """`DDPMPipeline`: unconditional image generation with a UNet and any diffusers scheduler.
 
-This file is the pipeline code that also goes to the Hub: it needs only torch and diffusers (and, for `seeds=`,
-`counter_noise.py` beside it). With
+This file is the pipeline code that also goes to the Hub: it needs only torch and diffusers, and `chain_graph.py`
+and `counter_noise.py` beside it. With
 `ddpm_hf` installed, loading swaps diffusers' `DDPMScheduler` for ours (same config, float64 math);
 what it saves names only diffusers classes, so plain diffusers loads it too.
 """
@@ -17,6 +17,8 @@ import diffusers
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
+
+from .chain_graph import chain_graph_refusal, network_output, replayed_chain
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 # the reverse chain's x_t and the scheduler's arithmetic, whatever the network's dtype: a bf16 or fp16 UNet speeds up
@@ -83,6 +85,7 @@ def denoise(
     callback: Optional[Callable[["DenoiseStep"], None]] = None,
     start: int = 0,
     seeds: Optional[Sequence[int]] = None,
+    cuda_graph: bool = True,
 ) -> torch.Tensor:
     """The reverse process: from x_T = `noise` (scaled by the scheduler's init_noise_sigma) down to x_0
     in `num_inference_steps` scheduler steps. Returns x_0 in the model's range ([-1, 1]). The chain (x_t and the
@@ -93,13 +96,16 @@ def denoise(
     chain begins at step `start` (timestep `scheduler.timesteps[start]`) and `noise` is that x_t itself.
 
     With `seeds` (one per image, instead of `generator`) the noise of step i of image k is counter-based:
-    `seeded_normal([seeds[k]], ..., step=i, stream="step")`, the same on every device and in every batch."""
+    `seeded_normal([seeds[k]], ..., step=i, stream="step")`, the same on every device and in every batch.
+
+    With `cuda_graph` (the default) a chain on a CUDA device with `seeds`, our DDPMScheduler and a fixed variance, and
+    no callback, is replayed as a CUDA graph (chain_graph.py): the same images, fewer launches."""
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
     if start and hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
     extra = {}
     step_params = inspect.signature(scheduler.step).parameters
-    step_noise = None
+    step_noise = keys = None
     if seeds is not None:
         if generator is not None:
             raise ValueError("Pass seeds or generator, not both: with seeds, each image's noise comes from its seed.")
@@ -120,15 +126,12 @@ def denoise(
             raise ValueError(f"eta={eta} was given but {type(scheduler).__name__}.step takes no eta; use DDIMScheduler.")
         extra["eta"] = eta
     keep_variance = uses_learned_variance(scheduler)
-    net_dtype = getattr(unet, "dtype", None)
     x = noise * scheduler.init_noise_sigma if start == 0 else noise
+    if cuda_graph and chain_graph_refusal(scheduler, x, keys, callback) is None:
+        return replayed_chain(unet, scheduler, x, keys, start, progress)
     for i, t in enumerate(progress(scheduler.timesteps[start:]), start):
         # 1. predict ε (or x_0, or v): the network in its own dtype (bf16, fp16, ...), the chain in x's
-        model_input = scheduler.scale_model_input(x, t)
-        model_output = unet(model_input if net_dtype in (None, x.dtype) else model_input.to(net_dtype), t).sample
-        model_output = model_output.to(x.dtype)
-        if model_output.shape[1] == 2 * x.shape[1] and not keep_variance:
-            model_output = model_output[:, : x.shape[1]]  # the variance channels are DDPM's alone
+        model_output = network_output(unet, scheduler, x, t, keep_variance)
         if step_noise is not None:
             extra["variance_noise"] = step_noise(i)
         out = scheduler.step(model_output, t, x, **extra)  # 2. x_t -> x_{t-1}
@@ -227,6 +230,7 @@ class DDPMPipeline(DiffusionPipeline):
         eta: Optional[float] = None,
         callback: Optional[Callable[[DenoiseStep], None]] = None,
         seeds: Optional[Sequence[int]] = None,
+        cuda_graph: bool = True,
     ):
         """Generate `batch_size` images.
 
@@ -243,6 +247,8 @@ class DDPMPipeline(DiffusionPipeline):
             seeds: one integer per image, instead of `generator`: image i's noise (x_T and every step's) is
                 counter-based (`counter_noise.seeded_normal`), a function of seeds[i] alone, drawn for the whole batch
                 at once and the same on every device (a CPU and a GPU give the same noise for the same seed).
+            cuda_graph: with seeds, our DDPMScheduler with a fixed variance and no callback, on a CUDA device: replay
+                the reverse step as a CUDA graph (the same images, fewer kernel launches); False runs it eagerly.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}.")
@@ -266,7 +272,7 @@ class DDPMPipeline(DiffusionPipeline):
         self.unet.eval()  # sampling never uses dropout, also when called on a model that is training
         try:
             images = denoise(self.unet, self.scheduler, noise, num_inference_steps, generator, eta, self.progress_bar,
-                             callback, seeds=seeds)
+                             callback, seeds=seeds, cuda_graph=cuda_graph)
         finally:
             self.unet.train(was_training)
         images = to_output(images, output_type)

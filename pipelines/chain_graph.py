@@ -1,0 +1,101 @@
+"""The reverse chain of a batch replayed as a CUDA graph.
+
+A chain of 1000 steps is 1000 UNet passes and scheduler steps, each a few hundred kernels launched from Python. With
+counter-based noise (`pipe(seeds=...)`) no step needs the host: the step's numbers (√ᾱ_t, √(1-ᾱ_t), the posterior's
+c0 and ct, σ_t) are gathered from a float64 table on the device by a step counter, and the noise is Philox of (seed,
+counter). So one step is captured once and replayed for every step of the chain. It gives the eager chain's images bit
+for bit: the same numbers meet the same kernels (a test runs it eagerly on a CPU against `denoise`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional
+
+import torch
+
+from .counter_noise import SeedKeys, seeded_normal
+
+# Steps run eagerly on a side stream before the capture, as capture needs (cuDNN and cuBLAS pick their kernels).
+CHAIN_WARMUP_STEPS = 2
+
+
+def network_output(unet, scheduler, x: torch.Tensor, t, keep_variance: bool) -> torch.Tensor:
+    """The network's output at (x_t, t) in the chain's dtype: the network runs in its own dtype (bf16, fp16, ...); the
+    variance channels of a 2C-channel output are dropped for a scheduler that does not use them."""
+    net_dtype = getattr(unet, "dtype", None)
+    model_input = scheduler.scale_model_input(x, t)
+    output = unet(model_input if net_dtype in (None, x.dtype) else model_input.to(net_dtype), t).sample.to(x.dtype)
+    if output.shape[1] == 2 * x.shape[1] and not keep_variance:
+        output = output[:, : x.shape[1]]  # the variance channels are DDPM's alone
+    return output
+
+
+def chain_graph_refusal(scheduler, x: torch.Tensor, keys: Optional[SeedKeys], callback) -> Optional[str]:
+    """Why this chain cannot be replayed as a CUDA graph (None: it can)."""
+    if x.device.type != "cuda":
+        return f"CUDA graphs need a CUDA device (the chain is on {x.device.type})"
+    return graph_form_refusal(scheduler, keys, callback)
+
+
+def graph_form_refusal(scheduler, keys: Optional[SeedKeys], callback) -> Optional[str]:
+    """What the replayed step itself cannot take, on any device."""
+    if keys is None:
+        return "a generator per image draws its noise on the host (pass seeds)"
+    if not hasattr(scheduler, "step_coefficients"):
+        return f"{type(scheduler).__name__} computes its step on the host"
+    if scheduler.config.variance_type in ("learned", "learned_range"):
+        return "a learned variance"
+    if scheduler.config.thresholding:
+        return "dynamic thresholding"
+    if callback is not None:
+        return "a callback watches every step"
+    return None
+
+
+def replayed_chain(unet, scheduler, x: torch.Tensor, keys: SeedKeys, start: int = 0, progress: Callable = lambda it: it,
+                   capture: Optional[bool] = None) -> torch.Tensor:
+    """x_0 from x_t at chain step `start` (scheduler.set_timesteps done), image k's step noise from keys[k]: on CUDA the
+    first CHAIN_WARMUP_STEPS steps eagerly, then one step captured and replayed; with capture=False (a CPU) every step
+    runs eagerly through the same tables and counter."""
+    capture = x.device.type == "cuda" if capture is None else capture
+    timesteps = scheduler.timesteps[start:]
+    numbers = [scheduler.step_coefficients(t) for t in timesteps]
+    table = torch.tensor([list(k) for k in numbers], dtype=torch.float64, device=x.device)
+    coefficients = type(numbers[0])
+    position = torch.zeros((), dtype=torch.int64, device=x.device)  # the step within this chain
+    x = x.clone()  # the chain's state, read and written in place by every step
+
+    def one_step():
+        k = coefficients(*table[position].unbind())
+        output = network_output(unet, scheduler, x, timesteps[position], keep_variance=False)
+        mean, _ = scheduler.reverse_mean(k, output, x)
+        noise = seeded_normal(keys, x.shape[1:], position + start, "step", dtype=x.dtype)
+        x.copy_(mean + k.std * noise)  # σ = 0 on the step that lands on x_0
+
+    graph = None
+    for j, _ in enumerate(progress(timesteps)):
+        position.fill_(j)
+        if graph is not None:
+            graph.replay()
+        elif not capture:
+            one_step()
+        elif j < CHAIN_WARMUP_STEPS:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                one_step()
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    one_step()
+            except Exception as e:  # noqa: BLE001  (the chain goes on eagerly; the warning says why)
+                warnings.warn(f"The reverse step could not be captured as a CUDA graph ({type(e).__name__}: {e}); the "
+                              "chain runs eagerly (pass cuda_graph=False to say so from the start).")
+                graph, capture = None, False
+                one_step()
+                continue
+            graph.replay()
+    return x
