@@ -448,12 +448,16 @@ def _fits_on(device: torch.device, nbytes: int) -> bool:
 
 
 class BatchSource:
-    """uint8 micro-batches for (step, micro-batch j) on this rank: from an in-memory ImageBank (exact resume;
-    kept on the GPU when it is small, so that a batch is gathered there), or from a stream."""
+    """uint8 micro-batches for (step, micro-batch j) on this rank, on `device`: from an in-memory ImageBank (exact
+    resume; kept on the GPU when it is small, so that a batch is gathered there), or from a stream. A batch that comes
+    from host memory to a GPU is gathered into pinned memory and copied without waiting: the host prepares the next
+    batch while the GPU trains on this one."""
 
     def __init__(self, config: "TrainingConfig", micro: int, rank: int, world: int, progress: bool,
                  device: Optional[torch.device] = None):
         self.config, self.micro, self.rank, self.world = config, micro, rank, world
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.pinned = self.device.type == "cuda"
         ds = load_image_dataset(config.dataset, config.dataset_config, config.split, config.streaming, config.cache_dir)
         features = ds.features
         if features is None:
@@ -494,8 +498,15 @@ class BatchSource:
                 perm = epoch_permutation(self.config.seed, epoch, len(self.bank))
                 self._perm, self._perm_epoch = perm.to(self.bank.images.device), epoch
             start = ((pos * accum + j) * self.world + self.rank) * self.micro
-            return self.bank.images[self._perm[start : start + self.micro]]
-        return self._next_streamed()
+            rows = self._perm[start : start + self.micro]
+            if self.bank.images.device.type != "cpu":  # the bank lives on the GPU: gathered there
+                return self.bank.images[rows]
+            # from host memory, pinned for a GPU (torch's pinned-memory cache keeps the block until the copy that reads
+            # it is done, so the host goes on at once); on a CPU the same gather, and no copy
+            batch = torch.empty((self.micro, *self.bank.images.shape[1:]), dtype=torch.uint8, pin_memory=self.pinned)
+            return torch.index_select(self.bank.images, 0, rows, out=batch).to(self.device, non_blocking=True)
+        batch = self._next_streamed()
+        return (batch.pin_memory() if self.pinned else batch).to(self.device, non_blocking=True)
 
     def _next_streamed(self) -> torch.Tensor:
         while True:

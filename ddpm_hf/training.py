@@ -406,8 +406,7 @@ def run_step(run: Run, step: int) -> None:
     if run.graph is not None:
         run.graph.step(step)
     else:
-        batches = [run.source.get(step, j).to(run.device, non_blocking=True)
-                   for j in range(run.config.gradient_accumulation_steps)]
+        batches = [run.source.get(step, j) for j in range(run.config.gradient_accumulation_steps)]
         device_step(run, batches)
         run.optimizer.zero_grad(set_to_none=True)
     run.lr_scheduler.step()

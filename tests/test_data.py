@@ -153,3 +153,20 @@ def test_folder_without_images_is_a_clear_error(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(DatasetUnavailableError, match=r"holds no images"):
         load_image_dataset(str(tmp_path))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory and copies to a GPU need CUDA")
+@pytest.mark.parametrize("on_gpu", [True, False], ids=["bank on the GPU", "bank in pinned host memory"])
+def test_a_gpu_run_gets_the_cpu_runs_batches_on_the_gpu(monkeypatch, on_gpu):
+    from ddpm_hf import data
+    from ddpm_hf.config import resolve_config
+
+    monkeypatch.setattr(data, "_fits_on", lambda device, nbytes: on_gpu)
+    config = resolve_config(dict(dataset="digits", max_train_samples=40, channels=1, resolution=8, batch_size=8,
+                                 output_dir="unused"))
+    cpu = data.BatchSource(config, 4, 0, 1, progress=False, device=torch.device("cpu"))
+    gpu = data.BatchSource(config, 4, 0, 1, progress=False, device=torch.device("cuda"))
+    assert gpu.bank.images.is_cuda == on_gpu
+    for step in range(12):  # past an epoch boundary (5 steps of 8 images)
+        batch = gpu.get(step, 0)
+        assert batch.is_cuda and torch.equal(batch.cpu(), cpu.get(step, 0))
