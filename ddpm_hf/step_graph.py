@@ -13,15 +13,17 @@ runs the device's work of a step (training.device_step) either way.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable, List, Optional
 
 import torch
 
+from .pipelines.cuda_graphs import Replayed
+
 logger = logging.getLogger(__name__)
 
-# Steps run eagerly on a side stream before the capture, as capture needs: cuBLAS and cuDNN pick their kernels and
-# workspaces, Adam makes its moments. They are steps of the run, not thrown away.
+# Steps run eagerly before the capture, as capture needs (Adam makes its moments then). They are steps of the run.
 GRAPH_WARMUP_STEPS = 3
 
 
@@ -44,66 +46,40 @@ def graph_refusal(config, device: torch.device, num_processes: int) -> Optional[
 
 class StepGraph:
     """Runs `body(batches, ema_weight)`, the device's work of one step, on micro-batches copied into static buffers:
-    on CUDA the first GRAPH_WARMUP_STEPS eagerly, then captured and replayed; with capture=False (a test on a CPU)
-    always eagerly, through the same buffers and tensors.
+    on CUDA the first GRAPH_WARMUP_STEPS eagerly, then captured and replayed (pipelines/cuda_graphs.py); with
+    capture=False (a test on a CPU) always eagerly, through the same buffers and tensors.
 
     lr_on_device: the optimizer's learning rate held in a device tensor (a replay reads it; the LR schedule fills it),
     as a graph needs; defaults to capture."""
 
     def __init__(self, body: Callable, source, shape: tuple, accum: int, device: torch.device, generator: torch.Generator,
                  optimizer, ema, capture: Optional[bool] = None, lr_on_device: Optional[bool] = None):
-        self.body, self.source, self.generator, self.optimizer, self.ema = body, source, generator, optimizer, ema
-        self.capture = device.type == "cuda" if capture is None else capture
+        self.source, self.ema = source, ema
+        capture = device.type == "cuda" if capture is None else capture
         self.batches: List[torch.Tensor] = [torch.empty(shape, dtype=torch.uint8, device=device) for _ in range(accum)]
         self.ema_weight = torch.ones((), device=device)
         for group in optimizer.param_groups:
-            if self.capture if lr_on_device is None else lr_on_device:  # LR schedulers fill a tensor in place
+            if capture if lr_on_device is None else lr_on_device:  # LR schedulers fill a tensor in place
                 group["lr"] = torch.tensor(float(group["lr"]), device=device)
-            group["capturable"] = self.capture  # fused Adam's kernels are the same; torch checks the flag in a capture
-        self.graph: Optional[torch.cuda.CUDAGraph] = None
-        self.warm = 0
+            group["capturable"] = capture  # fused Adam's kernels are the same; torch checks the flag in a capture
+        # the gradients are set to None after each eager step, and before the capture: the graph's backward then
+        # writes them into its own memory
+        no_gradients = functools.partial(optimizer.zero_grad, set_to_none=True)
+        self.replayed = Replayed(lambda: body(self.batches, self.ema_weight), GRAPH_WARMUP_STEPS, capture, self._failed,
+                                 before_capture=no_gradients, after_eager=no_gradients, generators=(generator,))
 
     def step(self, step: int) -> None:
         """Step `step`'s device work (the caller has seeded the generators for it)."""
         for j, batch in enumerate(self.batches):
             batch.copy_(self.source.get(step, j), non_blocking=True)
         self.ema_weight.fill_(self.ema.advance())
-        if self.graph is not None:
-            self.graph.replay()
-        elif not self.capture:
-            self._eager()
-        elif self.warm < GRAPH_WARMUP_STEPS:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._eager()
-            torch.cuda.current_stream().wait_stream(side)
-            self.warm += 1
-        elif self._captured():
-            self.graph.replay()
-        else:
-            self._eager()
+        captured = self.replayed.graph is not None
+        self.replayed()
+        if not captured and self.replayed.graph is not None:
+            logger.info("The training step is captured as a CUDA graph after %d eager steps; each step now replays it.",
+                        self.replayed.eager_calls)
 
-    def _eager(self) -> None:
-        self.body(self.batches, self.ema_weight)
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def _captured(self) -> bool:
-        """Capture the step (nothing runs while capturing); on failure say why once and run eagerly from here."""
-        self.optimizer.zero_grad(set_to_none=True)  # the graph's backward then writes the gradients into its own memory
-        graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(self.generator)  # torch's default generator (dropout) is registered by capture
-        try:
-            with torch.cuda.graph(graph):
-                self.body(self.batches, self.ema_weight)
-        except Exception as e:  # noqa: BLE001  (the run goes on eagerly; the line says why)
-            self.capture = False
-            self.optimizer.zero_grad(set_to_none=True)
-            logger.warning("The training step could not be captured as a CUDA graph (%s: %s); each step runs eagerly "
-                           "from here (--no-cuda_graph says so from the start).", type(e).__name__, e)
-            return False
-        self.graph = graph
-        logger.info("The training step is captured as a CUDA graph after %d eager steps; each step now replays it.",
-                    self.warm)
-        return True
-
+    @staticmethod
+    def _failed(e: Exception) -> None:
+        logger.warning("The training step could not be captured as a CUDA graph (%s: %s); each step runs eagerly "
+                       "from here (--no-cuda_graph says so from the start).", type(e).__name__, e)

@@ -15,9 +15,9 @@ from typing import Callable, Optional
 import torch
 
 from .counter_noise import SeedKeys, seeded_normal
+from .cuda_graphs import Replayed
 
-# Steps run eagerly on a side stream before the capture, as capture needs (cuDNN and cuBLAS pick their kernels).
-CHAIN_WARMUP_STEPS = 2
+CHAIN_WARMUP_STEPS = 2  # eager steps before the capture
 
 
 def network_output(unet, scheduler, x: torch.Tensor, t, keep_variance: bool) -> torch.Tensor:
@@ -73,29 +73,12 @@ def replayed_chain(unet, scheduler, x: torch.Tensor, keys: SeedKeys, start: int 
         noise = seeded_normal(keys, x.shape[1:], position + start, "step", dtype=x.dtype)
         x.copy_(mean + k.std * noise)  # σ = 0 on the step that lands on x_0
 
-    graph = None
+    def failed(e: Exception) -> None:
+        warnings.warn(f"The reverse step could not be captured as a CUDA graph ({type(e).__name__}: {e}); the chain runs "
+                      "eagerly (pass cuda_graph=False to say so from the start).")
+
+    replayed = Replayed(one_step, CHAIN_WARMUP_STEPS, capture, failed)
     for j, _ in enumerate(progress(timesteps)):
         position.fill_(j)
-        if graph is not None:
-            graph.replay()
-        elif not capture:
-            one_step()
-        elif j < CHAIN_WARMUP_STEPS:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                one_step()
-            torch.cuda.current_stream().wait_stream(side)
-        else:
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(graph):
-                    one_step()
-            except Exception as e:  # noqa: BLE001  (the chain goes on eagerly; the warning says why)
-                warnings.warn(f"The reverse step could not be captured as a CUDA graph ({type(e).__name__}: {e}); the "
-                              "chain runs eagerly (pass cuda_graph=False to say so from the start).")
-                graph, capture = None, False
-                one_step()
-                continue
-            graph.replay()
+        replayed()
     return x
