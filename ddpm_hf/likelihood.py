@@ -17,15 +17,18 @@ network (whose input is cast to its own dtype).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
 from .data import to_model_range
 from .pipelines.counter_noise import seed_keys, seeded_normal
+from .pipelines.cuda_graphs import Replayed
 from .scheduler import DDPMScheduler, FixedLogVariances, parameterization, variance
 
 LN2 = math.log(2.0)
+BOUND_WARMUP_TERMS = 2  # terms measured eagerly before the capture
 BIN_HALF_WIDTH = 1.0 / 255.0  # pixels k = 0..255 sit at -1 + 2k/255
 
 
@@ -122,19 +125,33 @@ def bound_terms(unet: Callable, scheduler: DDPMScheduler, images: torch.Tensor, 
         raise ValueError(f"noise has shape {tuple(noise.shape)}; bits_per_dim needs [T, N, C, H, W] = {(T, *x0.shape)}.")
     terms = torch.zeros(x0.shape[0], T, dtype=torch.float64, device=device)
     keys = seed_keys(seeds, device) if seeds is not None and noise is None else None  # once, not once per term
+    position = torch.zeros((), dtype=torch.long, device=device)  # the term's t on the device, where a replay reads it
+    tt = position.expand(x0.shape[0])
+
+    def measure(eps: torch.Tensor) -> None:
+        x_t = scheduler.add_noise(x0, eps, tt)  # q(x_t | x_0), Eq. 4
+        output = unet(x_t.to(dtype), tt).sample.double()
+        terms.index_copy_(1, position.view(1), vb_terms_bpd(scheduler, output, x0, x_t, tt, clip_denoised)[:, None])
+
+    def failed(e: Exception) -> None:
+        warnings.warn(f"The bound's term could not be captured as a CUDA graph ({type(e).__name__}: {e}); it is "
+                      "measured eagerly.")
+
+    # counter-based noise (float32 as a generator's, then float64) needs nothing from the host: on a GPU one term is
+    # captured as a CUDA graph and replayed for every t
+    counter_term = None if keys is None else Replayed(
+        lambda: measure(seeded_normal(keys, x0.shape[1:], position, "bound").double()), BOUND_WARMUP_TERMS,
+        torch.device(device).type == "cuda", failed)
     for t in progress(range(T - 1, -1, -1)):
-        if noise is not None:
-            eps = noise[t].to(device=device, dtype=torch.float64)
-        elif keys is not None:  # counter-based, for the whole batch at once; float32 as a generator's, then float64
-            eps = seeded_normal(keys, x0.shape[1:], t, "bound").double()
+        position.fill_(t)
+        if counter_term is not None:
+            counter_term()
+        elif noise is not None:
+            measure(noise[t].to(device=device, dtype=torch.float64))
         else:
             from diffusers.utils.torch_utils import randn_tensor
 
-            eps = randn_tensor(x0.shape, generator=generator, device=device, dtype=torch.float32).double()
-        tt = torch.full((x0.shape[0],), t, device=device, dtype=torch.long)
-        x_t = scheduler.add_noise(x0, eps, tt)  # q(x_t | x_0), Eq. 4
-        output = unet(x_t.to(dtype), tt).sample.double()
-        terms[:, t] = vb_terms_bpd(scheduler, output, x0, x_t, tt, clip_denoised)
+            measure(randn_tensor(x0.shape, generator=generator, device=device, dtype=torch.float32).double())
     return prior_bpd(scheduler, x0), terms
 
 
