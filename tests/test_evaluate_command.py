@@ -104,6 +104,7 @@ def test_evaluate_resumes_after_a_kill_and_reports_what_the_single_commands_meas
     assert json.loads((out / "eval_samples" / "sampling.json").read_text())["complete"] is True
     table = (out / "evaluation.md").read_text()
     assert "| Ho et al. 2020, Table 1: L_simple | 3.17 | – | 9.46 ± 0.11 | – | ≤ 3.75 |" in table
+    assert "| Nichol & Dhariwal 2021 (improved DDPM): L_vlb | – | – | – | – | ≤ 2.94 |" in table
     assert f"| {report['results']['fid_legacy_tensorflow']:.2f} |" in table.splitlines()[2]
     assert done.stdout.endswith(table)
 
