@@ -93,14 +93,19 @@ class FixedLogVariances(NamedTuple):
 
 class StepCoefficients(NamedTuple):
     """A reverse step's numbers: `a` = √ᾱ_t and `s` = √(1 - ᾱ_t) (x̂_0 from the output), `c0` and `ct` (the posterior
-    mean, Eq. 7), and `std` = σ_t (0 on the step that lands on x_0; None for a learned variance, which the network
-    gives). Floats for one step on the host, or 0-d tensors gathered on the device."""
+    mean, Eq. 7), the fixed log-variances `log_small` = log β̃_t and `log_large` = log β of the step (what a variance
+    type reads, Sec. 3.2), `std` = σ_t of a fixed variance type (0 for a learned one, which the network gives), and
+    `noise`: 1 where the step adds σ_t z, 0 on the step that lands on x_0. Floats for one step on the host, or 0-d
+    tensors gathered on the device."""
 
     a: object
     s: object
     c0: object
     ct: object
+    log_small: object
+    log_large: object
     std: object
+    noise: object
 
 
 @dataclass(frozen=True)
@@ -439,11 +444,12 @@ class DDPMScheduler(_DiffusersDDPMScheduler):
 
         Kept under diffusers' private name so that code written against diffusers' class works."""
         kind = variance(variance_type or self.config.variance_type)
-        _, _, var_small, var_large = self.posterior_coefficients(t, self.previous_timestep(t))
-        var_small = max(var_small, 1e-20)  # β̃ = 0 on the step to x_0; keep its log finite
-        log_large = math.log(var_large)  # the step's β: a strided step has no t = 0 convention to follow
-        log_variance = kind.log_variance(FixedLogVariances(math.log(var_small), log_large, log_large), predicted_variance)
+        log_variance = self._log_variance(kind, self.step_coefficients(t), predicted_variance)
         return log_variance if kind.learned else torch.tensor(math.exp(log_variance), dtype=torch.float64)
+
+    @staticmethod
+    def _log_variance(kind: "Variance", k: "StepCoefficients", predicted_variance=None):
+        return kind.log_variance(FixedLogVariances(k.log_small, k.log_large, k.log_large), predicted_variance)
 
     def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
         """Dynamic thresholding (Saharia et al. 2022, Sec. 2.3): per sample, s = the
@@ -476,21 +482,36 @@ class DDPMScheduler(_DiffusersDDPMScheduler):
 
     # ------------------------------------------------------------------ reverse process
 
-    def step_coefficients(self, timestep) -> "StepCoefficients":
-        """The numbers of the reverse step from `timestep` (float64 Python floats): stages 1 and 5 of `step`."""
+    def step_coefficients(self, timestep) -> StepCoefficients:
+        """The numbers of the reverse step from `timestep` (float64 Python floats)."""
         t = int(timestep)
         prev_t = self.previous_timestep(t)
-        ab_t = self._alpha_bar(t)  # 1. ᾱ_t, and the posterior's coefficients for the step t -> t'
-        c0, ct, _, _ = self.posterior_coefficients(t, prev_t)
-        std = None
-        if not variance(self.config.variance_type).learned:  # 5. σ_t; none on the step that lands on x_0
-            std = math.sqrt(float(self._get_variance(t))) if prev_t >= 0 else 0.0
-        return StepCoefficients(math.sqrt(ab_t), math.sqrt(1 - ab_t), c0, ct, std)
+        ab_t = self._alpha_bar(t)  # ᾱ_t, and the posterior's coefficients for the step t -> t'
+        c0, ct, var_small, var_large = self.posterior_coefficients(t, prev_t)
+        # β̃ = 0 on the step to x_0: its log kept finite; the step's β (a strided step has no t = 0 convention to follow)
+        logs = FixedLogVariances(math.log(max(var_small, 1e-20)), math.log(var_large), math.log(var_large))
+        kind = variance(self.config.variance_type)
+        std = 0.0 if kind.learned else math.sqrt(math.exp(kind.log_variance(logs, None)))
+        return StepCoefficients(math.sqrt(ab_t), math.sqrt(1 - ab_t), c0, ct, logs.small, logs.large, std,
+                                1.0 if prev_t >= 0 else 0.0)
 
-    def reverse_mean(self, k: "StepCoefficients", model_output: torch.Tensor, sample: torch.Tensor) -> tuple:
-        """(μ̃_t, x̂_0): stages 2-4 of `step` with the step's numbers `k`, floats or 0-d tensors (a CUDA graph gathers
-        them on the device: pipelines/chain_graph.py). Either way the float64 numbers meet the float32 chain the
-        same way, so the two agree bit for bit."""
+    def reverse_step(self, k: StepCoefficients, model_output: torch.Tensor, sample: torch.Tensor,
+                     noise: Optional[torch.Tensor]) -> tuple:
+        """(x_{t'}, x̂_0): stages 2-5 of `step` with the step's numbers `k`, floats or 0-d tensors (a CUDA graph gathers
+        them on the device: pipelines/chain_graph.py), and the step's z (None where k.noise is 0). Either way the
+        float64 numbers meet the float32 chain the same way, so the two agree bit for bit."""
+        kind = variance(self.config.variance_type)
+        predicted_variance = None
+        if kind.learned:
+            model_output, predicted_variance = model_output.split(sample.shape[1], dim=1)
+        prev_sample, pred_original_sample = self.reverse_mean(k, model_output, sample)
+        if noise is not None:  # 5. add σ_t z, z ~ N(0, I), except on the step that lands on x_0 (Algorithm 2, line 3)
+            std = torch.exp(0.5 * self._log_variance(kind, k, predicted_variance)) if kind.learned else k.std
+            prev_sample = prev_sample + (k.noise * std) * noise
+        return prev_sample, pred_original_sample
+
+    def reverse_mean(self, k: StepCoefficients, model_output: torch.Tensor, sample: torch.Tensor) -> tuple:
+        """(μ̃_t, x̂_0): stages 2-4 of `step` with the step's numbers `k`."""
         # 2. x̂_0 from the model output: Eq. 15 for ε; x_0 itself; or from v = sqrt(ᾱ)ε - sqrt(1-ᾱ)x_0
         pred_original_sample = parameterization(self.config.prediction_type).x0(model_output, sample, k.a, k.s)
         # 3. clip or dynamically threshold x̂_0
@@ -517,30 +538,21 @@ class DDPMScheduler(_DiffusersDDPMScheduler):
         if variance_noise is not None and generator is not None:
             raise ValueError("Pass variance_noise or generator to step, not both: variance_noise is the noise itself.")
         t = int(timestep)
-        prev_t = self.previous_timestep(t)
         C = sample.shape[1]
-        learned = variance(self.config.variance_type).learned
-        if learned:
-            if model_output.shape[1] != 2 * C:
-                raise ValueError(
-                    f"variance_type={self.config.variance_type!r} needs a model output of {2 * C} channels "
-                    f"(prediction and variance), got {model_output.shape[1]}; use a fixed variance_type or a "
-                    "model with out_channels = 2 * in_channels."
-                )
-            model_output, predicted_variance = model_output.split(C, dim=1)
-        else:
-            predicted_variance = None
-
-        # 1.-4. the posterior mean of the step, from its numbers (float64)
+        if variance(self.config.variance_type).learned and model_output.shape[1] != 2 * C:
+            raise ValueError(
+                f"variance_type={self.config.variance_type!r} needs a model output of {2 * C} channels "
+                f"(prediction and variance), got {model_output.shape[1]}; use a fixed variance_type or a "
+                "model with out_channels = 2 * in_channels."
+            )
+        # 1. the step's numbers (float64): ᾱ_t, the posterior's coefficients, the fixed log-variances
         k = self.step_coefficients(t)
-        prev_sample, pred_original_sample = self.reverse_mean(k, model_output, sample)
-
-        # 5. add σ_t z, z ~ N(0, I), except on the step that lands on x_0 (Algorithm 2, line 3)
-        if prev_t >= 0:
+        noise = None
+        if k.noise:  # z is drawn on every step but the one that lands on x_0
             noise = variance_noise if variance_noise is not None else randn_tensor(
-                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
-            std = torch.exp(0.5 * self._get_variance(t, predicted_variance=predicted_variance)) if learned else k.std
-            prev_sample = prev_sample + std * noise
+                sample.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+        # 2.-5. x̂_0, its clipping, the posterior mean and σ_t z
+        prev_sample, pred_original_sample = self.reverse_step(k, model_output, sample, noise)
 
         if not return_dict:
             return (prev_sample, pred_original_sample)

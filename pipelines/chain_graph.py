@@ -2,7 +2,7 @@
 
 A chain of 1000 steps is 1000 UNet passes and scheduler steps, each a few hundred kernels launched from Python. With
 counter-based noise (`pipe(seeds=...)`) no step needs the host: the step's numbers (√ᾱ_t, √(1-ᾱ_t), the posterior's
-c0 and ct, σ_t) are gathered from a float64 table on the device by a step counter, and the noise is Philox of (seed,
+c0 and ct, the log-variances, σ_t) are gathered from a float64 table on the device by a step counter, and the noise is Philox of (seed,
 counter). So one step is captured once and replayed for every step of the chain. It gives the eager chain's images bit
 for bit: the same numbers meet the same kernels (a test runs it eagerly on a CPU against `denoise`).
 """
@@ -44,8 +44,6 @@ def graph_form_refusal(scheduler, keys: Optional[SeedKeys], callback) -> Optiona
         return "a generator per image draws its noise on the host (pass seeds)"
     if not hasattr(scheduler, "step_coefficients"):
         return f"{type(scheduler).__name__} computes its step on the host"
-    if scheduler.config.variance_type in ("learned", "learned_range"):
-        return "a learned variance"
     if scheduler.config.thresholding:
         return "dynamic thresholding"
     if callback is not None:
@@ -54,10 +52,11 @@ def graph_form_refusal(scheduler, keys: Optional[SeedKeys], callback) -> Optiona
 
 
 def replayed_chain(unet, scheduler, x: torch.Tensor, keys: SeedKeys, start: int = 0, progress: Callable = lambda it: it,
-                   capture: Optional[bool] = None) -> torch.Tensor:
+                   capture: Optional[bool] = None, keep_variance: bool = False) -> torch.Tensor:
     """x_0 from x_t at chain step `start` (scheduler.set_timesteps done), image k's step noise from keys[k]: on CUDA the
     first CHAIN_WARMUP_STEPS steps eagerly, then one step captured and replayed; with capture=False (a CPU) every step
-    runs eagerly through the same tables and counter."""
+    runs eagerly through the same tables and counter. keep_variance: the scheduler reads a learned variance (the
+    network's second C channels)."""
     capture = x.device.type == "cuda" if capture is None else capture
     timesteps = scheduler.timesteps[start:]
     numbers = [scheduler.step_coefficients(t) for t in timesteps]
@@ -68,10 +67,9 @@ def replayed_chain(unet, scheduler, x: torch.Tensor, keys: SeedKeys, start: int 
 
     def one_step():
         k = coefficients(*table[position].unbind())
-        output = network_output(unet, scheduler, x, timesteps[position], keep_variance=False)
-        mean, _ = scheduler.reverse_mean(k, output, x)
+        output = network_output(unet, scheduler, x, timesteps[position], keep_variance)
         noise = seeded_normal(keys, x.shape[1:], position + start, "step", dtype=x.dtype)
-        x.copy_(mean + k.std * noise)  # σ = 0 on the step that lands on x_0
+        x.copy_(scheduler.reverse_step(k, output, x, noise)[0])  # k.noise = 0 on the step that lands on x_0
 
     def failed(e: Exception) -> None:
         warnings.warn(f"The reverse step could not be captured as a CUDA graph ({type(e).__name__}: {e}); the chain runs "

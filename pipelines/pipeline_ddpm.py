@@ -98,8 +98,8 @@ def denoise(
     With `seeds` (one per image, instead of `generator`) the noise of step i of image k is counter-based:
     `seeded_normal([seeds[k]], ..., step=i, stream="step")`, the same on every device and in every batch.
 
-    With `cuda_graph` (the default) a chain on a CUDA device with `seeds`, our DDPMScheduler and a fixed variance, and
-    no callback, is replayed as a CUDA graph (chain_graph.py): the same images, fewer launches."""
+    With `cuda_graph` (the default) a chain on a CUDA device with `seeds`, our DDPMScheduler and no callback is replayed
+    as a CUDA graph (chain_graph.py): the same images, fewer launches."""
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
     if start and hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
@@ -128,7 +128,7 @@ def denoise(
     keep_variance = uses_learned_variance(scheduler)
     x = noise * scheduler.init_noise_sigma if start == 0 else noise
     if cuda_graph and chain_graph_refusal(scheduler, x, keys, callback) is None:
-        return replayed_chain(unet, scheduler, x, keys, start, progress)
+        return replayed_chain(unet, scheduler, x, keys, start, progress, keep_variance=keep_variance)
     for i, t in enumerate(progress(scheduler.timesteps[start:]), start):
         # 1. predict ε (or x_0, or v): the network in its own dtype (bf16, fp16, ...), the chain in x's
         model_output = network_output(unet, scheduler, x, t, keep_variance)
@@ -247,7 +247,7 @@ class DDPMPipeline(DiffusionPipeline):
             seeds: one integer per image, instead of `generator`: image i's noise (x_T and every step's) is
                 counter-based (`counter_noise.seeded_normal`), a function of seeds[i] alone, drawn for the whole batch
                 at once and the same on every device (a CPU and a GPU give the same noise for the same seed).
-            cuda_graph: with seeds, our DDPMScheduler with a fixed variance and no callback, on a CUDA device: replay
+            cuda_graph: with seeds, our DDPMScheduler and no callback, on a CUDA device: replay
                 the reverse step as a CUDA graph (the same images, fewer kernel launches); False runs it eagerly.
         """
         if output_type not in OUTPUT_TYPES:
