@@ -155,6 +155,8 @@ def evaluate_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="sample k from seed + k; the bound's image k from (seed, k)")
     parser.add_argument("--inception_weights", default=None, help=f"path to {INCEPTION_FILE}")
     parser.add_argument("--cache_dir", default=None, help="reference statistics and weights cache")
+    parser.add_argument("--fid_se_rounds", type=int, default=None, help="bootstrap resamplings of the samples for FID's "
+                        "standard error, 0 to skip it (default: the protocol's, 10; each costs about one FID)")
     parser.add_argument("--overwrite", action="store_true", help="start again in a folder evaluated with other settings")
     args = parser.parse_args(argv)
     if args.seed < 0 or args.batch_size < 1:
@@ -168,7 +170,8 @@ def evaluate_main(argv: Optional[Sequence[str]] = None) -> int:
 
     chosen = settings(args.protocol, num_images=args.num_images, num_inference_steps=args.num_inference_steps,
                       reference=args.reference, reference_split=args.reference_split, nll_dataset=args.nll_dataset,
-                      nll_split=args.nll_split, nll_images=args.nll_images, modes=args.modes)
+                      nll_split=args.nll_split, nll_images=args.nll_images, modes=args.modes,
+                      fid_se_rounds=args.fid_se_rounds)
     state = distributed_state()
     network_dtype(args.dtype, state.device)
     # before any sampling: the Inception weights and the data, each missing one a line now rather than hours later

@@ -25,6 +25,7 @@ import torch
 from .choices import FEATURE_NETWORKS, FID_MODES
 from .metrics import (
     feature_statistics,
+    fid_standard_error,
     frechet_distance,
     improved_precision_recall,
     inception_score,
@@ -338,7 +339,8 @@ def sampling_protocol(samples: Path) -> Optional[dict]:
 
 def evaluate_folder(samples, reference: str, network: FeatureNetwork, mode: str = "clean", cache_dir=None,
                     split: str = "train", resolution: Optional[int] = None, channels: int = 3, kid: bool = True,
-                    isc: bool = True, output: Optional[Path] = None, precision_recall: bool = False, **kw) -> dict:
+                    isc: bool = True, output: Optional[Path] = None, precision_recall: bool = False,
+                    fd_se_rounds: int = 0, **kw) -> dict:
     """The Fréchet distance (FID in Inception's space, FD_DINOv2 in DINOv2's), and the kernel distance, IS and
     precision/recall (k = 3) as asked, of the images in `samples` against `reference`; writes `metrics_file(network.kind)`
     into the samples folder (or `output`) with the numbers and the protocol. A sampling.json (from ddpm-sample)
@@ -364,6 +366,10 @@ def evaluate_folder(samples, reference: str, network: FeatureNetwork, mode: str 
         ref_all, ref_description = reference_features(reference, network, mode, cache_dir, split, resolution, channels, **kw)
         ref_stats, ref_kid, num_reference = feature_statistics(ref_all[:, :d]), ref_all[:, :d], int(ref_all.shape[0])
     result = {network.metric("fd"): frechet_distance(*feature_statistics(sample_all[:, :d]), *ref_stats)}
+    if fd_se_rounds:
+        result[f"{network.metric('fd')}_se"] = fid_standard_error(sample_all[:, :d], *ref_stats, rounds=fd_se_rounds)
+        result[f"{network.metric('fd')}_se_from"] = (f"the standard deviation over {fd_se_rounds} bootstrap resamplings of "
+                                                      "the samples, the reference's statistics fixed")
     if kid:
         result[network.metric("kd")] = kernel_inception_distance(sample_all[:, :d], ref_kid)
     if precision_recall:

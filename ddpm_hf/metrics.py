@@ -31,6 +31,20 @@ def fid_from_features(features1: np.ndarray, features2: np.ndarray) -> float:
     return frechet_distance(*feature_statistics(features1), *feature_statistics(features2))
 
 
+def fid_standard_error(features: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray, rounds: int = 10,
+                       seed: int = 0) -> float:
+    """The bootstrap standard error of the Fréchet distance of `features` [N, D] to fixed reference statistics: the
+    standard deviation of the distance over `rounds` resamplings of the N rows with replacement (the spread a new draw
+    of N samples would show; the reference's own sampling is left out, as its statistics are fixed). Seeded."""
+    features = np.asarray(features, dtype=np.float64)
+    if rounds < 2:
+        raise ValueError(f"A bootstrap standard error needs at least 2 rounds, got {rounds}.")
+    rng = np.random.default_rng(seed)
+    distances = [frechet_distance(*feature_statistics(features[rng.integers(0, len(features), len(features))]),
+                                  mu_ref, sigma_ref) for _ in range(rounds)]
+    return float(np.std(distances, ddof=1))
+
+
 def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray, num_subsets: int = 100,
                               max_subset_size: int = 1000, seed: int = 0) -> float:
     """KID (Bińkowski et al. 2018): unbiased MMD² with the cubic polynomial kernel, averaged over subsets,

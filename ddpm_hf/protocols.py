@@ -20,12 +20,15 @@ from .run_folder import (EVALUATION, EVALUATION_NLL_DIR, EVALUATION_SAMPLES_DIR,
                          evaluation_metrics_file)
 
 
+FID_SE_ROUNDS = 10  # bootstrap resamplings of the samples for FID's standard error
+
 # What each protocol runs by default, and the figures it is compared with. Ho et al. 2020, Table 1 (CIFAR-10,
 # unconditional; FID and IS on 50,000 samples against the training set, NLL on the test set), and improved DDPM's bound.
 PROTOCOLS: Dict[str, dict] = {
     "ddpm-cifar10": dict(
         num_images=50000, num_inference_steps=1000, reference="cifar10", reference_split="train",
         modes=("legacy_tensorflow", "clean"), nll_dataset="cifar10", nll_split="test", nll_images=10000,
+        fid_se_rounds=FID_SE_ROUNDS,
         published=[
             {"source": "Ho et al. 2020, Table 1: L_simple", "fid": 3.17, "inception_score": (9.46, 0.11), "nll": 3.75},
             {"source": "Ho et al. 2020, Table 1: L, fixed isotropic Σ", "fid": 13.51, "inception_score": (7.67, 0.13),
@@ -50,7 +53,9 @@ def settings(protocol: str, **overrides) -> dict:
     problems = [f"--num_images {chosen['num_images']} must be at least {IS_SPLITS} (the Inception Score's splits)"
                 if chosen["num_images"] < IS_SPLITS else "",
                 f"--num_inference_steps {chosen['num_inference_steps']} at least 1" if chosen["num_inference_steps"] < 1 else "",
-                f"--nll_images {chosen['nll_images']} at least 0 (0 skips the bound)" if chosen["nll_images"] < 0 else ""]
+                f"--nll_images {chosen['nll_images']} at least 0 (0 skips the bound)" if chosen["nll_images"] < 0 else "",
+                f"--fid_se_rounds {chosen['fid_se_rounds']} at least 2, or 0 to skip FID's standard error"
+                if chosen["fid_se_rounds"] == 1 or chosen["fid_se_rounds"] < 0 else ""]
     if any(problems):
         raise ValueError("; ".join(p for p in problems if p) + ".")
     return {"protocol": protocol, **chosen}
@@ -87,6 +92,7 @@ def evaluate_pipeline(pipe, reload: Callable, pipeline_name: str, folder, chosen
             metrics[mode] = evaluate_folder(folder / EVALUATION_SAMPLES_DIR, chosen["reference"], network, mode, cache_dir,
                                             chosen["reference_split"], unet_config.sample_size, unet_config.in_channels,
                                             output=folder / evaluation_metrics_file(mode),
+                                            fd_se_rounds=chosen["fid_se_rounds"],
                                             device=state.device if state is not None else "cpu")
     if state is not None:
         state.wait_for_everyone()
@@ -108,6 +114,8 @@ def build_report(pipeline_name: str, chosen: dict, metrics: dict, nll: Optional[
     results = {}
     for mode, result in metrics.items():
         results[f"fid_{mode}"] = result["fid"]
+        if "fid_se" in result:
+            results[f"fid_{mode}_se"] = result["fid_se"]
         if "inception_score" in result:
             results[f"inception_score_{mode}"] = {k: result["inception_score"][k] for k in ("mean", "std")}
     if nll is not None:
@@ -137,7 +145,7 @@ def report_markdown(report: dict) -> str:
     modes: Sequence[str] = protocol["modes"]
     head = ["", *[f"FID ({m})" for m in modes], *[f"IS ({m})" for m in modes], "NLL (bits/dim)"]
     ours = [f"this pipeline ({protocol['num_images']} samples, {protocol['num_inference_steps']} steps)"]
-    ours += [_fmt(results.get(f"fid_{m}")) for m in modes]
+    ours += [_fmt(results.get(f"fid_{m}"), results.get(f"fid_{m}_se")) for m in modes]
     ours += [_fmt(results[f"inception_score_{m}"]["mean"], results[f"inception_score_{m}"]["std"])
              if f"inception_score_{m}" in results else "–" for m in modes]
     nll = results.get("nll_bits_per_dim")
@@ -151,7 +159,9 @@ def report_markdown(report: dict) -> str:
     words = (f"FID and IS: {protocol['num_images']} samples of the DDPM chain at {protocol['num_inference_steps']} steps "
              f"(network in {protocol['dtype']}, image k from seed {protocol['seed']} + k) against {protocol['reference']} "
              f"({protocol['reference_split']}), clean-fid's Inception-v3 in each mode (the published FIDs use TensorFlow's "
-             "Inception and resizing: legacy_tensorflow); IS ± its standard deviation over 10 splits. ")
+             "Inception and resizing: legacy_tensorflow)"
+             + (f", ± its bootstrap standard error ({protocol['fid_se_rounds']} resamplings of the samples, the reference "
+                "fixed)" if protocol["fid_se_rounds"] else "") + "; IS ± its standard deviation over 10 splits. ")
     if nll:
         words += (f"NLL: the variational bound (Eq. 5) on the first {protocol['nll_images']} images of "
                   f"{protocol['nll_dataset']} ({protocol['nll_split']}), ± its standard error. ")

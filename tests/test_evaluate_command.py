@@ -63,7 +63,7 @@ def setup(tmp_path_factory):
 def evaluate_cli(root: Path, out: Path, *extra, weights=True) -> list:
     return [sys.executable, "-m", "ddpm_hf.evaluate", str(root / "pipe"), str(out), "--num_images", "12",
             "--num_inference_steps", "40", "--batch_size", "2", "--reference", str(root / "reference"),
-            "--nll_dataset", "digits", "--nll_images", "3", "--cache_dir", str(root / "cache"),
+            "--nll_dataset", "digits", "--nll_images", "3", "--cache_dir", str(root / "cache"), "--fid_se_rounds", "2",
             *(["--inception_weights", str(root / "stand-in.pt")] if weights else []), *map(str, extra)]
 
 
@@ -105,7 +105,11 @@ def test_evaluate_resumes_after_a_kill_and_reports_what_the_single_commands_meas
     table = (out / "evaluation.md").read_text()
     assert "| Ho et al. 2020, Table 1: L_simple | 3.17 | – | 9.46 ± 0.11 | – | ≤ 3.75 |" in table
     assert "| Nichol & Dhariwal 2021 (improved DDPM): L_vlb | – | – | – | – | ≤ 2.94 |" in table
-    assert f"| {report['results']['fid_legacy_tensorflow']:.2f} |" in table.splitlines()[2]
+    results = report["results"]
+    assert all(results[f"fid_{mode}_se"] > 0 for mode in ("legacy_tensorflow", "clean"))  # the bootstrap's, 2 rounds
+    assert (f"| {results['fid_legacy_tensorflow']:.2f} ± {results['fid_legacy_tensorflow_se']:.2f} |"
+            in table.splitlines()[2])
+    assert "± its bootstrap standard error (2 resamplings of the samples, the reference fixed)" in table
     assert done.stdout.endswith(table)
 
 
@@ -148,7 +152,7 @@ def test_evaluating_into_a_run_folder_leaves_its_grids_and_puts_the_table_in_its
     proc = subprocess.run([sys.executable, "-m", "ddpm_hf.evaluate", str(run), str(run), "--num_images", "10",
                            "--num_inference_steps", "5", "--reference", str(setup / "reference"), "--nll_dataset", "digits",
                            "--nll_images", "2", "--inception_weights", str(setup / "stand-in.pt"), "--cache_dir",
-                           str(setup / "cache")], capture_output=True, text=True)
+                           str(setup / "cache"), "--fid_se_rounds", "0"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p.name: p.read_bytes() for p in (run / "samples").iterdir()} == grids  # the run's own grids untouched
     assert len(list((run / "eval_samples").glob("*.png"))) == 10
@@ -164,7 +168,7 @@ def test_evaluate_obeys_its_modes_seed_steps_dtype_reference_split_and_skipping_
     args = [sys.executable, "-m", "ddpm_hf.evaluate", str(setup / "pipe"), str(out), "--num_images", "10",
             "--num_inference_steps", "7", "--modes", "clean", "--dtype", "bf16", "--nll_images", "0", "--reference",
             "digits", "--reference_split", "test", "--inception_weights", str(setup / "stand-in.pt"), "--cache_dir",
-            str(setup / "cache")]
+            str(setup / "cache"), "--fid_se_rounds", "0"]
     proc = subprocess.run(args + ["--seed", "5"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sampling = json.loads((out / "eval_samples" / "sampling.json").read_text())
@@ -185,3 +189,13 @@ def test_evaluate_obeys_its_modes_seed_steps_dtype_reference_split_and_skipping_
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "eval_samples" / "sampling.json").read_text())["seed"] == 6
     assert sorted(p.name for p in (out / "eval_samples").glob("*.png"))[0] == "000000-seed6.png"
+
+
+@pytest.mark.parametrize("rounds", [1, -2])
+def test_fid_se_rounds_below_two_are_refused_in_one_line_unless_zero(rounds):
+    from ddpm_hf.protocols import settings
+
+    with pytest.raises(ValueError, match=rf"^--fid_se_rounds {rounds} at least 2, or 0 to skip FID's standard error\.$"):
+        settings("ddpm-cifar10", fid_se_rounds=rounds)
+    assert settings("ddpm-cifar10", fid_se_rounds=0)["fid_se_rounds"] == 0
+    assert settings("ddpm-cifar10")["fid_se_rounds"] == 10

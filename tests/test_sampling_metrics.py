@@ -17,6 +17,7 @@ from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
 from ddpm_hf.metrics import (
     feature_statistics,
     fid_from_features,
+    fid_standard_error,
     frechet_distance,
     inception_score,
     kernel_inception_distance,
@@ -162,6 +163,27 @@ def test_fid_of_two_known_gaussians_is_the_closed_form():
     assert fid_from_features(x, y) == pytest.approx(closed, abs=0.03)
     mu, sigma = feature_statistics(x)
     np.testing.assert_allclose(np.diag(sigma), v1, rtol=0.02)
+
+
+def test_fids_bootstrap_standard_error_is_the_spread_of_fid_over_new_draws():
+    """Oracle: the standard deviation of FID over independent draws of N samples from a known Gaussian, against fixed
+    reference statistics. The bootstrap of one draw must estimate it, and shrink about as 1/sqrt(N)."""
+    rng = np.random.default_rng(3)
+    d = 6
+    mix = rng.normal(size=(d, d)) / np.sqrt(d)
+    mu_ref, sigma_ref = np.zeros(d), np.eye(d)
+    draw = lambda n: rng.normal(size=(n, d)) @ mix + 0.3  # noqa: E731  (another Gaussian: FID well above 0)
+    spread = {n: np.std([frechet_distance(*feature_statistics(draw(n)), mu_ref, sigma_ref) for _ in range(60)], ddof=1)
+              for n in (300, 1200)}
+    se = {n: np.median([fid_standard_error(draw(n), mu_ref, sigma_ref, rounds=20, seed=k) for k in range(5)])
+          for n in (300, 1200)}
+    for n in se:
+        assert 0.6 < se[n] / spread[n] < 1.6, (n, se[n], spread[n])
+    assert 1.5 < se[300] / se[1200] < 2.7  # sqrt(4) = 2
+    x = draw(300)
+    assert fid_standard_error(x, mu_ref, sigma_ref, seed=1) == fid_standard_error(x, mu_ref, sigma_ref, seed=1)
+    with pytest.raises(ValueError, match=r"needs at least 2 rounds, got 1"):
+        fid_standard_error(x, mu_ref, sigma_ref, rounds=1)
 
 
 def test_inception_score_limits():
