@@ -21,6 +21,7 @@ import diffusers
 import torch
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
+from ddpm_hf.samplers import network_dtype
 
 
 def best_of(fn, repeats: int) -> float:
@@ -55,8 +56,7 @@ def timed_variants(unet, ours, ref, args, device) -> list:
     per-image reproducible batches)."""
     n, rows = args.batch_size, []
     for name in args.dtypes.split(","):
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-        torch.nn.Module.to(unet, dtype)
+        torch.nn.Module.to(unet, network_dtype(name, device))
         generators = lambda: [torch.Generator(device).manual_seed(k) for k in range(n)]
         variants = (
             ("ddpm_hf, seeds (counter noise)", lambda: ours(batch_size=n, seeds=list(range(n)), num_inference_steps=args.steps,
@@ -130,7 +130,7 @@ def main() -> None:
         vs_fp32 = f"{rate / fp32[label]:.2f}x" if isinstance(fp32.get(label), float) else ""
         print(f"| {label} | {dtype} | {rate:.2f} | {vs_ref} | {vs_fp32} |")
     for name in args.dtypes.split(",") if args.profile else ():
-        torch.nn.Module.to(unet, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name])
+        torch.nn.Module.to(unet, network_dtype(name, device))
         print(f"\nours, seeds, {name}: the {args.profile} ops that take the most time in one chain of {args.steps} steps")
         print(profile_table(lambda: ours(batch_size=n, seeds=list(range(n)), num_inference_steps=args.steps,
                                          output_type="np"), device, args.profile))

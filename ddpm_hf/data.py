@@ -490,7 +490,8 @@ class BatchSource:
     def num_images(self) -> Optional[int]:
         return None if self.bank is None else len(self.bank)
 
-    def get(self, step: int, j: int) -> torch.Tensor:
+    def get(self, step: int, j: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The micro-batch on the device, written into `out` where given (a CUDA graph's static buffer)."""
         accum = self.config.gradient_accumulation_steps
         if self.bank is not None:
             epoch, pos = divmod(step, self.steps_per_epoch)
@@ -500,13 +501,15 @@ class BatchSource:
             start = ((pos * accum + j) * self.world + self.rank) * self.micro
             rows = self._perm[start : start + self.micro]
             if self.bank.images.device.type != "cpu":  # the bank lives on the GPU: gathered there
-                return self.bank.images[rows]
+                return torch.index_select(self.bank.images, 0, rows, out=out)
             # from host memory, pinned for a GPU (torch's pinned-memory cache keeps the block until the copy that reads
             # it is done, so the host goes on at once); on a CPU the same gather, and no copy
             batch = torch.empty((self.micro, *self.bank.images.shape[1:]), dtype=torch.uint8, pin_memory=self.pinned)
-            return torch.index_select(self.bank.images, 0, rows, out=batch).to(self.device, non_blocking=True)
-        batch = self._next_streamed()
-        return (batch.pin_memory() if self.pinned else batch).to(self.device, non_blocking=True)
+            torch.index_select(self.bank.images, 0, rows, out=batch)
+        else:
+            batch = self._next_streamed()
+            batch = batch.pin_memory() if self.pinned else batch
+        return batch.to(self.device, non_blocking=True) if out is None else out.copy_(batch, non_blocking=True)
 
     def _next_streamed(self) -> torch.Tensor:
         while True:

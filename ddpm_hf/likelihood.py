@@ -141,7 +141,7 @@ def bound_terms(unet: Callable, scheduler: DDPMScheduler, images: torch.Tensor, 
     # captured as a CUDA graph and replayed for every t
     counter_term = None if keys is None else Replayed(
         lambda: measure(seeded_normal(keys, x0.shape[1:], position, "bound").double()), BOUND_WARMUP_TERMS,
-        torch.device(device).type == "cuda", failed)
+        device.type == "cuda", failed)
     for t in progress(range(T - 1, -1, -1)):
         position.fill_(t)
         if counter_term is not None:

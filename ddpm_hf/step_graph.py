@@ -71,7 +71,7 @@ class StepGraph:
     def step(self, step: int) -> None:
         """Step `step`'s device work (the caller has seeded the generators for it)."""
         for j, batch in enumerate(self.batches):
-            batch.copy_(self.source.get(step, j), non_blocking=True)
+            self.source.get(step, j, out=batch)
         self.ema_weight.fill_(self.ema.advance())
         captured = self.replayed.graph is not None
         self.replayed()

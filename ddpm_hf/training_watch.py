@@ -186,7 +186,8 @@ def evaluate_nll(run: Run, state: TrainState) -> None:
     state.nll.append({"step": state.step, "images": len(measured), **summary})
     accelerator.log({f"eval/bpd_{term}": summary[term]["mean"] for term in TERMS}, step=state.step)
     logger.info("Step %d: NLL bound %.4f ± %.4f bits/dim on %d held-out images, network in %s (prior %.4f, KL %.4f, "
-                "decoder %.4f)", state.step, summary["total"]["mean"], summary["total"]["sem"], len(measured), config.eval_dtype, summary["prior"]["mean"],
+                "decoder %.4f)", state.step, summary["total"]["mean"], summary["total"]["sem"], len(measured),
+                config.eval_dtype, summary["prior"]["mean"],
                 summary["kl"]["mean"], summary["decoder"]["mean"])
 
 
