@@ -10,7 +10,7 @@
 
 import sys
 
-from ddpm_hf.cli import train_main
+from ddpm_hf.commands.train import main as train_main
 
 if __name__ == "__main__":
     sys.exit(train_main())

@@ -15,12 +15,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = {
     "train_ddpm.py": [sys.executable, str(REPO / "train_ddpm.py")],
-    "ddpm-sample": [sys.executable, "-m", "ddpm_hf.sample"],
-    "ddpm-metrics": [sys.executable, "-m", "ddpm_hf.metrics_cli"],
-    "ddpm-nll": [sys.executable, "-m", "ddpm_hf.nll"],
-    "ddpm-visualize": [sys.executable, "-m", "ddpm_hf.visualize"],
-    "ddpm-push": [sys.executable, "-m", "ddpm_hf.push"],
-    "ddpm-card": [sys.executable, "-c", "import sys; from ddpm_hf.cli import card_main; sys.exit(card_main())"],
+    "ddpm-sample": [sys.executable, "-m", "ddpm_hf.commands.sample"],
+    "ddpm-metrics": [sys.executable, "-m", "ddpm_hf.commands.metrics"],
+    "ddpm-nll": [sys.executable, "-m", "ddpm_hf.commands.nll"],
+    "ddpm-visualize": [sys.executable, "-m", "ddpm_hf.commands.visualize"],
+    "ddpm-push": [sys.executable, "-m", "ddpm_hf.commands.push"],
+    "ddpm-card": [sys.executable, "-c", "import sys; from ddpm_hf.commands.cli import card_main; sys.exit(card_main())"],
 }
 
 

@@ -38,9 +38,9 @@ VARIANTS = {  # name: settings of train_ddpm.py
 def measure(args, settings: dict, out: Path) -> dict:
     import torch
 
-    from ddpm_hf.config import resolve_config
-    from ddpm_hf.step_graph import graph_refusal
-    from ddpm_hf.training import release, resume, run_step, setup, start_step_graph
+    from ddpm_hf.training.flags import resolve_config
+    from ddpm_hf.training.loop import release, resume, run_step, setup, start_step_graph
+    from ddpm_hf.training.step_graph import graph_refusal
 
     warm, timed = args.warmup, args.steps
     config = resolve_config(dict(
@@ -57,10 +57,10 @@ def measure(args, settings: dict, out: Path) -> dict:
 
     try:
         resume(run)
-        start_step_graph(run)
+        graph = start_step_graph(run)
         started = time.perf_counter()
         for step in range(warm):
-            run_step(run, step)
+            run_step(run, step, graph)
         synchronize()
         startup = time.perf_counter() - started
         if cuda:
@@ -70,7 +70,7 @@ def measure(args, settings: dict, out: Path) -> dict:
             warnings.simplefilter("always")
             started = time.perf_counter()
             for step in range(warm, warm + timed):
-                run_step(run, step)
+                run_step(run, step, graph)
             synchronize()
             seconds = time.perf_counter() - started
         if cuda:
@@ -80,7 +80,7 @@ def measure(args, settings: dict, out: Path) -> dict:
 
             def profiled_steps():
                 for step in range(warm + timed, warm + timed + 5):
-                    run_step(run, step)
+                    run_step(run, step, graph)
 
             print(f"{args.child}: the {args.profile} ops that take the most time in 5 steps\n"
                   + profile_table(profiled_steps, run.device, args.profile))
@@ -88,7 +88,7 @@ def measure(args, settings: dict, out: Path) -> dict:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return {"steps_per_s": timed / seconds, "syncs_per_step": None if syncs is None else syncs / timed,
                 "peak_mb": peak_mb, "startup_s": startup, "device": str(run.device),
-                "graph": run.graph is not None and run.graph.graph is not None,
+                "graph": graph is not None and graph.replayed.graph is not None,
                 "refused": graph_refusal(config, run.device, run.accelerator.num_processes)}
     finally:
         release(run)

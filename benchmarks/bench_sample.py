@@ -21,7 +21,7 @@ import diffusers
 import torch
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
-from ddpm_hf.samplers import network_dtype
+from ddpm_hf.sampling.samplers import network_dtype
 
 
 def best_of(fn, repeats: int) -> float:
@@ -141,8 +141,8 @@ def main() -> None:
             u, s = min(x[0] for x in shares), min(x[1] for x in shares)
             print(f"{name:9s} scheduler.step: {1000 * s / args.steps:6.3f} ms/step = {100 * s / u:5.2f}% of the UNet time")
 
-    from ddpm_hf.evaluation import FeatureNetwork, folder_features, inception_network
-    from ddpm_hf.sample_folder import sample_to_folder
+    from ddpm_hf.measuring.folder_metrics import FeatureNetwork, folder_features, inception_network
+    from ddpm_hf.sampling.sample_folder import sample_to_folder
 
     with tempfile.TemporaryDirectory() as tmp:
         sample_to_folder(ours, Path(tmp), args.fid_images, batch_size=64, num_inference_steps=1, progress=False)

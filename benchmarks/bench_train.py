@@ -9,7 +9,7 @@ timed before training, outside the timed steps); the reference runs as the diffu
 The CPU features torch sees are printed beside the table: which precision is faster depends on them.
 Prints images/s, peak RSS and the loss statistics of each, and the ratio to the reference. Each loop runs
 in its own process (so peak memory is its own). All are timed over the steps after the warmup: ours from
-the per-step wall times `ddpm_hf.training.train` records in its history (logging every step), the
+the per-step wall times `ddpm_hf.training.loop.train` records in its history (logging every step), the
 reference directly.
 
     python benchmarks/bench_train.py                    # cpu-small UNet, 32x32 RGB, batch 32
@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
 
 VARIANTS = {  # name: (mixed_precision, channels_last)
     "fp32": ("no", False),
@@ -71,6 +70,7 @@ def make_dataset(folder: Path, n: int, resolution: int) -> Path:
 
 
 def run_reference(args) -> dict:
+    import datasets
     import torch
     import torch.nn.functional as F
     from accelerate import Accelerator
@@ -79,7 +79,6 @@ def run_reference(args) -> dict:
     from diffusers.training_utils import EMAModel
     from torchvision import transforms
 
-    import datasets
     from ddpm_hf import unet_config
 
     torch.manual_seed(0)
@@ -131,8 +130,8 @@ def run_reference(args) -> dict:
 
 
 def run_ours(args, steps: int, out: Path) -> dict:
-    from ddpm_hf.config import resolve_config
-    from ddpm_hf.training import train
+    from ddpm_hf.training.flags import resolve_config
+    from ddpm_hf.training.loop import train
 
     mixed_precision, channels_last = VARIANTS[args.variant]
     config = resolve_config(dict(

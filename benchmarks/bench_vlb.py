@@ -1,5 +1,5 @@
 """L_simple with a fixed variance against improved DDPM's L_hybrid with a learned variance (learned_range), trained
-for the same steps on the same data: the NLL bound in bits/dim on held-out images (`ddpm_hf.likelihood`, T = 1000),
+for the same steps on the same data: the NLL bound in bits/dim on held-out images (`ddpm_hf.diffusion.likelihood`, T = 1000),
 and sample quality at 50 strided DDPM steps.
 
 Data: MNIST at 16x16 from ../shared/data/mnist (train split to train, test split held out), or with `--data digits`
@@ -33,7 +33,7 @@ SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
 
 
 def prepare_data(kind: str, folder: Path) -> tuple:
-    """(training dataset argument, held-out dataset argument) for train_ddpm.py / ddpm_hf.data."""
+    """(training dataset argument, held-out dataset argument) for train_ddpm.py / ddpm_hf.data.datasets."""
     if kind == "mnist":
         return str(SHARED_MNIST / "train.parquet"), str(SHARED_MNIST / "test.parquet")
     from PIL import Image
@@ -48,7 +48,7 @@ def prepare_data(kind: str, folder: Path) -> tuple:
 
 
 def uint8_images(dataset: str, n: int, resolution: int) -> torch.Tensor:
-    from ddpm_hf.data import build_image_bank, find_image_column, load_image_dataset
+    from ddpm_hf.data.datasets import build_image_bank, find_image_column, load_image_dataset
 
     ds = load_image_dataset(dataset)
     ds = ds.select(range(min(n, len(ds))))
@@ -89,7 +89,7 @@ def classifier(train_images: torch.Tensor):
 
 
 def sample_quality(pipe, n: int, hidden, proba, reference: np.ndarray) -> dict:
-    from ddpm_hf.metrics import fid_from_features
+    from ddpm_hf.measuring.metrics import fid_from_features
 
     pipe.set_progress_bar_config(disable=True)
     images = []
@@ -114,7 +114,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from ddpm_hf import DDPMPipeline, DDPMScheduler
-    from ddpm_hf.likelihood import TERMS, bits_per_dim_of_share, summarize
+    from ddpm_hf.diffusion.likelihood import TERMS, bits_per_dim_of_share, summarize
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -12,12 +12,12 @@ _LAZY = {
     "DDPMPipeline": "ddpm_hf.pipelines.pipeline_ddpm",
     "denoise": "ddpm_hf.pipelines.pipeline_ddpm",
     "DenoiseStep": "ddpm_hf.pipelines.pipeline_ddpm",
-    "DDPMScheduler": "ddpm_hf.scheduler",
-    "UNET_PRESETS": "ddpm_hf.unets",
-    "build_unet": "ddpm_hf.unets",
-    "unet_config": "ddpm_hf.unets",
-    "bits_per_dim": "ddpm_hf.likelihood",
-    "visualize": "ddpm_hf.figures",
+    "DDPMScheduler": "ddpm_hf.diffusion.scheduler",
+    "UNET_PRESETS": "ddpm_hf.diffusion.unets",
+    "build_unet": "ddpm_hf.diffusion.unets",
+    "unet_config": "ddpm_hf.diffusion.unets",
+    "bits_per_dim": "ddpm_hf.diffusion.likelihood",
+    "visualize": "ddpm_hf.sampling.figures",
 }
 
 __all__ = sorted(_LAZY)

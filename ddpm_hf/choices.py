@@ -1,7 +1,7 @@
 """Every choice list, defined once. No heavy imports here: the command lines read these before torch loads."""
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
-# what the UNet predicts; ddpm_hf.scheduler.PARAMETERIZATIONS holds the math of each
+# what the UNet predicts; ddpm_hf.diffusion.scheduler.PARAMETERIZATIONS holds the math of each
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 # σ_t² of the reverse process; the learned ones need a UNet with 2C output channels
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")

@@ -9,6 +9,7 @@ what it saves names only diffusers classes, so plain diffusers loads it too.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import os
 from typing import Callable, List, NamedTuple, Optional, Sequence, Union
@@ -59,6 +60,16 @@ def _diffusers_equivalent(library: str, class_name: str) -> Optional[str]:
     if isinstance(base, type) and isinstance(cls, type) and issubclass(cls, base):
         return class_name
     return None
+
+
+def our_scheduler_class() -> Optional[type]:
+    """ddpm_hf's DDPMScheduler, or None only where ddpm_hf is not installed (this file running as Hub pipeline code).
+    An installed ddpm_hf whose scheduler cannot be imported is an error here, never a quiet switch to diffusers'."""
+    if importlib.util.find_spec("ddpm_hf") is None:
+        return None
+    from ddpm_hf.diffusion.scheduler import DDPMScheduler
+
+    return DDPMScheduler
 
 
 class DenoiseStep(NamedTuple):
@@ -198,9 +209,8 @@ class DDPMPipeline(DiffusionPipeline):
                 f"(`hf download {pretrained_model_name_or_path}`) and copy the cache (HF_HOME)."
             ) from None
         if not explicit_scheduler and type(pipe.scheduler) is diffusers.DDPMScheduler:
-            try:
-                from ddpm_hf.scheduler import DDPMScheduler
-            except ImportError:  # running as Hub pipeline code without ddpm_hf: keep diffusers' class
+            DDPMScheduler = our_scheduler_class()
+            if DDPMScheduler is None:  # running as Hub pipeline code without ddpm_hf: keep diffusers' class
                 return pipe
             try:
                 pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)

@@ -1,4 +1,4 @@
-import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -30,3 +30,36 @@ def _offline_and_seeded(monkeypatch):
     # Tests never reach the network; the Hub libraries read these at call time or we pass them to subprocesses.
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps one process-wide state; each in-process run here starts from a clean one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """A tiny run trained once for the whole session (4 steps, checkpoints at 2 and 4); tests read it or copy it."""
+    from accelerate.state import AcceleratorState
+    from common import TINY
+
+    from ddpm_hf.training.flags import resolve_config
+    from ddpm_hf.training.loop import train
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    out = tmp_path_factory.mktemp("run") / "run"
+    train(resolve_config({**TINY, "output_dir": str(out), "max_train_steps": 4, "checkpointing_steps": 2}))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    """A copy of the finished run, for a test that changes it."""
+    shutil.copytree(finished_run, tmp_path / "run")
+    return tmp_path / "run"

@@ -6,12 +6,12 @@ import contextlib
 
 import pytest
 import torch
-
-from ddpm_hf import DDPMScheduler, build_unet, denoise
 from ddpm_hf.pipelines import chain_graph
 from ddpm_hf.pipelines.chain_graph import CHAIN_WARMUP_STEPS, graph_form_refusal, replayed_chain
 from ddpm_hf.pipelines.counter_noise import seed_keys, seeded_normal
-from ddpm_hf.samplers import cast_network
+
+from ddpm_hf import DDPMScheduler, build_unet, denoise
+from ddpm_hf.sampling.samplers import cast_network
 
 SEEDS = [3, 14, 15, 92]
 
@@ -44,6 +44,7 @@ def unet_2c():
     return build_unet("cpu-tiny", sample_size=8, in_channels=1, out_channels=2).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("settings", [
     dict(),
     dict(prediction_type="sample", variance_type="fixed_large"),
@@ -60,6 +61,7 @@ def test_the_graph_form_of_the_chain_gives_denoises_images_bit_for_bit(unet, une
     assert eager.abs().max() > 0.1  # images, not zeros
 
 
+@pytest.mark.slow
 def test_bit_for_bit_also_with_a_bf16_network_and_from_a_later_step(unet):
     bf16 = build_unet("cpu-tiny", sample_size=8, in_channels=1).eval()
     bf16.load_state_dict(unet.state_dict())
@@ -107,6 +109,7 @@ class NoStream:
         pass
 
 
+@pytest.mark.slow
 def test_a_capture_that_fails_warns_and_the_chain_goes_on_eagerly_to_the_same_images(unet, monkeypatch):
     steps_before_capture = []
     calls = []

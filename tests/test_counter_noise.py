@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from ddpm_hf.pipelines.counter_noise import MASK32, PHILOX_M, PHILOX_W, philox4x32, seeded_normal
 from scipy import stats
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
-from ddpm_hf.pipelines.counter_noise import MASK32, PHILOX_M, PHILOX_W, philox4x32, seeded_normal
 
 # Random123's published known-answer vectors for Philox4x32-10 (its tests/kat_vectors): counter, key, output
 RANDOM123_KAT = [
@@ -153,7 +153,7 @@ def test_a_step_with_variance_noise_is_the_step_that_draws_that_noise():
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_pipeline_image_k_is_the_same_in_any_batch_with_seeds(sampler):
-    from ddpm_hf.samplers import use_scheduler
+    from ddpm_hf.sampling.samplers import use_scheduler
 
     pipe = use_scheduler(tiny_pipe(), sampler)
     call = dict(num_inference_steps=10, output_type="pt", eta=1.0 if sampler == "ddim" else None)

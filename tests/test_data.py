@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_hf.data import (
+from ddpm_hf.data.datasets import (
     BadImageError,
     DatasetUnavailableError,
     build_image_bank,
@@ -140,8 +140,9 @@ def test_mnist_parquet_like_the_hub(shared_dir):
     assert ds[0]["label"] == 5
 
 
+@pytest.mark.slow
 def test_uncached_hub_dataset_fails_at_once_offline(tmp_path):
-    code = "from ddpm_hf.data import load_image_dataset; load_image_dataset('someone/not-cached-anywhere')"
+    code = "from ddpm_hf.data.datasets import load_image_dataset; load_image_dataset('someone/not-cached-anywhere')"
     env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
@@ -158,8 +159,8 @@ def test_folder_without_images_is_a_clear_error(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory and copies to a GPU need CUDA")
 @pytest.mark.parametrize("on_gpu", [True, False], ids=["bank on the GPU", "bank in pinned host memory"])
 def test_a_gpu_run_gets_the_cpu_runs_batches_on_the_gpu(monkeypatch, on_gpu):
-    from ddpm_hf import data
-    from ddpm_hf.config import resolve_config
+    from ddpm_hf.data import datasets as data
+    from ddpm_hf.training.flags import resolve_config
 
     monkeypatch.setattr(data, "_fits_on", lambda device, nbytes: on_gpu)
     config = resolve_config(dict(dataset="digits", max_train_samples=40, channels=1, resolution=8, batch_size=8,

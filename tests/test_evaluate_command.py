@@ -16,12 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
-from ddpm_hf.data import build_image_bank, load_image_dataset
-from ddpm_hf.evaluation import evaluate_folder, inception_network
-from ddpm_hf.likelihood import bits_per_dim_of_share
-
-from test_training import _fresh_accelerate_state  # noqa: F401  (the fixture resets accelerate)
-from test_trust import finished_run  # noqa: F401  (a fixture)
+from ddpm_hf.data.datasets import build_image_bank, load_image_dataset
+from ddpm_hf.diffusion.likelihood import bits_per_dim_of_share
+from ddpm_hf.measuring.folder_metrics import evaluate_folder, inception_network
 
 
 class StandInLayers(torch.nn.Module):
@@ -61,12 +58,13 @@ def setup(tmp_path_factory):
 
 
 def evaluate_cli(root: Path, out: Path, *extra, weights=True) -> list:
-    return [sys.executable, "-m", "ddpm_hf.evaluate", str(root / "pipe"), str(out), "--num_images", "12",
+    return [sys.executable, "-m", "ddpm_hf.commands.evaluate", str(root / "pipe"), str(out), "--num_images", "12",
             "--num_inference_steps", "40", "--batch_size", "2", "--reference", str(root / "reference"),
             "--nll_dataset", "digits", "--nll_images", "3", "--cache_dir", str(root / "cache"), "--fid_se_rounds", "2",
             *(["--inception_weights", str(root / "stand-in.pt")] if weights else []), *map(str, extra)]
 
 
+@pytest.mark.slow
 def test_evaluate_resumes_after_a_kill_and_reports_what_the_single_commands_measure(setup, tmp_path):
     out = tmp_path / "eval"
     proc = subprocess.Popen(evaluate_cli(setup, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -86,7 +84,7 @@ def test_evaluate_resumes_after_a_kill_and_reports_what_the_single_commands_meas
 
     network = inception_network(setup / "stand-in.pt", "cpu")  # the oracle: ddpm-metrics' own path on the folder
     for mode in ("legacy_tensorflow", "clean"):
-        direct = evaluate_folder(out / "eval_samples", str(setup / "reference"), network, mode, setup / "cache", resolution=8,
+        direct = evaluate_folder(out / "eval_samples", str(setup / "reference"), network, mode=mode, cache_dir=setup / "cache", resolution=8,
                                  channels=1, output=tmp_path / f"direct-{mode}.json")
         assert report["results"][f"fid_{mode}"] == pytest.approx(direct["fid"], rel=1e-9)
         assert report["results"][f"inception_score_{mode}"]["mean"] == pytest.approx(direct["inception_score"]["mean"])
@@ -113,6 +111,7 @@ def test_evaluate_resumes_after_a_kill_and_reports_what_the_single_commands_meas
     assert done.stdout.endswith(table)
 
 
+@pytest.mark.slow
 def test_evaluate_without_inception_weights_stops_in_one_line_before_sampling(setup, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "DDPM_HF_INCEPTION_WEIGHTS"}
     proc = subprocess.run(evaluate_cli(setup, tmp_path / "eval", weights=False), capture_output=True, text=True, env=env)
@@ -122,6 +121,7 @@ def test_evaluate_without_inception_weights_stops_in_one_line_before_sampling(se
     assert not (tmp_path / "eval").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_unreachable_data_before_sampling(setup, tmp_path):
     proc = subprocess.run(evaluate_cli(setup, tmp_path / "eval", "--nll_dataset", tmp_path / "nowhere/"), capture_output=True,
                           text=True)
@@ -131,7 +131,7 @@ def test_evaluate_refuses_unreachable_data_before_sampling(setup, tmp_path):
 
 
 def test_the_paper_protocol_is_the_default_and_too_few_samples_for_the_inception_score_are_refused():
-    from ddpm_hf.protocols import settings
+    from ddpm_hf.measuring.evaluation import settings
 
     chosen = settings("ddpm-cifar10", num_images=None, reference="digits")
     assert (chosen["num_images"], chosen["num_inference_steps"], chosen["nll_images"]) == (50000, 1000, 10000)
@@ -140,16 +140,17 @@ def test_the_paper_protocol_is_the_default_and_too_few_samples_for_the_inception
         settings("ddpm-cifar10", num_images=8)
 
 
+@pytest.mark.slow
 def test_evaluating_into_a_run_folder_leaves_its_grids_and_puts_the_table_in_its_card(setup, finished_run, tmp_path):
     import shutil
 
-    from ddpm_hf.cli import card_main
-    from ddpm_hf.run_folder import PUBLISHED
+    from ddpm_hf.commands.card import main as card_main
+    from ddpm_hf.outputs.run_folder import PUBLISHED
 
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     grids = {p.name: p.read_bytes() for p in (run / "samples").iterdir()}
-    proc = subprocess.run([sys.executable, "-m", "ddpm_hf.evaluate", str(run), str(run), "--num_images", "10",
+    proc = subprocess.run([sys.executable, "-m", "ddpm_hf.commands.evaluate", str(run), str(run), "--num_images", "10",
                            "--num_inference_steps", "5", "--reference", str(setup / "reference"), "--nll_dataset", "digits",
                            "--nll_images", "2", "--inception_weights", str(setup / "stand-in.pt"), "--cache_dir",
                            str(setup / "cache"), "--fid_se_rounds", "0"], capture_output=True, text=True)
@@ -163,9 +164,10 @@ def test_evaluating_into_a_run_folder_leaves_its_grids_and_puts_the_table_in_its
     assert "evaluation.json" in PUBLISHED and "evaluation.md" in PUBLISHED
 
 
+@pytest.mark.slow
 def test_evaluate_obeys_its_modes_seed_steps_dtype_reference_split_and_skipping_the_bound(setup, tmp_path):
     out = tmp_path / "eval"
-    args = [sys.executable, "-m", "ddpm_hf.evaluate", str(setup / "pipe"), str(out), "--num_images", "10",
+    args = [sys.executable, "-m", "ddpm_hf.commands.evaluate", str(setup / "pipe"), str(out), "--num_images", "10",
             "--num_inference_steps", "7", "--modes", "clean", "--dtype", "bf16", "--nll_images", "0", "--reference",
             "digits", "--reference_split", "test", "--inception_weights", str(setup / "stand-in.pt"), "--cache_dir",
             str(setup / "cache"), "--fid_se_rounds", "0"]
@@ -193,7 +195,7 @@ def test_evaluate_obeys_its_modes_seed_steps_dtype_reference_split_and_skipping_
 
 @pytest.mark.parametrize("rounds", [1, -2])
 def test_fid_se_rounds_below_two_are_refused_in_one_line_unless_zero(rounds):
-    from ddpm_hf.protocols import settings
+    from ddpm_hf.measuring.evaluation import settings
 
     with pytest.raises(ValueError, match=rf"^--fid_se_rounds {rounds} at least 2, or 0 to skip FID's standard error\.$"):
         settings("ddpm-cifar10", fid_se_rounds=rounds)

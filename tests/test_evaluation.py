@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from common import stand_in_network
 from PIL import Image
 
-from ddpm_hf.evaluation import (
+from ddpm_hf.measuring.folder_metrics import (
     FeatureNetwork,
     InceptionWeightsMissing,
     evaluate_folder,
@@ -21,19 +22,7 @@ from ddpm_hf.evaluation import (
     inception_network,
     resolve_inception_weights,
 )
-from ddpm_hf.metrics import fid_from_features
-
-
-def stand_in_network():
-    """A fixed random projection of 8x8-pooled images: 16 'features' and 10 'class logits'."""
-    g = torch.Generator().manual_seed(0)
-    proj = torch.randn(3 * 8 * 8, 26, generator=g) / 8
-
-    def fn(x):
-        pooled = torch.nn.functional.adaptive_avg_pool2d(x / 255, 8).flatten(1)
-        return pooled @ proj
-
-    return FeatureNetwork(fn, "stand-in random projection", "0" * 64, 16)
+from ddpm_hf.measuring.metrics import fid_from_features
 
 
 def write_images(folder: Path, n: int, seed: int, shift: int = 0):
@@ -72,6 +61,7 @@ def test_folder_fid_equals_fid_of_the_folder_features(tmp_path):
     assert result["fid"] > 0.01
 
 
+@pytest.mark.slow
 def test_dataset_reference_is_exported_once_and_its_statistics_cached(tmp_path):
     samples = write_images(tmp_path / "s", 20, seed=3)
     net = stand_in_network()
@@ -86,12 +76,13 @@ def test_dataset_reference_is_exported_once_and_its_statistics_cached(tmp_path):
     assert again["fid"] == first["fid"] and stats.stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_missing_inception_weights_fail_at_once_with_how_to_provide_them(tmp_path):
     samples = write_images(tmp_path / "s", 4, seed=4)
     env = {k: v for k, v in os.environ.items() if k != "DDPM_HF_INCEPTION_WEIGHTS"}
     env.update(DDPM_HF_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "ddpm_hf.metrics_cli", str(samples), "--reference", "cifar10", "--resolution", "32"],
+    proc = subprocess.run([sys.executable, "-m", "ddpm_hf.commands.metrics", str(samples), "--reference", "cifar10", "--resolution", "32"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
@@ -124,7 +115,7 @@ def test_in_memory_features_match_folder_features(tmp_path):
     """Features computed during training (from tensors) equal those of the same images saved as PNGs."""
     from diffusers import DiffusionPipeline
 
-    from ddpm_hf.evaluation import features_of_images
+    from ddpm_hf.measuring.folder_metrics import features_of_images
 
     images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     (tmp_path / "f").mkdir()
@@ -134,11 +125,12 @@ def test_in_memory_features_match_folder_features(tmp_path):
     np.testing.assert_allclose(features_of_images(images, net).numpy(), folder_features(tmp_path / "f", net), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_cleanfid_precomputed_statistics_reference(tmp_path, monkeypatch):
     """cleanfid:NAME:SPLIT:RES reads clean-fid's statistics from the cache (fetched there once when online);
     offline and absent it is one clear error; it refuses non-Inception features."""
-    import ddpm_hf.evaluation as ev
-    from ddpm_hf.metrics import feature_statistics
+    import ddpm_hf.measuring.folder_metrics as ev
+    from ddpm_hf.measuring.metrics import feature_statistics
 
     samples = write_images(tmp_path / "s", 30, seed=6)
     stand_in = stand_in_network()

@@ -12,12 +12,12 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from ddpm_hf.cli import metrics_main
-from ddpm_hf.evaluation import FeatureWeightsMissing, dinov2_network, evaluate_folder
-from ddpm_hf.metrics import improved_precision_recall
+from ddpm_hf.commands.metrics import main as metrics_main
+from ddpm_hf.measuring.folder_metrics import FeatureWeightsMissing, dinov2_network, evaluate_folder
+from ddpm_hf.measuring.metrics import improved_precision_recall
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_training import TINY, _fresh_accelerate_state  # noqa: E402,F401  (the fixture resets accelerate)
+from common import TINY
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,7 @@ def test_fd_dinov2_equals_the_frechet_distance_of_independently_computed_feature
     assert result["fd_dinov2"] == pytest.approx(expected, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_dinov2_reference_statistics_are_cached_under_the_networks_name(tmp_path, tiny_dinov2):
     samples = write_images(tmp_path / "s", 20, seed=0, size=8)
     network = dinov2_network(str(tiny_dinov2))
@@ -182,9 +183,10 @@ def test_precision_recall_against_clean_fid_statistics_is_refused_before_any_wor
 # ---------------------------------------------------------------- in training
 
 
+@pytest.mark.slow
 def test_eval_every_measures_fd_dinov2_and_keeps_the_best_by_it(tmp_path, tiny_dinov2):
-    from ddpm_hf.config import resolve_config
-    from ddpm_hf.training import train
+    from ddpm_hf.training.flags import resolve_config
+    from ddpm_hf.training.loop import train
 
     out = tmp_path / "run"
     train(resolve_config({**TINY, "output_dir": str(out), "max_train_steps": 4, "checkpointing_steps": 2,

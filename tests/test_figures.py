@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ddpm_hf.pipelines.counter_noise import seeded_normal
 from PIL import Image
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
-from ddpm_hf.cli import visualize_main
-from ddpm_hf.pipelines.counter_noise import seeded_normal
-from ddpm_hf.figures import (
+from ddpm_hf.commands.visualize import main as visualize_main
+from ddpm_hf.sampling.figures import (
     HOLD_MS,
     chain_figures,
     decode,
@@ -25,7 +25,7 @@ from ddpm_hf.figures import (
     record_chain,
     save_animation,
 )
-from ddpm_hf.samplers import use_scheduler
+from ddpm_hf.sampling.samplers import use_scheduler
 
 SAMPLERS = ["ddpm", "ddim", "dpm-solver"]
 

@@ -8,17 +8,17 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+from common import REPO, TINY, cli_args
 
-from ddpm_hf.model_card import build_model_card
-
-from test_training import REPO, TINY, _fresh_accelerate_state, cli_args  # noqa: F401  (the fixture resets accelerate)
-from test_trust import finished_run  # noqa: F401  (a finished tiny run)
+from ddpm_hf.outputs.model_card import build_model_card
 
 
 def help_of(*cmd) -> str:
     return subprocess.run([sys.executable, *cmd, "--help"], capture_output=True, text=True, check=True).stdout
 
 
+@pytest.mark.slow
 def test_train_help_says_each_default_once_with_plain_metavars_and_the_presets_first():
     text = help_of(str(REPO / "train_ddpm.py"))
     flat = " ".join(text.split())
@@ -31,12 +31,13 @@ def test_train_help_says_each_default_once_with_plain_metavars_and_the_presets_f
 
 
 def test_every_command_shows_its_defaults():
-    for module in ("ddpm_hf.sample", "ddpm_hf.nll", "ddpm_hf.visualize", "ddpm_hf.metrics_cli"):
+    for module in ("ddpm_hf.commands.sample", "ddpm_hf.commands.nll", "ddpm_hf.commands.visualize", "ddpm_hf.commands.metrics"):
         text = " ".join(help_of("-m", module).split())
-        assert re.search(r"--batch_size BATCH_SIZE [^-]*\(default: 64\)", text) or module == "ddpm_hf.visualize", module
-    assert "--num_inference_steps NUM_INFERENCE_STEPS (default: 1000)" in " ".join(help_of("-m", "ddpm_hf.sample").split())
+        assert re.search(r"--batch_size BATCH_SIZE [^-]*\(default: 64\)", text) or module == "ddpm_hf.commands.visualize", module
+    assert "--num_inference_steps NUM_INFERENCE_STEPS (default: 1000)" in " ".join(help_of("-m", "ddpm_hf.commands.sample").split())
 
 
+@pytest.mark.slow
 def test_a_misspelt_flag_is_named_without_its_value():
     proc = subprocess.run([sys.executable, str(REPO / "train_ddpm.py"), "--learning_rat", "1e-3"], capture_output=True,
                           text=True)
@@ -49,6 +50,7 @@ def bars(stderr: str) -> list:
     return [part.strip() for part in re.split(r"[\r\n]", stderr) if "%|" in part]
 
 
+@pytest.mark.slow
 def test_bars_are_labelled_and_a_log_of_training_has_no_cursor_escapes(tmp_path, finished_run):  # noqa: F811
     proc = subprocess.run([sys.executable, str(REPO / "train_ddpm.py"),
                            *cli_args({**TINY, "output_dir": str(tmp_path / "run"), "max_train_steps": 2,
@@ -56,7 +58,7 @@ def test_bars_are_labelled_and_a_log_of_training_has_no_cursor_escapes(tmp_path,
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "\x1b[A" not in proc.stderr  # stderr is a pipe here, as in a CI log or a scheduler's output file
     assert bars(proc.stderr) and all(re.match(r"^[A-Z][^:|]*: +\d+%\|", bar) for bar in bars(proc.stderr))
-    proc = subprocess.run([sys.executable, "-m", "ddpm_hf.visualize", finished_run, tmp_path / "v", "--num_inference_steps",
+    proc = subprocess.run([sys.executable, "-m", "ddpm_hf.commands.visualize", finished_run, tmp_path / "v", "--num_inference_steps",
                            "3", "--seeds", "0", "1"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert bars(proc.stderr) and all(re.match(r"^[A-Z][^:|]*: +\d+%\|", bar) for bar in bars(proc.stderr)), proc.stderr
@@ -81,7 +83,7 @@ def test_a_hub_dataset_is_named_in_the_cards_metadata(tmp_path, finished_run):  
 
 
 def test_the_bound_plot_title_says_what_its_total_holds(tmp_path, monkeypatch):
-    from ddpm_hf import plots
+    from ddpm_hf.outputs import plots
 
     titles = []
     monkeypatch.setattr(plots, "atomic_save_figure", lambda fig, path: titles.append(fig.axes[0].get_title()))

@@ -20,14 +20,14 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from ddpm_hf.config import resolve_config
-from ddpm_hf.hub import HubError, HubPusher, files_to_upload, push_output_folder
-from ddpm_hf.model_card import TAGS, reproduce_command
-from ddpm_hf.training import train
+from ddpm_hf.outputs.hub import HubError, HubPusher, files_to_upload, push_output_folder
+from ddpm_hf.outputs.model_card import TAGS, reproduce_command
+from ddpm_hf.training.flags import resolve_config
+from ddpm_hf.training.loop import train
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import TINY
 from hub_server import LocalHub  # noqa: E402
-from test_training import TINY, _fresh_accelerate_state  # noqa: E402,F401  (the fixture resets accelerate)
 
 WRITE_TOKEN = "hf_testWriteToken0123456789abcdefXYZ"
 READ_TOKEN = "hf_testReadToken0123456789abcdefXYZ"
@@ -120,6 +120,7 @@ def test_allow_list_picks_only_published_files(tmp_path):
     assert files_to_upload(tmp_path) == sorted(wanted)
 
 
+@pytest.mark.slow
 def test_training_push_uploads_exactly_the_allow_list(pushed_run, hub):
     out, _ = pushed_run
     files = hub.files(REPO)
@@ -179,6 +180,7 @@ LOAD_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_from_pretrained_via_hf_endpoint_gives_the_local_images_and_loads_in_plain_diffusers(pushed_run, hub, tmp_path):
     from ddpm_hf import DDPMPipeline
 
@@ -190,7 +192,7 @@ def test_from_pretrained_via_hf_endpoint_gives_the_local_images_and_loads_in_pla
     local = DDPMPipeline.from_pretrained(out)
     gens = [torch.Generator().manual_seed(s) for s in (11, 12)]
     expected = local(batch_size=2, generator=gens, num_inference_steps=10, output_type="np").images
-    assert str(loaded["ours_scheduler"]) == "ddpm_hf.scheduler"
+    assert str(loaded["ours_scheduler"]) == "ddpm_hf.diffusion.scheduler"
     assert str(loaded["plain_scheduler"]).startswith("diffusers.")
     np.testing.assert_array_equal(loaded["ours"], expected)
     # diffusers' own scheduler computes its tables in float32: the same images to float32 rounding
@@ -201,15 +203,17 @@ def test_from_pretrained_via_hf_endpoint_gives_the_local_images_and_loads_in_pla
 # ---------------------------------------------------------------- failing early and clearly
 
 
+@pytest.mark.slow
 def test_missing_token_fails_before_the_first_training_step(at_hub, tmp_path, monkeypatch, capsys):
-    from ddpm_hf import cli, training
+    from ddpm_hf.commands import train as train_command
+    from ddpm_hf.training import loop as training
 
     def no_data(*args, **kwargs):
         raise AssertionError("the data was loaded before the Hub credentials were checked")
 
     monkeypatch.setattr(training, "BatchSource", no_data)
     out = tmp_path / "run"
-    rc = cli.train_main(["--preset", "digits-cpu", "--output_dir", str(out), "--push_to_hub", "--hub_model_id", "x"])
+    rc = train_command.main(["--preset", "digits-cpu", "--output_dir", str(out), "--push_to_hub", "--hub_model_id", "x"])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1
     assert re.search(r"needs a token with write access: pass --hub_token, set HF_TOKEN, or run `hf auth login`", err)
@@ -260,7 +264,7 @@ def test_hub_flags_need_push_to_hub():
 
 def _pipeline_folder(path: Path) -> Path:
     from ddpm_hf import DDPMPipeline, DDPMScheduler
-    from ddpm_hf.unets import build_unet
+    from ddpm_hf.diffusion.unets import build_unet
 
     torch.manual_seed(0)
     DDPMPipeline(unet=build_unet("cpu-tiny", sample_size=8, in_channels=1), scheduler=DDPMScheduler()).save_pretrained(path)
@@ -290,9 +294,10 @@ def test_background_push_uploads_a_snapshot_without_blocking(at_hub, tmp_path):
     pusher.close()
 
 
+@pytest.mark.slow
 def test_ddpm_push_command_through_hf_endpoint(pushed_run, hub, tmp_path):
     out = shutil.copytree(pushed_run[0], tmp_path / "run")
-    result = subprocess.run([sys.executable, "-m", "ddpm_hf.push", str(out), "--hub_model_id", "cli-push", "--hub_token", WRITE_TOKEN],
+    result = subprocess.run([sys.executable, "-m", "ddpm_hf.commands.push", str(out), "--hub_model_id", "cli-push", "--hub_token", WRITE_TOKEN],
                             env=subprocess_env(hub, tmp_path / "hf-home"), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"to {hub.endpoint}/alice/cli-push" in result.stdout
@@ -306,7 +311,7 @@ def test_ddpm_push_command_through_hf_endpoint(pushed_run, hub, tmp_path):
 def test_ddpm_push_refuses_a_folder_without_a_pipeline(at_hub, tmp_path):
     (tmp_path / "training_config.json").write_text("{}")
     with pytest.raises(HubError, match=r"has no model_index.json: give the output folder of a finished training run"):
-        push_output_folder(tmp_path, "x", token=WRITE_TOKEN)
+        push_output_folder(tmp_path, repo_id="x", token=WRITE_TOKEN)
 
 
 
@@ -323,10 +328,12 @@ def test_token_from_the_environment_or_the_login(at_hub, tmp_path, monkeypatch, 
     pusher.close()
 
 
+@pytest.mark.slow
 def test_two_processes_push_once_per_push(hub, tmp_path):
     """accelerate launch with 2 CPU processes, HF_TOKEN from the environment: only the main process checks
     and pushes, and the other process neither waits for it nor deadlocks."""
-    from test_training import REPO as CHECKOUT, cli_args
+    from common import REPO as CHECKOUT
+    from common import cli_args
 
     overrides = dict(TINY, max_train_steps=4, checkpointing_steps=4, save_images_steps=2, output_dir=tmp_path / "run",
                      push_to_hub=True, hub_model_id="two-procs", hub_push_every=2)

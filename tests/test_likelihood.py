@@ -1,4 +1,4 @@
-"""The variational bound in bits/dim (ddpm_hf.likelihood) against closed forms and an independent float64
+"""The variational bound in bits/dim (ddpm_hf.diffusion.likelihood) against closed forms and an independent float64
 implementation; the vlb/hybrid training losses; the importance sampler of t."""
 
 import math
@@ -11,7 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from ddpm_hf import DDPMScheduler, build_unet
 from ddpm_hf.choices import LEARNED_VARIANCE_TYPES
-from ddpm_hf.likelihood import (
+from ddpm_hf.diffusion.likelihood import (
     bits_per_dim,
     bits_per_dim_of_share,
     discretized_gaussian_log_likelihood,
@@ -19,8 +19,8 @@ from ddpm_hf.likelihood import (
     prior_bpd,
     vb_terms_bpd,
 )
-from ddpm_hf.losses import DiffusionLoss
-from ddpm_hf.timestep_samplers import LossSecondMomentSampler, UniformSampler, make_timestep_sampler
+from ddpm_hf.diffusion.losses import DiffusionLoss
+from ddpm_hf.diffusion.timestep_samplers import LossSecondMomentSampler, UniformSampler, make_timestep_sampler
 
 LN2 = math.log(2)
 GRID = torch.arange(256, dtype=torch.float64) / 127.5 - 1  # the 256 pixel levels in [-1, 1]

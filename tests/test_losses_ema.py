@@ -1,11 +1,10 @@
-import math
 
 import pytest
 import torch
 
 from ddpm_hf import DDPMScheduler
-from ddpm_hf.ema import EMA
-from ddpm_hf.losses import diffusion_loss, min_snr_weight, snr, training_target
+from ddpm_hf.diffusion.ema import EMA
+from ddpm_hf.diffusion.losses import diffusion_loss, min_snr_weight, snr, training_target
 
 
 def test_targets_per_prediction_type():

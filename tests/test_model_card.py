@@ -10,12 +10,12 @@ import markdown
 import pytest
 from huggingface_hub import ModelCard
 
-from ddpm_hf.config import parse_args, resolve_config
-from ddpm_hf.model_card import TAGS, write_model_card
-from ddpm_hf.training import train
+from ddpm_hf.outputs.model_card import TAGS, write_model_card
+from ddpm_hf.training.flags import parse_args, resolve_config
+from ddpm_hf.training.loop import train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_training import TINY, _fresh_accelerate_state  # noqa: E402,F401  (the fixture resets accelerate)
+from common import TINY
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,7 @@ def run_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_card_metadata(run_dir):
     card = ModelCard.load(run_dir / "README.md")
     assert card.data.library_name == "diffusers" and card.data.license == "apache-2.0"

@@ -12,16 +12,14 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from common import REPO, TINY, cli_args, write_google_layout
 from diffusers import UNet2DModel
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
-from ddpm_hf.config import RECIPES, parse_args, resolve_config
-from ddpm_hf.unets import unet_config
-from ddpm_hf.training import resume, setup, train
-from ddpm_hf.training_parts import make_unet
-
-from test_pipeline import write_google_layout
-from test_training import REPO, TINY, _fresh_accelerate_state, cli_args  # noqa: F401  (the fixture resets accelerate)
+from ddpm_hf.diffusion.unets import unet_config
+from ddpm_hf.training.flags import parse_args, resolve_config
+from ddpm_hf.training.loop import resume, setup, train
+from ddpm_hf.training.parts import make_unet
 
 # A UNet2DModel config of its own (not a preset): 8x8, one channel, two levels, its own widths.
 OWN = dict(unet_config("cpu-tiny", sample_size=8, in_channels=1), block_out_channels=[8, 24], norm_num_groups=4)
@@ -50,6 +48,7 @@ def test_own_unet_config_from_a_file(tmp_path):
     assert pipe.unet.config.sample_size == 8
 
 
+@pytest.mark.slow
 def test_own_unet_config_from_a_folder(tmp_path):
     UNet2DModel.from_config(OWN).save_pretrained(tmp_path / "pipe" / "unet")  # a pipeline folder: unet/config.json
     trains_and_reloads(base(tmp_path, unet_config=str(tmp_path / "pipe")))
@@ -68,6 +67,7 @@ def hf_cache_with(tmp_path: Path, repo: str, writer) -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_own_unet_config_from_a_cached_repo_id_offline(tmp_path):
     env = hf_cache_with(tmp_path, "someone/tiny-ddpm", lambda folder: UNet2DModel.from_config(OWN).save_pretrained(folder / "unet"))
     args = cli_args({**{k: v for k, v in TINY.items() if k != "unet_preset"}, "output_dir": tmp_path / "run",
@@ -91,7 +91,7 @@ def test_own_unet_config_from_a_cached_repo_id_offline(tmp_path):
      r"its 4 levels downsample by 8, which does not divide --resolution 12; use a multiple of 8"),
 ])
 def test_a_unet_config_that_does_not_fit_the_run_is_one_line_before_any_data(tmp_path, monkeypatch, change, flags, match):
-    from ddpm_hf import data
+    from ddpm_hf.data import datasets as data
 
     monkeypatch.setattr(data, "build_image_bank", lambda *a, **k: pytest.fail("the data was decoded first"))
     (tmp_path / "unet.json").write_text(json.dumps({**OWN, **change}))
@@ -107,6 +107,7 @@ def test_a_config_of_another_class_and_a_second_network_flag_are_refused(tmp_pat
         parse_args(["--unet_preset", "cpu-tiny", "--unet_config", str(tmp_path / "vae.json")])
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_parameter_count_of_an_own_config(tmp_path):
     (tmp_path / "unet.json").write_text(json.dumps(OWN))
     args = cli_args({**{k: v for k, v in TINY.items() if k != "unet_preset"}, "unet_config": tmp_path / "unet.json"})
@@ -132,6 +133,7 @@ def same_weights(a, b) -> bool:
     return all(torch.equal(x, b.state_dict()[k]) for k, x in a.state_dict().items())
 
 
+@pytest.mark.slow
 def test_init_from_starts_with_its_weights_scheduler_and_unet_then_trains_on(tmp_path, source_pipeline):
     source = DDPMPipeline.from_pretrained(source_pipeline)
     config = base(tmp_path, init_from=str(source_pipeline), sample_inference_steps=5)
@@ -152,6 +154,7 @@ def test_init_from_starts_with_its_weights_scheduler_and_unet_then_trains_on(tmp
     assert base(tmp_path, init_from=str(source_pipeline), prediction_type="epsilon").prediction_type == "epsilon"
 
 
+@pytest.mark.slow
 def test_a_run_started_from_a_pipeline_resumes_without_it(tmp_path, source_pipeline):
     import shutil
 
@@ -177,6 +180,7 @@ def test_init_from_the_google_ddpm_root_layout(tmp_path):
     assert run.config.num_train_timesteps == 1000 and run.config.variance_type == "fixed_small"
 
 
+@pytest.mark.slow
 def test_init_from_a_cached_repo_id_offline(tmp_path):
     torch.manual_seed(0)
     unet = build_unet("cpu-tiny", sample_size=8, in_channels=1)
@@ -202,6 +206,7 @@ def dry_run(args, **env) -> dict:
     return json.loads(out.rsplit("UNet parameters:", 1)[0])
 
 
+@pytest.mark.slow
 def test_the_diffusers_example_command_line_dry_runs_to_the_equivalent_config():
     config = dry_run(EXAMPLE)
     expected = dict(dataset="huggan/flowers-102-categories", resolution=64, center_crop=True, random_flip=True,
@@ -218,6 +223,7 @@ def test_the_diffusers_example_command_line_dry_runs_to_the_equivalent_config():
     assert full["ema_decay"] == 0.9999 and full["ema_warmup"] is True  # --use_ema turns the preset's "no EMA" on
 
 
+@pytest.mark.slow
 def test_the_diffusers_example_network_is_its_default_unet():
     ours = build_unet("diffusers-example")
     theirs = UNet2DModel(sample_size=64, in_channels=3, out_channels=3, layers_per_block=2,
@@ -288,13 +294,14 @@ def test_previous_timestep_of_a_tensor_is_a_tensor_as_in_diffusers():
 # ---------------------------------------------------------------- the command line
 
 
+@pytest.mark.slow
 def test_help_and_usage_errors_load_no_torch():
     """Parsing is answered before torch or diffusers are imported (benchmarks/bench_cli.py times it)."""
     script = textwrap.dedent("""
         import sys
-        from ddpm_hf import cli
-        for main in (cli.train_main, cli.sample_main, cli.metrics_main, cli.nll_main, cli.visualize_main,
-                     cli.push_main, cli.card_main):
+        from ddpm_hf.commands import card, metrics, nll, push, sample, train, visualize
+        for main in (train.main, sample.main, metrics.main, nll.main, visualize.main,
+                     push.main, card.main):
             for argv in (["--help"], ["--no_such_flag"]):
                 try:
                     main(argv)
@@ -307,16 +314,18 @@ def test_help_and_usage_errors_load_no_torch():
     assert out.strip().splitlines()[-1] == "HEAVY []"
 
 
+@pytest.mark.slow
 def test_help_shows_defaults_and_choices():
     text = subprocess.run([sys.executable, str(REPO / "train_ddpm.py"), "--help"], capture_output=True, text=True).stdout
     flat = " ".join(text.split())
     assert "(default: 0.0002)" in flat and "(default: ddpm-cifar10-32)" in flat
     assert "--unet_preset {cpu-digits,cpu-small,cpu-tiny,ddpm-celebahq-256,ddpm-cifar10-32," in flat
-    metrics = " ".join(subprocess.run([sys.executable, "-m", "ddpm_hf.metrics_cli", "--help"], capture_output=True,
+    metrics = " ".join(subprocess.run([sys.executable, "-m", "ddpm_hf.commands.metrics", "--help"], capture_output=True,
                                       text=True).stdout.split())
     assert metrics.count("~/.cache/ddpm_hf") == 1  # the cache default, once
 
 
+@pytest.mark.slow
 def test_a_short_run_logs_its_first_and_last_step_and_an_earlier_runs_logs_are_mentioned(tmp_path, caplog):
     (tmp_path / "run" / "logs").mkdir(parents=True)
     train(base(tmp_path, max_train_steps=3, logging_steps=50, checkpointing_steps=3))
@@ -325,6 +334,7 @@ def test_a_short_run_logs_its_first_and_last_step_and_an_earlier_runs_logs_are_m
     assert "holds the tracker logs of an earlier run; this run's go beside them" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_resume_takes_the_settings_it_is_not_given_from_the_checkpoint(tmp_path):
     train(base(tmp_path, learning_rate=3e-3, seed=7))
     config = resolve_config({"output_dir": str(tmp_path / "run"), "resume_from_checkpoint": "latest", "max_train_steps": 4})

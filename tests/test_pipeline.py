@@ -12,7 +12,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from common import write_google_layout
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet, denoise
 
@@ -59,6 +59,7 @@ def test_swapped_scheduler_is_recorded(tmp_path):
     assert type(DDPMPipeline.from_pretrained(tmp_path).scheduler) is diffusers.DDIMScheduler
 
 
+@pytest.mark.slow
 def test_saved_pipeline_loads_in_plain_diffusers_without_ddpm_hf(tmp_path):
     pipe = tiny_pipeline()
     pipe.save_pretrained(tmp_path / "pipe")
@@ -83,26 +84,6 @@ def test_saved_pipeline_loads_in_plain_diffusers_without_ddpm_hf(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), images(pipe, 20), atol=1e-5, rtol=0)
 
 
-def write_google_layout(folder: Path, unet) -> None:
-    """A repo laid out like google/ddpm-cifar10-32: weights and configs at the root, 2022-era configs,
-    pickled .bin weights, a model_index.json naming diffusers classes."""
-    folder.mkdir(parents=True)
-    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
-    for key in ("dropout", "downsample_type", "upsample_type", "resnet_time_scale_shift", "add_attention",
-                "class_embed_type", "num_class_embeds", "num_train_timesteps", "time_embedding_dim",
-                "attn_norm_num_groups", "mid_block_type"):
-        config.pop(key, None)  # keys that did not exist in diffusers 0.1
-    (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "_diffusers_version": "0.1.1", **config}))
-    torch.save(unet.state_dict(), folder / "diffusion_pytorch_model.bin")
-    (folder / "scheduler_config.json").write_text(json.dumps({
-        "_class_name": "DDPMScheduler", "_diffusers_version": "0.1.1", "beta_end": 0.02, "beta_schedule": "linear",
-        "beta_start": 0.0001, "clip_sample": True, "num_train_timesteps": 1000, "trained_betas": None,
-        "variance_type": "fixed_small"}))
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "DDPMPipeline", "_diffusers_version": "0.1.1",
-        "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}))
-
-
 def test_loads_google_hub_layout_with_our_scheduler(tmp_path):
     pipe = tiny_pipeline()
     write_google_layout(tmp_path / "repo", pipe.unet)
@@ -113,6 +94,7 @@ def test_loads_google_hub_layout_with_our_scheduler(tmp_path):
     np.testing.assert_array_equal(images(pipe, 10), images(loaded, 10))
 
 
+@pytest.mark.slow
 def test_loads_repo_id_from_hf_cache_offline(tmp_path):
     pipe = tiny_pipeline()
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -147,6 +129,7 @@ def test_loads_repo_id_from_hf_cache_offline(tmp_path):
 # ---------------------------------------------------------------- parity with diffusers' DDPMPipeline
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps", [1000, 50])
 def test_images_match_diffusers_pipeline(steps):
     """Same UNet, scheduler config and generator. Against diffusers' pipeline and scheduler code given our
@@ -163,6 +146,7 @@ def test_images_match_diffusers_pipeline(steps):
         np.testing.assert_allclose(ours, images(ref, steps, batch_size=3), atol=tol, rtol=0)
 
 
+@pytest.mark.slow
 def test_generator_list_makes_each_image_its_own():
     pipe = tiny_pipeline()
     gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
@@ -212,6 +196,7 @@ def test_bad_call_arguments_raise(kwargs, match):
 # ---------------------------------------------------------------- other schedulers, exact samplers
 
 
+@pytest.mark.slow
 def test_ddim_with_eta_one_is_strided_ddpm():
     """DDIM's σ_t(η=1) is the posterior std of the jump t -> t', so with unclipped x̂_0 DDIM(η=1) and our
     strided DDPM are the same sampler, draw for draw."""
@@ -254,6 +239,7 @@ def test_fixed_large_is_exact_for_unit_variance_data():
     assert abs(x.std().item() - 1.0) < 4 / math.sqrt(2 * n)
 
 
+@pytest.mark.slow
 def test_fixed_small_is_exact_for_point_data_and_variances_bracket_the_truth():
     x = ancestral_samples("fixed_small", MU, 0.0, n=2)
     torch.testing.assert_close(x, torch.full_like(x, MU), atol=1e-12, rtol=0)

@@ -4,12 +4,13 @@ and never chosen over a precision given explicitly."""
 import json
 
 import pytest
+from common import TINY
 
-from ddpm_hf import devices, training_parts
-from ddpm_hf.config import RECIPES, resolve_config
-from ddpm_hf.training import train
-
-from test_training import TINY, _fresh_accelerate_state  # noqa: F401  (the fixture resets accelerate)
+from ddpm_hf import devices
+from ddpm_hf.training import precision as training_precision
+from ddpm_hf.training.config import RECIPES
+from ddpm_hf.training.flags import resolve_config
+from ddpm_hf.training.loop import train
 
 
 def stub_rates(monkeypatch, rates: dict) -> list:
@@ -21,7 +22,7 @@ def stub_rates(monkeypatch, rates: dict) -> list:
         return {precision: rates[precision] for precision in precisions}
 
     monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
-    monkeypatch.setattr(training_parts, "step_rates", rate)
+    monkeypatch.setattr(training_precision, "step_rates", rate)
     return asked
 
 
@@ -29,6 +30,7 @@ def test_the_cpu_presets_choose_their_precision_by_measuring():
     assert RECIPES["digits-cpu"]["mixed_precision"] == "auto"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rates, chosen", [({"no": 100.0, "bf16": 150.0}, "bf16"), ({"no": 150.0, "bf16": 100.0}, "no")])
 def test_auto_takes_the_faster_precision_records_it_and_a_resume_keeps_it(tmp_path, monkeypatch, rates, chosen):
     asked = stub_rates(monkeypatch, rates)
@@ -48,7 +50,7 @@ def test_auto_takes_the_faster_precision_records_it_and_a_resume_keeps_it(tmp_pa
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    monkeypatch.setattr(training_parts, "step_rates", lambda *a: pytest.fail("a resumed run measured again"))
+    monkeypatch.setattr(training_precision, "step_rates", lambda *a: pytest.fail("a resumed run measured again"))
     train(resolve_config({"output_dir": str(out), "resume_from_checkpoint": "latest", "max_train_steps": 4,
                           "checkpointing_steps": 2}))
     assert json.loads((out / "checkpoint-4" / "training_config.json").read_text())["mixed_precision"] == chosen
@@ -61,13 +63,14 @@ def test_auto_takes_bf16_only_when_it_is_at_least_ten_percent_faster(monkeypatch
 
     stub_rates(monkeypatch, {"no": 100.0, "bf16": bf16})
     config = resolve_config({**TINY, "output_dir": "unused", "mixed_precision": "auto"})
-    assert training_parts.choose_mixed_precision(config, torch.device("cpu"))[0] == chosen
+    assert training_precision.choose_mixed_precision(config, torch.device("cpu"))[0] == chosen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("explicit", ["no", "bf16"])
 def test_an_explicit_precision_is_never_overridden(tmp_path, monkeypatch, explicit):
     stub_rates(monkeypatch, {"no": 1.0, "bf16": 1.0})
-    monkeypatch.setattr(training_parts, "step_rates", lambda *a: pytest.fail("an explicit precision was measured"))
+    monkeypatch.setattr(training_precision, "step_rates", lambda *a: pytest.fail("an explicit precision was measured"))
     out = tmp_path / "run"
     train(resolve_config({**TINY, "output_dir": str(out), "max_train_steps": 1, "mixed_precision": explicit}))
     assert json.loads((out / "training_config.json").read_text())["mixed_precision"] == explicit
@@ -80,6 +83,6 @@ def test_without_native_bf16_auto_is_fp32_without_timing_bf16(monkeypatch):
     asked = stub_rates(monkeypatch, {"no": 10.0, "bf16": 1000.0})
     monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
     config = resolve_config({**TINY, "output_dir": "unused", "mixed_precision": "auto"})
-    assert training_parts.choose_mixed_precision(config, torch.device("cpu")) == ("no", {"device": "cpu",
+    assert training_precision.choose_mixed_precision(config, torch.device("cpu")) == ("no", {"device": "cpu",
                                                                                          "images_per_s": {"no": 10.0}})
     assert asked == [("no", 8)]

@@ -19,6 +19,7 @@ def fixed_small_pipe() -> DDPMPipeline:
     return pipe
 
 
+@pytest.mark.slow
 def test_bf16_samples_of_a_fixed_small_network_stay_close_to_fp32_and_the_chain_stays_float32():
     pipe = fixed_small_pipe()
     call = dict(batch_size=8, seeds=list(range(8)), num_inference_steps=50, output_type="pt")
@@ -35,10 +36,11 @@ def test_bf16_samples_of_a_fixed_small_network_stay_close_to_fp32_and_the_chain_
 
 
 def sample_cli(pipe_dir, out, *extra):
-    return subprocess.run([sys.executable, "-m", "ddpm_hf.sample", str(pipe_dir), str(out), "--num_images", "2",
+    return subprocess.run([sys.executable, "-m", "ddpm_hf.commands.sample", str(pipe_dir), str(out), "--num_images", "2",
                            "--num_inference_steps", "2", *extra], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_ddpm_sample_records_the_dtype_refuses_another_in_the_same_folder_and_fp16_on_a_cpu(tmp_path):
     fixed_small_pipe().save_pretrained(tmp_path / "pipe")
     assert sample_cli(tmp_path / "pipe", tmp_path / "a").returncode == 0
@@ -69,13 +71,14 @@ def test_fp16_samples_on_a_gpu_stay_close_to_fp32():
     assert (fp32 - pipe(**call).images).abs().max() < 0.05
 
 
+@pytest.mark.slow
 def test_ddpm_nll_and_ddpm_visualize_run_the_network_in_bf16_and_record_it(tmp_path):
     pipe = fixed_small_pipe()
     pipe.scheduler = DDPMScheduler(num_train_timesteps=40)
     pipe.save_pretrained(tmp_path / "pipe")
     nll = {}
     for dtype in ("fp32", "bf16"):
-        proc = subprocess.run([sys.executable, "-m", "ddpm_hf.nll", str(tmp_path / "pipe"), str(tmp_path / f"nll-{dtype}"),
+        proc = subprocess.run([sys.executable, "-m", "ddpm_hf.commands.nll", str(tmp_path / "pipe"), str(tmp_path / f"nll-{dtype}"),
                                "--dataset", "digits", "--num_images", "3", "--dtype", dtype], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-2000:]
         nll[dtype] = json.loads((tmp_path / f"nll-{dtype}" / "nll.json").read_text())
@@ -83,17 +86,17 @@ def test_ddpm_nll_and_ddpm_visualize_run_the_network_in_bf16_and_record_it(tmp_p
     assert nll["bf16"]["protocol"]["weights_sha256"] == nll["fp32"]["protocol"]["weights_sha256"]
     fp32, bf16 = (nll[d]["bits_per_dim"]["total"]["mean"] for d in ("fp32", "bf16"))
     assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.005)  # measured: 0.03% apart
-    proc = subprocess.run([sys.executable, "-m", "ddpm_hf.visualize", str(tmp_path / "pipe"), str(tmp_path / "fig"),
+    proc = subprocess.run([sys.executable, "-m", "ddpm_hf.commands.visualize", str(tmp_path / "pipe"), str(tmp_path / "fig"),
                            "--num_inference_steps", "4", "--seeds", "0", "1", "--dtype", "bf16"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     entry = json.loads((tmp_path / "fig" / "figures.json").read_text())["progressive.png"]
     assert entry["dtype"] == "bf16" and entry["weights_sha256"] == nll["fp32"]["protocol"]["weights_sha256"]
-    proc = subprocess.run([sys.executable, "-m", "ddpm_hf.visualize", str(tmp_path / "pipe"), str(tmp_path / "fig32"),
+    proc = subprocess.run([sys.executable, "-m", "ddpm_hf.commands.visualize", str(tmp_path / "pipe"), str(tmp_path / "fig32"),
                            "--num_inference_steps", "4", "--seeds", "0", "1"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     figure = lambda folder: np.asarray(Image.open(folder / "progressive.png")).astype(int)  # noqa: E731
     assert (figure(tmp_path / "fig") != figure(tmp_path / "fig32")).any()  # measured: up to 16 levels apart
-    proc = subprocess.run([sys.executable, "-m", "ddpm_hf.visualize", str(tmp_path / "pipe"), str(tmp_path / "neg"),
+    proc = subprocess.run([sys.executable, "-m", "ddpm_hf.commands.visualize", str(tmp_path / "pipe"), str(tmp_path / "neg"),
                            "--seeds", "0", "-3"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: --seeds -3: seeds are integers from 0 (seed s is the image ddpm-sample draws from s) (see ddpm-visualize "

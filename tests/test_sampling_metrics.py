@@ -1,6 +1,5 @@
 """Sampling into folders (per-image seeds, resume after a kill, 2 processes) and the metric functions."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import torch
 from PIL import Image
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
-from ddpm_hf.metrics import (
+from ddpm_hf.measuring.metrics import (
     feature_statistics,
     fid_from_features,
     fid_standard_error,
@@ -22,7 +21,7 @@ from ddpm_hf.metrics import (
     inception_score,
     kernel_inception_distance,
 )
-from ddpm_hf.sample_folder import complete_images, image_name, sample_to_folder
+from ddpm_hf.sampling.sample_folder import complete_images, image_name, sample_to_folder
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -47,7 +46,7 @@ def read(folder):
 
 
 def sample_cli(args, **kwargs):
-    return [sys.executable, "-m", "ddpm_hf.sample", *map(str, args)]
+    return [sys.executable, "-m", "ddpm_hf.commands.sample", *map(str, args)]
 
 
 # ---------------------------------------------------------------- sampling
@@ -86,6 +85,7 @@ def test_other_seed_in_the_folder_is_an_error(saved_pipeline, tmp_path):
         sample_to_folder(pipe, tmp_path, 2, num_inference_steps=STEPS, seed=100, progress=False)
 
 
+@pytest.mark.slow
 def test_killed_sampling_run_restarts_to_exactly_n_images(saved_pipeline, tmp_path):
     """SIGKILL a real sampling process midway; the restart ends with exactly N valid images, no duplicates,
     each the image its seed gives."""
@@ -109,9 +109,10 @@ def test_killed_sampling_run_restarts_to_exactly_n_images(saved_pipeline, tmp_pa
         assert np.abs(files[name] - image).max() <= 1, name
 
 
+@pytest.mark.slow
 def test_two_processes_share_the_work_disjointly(saved_pipeline, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ddpm_hf.sample",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ddpm_hf.commands.sample",
            str(saved_pipeline), str(tmp_path / "two"), "--num_images", "7", "--batch_size", "2", "--num_inference_steps", str(STEPS)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -122,6 +123,7 @@ def test_two_processes_share_the_work_disjointly(saved_pipeline, tmp_path):
     assert all(np.abs(one[k] - two[k]).max() <= 1 for k in one)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm-solver"])
 def test_cli_samplers(saved_pipeline, tmp_path, scheduler):
     proc = subprocess.run(sample_cli([saved_pipeline, tmp_path, "--num_images", 2, "--num_inference_steps", 5, "--scheduler", scheduler]),
@@ -196,6 +198,7 @@ def test_inception_score_limits():
         inception_score(np.zeros((5, 10)))
 
 
+@pytest.mark.slow
 def test_kid_about_zero_for_the_same_set_and_positive_for_another():
     rng = np.random.default_rng(3)
     a, b = rng.normal(size=(1000, 16)), rng.normal(loc=0.5, size=(1000, 16))

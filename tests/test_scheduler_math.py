@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddpm_hf import DDPMScheduler
-from ddpm_hf.scheduler import BETA_SCHEDULES, extract_into_tensor
+from ddpm_hf.diffusion.scheduler import BETA_SCHEDULES, extract_into_tensor
 
 
 @pytest.mark.parametrize("beta_schedule", BETA_SCHEDULES)
@@ -269,7 +269,7 @@ def test_other_diffusers_schedulers_build_from_our_config():
 
 
 def test_learned_variance_channels_are_log_sigma_squared():
-    """`learned`: the second C channels are log σ² (improved DDPM, and what ddpm_hf.likelihood evaluates); the
+    """`learned`: the second C channels are log σ² (improved DDPM, and what ddpm_hf.diffusion.likelihood evaluates); the
     step adds exp(log σ² / 2)·z to the posterior mean."""
     s = DDPMScheduler(variance_type="learned", clip_sample=False)
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
@@ -285,7 +285,7 @@ def test_learned_variance_channels_are_log_sigma_squared():
 
 def test_the_variance_table_covers_every_variance_type_and_marks_the_learned_ones():
     from ddpm_hf.choices import LEARNED_VARIANCE_TYPES, VARIANCE_TYPES
-    from ddpm_hf.scheduler import VARIANCES, variance
+    from ddpm_hf.diffusion.scheduler import VARIANCES, variance
 
     assert set(VARIANCES) == set(VARIANCE_TYPES)
     assert {name for name, kind in VARIANCES.items() if kind.learned} == set(LEARNED_VARIANCE_TYPES)
@@ -297,7 +297,7 @@ def test_the_variance_table_covers_every_variance_type_and_marks_the_learned_one
 def test_the_step_and_the_bound_read_one_variance_table_alike(variance_type):
     """For t >= 1 of the full chain, the scheduler's σ_t² and the bound's log σ_t² are the same closed form (Sec. 3.2;
     improved DDPM Eq. 15 for learned_range), computed here in float64 from the betas."""
-    from ddpm_hf.likelihood import model_mean_log_variance
+    from ddpm_hf.diffusion.likelihood import model_mean_log_variance
 
     T = 50
     s = DDPMScheduler(num_train_timesteps=T, variance_type=variance_type)

@@ -16,9 +16,9 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from conftest import dummy_model, dummy_sample_deter
 
 from ddpm_hf import DDPMScheduler
-from conftest import dummy_model, dummy_sample_deter
 
 BETA_SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
 # fixed_large_log is a diffusers bug (NaN): see test_scheduler_math.py::test_fixed_large_log_is_fixed_large
@@ -172,6 +172,7 @@ def test_strided_loop_matches_diffusers(config):
 FULL = list(itertools.product(BETA_SCHEDULES, VARIANCE_TYPES, PREDICTION_TYPES, ["leading"], CLIPPING))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", FULL, ids=lambda c: "-".join(c))
 def test_full_loop_matches_diffusers(config):
     """All 1000 steps (spacing is irrelevant for the full chain)."""

@@ -10,14 +10,14 @@ import shutil
 
 import pytest
 import torch
+from common import tiny_config
 from safetensors.torch import load_file
-from test_training import _fresh_accelerate_state, tiny_config  # noqa: F401  (the fixture resets Accelerate's state)
 
-from ddpm_hf import training
-from ddpm_hf.checkpoints import load_checkpoint, save_checkpoint
-from ddpm_hf.config import TrainingConfig
-from ddpm_hf.step_graph import GRAPH_WARMUP_STEPS, StepGraph, graph_refusal
-from ddpm_hf.training import train
+from ddpm_hf.training import loop as training
+from ddpm_hf.training.checkpoints import load_checkpoint, save_checkpoint
+from ddpm_hf.training.config import TrainingConfig
+from ddpm_hf.training.loop import train
+from ddpm_hf.training.step_graph import GRAPH_WARMUP_STEPS, StepGraph, graph_refusal
 
 # accumulation, an epoch boundary (24 images, 8 a step), LR warmup + cosine, EMA warmup, dropout and flips (TINY)
 SETTINGS = dict(max_train_steps=8, checkpointing_steps=4, gradient_accumulation_steps=2, max_train_samples=24,
@@ -52,6 +52,7 @@ def assert_same_training(a, b, atol=0.0):
             torch.testing.assert_close(v, ob["state"][i][k], atol=atol, rtol=0, msg=f"Adam {k} of parameter {i}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", OBJECTIVES, ids=[o["loss"] for o in OBJECTIVES])
 def test_the_graph_form_of_a_step_trains_bit_for_bit_as_the_eager_loop(tmp_path, monkeypatch, objective):
     train(tiny_config(tmp_path / "eager", **SETTINGS, **objective))
@@ -65,6 +66,7 @@ def test_the_graph_form_of_a_step_trains_bit_for_bit_as_the_eager_loop(tmp_path,
         assert_same_training(eager, results(tmp_path / "other" / "checkpoint-8"))
 
 
+@pytest.mark.slow
 def test_with_the_learning_rate_in_a_tensor_a_resume_is_exact_and_checkpoints_hold_numbers(tmp_path, monkeypatch):
     """The learning rate a graph reads lives in a tensor that the LR schedule fills: a resumed run continues bit for bit,
     a checkpoint holds plain numbers, and the eager loop resumes it too."""
@@ -124,8 +126,9 @@ def test_one_cuda_process_takes_the_graph(precision):
     assert graph_refusal(TrainingConfig(mixed_precision=precision, channels_last=True), CUDA, 1) is None
 
 
+@pytest.mark.slow
 def test_on_a_cpu_one_line_says_the_step_runs_eagerly(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="ddpm_hf.training"):
+    with caplog.at_level(logging.INFO, logger="ddpm_hf.training.loop"):
         train(tiny_config(tmp_path, max_train_steps=2))
     said = [r.getMessage().removeprefix("[RANK 0] ") for r in caplog.records if "training step" in r.getMessage()]
     assert said == ["Each training step runs eagerly: CUDA graphs need a CUDA device (this run is on cpu)."]
@@ -166,6 +169,7 @@ class FailingCapture:
         return False
 
 
+@pytest.mark.slow
 def test_a_capture_that_fails_says_why_once_and_the_run_goes_on_eagerly_as_the_eager_loop(tmp_path, monkeypatch, caplog):
     """The graph's path up to the capture (3 warm-up steps on a side stream, then the capture) with CUDA's stream and
     graph calls stood in for, the capture failing: one warning, and the run trains exactly as the eager loop."""
@@ -187,11 +191,11 @@ def test_a_capture_that_fails_says_why_once_and_the_run_goes_on_eagerly_as_the_e
     monkeypatch.setattr(torch.cuda, "graph", FailingCapture)
     device_step = training.device_step
     monkeypatch.setattr(training, "device_step", lambda *a: STEPS_RUN.append(1) or device_step(*a))
-    with caplog.at_level(logging.WARNING, logger="ddpm_hf.step_graph"):
+    with caplog.at_level(logging.WARNING, logger="ddpm_hf.training.step_graph"):
         train(tiny_config(tmp_path / "graph", **SETTINGS))
     assert len(graphs) == 1 and graphs[0].generator.device.type == "cpu"  # one attempt ...
     assert FailingCapture.steps_before == [GRAPH_WARMUP_STEPS]  # ... after the warm-up steps
-    said = [r.getMessage() for r in caplog.records if r.name == "ddpm_hf.step_graph"]
+    said = [r.getMessage() for r in caplog.records if r.name == "ddpm_hf.training.step_graph"]
     assert said == ["The training step could not be captured as a CUDA graph (RuntimeError: operation not permitted when "
                     "stream is capturing); each step runs eagerly from here (--no-cuda_graph says so from the start)."]
     assert_same_training(results(tmp_path / "eager" / "checkpoint-8"), results(tmp_path / "graph" / "checkpoint-8"))

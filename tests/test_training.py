@@ -1,6 +1,5 @@
 """The training loop: outputs, exact resume, kill-safe checkpoints, non-finite losses, 2 processes, CLI."""
 
-import dataclasses
 import json
 import os
 import shutil
@@ -13,50 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from common import REPO, TINY, cli_args, tiny_config
 from PIL import Image
 from safetensors.torch import load_file
 
 from ddpm_hf import DDPMPipeline
-from ddpm_hf.config import RECIPES, TrainingConfig, parse_args, resolve_config
-from ddpm_hf.checkpoints import list_checkpoints, load_checkpoint
-from ddpm_hf.plots import image_grid
+from ddpm_hf.outputs.plots import image_grid
 from ddpm_hf.seeding import GRID_SEED_TAG, mix_seed
-from ddpm_hf.training import NonFiniteLossError, train
-from ddpm_hf.training_parts import make_unet
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Accelerate keeps one process-wide state; each in-process run here starts from a clean one."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-TINY = dict(
-    dataset="digits", max_train_samples=40, channels=1, resolution=8, unet_preset="cpu-tiny", dropout=0.1,
-    batch_size=8, learning_rate=1e-3, lr_scheduler="cosine", lr_warmup_steps=2, ema_decay=0.99, ema_warmup=True,
-    logging_steps=1, save_images_steps=1000, num_sample_images=4, sample_inference_steps=5, report_to="none",
-    checkpoints_total_limit=None,
-)
-
-
-def tiny_config(tmp_path, **overrides):
-    return resolve_config({**TINY, "output_dir": str(tmp_path), **overrides})
-
-
-def cli_args(config_overrides: dict):
-    args = []
-    for k, v in config_overrides.items():
-        if isinstance(v, bool):
-            args.append(f"--{k}" if v else f"--no-{k}")
-        elif v is not None:
-            args += [f"--{k}", str(v)]
-    return args
-
+from ddpm_hf.training.checkpoints import list_checkpoints, load_checkpoint
+from ddpm_hf.training.config import RECIPES, TrainingConfig
+from ddpm_hf.training.flags import parse_args, resolve_config
+from ddpm_hf.training.loop import NonFiniteLossError, train
+from ddpm_hf.training.parts import make_unet
 
 # ---------------------------------------------------------------- config
 
@@ -113,6 +80,7 @@ def test_unknown_choice_is_rejected_by_the_parser(capsys):
     assert "invalid choice: 'eps'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_dry_run_prints_config_and_parameter_count():
     proc = subprocess.run([sys.executable, str(REPO / "train_ddpm.py"), "--preset", "digits-cpu", "--dry_run"],
                           capture_output=True, text=True, check=True)
@@ -129,6 +97,7 @@ def test_batch_size_must_split_over_accumulation(tmp_path):
 # ---------------------------------------------------------------- a run and its outputs
 
 
+@pytest.mark.slow
 def test_run_leaves_pipeline_grids_curve_config_and_checkpoints(tmp_path):
     config = tiny_config(tmp_path, max_train_steps=6, checkpointing_steps=3, save_images_steps=3)
     train(config)
@@ -149,16 +118,19 @@ def test_run_leaves_pipeline_grids_curve_config_and_checkpoints(tmp_path):
     assert pipe.unet.config.in_channels == 1 and pipe.unet.config.sample_size == 8
 
 
+@pytest.mark.slow
 def test_checkpoint_rotation_keeps_the_newest(tmp_path):
     train(tiny_config(tmp_path, max_train_steps=5, checkpointing_steps=1, checkpoints_total_limit=2))
     assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 5]
 
 
+@pytest.mark.slow
 def test_num_epochs_sets_the_step_count(tmp_path):
     train(tiny_config(tmp_path, num_epochs=2, checkpointing_steps=100))
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2 * (40 // 8)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", [
     {},
     # L_hybrid with a learned variance and improved DDPM's importance sampling of t (T = 2: warmed up by step 4)
@@ -202,6 +174,7 @@ def test_nonfinite_losses_skip_steps_then_stop_clearly(tmp_path):
 # ---------------------------------------------------------------- processes
 
 
+@pytest.mark.slow
 def test_kill_while_checkpointing_leaves_the_previous_checkpoint_loadable(tmp_path):
     """SIGKILL the moment a checkpoint is being written (its temporary folder exists); the newest complete
     checkpoint still loads, and --resume_from_checkpoint latest carries on from it."""
@@ -228,7 +201,7 @@ def test_kill_while_checkpointing_leaves_the_previous_checkpoint_loadable(tmp_pa
     step, latest = list_checkpoints(out)[-1]
     config = resolve_config({**overrides, "output_dir": str(out)})
     unet = make_unet(config)
-    from ddpm_hf.ema import EMA
+    from ddpm_hf.diffusion.ema import EMA
 
     optimizer = torch.optim.Adam(unet.parameters())
     state = load_checkpoint(latest, unet, EMA(unet).model, optimizer)
@@ -240,6 +213,7 @@ def test_kill_while_checkpointing_leaves_the_previous_checkpoint_loadable(tmp_pa
     assert not list(out.glob(".checkpoint-*.tmp-*"))  # stale temporaries are cleaned on start
 
 
+@pytest.mark.slow
 def test_two_processes_on_cpu(tmp_path):
     """accelerate launch --multi_gpu --num_processes 2 on a CPU (torchrun, gloo): trains, and the sample grid drawn by both processes
     equals the grid drawn from the saved pipeline in one process with the same per-image seeds."""
@@ -262,6 +236,7 @@ def test_two_processes_on_cpu(tmp_path):
     assert np.abs(expected - got).max() <= 1
 
 
+@pytest.mark.slow
 def test_cli_offline_hub_dataset_error_is_one_clear_line(tmp_path):
     env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "train_ddpm.py"), "--dataset", "someone/uncached", "--max_train_steps", "1",
@@ -275,6 +250,7 @@ def test_cli_offline_hub_dataset_error_is_one_clear_line(tmp_path):
 # ---------------------------------------------------------------- options end to end
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "options",
     [
@@ -313,11 +289,12 @@ def test_streaming_from_local_parquet(tmp_path, shared_dir):
                                   num_epochs=1, output_dir=str(tmp_path / "e"))))
 
 
+@pytest.mark.slow
 def test_evaluation_during_training_and_keep_best(tmp_path):
     """--eval_every with a stand-in feature network: FID and IS every N steps from EMA samples drawn by
     DDIM, reference statistics cached, the best checkpoint kept outside the rotation."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_evaluation import stand_in_network
+    from common import stand_in_network
 
     config = tiny_config(tmp_path / "run", max_train_steps=4, checkpointing_steps=2, checkpoints_total_limit=1,
                          eval_every=2, eval_samples=12, eval_steps=3, keep_best=True, eval_cache_dir=str(tmp_path / "cache"))
@@ -336,7 +313,7 @@ def test_evaluation_during_training_and_keep_best(tmp_path):
 def test_eval_without_inception_weights_fails_before_training(tmp_path, monkeypatch):
     monkeypatch.delenv("DDPM_HF_INCEPTION_WEIGHTS", raising=False)
     config = tiny_config(tmp_path / "run", max_train_steps=2, eval_every=1, eval_cache_dir=str(tmp_path / "cache"))
-    from ddpm_hf.evaluation import InceptionWeightsMissing
+    from ddpm_hf.measuring.folder_metrics import InceptionWeightsMissing
 
     with pytest.raises(InceptionWeightsMissing, match=r"No Inception-v3 weights .* --inception_weights PATH"):
         train(config)

@@ -6,20 +6,20 @@ import json
 import numpy as np
 import pytest
 import torch
+from common import TINY
 from torch.profiler import ProfilerActivity, profile
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
 from ddpm_hf.choices import LR_SCHEDULES, PREDICTION_TYPES
-from ddpm_hf.config import resolve_config
-from ddpm_hf.losses import min_snr_weight, snr, training_target
-from ddpm_hf.checkpoints import STATE_HASH, list_checkpoints
-from ddpm_hf.samplers import draw_share
-from ddpm_hf.scheduler import PARAMETERIZATIONS, parameterization
-from ddpm_hf import training, training_watch
-from ddpm_hf.training import resume, run_step, setup
-from ddpm_hf.training_state import TrainState
-
-from test_training import TINY, _fresh_accelerate_state  # noqa: F401  (the fixture resets accelerate)
+from ddpm_hf.diffusion.losses import min_snr_weight, snr, training_target
+from ddpm_hf.diffusion.scheduler import PARAMETERIZATIONS, parameterization
+from ddpm_hf.sampling.samplers import draw_share
+from ddpm_hf.training import loop as training
+from ddpm_hf.training import watch as training_watch
+from ddpm_hf.training.checkpoints import STATE_HASH, list_checkpoints
+from ddpm_hf.training.flags import resolve_config
+from ddpm_hf.training.loop import resume, run_step, setup
+from ddpm_hf.training.state import TrainState
 
 
 def host_syncs_outside_the_optimizer(fn) -> tuple:
@@ -42,6 +42,7 @@ def run_and_state(tmp_path):
     return run, resume(run)
 
 
+@pytest.mark.slow
 def test_a_training_step_waits_for_the_device_only_inside_the_optimizer(run_and_state):
     run, state = run_and_state
     for step in range(2):
@@ -184,12 +185,14 @@ def test_draw_share_splits_images_over_processes_with_the_same_image_per_seed():
 
 def test_the_hub_pipeline_file_knows_the_learned_variance_types_of_the_library():
     """pipelines/pipeline_ddpm.py also runs on the Hub without ddpm_hf, so it keeps its own copy of the list."""
-    from ddpm_hf.choices import LEARNED_VARIANCE_TYPES
     from ddpm_hf.pipelines import pipeline_ddpm
+
+    from ddpm_hf.choices import LEARNED_VARIANCE_TYPES
 
     assert pipeline_ddpm.LEARNED_VARIANCE_TYPES == LEARNED_VARIANCE_TYPES
 
 
+@pytest.mark.slow
 def test_deterministic_turns_on_torchs_deterministic_kernels_for_the_run_only(tmp_path, monkeypatch):
     seen = []
     device_step = training.device_step

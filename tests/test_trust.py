@@ -3,11 +3,10 @@ outcomes for non-finite runs, provenance of sample folders, settings checked bef
 from every command, disk full, and a kill during checkpoint rotation."""
 
 import errno
-import re
 import io
 import json
 import os
-import shutil
+import re
 import signal
 import subprocess
 import sys
@@ -19,14 +18,17 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from common import REPO, TINY, cli_args, one_error_line, run_in_process
 from PIL import Image
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
-from ddpm_hf import data as data_module
-from ddpm_hf.config import resolve_config
-from ddpm_hf.data import BadImageError, build_image_bank, find_image_column, load_image_dataset, stream_batches
-from ddpm_hf.evaluation import InceptionWeightsDamaged, evaluate_folder, inception_network
-from ddpm_hf.checkpoints import (
+from ddpm_hf.data import datasets as data_module
+from ddpm_hf.data.datasets import BadImageError, build_image_bank, find_image_column, load_image_dataset, stream_batches
+from ddpm_hf.devices import accelerator_available
+from ddpm_hf.measuring.folder_metrics import InceptionWeightsDamaged, evaluate_folder, inception_network
+from ddpm_hf.outputs.weights import NonFiniteWeightsError
+from ddpm_hf.sampling.sample_folder import SAMPLING_FILE, image_name, sample_command
+from ddpm_hf.training.checkpoints import (
     STATE_HASH,
     CheckpointError,
     checkpoint_problem,
@@ -35,21 +37,8 @@ from ddpm_hf.checkpoints import (
     save_checkpoint,
     state_sha256,
 )
-from ddpm_hf.devices import accelerator_available
-from ddpm_hf.sample_folder import SAMPLING_FILE, image_name, sample_command
-from ddpm_hf.training import resume, setup, train
-from ddpm_hf.weights import NonFiniteWeightsError
-
-from test_training import REPO, TINY, _fresh_accelerate_state, cli_args  # noqa: F401  (the fixture resets accelerate)
-
-
-def one_error_line(proc) -> str:
-    """The process failed with exactly one line on stderr, an `error: ...` line and no traceback."""
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-3000:]
-    assert lines[0].startswith("error: ") and "Traceback" not in proc.stderr
-    return lines[0]
-
+from ddpm_hf.training.flags import resolve_config
+from ddpm_hf.training.loop import resume, setup, train
 
 # ---------------------------------------------------------------- images
 
@@ -115,23 +104,6 @@ def test_a_decompression_bomb_is_a_bad_image(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- checkpoints
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    out = tmp_path_factory.mktemp("run") / "run"
-    train(resolve_config({**TINY, "output_dir": str(out), "max_train_steps": 4, "checkpointing_steps": 2}))
-    AcceleratorState._reset_state(reset_partial_state=True)
-    return out
-
-
-@pytest.fixture
-def run_copy(finished_run, tmp_path):
-    shutil.copytree(finished_run, tmp_path / "run")
-    return tmp_path / "run"
-
-
 def damage_tensor_data(path: Path) -> None:
     """Random bytes inside a file's data (past a safetensors header), its length unchanged."""
     raw = bytearray(path.read_bytes())
@@ -140,6 +112,7 @@ def damage_tensor_data(path: Path) -> None:
     path.write_bytes(bytes(raw))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damaged", ["unet.safetensors", "ema.safetensors", "optimizer.pt"])
 def test_damaged_checkpoint_data_is_skipped_by_latest_and_refused_by_path(run_copy, damaged):
     damage_tensor_data(run_copy / "checkpoint-4" / damaged)
@@ -151,6 +124,7 @@ def test_damaged_checkpoint_data_is_skipped_by_latest_and_refused_by_path(run_co
         resolve_checkpoint(run_copy, str(run_copy / "checkpoint-4"))
 
 
+@pytest.mark.slow
 def test_resume_latest_falls_back_to_the_newest_intact_checkpoint_and_trains_on(run_copy, caplog):
     damage_tensor_data(run_copy / "checkpoint-4" / "unet.safetensors")
     train(resolve_config({**TINY, "output_dir": str(run_copy), "max_train_steps": 6, "checkpointing_steps": 2,
@@ -161,6 +135,7 @@ def test_resume_latest_falls_back_to_the_newest_intact_checkpoint_and_trains_on(
     assert checkpoint_problem(run_copy / "checkpoint-4") is None  # step 4 was written anew
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_path_is_one_line_from_the_command(run_copy):
     damage_tensor_data(run_copy / "checkpoint-4" / "optimizer.pt")
     args = cli_args({**TINY, "output_dir": run_copy, "max_train_steps": 6, "resume_from_checkpoint": run_copy / "checkpoint-4"})
@@ -276,7 +251,8 @@ def test_a_kill_during_rotation_leaves_no_orphan_checkpoint(tmp_path):
             (tmp_path / f"checkpoint-{step}" / "padding" / f"{i}").write_bytes(b"x")
     script = textwrap.dedent(f"""
         import os, shutil, time
-        from ddpm_hf import checkpoints, files
+        from ddpm_hf.outputs import files
+        from ddpm_hf.training import checkpoints
         def slow_rmtree(path, ignore_errors=False):
             for root, dirs, files in os.walk(path, topdown=False):
                 for name in files:
@@ -298,7 +274,7 @@ def test_a_kill_during_rotation_leaves_no_orphan_checkpoint(tmp_path):
     assert temporaries, "the kill should land while a checkpoint is being removed"
     visible = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
     assert all(checkpoint_problem(tmp_path / name) is None for name in visible)  # no half-removed checkpoint-N/
-    from ddpm_hf.files import remove_stale_temporaries
+    from ddpm_hf.outputs.files import remove_stale_temporaries
 
     remove_stale_temporaries(tmp_path)
     assert not list(tmp_path.glob(".*"))
@@ -307,13 +283,14 @@ def test_a_kill_during_rotation_leaves_no_orphan_checkpoint(tmp_path):
 # ---------------------------------------------------------------- non-finite runs
 
 
+@pytest.mark.slow
 def test_non_finite_final_weights_end_the_run_with_one_line_and_no_pipeline(tmp_path):
     args = cli_args({**TINY, "output_dir": tmp_path, "max_train_steps": 4, "learning_rate": 1e30, "lr_warmup_steps": 0,
                      "max_grad_norm": 0.0, "max_nonfinite_in_a_row": 1000, "checkpointing_steps": 1000})
     proc = subprocess.run([sys.executable, str(REPO / "train_ddpm.py"), *args], capture_output=True, text=True)
     line = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
     assert proc.returncode == 1 and len(line) == 1 and "Traceback" not in proc.stderr
-    assert re.search(r"weights at step 4 (are not finite|give non-finite outputs)", line[0]) and "lower --learning_rate" in line[0]
+    assert re.search(r"weights (are not finite|give non-finite outputs) at step 4", line[0]) and "lower --learning_rate" in line[0]
     assert not (tmp_path / "model_index.json").exists() and not list_checkpoints(tmp_path)
 
 
@@ -353,9 +330,10 @@ def draw(pipe_dir, folder, **kw):
     settings = dict(num_images=3, batch_size=3, sampler="ddpm", num_inference_steps=4, eta=None, seed=0, overwrite=False)
     settings.update(kw)
     pipe = DDPMPipeline.from_pretrained(pipe_dir)
-    return sample_command(pipe, str(pipe_dir), folder, settings.pop("num_images"), settings.pop("batch_size"),
-                          settings.pop("sampler"), settings.pop("num_inference_steps"), settings.pop("eta"),
-                          settings.pop("seed"), settings.pop("overwrite"))
+    return sample_command(pipe, pipeline_name=str(pipe_dir), folder=folder, num_images=settings.pop("num_images"),
+                          batch_size=settings.pop("batch_size"), sampler=settings.pop("sampler"),
+                          num_inference_steps=settings.pop("num_inference_steps"), eta=settings.pop("eta"),
+                          seed=settings.pop("seed"), overwrite=settings.pop("overwrite"))
 
 
 @pytest.mark.parametrize("change, named", [
@@ -392,9 +370,10 @@ def test_a_damaged_kept_image_is_drawn_again_and_the_protocol_counts_the_images(
         evaluate_folder(tmp_path / "s", str(tmp_path / "s"), network=None)
 
 
+@pytest.mark.slow
 def test_ddpm_sample_refusal_is_one_line(two_pipelines, tmp_path):
     a, _ = two_pipelines
-    cmd = [sys.executable, "-m", "ddpm_hf.sample", str(a), str(tmp_path / "s"), "--num_images", "2", "--num_inference_steps"]
+    cmd = [sys.executable, "-m", "ddpm_hf.commands.sample", str(a), str(tmp_path / "s"), "--num_images", "2", "--num_inference_steps"]
     subprocess.run(cmd + ["3"], check=True, capture_output=True)
     line = one_error_line(subprocess.run(cmd + ["4"], capture_output=True, text=True))
     assert line == (f"error: {tmp_path / 's'} holds images drawn with other settings (num_inference_steps); use a new "
@@ -417,21 +396,21 @@ def test_missing_local_paths_are_no_such_file_or_folder(tmp_path, monkeypatch):
 def command(module_or_function: str, *args) -> list:
     if module_or_function.startswith("ddpm_hf."):
         return [sys.executable, "-m", module_or_function, *map(str, args)]
-    return [sys.executable, "-c", f"import sys; from ddpm_hf.cli import {module_or_function}; sys.exit({module_or_function}())",
-            *map(str, args)]
+    return [sys.executable, "-m", f"ddpm_hf.commands.{module_or_function}", *map(str, args)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cmd, expected", [
     (["train", "--max_train_steps", "0"], "error: --max_train_steps=0 must be at least 1."),
-    (["ddpm_hf.sample", "./missing", "out", "--num_images", "2"],
+    (["ddpm_hf.commands.sample", "./missing", "out", "--num_images", "2"],
      "error: ./missing: no such file or folder; give the folder a training run or save_pretrained wrote (or a Hub repo id)."),
-    (["ddpm_hf.nll", "./missing", "out", "--dataset", "x", "--num_images", "1"],
+    (["ddpm_hf.commands.nll", "./missing", "out", "--dataset", "x", "--num_images", "1"],
      "error: ./missing: no such file or folder; give the folder a training run or save_pretrained wrote (or a Hub repo id)."),
-    (["ddpm_hf.metrics_cli", "s", "--reference", "r", "--inception_weights", "{garbage}"],
+    (["ddpm_hf.commands.metrics", "s", "--reference", "r", "--inception_weights", "{garbage}"],
      "error: Cannot load the Inception weights {garbage} ("),
-    (["ddpm_hf.push", "./missing", "--hub_model_id", "me/x"],
+    (["ddpm_hf.commands.push", "./missing", "--hub_model_id", "me/x"],
      "error: missing has no model_index.json: give the output folder of a finished training run (or a folder written by save_pretrained)."),
-    (["card_main", "./missing"], "error: ./missing has no training_config.json; give the output folder of a training run."),
+    (["card", "./missing"], "error: ./missing has no training_config.json; give the output folder of a training run."),
 ])
 def test_every_command_reports_a_user_error_as_one_line(tmp_path, cmd, expected):
     garbage = tmp_path / "inception.pt"
@@ -439,10 +418,11 @@ def test_every_command_reports_a_user_error_as_one_line(tmp_path, cmd, expected)
     name, args = cmd[0], [a.replace("{garbage}", str(garbage)) for a in cmd[1:]]
     argv = [sys.executable, str(REPO / "train_ddpm.py"), *args] if name == "train" else command(name, *args)
     env = {**os.environ, "DDPM_HF_INCEPTION_WEIGHTS": "", "HF_HUB_OFFLINE": "1"}
-    line = one_error_line(subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=env))
+    line = one_error_line(run_in_process(argv, cwd=tmp_path, env=env))
     assert line.startswith(expected.replace("{garbage}", str(garbage)))
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback_and_usage_errors_name_help(tmp_path):
     train_cmd = [sys.executable, str(REPO / "train_ddpm.py")]
     debug = subprocess.run(train_cmd + ["--max_train_steps", "0", "--debug"], capture_output=True, text=True)
@@ -454,6 +434,7 @@ def test_debug_shows_the_traceback_and_usage_errors_name_help(tmp_path):
     assert prefix.returncode == 2 and "unrecognized arguments: --learning" in prefix.stderr  # never matched by prefix
 
 
+@pytest.mark.slow
 def test_two_processes_print_a_shared_error_once(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train_ddpm.py"),

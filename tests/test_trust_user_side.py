@@ -15,11 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from common import REPO, TINY, cli_args, one_error_line, run_in_process
 from PIL import Image
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
-from ddpm_hf import data as data_module
-from ddpm_hf.checkpoints import (
+from ddpm_hf.data import datasets as data_module
+from ddpm_hf.data.datasets import load_image_dataset
+from ddpm_hf.outputs.files import WriteError, sha256_of
+from ddpm_hf.outputs.run_folder import PIPELINE_HASHES, RUN_MARKER, UNET_WEIGHTS
+from ddpm_hf.outputs.weights import load_pipeline
+from ddpm_hf.training.checkpoints import (
     REQUIRED_STATE,
     STATE_HASH,
     CheckpointError,
@@ -28,15 +33,8 @@ from ddpm_hf.checkpoints import (
     resolve_checkpoint,
     state_sha256,
 )
-from ddpm_hf.config import resolve_config
-from ddpm_hf.data import load_image_dataset
-from ddpm_hf.files import WriteError, sha256_of
-from ddpm_hf.run_folder import PIPELINE_HASHES, RUN_MARKER, UNET_WEIGHTS
-from ddpm_hf.training import train
-from ddpm_hf.weights import load_pipeline
-
-from test_training import REPO, TINY, _fresh_accelerate_state, cli_args  # noqa: F401  (the fixture resets accelerate)
-from test_trust import finished_run, one_error_line, run_copy  # noqa: F401  (fixtures: a finished tiny run, a copy of it)
+from ddpm_hf.training.flags import resolve_config
+from ddpm_hf.training.loop import train
 
 
 def last_error_line(proc) -> str:
@@ -49,12 +47,11 @@ def last_error_line(proc) -> str:
 
 
 def train_cli(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "train_ddpm.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=kw.pop("cwd", None), timeout=300, **kw)
+    return run_in_process([sys.executable, str(REPO / "train_ddpm.py"), *map(str, args)], **kw)
 
 
 def command(module: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, timeout=300)
+    return run_in_process([sys.executable, "-m", module, *map(str, args)])
 
 
 def tiny_args(output_dir, **overrides):
@@ -89,6 +86,7 @@ def marker_state(folder: Path) -> dict:
 # ---------------------------------------------------------------- 1. one run per folder
 
 
+@pytest.mark.slow
 def test_a_second_run_in_a_busy_folder_is_refused_and_a_killed_runs_folder_is_taken_over(tmp_path):
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, str(REPO / "train_ddpm.py"),
@@ -113,6 +111,7 @@ def test_a_second_run_in_a_busy_folder_is_refused_and_a_killed_runs_folder_is_ta
 # ---------------------------------------------------------------- 2. the user's files
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_a_folder_of_the_users_files_is_refused_and_left_as_it_was(tmp_path, overwrite):
     out = tmp_path / "mine"
@@ -130,6 +129,7 @@ def test_a_folder_of_the_users_files_is_refused_and_left_as_it_was(tmp_path, ove
     assert after == before and not (out / RUN_MARKER).exists()  # not even our marker is left
 
 
+@pytest.mark.slow
 def test_a_finished_run_without_checkpoints_is_not_started_over_silently(tmp_path):
     out = tmp_path / "run"
     assert train_cli(*tiny_args(out, max_train_steps=2, checkpointing_steps=1000)).returncode == 0
@@ -142,6 +142,7 @@ def test_a_finished_run_without_checkpoints_is_not_started_over_silently(tmp_pat
 # ---------------------------------------------------------------- 3. pipelines verified
 
 
+@pytest.mark.slow
 def test_damaged_pipeline_weights_are_refused_by_every_command(run_copy, tmp_path):
     weights = run_copy / UNET_WEIGHTS
     raw = bytearray(weights.read_bytes())
@@ -151,10 +152,10 @@ def test_damaged_pipeline_weights_are_refused_by_every_command(run_copy, tmp_pat
     expected = (f"error: Cannot load the pipeline {run_copy}: {weights} does not match the SHA-256 recorded in "
                 f"{PIPELINE_HASHES} when the pipeline was saved, so it is damaged or was changed")
     runs = {
-        "ddpm-sample": command("ddpm_hf.sample", run_copy, tmp_path / "s", "--num_images", 2, "--num_inference_steps", 2),
-        "ddpm-nll": command("ddpm_hf.nll", run_copy, tmp_path / "n", "--dataset", "digits", "--split", "train",
+        "ddpm-sample": command("ddpm_hf.commands.sample", run_copy, tmp_path / "s", "--num_images", 2, "--num_inference_steps", 2),
+        "ddpm-nll": command("ddpm_hf.commands.nll", run_copy, tmp_path / "n", "--dataset", "digits", "--split", "train",
                             "--num_images", 2),
-        "ddpm-visualize": command("ddpm_hf.visualize", run_copy, tmp_path / "v", "--num_inference_steps", 2),
+        "ddpm-visualize": command("ddpm_hf.commands.visualize", run_copy, tmp_path / "v", "--num_inference_steps", 2),
         "--init_from": train_cli(*tiny_args(tmp_path / "t", max_train_steps=2, init_from=run_copy)),
     }
     for name, proc in runs.items():
@@ -169,6 +170,7 @@ def test_a_sound_pipeline_records_its_hashes_and_loads(finished_run):
     assert load_pipeline(str(finished_run)).unet.config.sample_size == 8
 
 
+@pytest.mark.slow
 def test_a_truncated_weights_file_or_a_broken_config_is_one_line_naming_it(tmp_path):
     unet = build_unet("cpu-tiny", sample_size=8, in_channels=1)
     DDPMPipeline(unet, DDPMScheduler()).save_pretrained(tmp_path / "p")  # plain save_pretrained: no hashes
@@ -179,7 +181,7 @@ def test_a_truncated_weights_file_or_a_broken_config_is_one_line_naming_it(tmp_p
         load_pipeline(str(tmp_path / "p"))
     DDPMPipeline(unet, DDPMScheduler()).save_pretrained(tmp_path / "q")
     (tmp_path / "q" / "scheduler" / "scheduler_config.json").write_text('{"num_train_timesteps": 10,')
-    line = one_error_line(command("ddpm_hf.sample", tmp_path / "q", tmp_path / "s", "--num_images", 1))
+    line = one_error_line(command("ddpm_hf.commands.sample", tmp_path / "q", tmp_path / "s", "--num_images", 1))
     assert line.startswith(f"error: Cannot load the pipeline {tmp_path / 'q'}: "
                            f"{tmp_path / 'q' / 'scheduler' / 'scheduler_config.json'} is not valid JSON")
 
@@ -187,6 +189,7 @@ def test_a_truncated_weights_file_or_a_broken_config_is_one_line_naming_it(tmp_p
 # ---------------------------------------------------------------- 4. resume that means it
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, named", [
     (dict(resolution=16, batch_size=8), "--resolution 8 -> 16"),
     (dict(channels=3), "--channels 1 -> 3"),
@@ -208,6 +211,7 @@ def test_allow_config_change_still_applies_what_can_change(run_copy):
     assert summary["config_history"] == [{"step": 4, "changes": {"learning_rate": [1e-3, 5e-4]}}]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tamper, problem", [
     (dict(step=10**12), "trainer_state.json says step 1000000000000, but the folder is checkpoint-4"),
     (dict(step=-5), "trainer_state.json holds step -5, not a step count"),
@@ -237,6 +241,7 @@ class Payload:
     """Any object that is not a tensor, a number or a container of them: a safe load refuses it."""
 
 
+@pytest.mark.slow
 def test_an_optimizer_file_a_safe_load_refuses_never_suggests_the_unsafe_load(run_copy):
     checkpoint = run_copy / "checkpoint-4"
     torch.save({"state": {}, "param_groups": [], "payload": Payload()}, checkpoint / "optimizer.pt")
@@ -280,17 +285,18 @@ def test_a_run_folder_inside_the_data_folder_is_not_read_as_data(tmp_path, finis
     assert len(load_image_dataset(str(folder))) == 6
 
 
+@pytest.mark.slow
 def test_nll_on_the_built_in_digits_measures_the_held_out_split_and_records_the_split_it_measured(tmp_path, finished_run):
-    proc = command("ddpm_hf.nll", finished_run, tmp_path / "n", "--dataset", "digits", "--num_images", 2)
+    proc = command("ddpm_hf.commands.nll", finished_run, tmp_path / "n", "--dataset", "digits", "--num_images", 2)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "n" / "nll.json").read_text())["protocol"]["split"] == "test"
-    proc = command("ddpm_hf.nll", finished_run, tmp_path / "m", "--dataset", "digits", "--split", "train", "--num_images", 2,
+    proc = command("ddpm_hf.commands.nll", finished_run, tmp_path / "m", "--dataset", "digits", "--split", "train", "--num_images", 2,
                    "--output", finished_run.parent / "nll.json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((finished_run.parent / "nll.json").read_text())["protocol"]["split"] == "train"
     for i in range(2):
         png(tmp_path / "imgs" / f"{i}.png", i)
-    line = one_error_line(command("ddpm_hf.nll", finished_run, tmp_path / "o", "--dataset", tmp_path / "imgs", "--split",
+    line = one_error_line(command("ddpm_hf.commands.nll", finished_run, tmp_path / "o", "--dataset", tmp_path / "imgs", "--split",
                                   "test", "--num_images", 2))
     assert line == (f"error: --dataset {tmp_path / 'imgs'} is local data with one split, train (every image), not 'test': "
                     "give held-out images as their own folder or files, or --split train to use these (recorded as split "
@@ -298,20 +304,22 @@ def test_nll_on_the_built_in_digits_measures_the_held_out_split_and_records_the_
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_nll_refuses_images_of_other_channels_and_says_when_it_resizes(tmp_path, finished_run):
     for i in range(2):
         png(tmp_path / "rgb" / f"{i}.png", 10 * i, size=8, mode="RGB")
         png(tmp_path / "big" / f"{i}.png", 10 * i, size=16)
-    line = last_error_line(command("ddpm_hf.nll", finished_run, tmp_path / "n", "--dataset", tmp_path / "rgb", "--num_images", 2))
+    line = last_error_line(command("ddpm_hf.commands.nll", finished_run, tmp_path / "n", "--dataset", tmp_path / "rgb", "--num_images", 2))
     assert line == ("error: The images have 3 channels and the pipeline models 1: converting them would measure other "
                     "images than these; give 1-channel images.")
-    proc = command("ddpm_hf.nll", finished_run, tmp_path / "m", "--dataset", tmp_path / "big", "--num_images", 2)
+    proc = command("ddpm_hf.commands.nll", finished_run, tmp_path / "m", "--dataset", tmp_path / "big", "--num_images", 2)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert ("note: the images are 16x16; they are resized and center-cropped to 8x8, the size the pipeline models, "
             "before measuring.") in proc.stderr.splitlines()
     assert json.loads((tmp_path / "m" / "nll.json").read_text())["protocol"]["split"] is None  # a folder: no split
 
 
+@pytest.mark.slow
 def test_a_truncated_parquet_file_is_one_line_naming_it(tmp_path):
     import datasets
 
@@ -328,7 +336,7 @@ def test_a_truncated_parquet_file_is_one_line_naming_it(tmp_path):
 
 
 def test_optimizer_adamw_is_torch_adamw_with_decoupled_weight_decay():
-    from ddpm_hf.training_parts import make_optimizer
+    from ddpm_hf.training.parts import make_optimizer
 
     def trained(optimizer_of):
         torch.manual_seed(0)
@@ -352,6 +360,7 @@ def test_optimizer_adamw_is_torch_adamw_with_decoupled_weight_decay():
 # ---------------------------------------------------------------- 7. preemption
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
 def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(tmp_path, signum):
     out = tmp_path / "run"
@@ -377,7 +386,7 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(t
 
 
 def test_a_second_signal_stops_at_once_but_a_forwarded_copy_of_the_first_does_not():
-    from ddpm_hf.run_guard import StopSignals
+    from ddpm_hf.training.run_guard import StopSignals
 
     seen = []
     previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
@@ -394,6 +403,7 @@ def test_a_second_signal_stops_at_once_but_a_forwarded_copy_of_the_first_does_no
         signal.signal(signal.SIGUSR1, previous)
 
 
+@pytest.mark.slow
 def test_under_accelerate_launch_the_processes_agree_on_the_step_they_stop_after(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -433,7 +443,7 @@ def test_a_safetensors_full_disk_while_checkpointing_is_one_line_and_leaves_no_t
 
 
 def test_ddpm_sample_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
-    from ddpm_hf.sample_folder import sample_command
+    from ddpm_hf.sampling.sample_folder import sample_command
 
     unet = build_unet("cpu-tiny", sample_size=8, in_channels=1)
     pipe = DDPMPipeline(unet, DDPMScheduler())
@@ -444,10 +454,12 @@ def test_ddpm_sample_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(Image.Image, "save", full)
     with pytest.raises(WriteError, match=rf"Cannot write {tmp_path / 's' / '000000-seed0.png'} \(No space left on "
                                          rf"device\); free space in {tmp_path / 's'} or choose another folder"):
-        sample_command(pipe, "p", tmp_path / "s", 2, 2, "ddpm", 2, None, 0)
+        sample_command(pipe, pipeline_name="p", folder=tmp_path / "s", num_images=2, batch_size=2, sampler="ddpm",
+                       num_inference_steps=2, eta=None, seed=0)
     assert not [p for p in (tmp_path / "s").iterdir() if p.suffix == ".png" or ".png.tmp-" in p.name]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps", [0, -3])
 def test_grid_steps_below_one_are_refused_before_training(tmp_path, steps):
     line = one_error_line(train_cli(*tiny_args(tmp_path / "run", max_train_steps=2, sample_inference_steps=steps)))
@@ -464,9 +476,9 @@ def test_an_output_folder_that_cannot_be_written_fails_before_the_data_is_decode
 
 
 def test_metrics_name_a_missing_samples_folder_and_reference_and_caution_on_few_images(tmp_path):
-    from test_evaluation import stand_in_network  # noqa: F401  (defined there)
+    from common import stand_in_network
 
-    from ddpm_hf.evaluation import evaluate_folder
+    from ddpm_hf.measuring.folder_metrics import evaluate_folder
 
     network = stand_in_network()
     with pytest.raises(FileNotFoundError, match=rf"{tmp_path / 'none'}: no such folder; give the folder of generated"):
@@ -481,15 +493,16 @@ def test_metrics_name_a_missing_samples_folder_and_reference_and_caution_on_few_
     assert json.loads((tmp_path / "s" / "metrics.json").read_text())["protocol"]["caution"] == result["protocol"]["caution"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["data/my_images/", "data/my/images"])
 def test_a_missing_path_that_looks_like_one_is_no_such_file_in_every_command(tmp_path, name, finished_run):
     """A trailing slash or a second slash cannot be a Hub id: it is a folder that is not there, not an unreachable Hub."""
     checks = {
         "train": (subprocess.run([sys.executable, str(REPO / "train_ddpm.py"), *tiny_args(tmp_path / "run", dataset=name)],
                                  capture_output=True, text=True, cwd=tmp_path), f"error: --dataset {name}: no such file or folder"),
-        "ddpm-sample": (subprocess.run([sys.executable, "-m", "ddpm_hf.sample", name, tmp_path / "s", "--num_images", "1"],
+        "ddpm-sample": (subprocess.run([sys.executable, "-m", "ddpm_hf.commands.sample", name, tmp_path / "s", "--num_images", "1"],
                                        capture_output=True, text=True, cwd=tmp_path), f"error: {name}: no such file or folder"),
-        "ddpm-nll": (subprocess.run([sys.executable, "-m", "ddpm_hf.nll", finished_run, tmp_path / "n", "--dataset", name,
+        "ddpm-nll": (subprocess.run([sys.executable, "-m", "ddpm_hf.commands.nll", finished_run, tmp_path / "n", "--dataset", name,
                                      "--num_images", "1"], capture_output=True, text=True, cwd=tmp_path),
                      f"error: --dataset {name}: no such file or folder"),
     }

@@ -38,6 +38,7 @@ def test_cifar10_preset_has_paper_parameter_count():
     assert n_params(build_unet("ddpm-cifar10-32")) == 35_746_307
 
 
+@pytest.mark.slow
 def test_cifar10_preset_matches_hub_config_key_for_key(tmp_path):
     preset = unet_config("ddpm-cifar10-32")
     for key, value in HUB_CIFAR10_CONFIG.items():

@@ -14,17 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from common import TINY
 from PIL import Image
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet, denoise
-from ddpm_hf.config import resolve_config
-from ddpm_hf.likelihood import TERMS, bits_per_dim_of_share
-from ddpm_hf.model_card import write_model_card
-from ddpm_hf.likelihood_folder import image_file
-from ddpm_hf.samplers import use_scheduler
-from ddpm_hf.training import train
-
-from test_training import REPO, TINY, _fresh_accelerate_state  # noqa: F401  (the fixture resets accelerate)
+from ddpm_hf.diffusion.likelihood import TERMS, bits_per_dim_of_share
+from ddpm_hf.measuring.nll_folder import image_file
+from ddpm_hf.outputs.model_card import write_model_card
+from ddpm_hf.sampling.samplers import use_scheduler
+from ddpm_hf.training.flags import resolve_config
+from ddpm_hf.training.loop import train
 
 
 def held_out_digits(folder: Path, n: int = 8) -> Path:
@@ -39,7 +38,7 @@ def held_out_digits(folder: Path, n: int = 8) -> Path:
 
 
 def uint8_images(folder: Path, size: int = 8) -> torch.Tensor:
-    from ddpm_hf.data import build_image_bank, load_image_dataset
+    from ddpm_hf.data.datasets import build_image_bank, load_image_dataset
 
     return build_image_bank(load_image_dataset(str(folder)), "image", 1, size, progress=False).images
 
@@ -91,6 +90,7 @@ def test_learned_variance_pipeline_samples_with_its_sigma_and_with_other_sampler
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_learned_range_pipeline_samples_in_plain_diffusers(hybrid_run, tmp_path):
     script = textwrap.dedent(f"""
         import sys
@@ -124,6 +124,7 @@ def test_objective_settings_that_cannot_train_are_refused(overrides, match):
 # ---------------------------------------------------------------- bits/dim during training
 
 
+@pytest.mark.slow
 def test_nll_during_training_is_the_bound_of_the_ema_model_on_held_out_images(tmp_path):
     held_out = held_out_digits(tmp_path / "held_out", 5)
     config = resolve_config({**TINY, "output_dir": str(tmp_path / "run"), "max_train_steps": 4, "checkpointing_steps": 4,
@@ -145,10 +146,12 @@ def test_nll_during_training_is_the_bound_of_the_ema_model_on_held_out_images(tm
     assert "during training, at step 4, on 5 held-out images" in card
 
 
+@pytest.mark.slow
 def test_eval_dtype_bf16_measures_a_bf16_copy_of_the_ema_model_and_leaves_the_ema_in_float32(tmp_path, monkeypatch):
-    from ddpm_hf import training_watch
-    from ddpm_hf.samplers import cast_network
-    from test_evaluation import stand_in_network
+    from common import stand_in_network
+
+    from ddpm_hf.sampling.samplers import cast_network
+    from ddpm_hf.training import watch as training_watch
 
     held_out = held_out_digits(tmp_path / "held_out", 5)
     sampled_with = []
@@ -172,7 +175,10 @@ def test_eval_dtype_bf16_measures_a_bf16_copy_of_the_ema_model_and_leaves_the_em
         for _, terms in bits_per_dim_of_share(pipe.unet, pipe.scheduler, uint8_images(held_out), range(5), config.seed, 2):
             oracle[precision] += terms["total"].tolist()
     measured = summary["nll"][-1]["total"]["mean"]
-    assert measured == pytest.approx(np.mean(oracle["bf16"]), rel=1e-6)
+    # bf16's own chain, to well within the bf16-fp32 gap: on a CPU without native bf16 (AMD EPYC, emulated) the
+    # copy cast during training and the reloaded pipeline cast here round 2e-6 apart; the gap is 1.7e-4
+    bf16_gap = abs(np.mean(oracle["bf16"]) - np.mean(oracle["fp32"]))
+    assert abs(measured - np.mean(oracle["bf16"])) < 0.1 * bf16_gap
     assert measured != pytest.approx(np.mean(oracle["fp32"]), rel=1e-6)  # bf16 is measurably not fp32 ...
     assert measured == pytest.approx(np.mean(oracle["fp32"]), abs=0.05)  # ... and close to it
     with pytest.raises(ValueError, match=r"--eval_dtype fp16 needs a GPU .* use --eval_dtype bf16 or fp32"):
@@ -192,8 +198,8 @@ def test_nll_during_training_refuses_the_training_data_as_held_out_before_traini
 
 
 def test_nll_during_training_on_the_built_in_digits_uses_their_held_out_split(tmp_path):
-    from ddpm_hf.data import build_image_bank, load_image_dataset
-    from ddpm_hf.training_watch import load_held_out_images
+    from ddpm_hf.data.datasets import build_image_bank, load_image_dataset
+    from ddpm_hf.training.watch import load_held_out_images
 
     config = resolve_config({**TINY, "output_dir": str(tmp_path), "eval_nll_every": 2, "eval_nll_images": 3})
     test = build_image_bank(load_image_dataset("digits", split="test"), "image", 1, config.resolution, progress=False)
@@ -215,13 +221,14 @@ def nll_setup(tmp_path_factory):
 def nll_cli(pipe, out, images, *extra, processes=1):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
               "1", "--mixed_precision", "no", "--dynamo_backend", "no"] if processes == 2 else [sys.executable]
-    return launch + ["-m", "ddpm_hf.nll", str(pipe), str(out), "--dataset", str(images), "--num_images", "7", *map(str, extra)]
+    return launch + ["-m", "ddpm_hf.commands.nll", str(pipe), str(out), "--dataset", str(images), "--num_images", "7", *map(str, extra)]
 
 
 def per_image(out: Path, n: int = 7) -> np.ndarray:
     return np.array([[np.load(image_file(out, k))[term] for term in TERMS] for k in range(n)])
 
 
+@pytest.mark.slow
 def test_ddpm_nll_gives_the_same_numbers_with_one_and_two_processes(nll_setup, tmp_path):
     pipe, images = nll_setup
     one = subprocess.run(nll_cli(pipe, tmp_path / "one", images, "--batch_size", 3), capture_output=True, text=True)
@@ -245,6 +252,7 @@ def test_ddpm_nll_gives_the_same_numbers_with_one_and_two_processes(nll_setup, t
     assert Image.open(tmp_path / "one" / "nll_terms.png").size[0] >= 600
 
 
+@pytest.mark.slow
 def test_ddpm_nll_killed_and_restarted_gives_the_uninterrupted_numbers(nll_setup, tmp_path):
     pipe, images = nll_setup
     out = tmp_path / "killed"
@@ -265,6 +273,7 @@ def test_ddpm_nll_killed_and_restarted_gives_the_uninterrupted_numbers(nll_setup
     assert not list((out / "images").glob(".*tmp-*"))
 
 
+@pytest.mark.slow
 def test_ddpm_nll_refuses_a_folder_measured_otherwise_and_its_result_reaches_the_card(nll_setup, hybrid_run, tmp_path):
     pipe, images = nll_setup
     subprocess.run(nll_cli(pipe, tmp_path / "m", images), check=True, capture_output=True)

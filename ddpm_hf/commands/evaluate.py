@@ -1,0 +1,78 @@
+"""`ddpm-evaluate PIPELINE OUTPUT_DIR` / `python -m ddpm_hf.commands.evaluate`: see `main`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ddpm_hf.commands.parsing import Parser
+from ddpm_hf.commands.running import command, load_for_command
+
+
+@command
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`ddpm-evaluate PIPELINE OUTPUT_DIR` / `python -m ddpm_hf.commands.evaluate`: a published protocol in one command
+    (default ddpm-cifar10, the paper's Table 1): samples (resumable, shared under `accelerate launch`), FID and IS in
+    clean-fid's legacy_tensorflow and clean modes, NLL in bits/dim on the held-out split, and evaluation.json and
+    evaluation.md with the published figures beside them. Smaller counts are allowed and written into the report."""
+    from ddpm_hf.choices import FID_MODES, SAMPLING_DTYPES
+    from ddpm_hf.measuring.evaluation import PROTOCOLS
+    from ddpm_hf.paths import INCEPTION_FILE
+
+    parser = Parser(description=main.__doc__, prog="ddpm-evaluate")
+    parser.add_argument("pipeline", help="a folder written by save_pretrained / a training run, or a Hub repo id "
+                        "(e.g. google/ddpm-cifar10-32)")
+    parser.add_argument("output_dir", help="where the samples, metrics, bound and report go")
+    parser.add_argument("--protocol", choices=list(PROTOCOLS), default="ddpm-cifar10")
+    parser.add_argument("--num_images", type=int, default=None, help="samples for FID and IS (default: the protocol's, "
+                        "50,000)")
+    parser.add_argument("--num_inference_steps", type=int, default=None, help="DDPM steps (default: the protocol's, 1000)")
+    parser.add_argument("--reference", default=None, help="the FID reference, as ddpm-metrics takes it (default: cifar10)")
+    parser.add_argument("--reference_split", default=None, help="(default: train)")
+    parser.add_argument("--nll_dataset", default=None, help="the held-out images, as ddpm-nll takes them (default: cifar10)")
+    parser.add_argument("--nll_split", default=None, help="(default: test)")
+    parser.add_argument("--nll_images", type=int, default=None, help="images for the bound, 0 to skip it (default: "
+                        "the protocol's, 10,000)")
+    parser.add_argument("--modes", nargs="+", choices=FID_MODES, default=None, help="clean-fid modes (default: "
+                        "legacy_tensorflow clean)")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--dtype", choices=SAMPLING_DTYPES, default="fp32", help="the network's precision when sampling")
+    parser.add_argument("--seed", type=int, default=0, help="sample k from seed + k; the bound's image k from (seed, k)")
+    parser.add_argument("--inception_weights", default=None, help=f"path to {INCEPTION_FILE}")
+    parser.add_argument("--cache_dir", default=None, help="reference statistics and weights cache")
+    parser.add_argument("--fid_se_rounds", type=int, default=None, help="bootstrap resamplings of the samples for FID's "
+                        "standard error, 0 to skip it (default: the protocol's, 10; each costs about one FID)")
+    parser.add_argument("--overwrite", action="store_true", help="start again in a folder evaluated with other settings")
+    args = parser.parse_args(argv)
+    if args.seed < 0 or args.batch_size < 1:
+        parser.error(f"--seed {args.seed} must be at least 0 and --batch_size {args.batch_size} at least 1")
+
+    from ddpm_hf.devices import distributed_state
+    from ddpm_hf.measuring.evaluation import check_data, evaluate_pipeline, settings
+    from ddpm_hf.measuring.folder_metrics import feature_network
+    from ddpm_hf.sampling.samplers import network_dtype
+
+    chosen = settings(args.protocol, num_images=args.num_images, num_inference_steps=args.num_inference_steps,
+                      reference=args.reference, reference_split=args.reference_split, nll_dataset=args.nll_dataset,
+                      nll_split=args.nll_split, nll_images=args.nll_images, modes=args.modes,
+                      fid_se_rounds=args.fid_se_rounds)
+    state = distributed_state()
+    network_dtype(args.dtype, state.device)
+    # before any sampling: the Inception weights and the data, each missing one a line now rather than hours later
+    network = feature_network("inception", state.device, args.inception_weights, cache_dir=args.cache_dir)
+    check_data(chosen)
+    pipe = load_for_command(args.pipeline, state.device)
+    report = evaluate_pipeline(pipe, reload=lambda: load_for_command(args.pipeline, state.device),
+                               pipeline_name=args.pipeline, folder=args.output_dir, chosen=chosen, network=network,
+                               batch_size=args.batch_size, dtype=args.dtype, seed=args.seed, cache_dir=args.cache_dir,
+                               overwrite=args.overwrite, state=state, notify=lambda note: print(f"note: {note}.", file=sys.stderr))
+    if report is not None:
+        from ddpm_hf.outputs.run_folder import EVALUATION_TABLE
+
+        print((Path(args.output_dir) / EVALUATION_TABLE).read_text(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

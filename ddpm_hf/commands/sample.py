@@ -1,0 +1,52 @@
+"""`ddpm-sample` / `python -m ddpm_hf.commands.sample`: see `main`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from ddpm_hf.commands.parsing import Parser
+from ddpm_hf.commands.running import command, load_for_command
+
+
+@command
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`ddpm-sample` / `python -m ddpm_hf.commands.sample`: draw N images from a pipeline into a folder (resumable;
+    under `accelerate launch` the processes share the work). The folder records how its images were drawn
+    (sampling.json: the weights' SHA-256, sampler, steps, eta, seed); a rerun with other settings is refused."""
+    from ddpm_hf.choices import SAMPLERS, SAMPLING_DTYPES
+
+    parser = Parser(description=main.__doc__, prog="ddpm-sample")
+    parser.add_argument("pipeline", help="a folder written by save_pretrained / a training run, or a Hub repo id")
+    parser.add_argument("output_dir", help="where the PNGs go ({k:06d}-seed{seed+k}.png)")
+    parser.add_argument("--num_images", type=int, required=True)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--scheduler", choices=SAMPLERS, default="ddpm")
+    parser.add_argument("--num_inference_steps", type=int, default=1000)
+    parser.add_argument("--eta", type=float, default=None, help="DDIM's eta (ddim only)")
+    parser.add_argument("--seed", type=int, default=0, help="image k is drawn from seed + k")
+    parser.add_argument("--dtype", choices=SAMPLING_DTYPES, default="fp32", help="the network's precision (the chain "
+                        "and the scheduler stay float32); bf16 or fp16 are faster on a GPU, fp16 only there")
+    parser.add_argument("--overwrite", action="store_true", help="draw again from scratch in a folder drawn with other settings")
+    args = parser.parse_args(argv)
+    if args.seed < 0:
+        parser.error(f"--seed {args.seed}: seeds are integers from 0 (image k is drawn from seed + k)")
+
+    from ddpm_hf.devices import distributed_state
+    from ddpm_hf.sampling.sample_folder import sample_command
+    from ddpm_hf.sampling.samplers import network_dtype
+
+    state = distributed_state()
+    network_dtype(args.dtype, state.device)  # refused before loading anything
+    pipe = load_for_command(args.pipeline, state.device)
+    result = sample_command(pipe, pipeline_name=args.pipeline, folder=args.output_dir, num_images=args.num_images,
+                            batch_size=args.batch_size, sampler=args.scheduler,
+                            num_inference_steps=args.num_inference_steps, eta=args.eta, seed=args.seed,
+                            overwrite=args.overwrite, state=state, dtype=args.dtype)
+    rate = f"{result['images_per_s']:.2f} images/s" if result["images_per_s"] else "nothing to draw"
+    print(f"process {state.process_index}: wrote {result['written']}, kept {result['kept']} already complete; {rate}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""`ddpm-evaluate`: a published evaluation protocol run on a pipeline in one command, side by side with the paper.
+
+Every stage is one of the existing commands' pieces, resumable with the provenance it records itself:
+1. `eval_samples/`: ddpm-sample's folder job (image k from seed `seed + k`, counter-based noise, sampling.json);
+2. `metrics-<mode>.json`: ddpm-metrics' FID, KID and Inception Score in each of clean-fid's modes (the paper's numbers
+   use TensorFlow's Inception and resizing: `legacy_tensorflow`; `clean` beside it);
+3. `eval_nll/` and `nll.json`: ddpm-nll's folder job on the held-out split;
+4. `evaluation.json` and `evaluation.md`: the results, each with its standard error where the protocol has one, the
+   exact protocol, and the published figures beside them.
+A killed run started again keeps every image and every per-image bound already written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence
+
+from ddpm_hf.errors import UsageError
+from ddpm_hf.outputs.files import atomic_write_json, atomic_write_text
+from ddpm_hf.outputs.run_folder import (
+    EVALUATION,
+    EVALUATION_NLL_DIR,
+    EVALUATION_SAMPLES_DIR,
+    EVALUATION_TABLE,
+    NLL,
+    evaluation_metrics_file,
+)
+
+FID_SE_ROUNDS = 10  # bootstrap resamplings of the samples for FID's standard error
+
+# What each protocol runs by default, and the figures it is compared with. Ho et al. 2020, Table 1 (CIFAR-10,
+# unconditional; FID and IS on 50,000 samples against the training set, NLL on the test set), and improved DDPM's bound.
+PROTOCOLS: Dict[str, dict] = {
+    "ddpm-cifar10": dict(
+        num_images=50000, num_inference_steps=1000, reference="cifar10", reference_split="train",
+        modes=("legacy_tensorflow", "clean"), nll_dataset="cifar10", nll_split="test", nll_images=10000,
+        fid_se_rounds=FID_SE_ROUNDS,
+        published=[
+            {"source": "Ho et al. 2020, Table 1: L_simple", "fid": 3.17, "inception_score": (9.46, 0.11), "nll": 3.75},
+            {"source": "Ho et al. 2020, Table 1: L, fixed isotropic Σ", "fid": 13.51, "inception_score": (7.67, 0.13),
+             "nll": 3.70},
+            # its best bound (L_vlb, learned Σ, cosine schedule); the FIDs of its ablations are not listed here: they
+            # could not be checked against the paper offline
+            {"source": "Nichol & Dhariwal 2021 (improved DDPM): L_vlb", "fid": None, "inception_score": None,
+             "nll": 2.94},
+        ],
+    ),
+}
+PAPER_NUM_IMAGES = 50000  # the count the published FIDs use
+IS_SPLITS = 10  # the Inception Score's mean and spread over 10 splits of the samples
+
+
+def settings(protocol: str, **overrides) -> dict:
+    """The protocol's settings with the given overrides (None keeps the protocol's)."""
+    if protocol not in PROTOCOLS:
+        raise UsageError(f"--protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}.")
+    chosen = {k: v for k, v in PROTOCOLS[protocol].items() if k != "published"}
+    chosen.update({k: v for k, v in overrides.items() if v is not None})
+    problems = [f"--num_images {chosen['num_images']} must be at least {IS_SPLITS} (the Inception Score's splits)"
+                if chosen["num_images"] < IS_SPLITS else "",
+                f"--num_inference_steps {chosen['num_inference_steps']} at least 1" if chosen["num_inference_steps"] < 1 else "",
+                f"--nll_images {chosen['nll_images']} at least 0 (0 skips the bound)" if chosen["nll_images"] < 0 else "",
+                f"--fid_se_rounds {chosen['fid_se_rounds']} at least 2, or 0 to skip FID's standard error"
+                if chosen["fid_se_rounds"] == 1 or chosen["fid_se_rounds"] < 0 else ""]
+    if any(problems):
+        raise UsageError("; ".join(p for p in problems if p) + ".")
+    return {"protocol": protocol, **chosen}
+
+
+def check_data(chosen: dict) -> None:
+    """The reference and held-out data load here (a cached Hub dataset, a folder, the built-in digits), before any
+    sampling: offline, one line says so now rather than after hours of sampling."""
+    from ddpm_hf.data.datasets import load_image_dataset
+
+    if not chosen["reference"].startswith("cleanfid:"):
+        load_image_dataset(chosen["reference"], split=chosen["reference_split"])
+    if chosen["nll_images"]:
+        load_image_dataset(chosen["nll_dataset"], split=chosen["nll_split"])
+
+
+def evaluate_pipeline(pipe, *, reload: Callable, pipeline_name: str, folder, chosen: dict, network, batch_size: int = 64,
+                      dtype: str = "fp32", seed: int = 0, cache_dir=None, overwrite: bool = False, state=None,
+                      notify: Callable[[str], None] = lambda message: None) -> Optional[dict]:
+    """Run the stages into `folder`; returns the report on the main process (None on the others). `reload()` gives the
+    pipeline again as saved, for the bound in float32: sampling cast `pipe`'s network to `dtype`."""
+    from ddpm_hf.measuring.folder_metrics import evaluate_folder
+    from ddpm_hf.measuring.nll_folder import measure
+    from ddpm_hf.sampling.sample_folder import sample_command
+
+    folder = Path(folder)
+    is_main = state.is_main_process if state else True
+    unet_config = pipe.unet.config
+    sample_command(pipe, pipeline_name=pipeline_name, folder=folder / EVALUATION_SAMPLES_DIR,
+                   num_images=chosen["num_images"], batch_size=batch_size, sampler="ddpm",
+                   num_inference_steps=chosen["num_inference_steps"], eta=None, seed=seed, overwrite=overwrite,
+                   state=state, dtype=dtype)
+    metrics = {}
+    if is_main:
+        for mode in chosen["modes"]:
+            metrics[mode] = evaluate_folder(folder / EVALUATION_SAMPLES_DIR, chosen["reference"], network, mode=mode,
+                                            cache_dir=cache_dir, split=chosen["reference_split"],
+                                            resolution=unet_config.sample_size, channels=unet_config.in_channels,
+                                            output=folder / evaluation_metrics_file(mode),
+                                            fd_se_rounds=chosen["fid_se_rounds"],
+                                            device=state.device if state is not None else "cpu")
+    if state is not None:
+        state.wait_for_everyone()
+    nll = None
+    if chosen["nll_images"]:
+        nll = measure(pipe if dtype == "fp32" else reload(), pipeline_name=pipeline_name, folder=folder / EVALUATION_NLL_DIR,
+                      dataset=chosen["nll_dataset"], num_images=chosen["nll_images"], split=chosen["nll_split"],
+                      batch_size=batch_size, seed=seed, overwrite=overwrite, output=folder / NLL, state=state, notify=notify)
+    if not is_main:
+        return None
+    report = build_report(pipeline_name, chosen, metrics, nll, dtype, seed)
+    atomic_write_json(folder / EVALUATION, report)
+    atomic_write_text(folder / EVALUATION_TABLE, report_markdown(report))
+    return report
+
+
+def build_report(pipeline_name: str, chosen: dict, metrics: dict, nll: Optional[dict], dtype: str, seed: int) -> dict:
+    """The numbers of this evaluation, the protocol that made them, and the published figures of the protocol."""
+    results = {}
+    for mode, result in metrics.items():
+        results[f"fid_{mode}"] = result["fid"]
+        if "fid_se" in result:
+            results[f"fid_{mode}_se"] = result["fid_se"]
+        if "inception_score" in result:
+            results[f"inception_score_{mode}"] = {k: result["inception_score"][k] for k in ("mean", "std")}
+    if nll is not None:
+        results["nll_bits_per_dim"] = {k: nll["bits_per_dim"]["total"][k] for k in ("mean", "sem")}
+    first = next(iter(metrics.values()), None)
+    protocol = {
+        **chosen, "pipeline": pipeline_name, "dtype": dtype, "seed": seed,
+        "weights_sha256": first["protocol"]["sampling"]["weights_sha256"] if first and first["protocol"]["sampling"] else None,
+        "feature_network": first["protocol"]["feature_network"] if first else None,
+        "files": {"samples": EVALUATION_SAMPLES_DIR, "metrics": [evaluation_metrics_file(m) for m in metrics], "nll": NLL if nll else None},
+    }
+    if chosen["num_images"] < PAPER_NUM_IMAGES:
+        protocol["caution"] = (f"{chosen['num_images']} samples, not the paper's {PAPER_NUM_IMAGES}: FID is biased upward "
+                               "with fewer samples, so these FIDs are not comparable with the published ones.")
+    return {"results": results, "protocol": protocol, "published": PROTOCOLS[chosen["protocol"]]["published"]}
+
+
+def _fmt(value: Optional[float], error: Optional[float] = None, places: int = 2) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.{places}f}" + (f" ± {error:.{places}f}" if error is not None else "")
+
+
+def report_markdown(report: dict) -> str:
+    """The report as a Markdown table, ours first and the published rows below, then the protocol in words."""
+    results, protocol = report["results"], report["protocol"]
+    modes: Sequence[str] = protocol["modes"]
+    head = ["", *[f"FID ({m})" for m in modes], *[f"IS ({m})" for m in modes], "NLL (bits/dim)"]
+    ours = [f"this pipeline ({protocol['num_images']} samples, {protocol['num_inference_steps']} steps)"]
+    ours += [_fmt(results.get(f"fid_{m}"), results.get(f"fid_{m}_se")) for m in modes]
+    ours += [_fmt(results[f"inception_score_{m}"]["mean"], results[f"inception_score_{m}"]["std"])
+             if f"inception_score_{m}" in results else "–" for m in modes]
+    nll = results.get("nll_bits_per_dim")
+    ours.append(_fmt(nll["mean"], nll["sem"], 3) if nll else "–")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(ours) + " |"]
+    for paper in report["published"]:
+        is_mean, is_std = paper["inception_score"] or (None, None)
+        cells = [paper["source"], *[_fmt(paper["fid"]) if m == "legacy_tensorflow" else "–" for m in modes],
+                 *[_fmt(is_mean, is_std) if m == "legacy_tensorflow" else "–" for m in modes], f"≤ {paper['nll']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    words = (f"FID and IS: {protocol['num_images']} samples of the DDPM chain at {protocol['num_inference_steps']} steps "
+             f"(network in {protocol['dtype']}, image k from seed {protocol['seed']} + k) against {protocol['reference']} "
+             f"({protocol['reference_split']}), clean-fid's Inception-v3 in each mode (the published FIDs use TensorFlow's "
+             "Inception and resizing: legacy_tensorflow)"
+             + (f", ± its bootstrap standard error ({protocol['fid_se_rounds']} resamplings of the samples, the reference "
+                "fixed)" if protocol["fid_se_rounds"] else "") + "; IS ± its standard deviation over 10 splits. ")
+    if nll:
+        words += (f"NLL: the variational bound (Eq. 5) on the first {protocol['nll_images']} images of "
+                  f"{protocol['nll_dataset']} ({protocol['nll_split']}), ± its standard error. ")
+    if "caution" in protocol:
+        words += protocol["caution"]
+    return "\n".join(lines) + "\n\n" + words.strip() + "\n"

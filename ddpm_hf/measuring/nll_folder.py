@@ -1,0 +1,122 @@
+"""What `ddpm-nll PIPELINE OUTPUT_DIR --dataset D --num_images N` does: the variational bound of a pipeline in
+bits/dim (`likelihood`) on a dataset split or a folder of images, as a resumable folder job (`folder_jobs`).
+
+Image k of the set is measured by process k mod N under `accelerate launch`, with its noise from a generator
+seeded by (seed, k), and its result written to OUTPUT_DIR/images/{k:06d}.npz under a temporary name and renamed:
+a killed run restarts where it stopped (a damaged file is measured again), and the numbers do not depend on
+the batch size or the number of processes. The protocol (weights hash, T, variance type, clipping, data, seed)
+is recorded in OUTPUT_DIR/nll_protocol.json before the first image; a rerun with other settings is refused.
+At the end nll.json holds the mean and standard error of each term with that protocol, and nll_terms.png the
+mean bound term per timestep.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Callable, Dict, Optional, Set
+
+import numpy as np
+import torch
+
+from ddpm_hf.data.datasets import first_rows, image_fit_note, images_of
+from ddpm_hf.diffusion.likelihood import TERMS, bits_per_dim_of_share, summarize
+from ddpm_hf.errors import StateError
+from ddpm_hf.outputs.files import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
+from ddpm_hf.outputs.folder_jobs import FolderJob
+from ddpm_hf.outputs.plots import plot_bound_terms
+from ddpm_hf.outputs.run_folder import NLL
+from ddpm_hf.outputs.weights import state_dict_sha256
+from ddpm_hf.pipelines.counter_noise import NOISE
+from ddpm_hf.sampling.samplers import cast_network
+
+PROTOCOL_FILE = "nll_protocol.json"
+TERMS_PLOT = "nll_terms.png"
+
+
+def image_file(folder: Path, k: int) -> Path:
+    return Path(folder) / "images" / f"{k:06d}.npz"
+
+
+def read_image_result(path: Path) -> Optional[Dict[str, np.ndarray]]:
+    """The terms of one image, or None if the file is missing or damaged."""
+    try:
+        with np.load(path) as data:
+            result = {name: data[name] for name in (*TERMS, "terms")}
+        return result if all(np.all(np.isfinite(v)) for v in result.values()) else None
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+
+
+def write_image_result(path: Path, terms: Dict[str, torch.Tensor], i: int) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: terms[name][i].cpu().numpy() for name in (*TERMS, "terms")})
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def done_images(folder: Path, num_images: int) -> Set[int]:
+    done = set()
+    for path in (Path(folder) / "images").glob("*.npz"):
+        if path.stem.isdigit() and int(path.stem) < num_images:
+            if read_image_result(path) is None:
+                path.unlink()  # damaged: measured again
+            else:
+                done.add(int(path.stem))
+    return done
+
+
+def measure(pipe, *, pipeline_name: str, folder, dataset: str, num_images: int, split: str = "test", batch_size: int = 64,
+            seed: int = 0, clip_denoised: bool = True, dataset_config: Optional[str] = None,
+            image_column: Optional[str] = None, overwrite: bool = False, output=None, state=None,
+            notify: Callable[[str], None] = lambda message: None, dtype: str = "fp32") -> Optional[dict]:
+    """Measure this process's share (`state`: an accelerate PartialState, or None for one process); the main
+    process then writes nll.json (at `output`, default folder/nll.json) and returns it. Images of other channels than
+    the pipeline's are refused; a resize to its size is told to `notify` (on the main process)."""
+    unet, scheduler = pipe.unet, pipe.scheduler
+    protocol = {
+        "pipeline": pipeline_name, "weights_sha256": state_dict_sha256(unet), "scheduler": dict(scheduler.config),
+        "num_train_timesteps": scheduler.config.num_train_timesteps, "variance_type": scheduler.config.variance_type,
+        "prediction_type": scheduler.config.prediction_type, "clip_denoised": clip_denoised, "dataset": dataset,
+        "dataset_config": dataset_config, "split": split, "image_column": image_column,
+        "resolution": unet.config.sample_size, "channels": unet.config.in_channels, "seed": seed,
+        "noise": f"image k: seed ddpm_hf.seeding.mix_seed(seed, k, NLL_SEED_TAG), term t: {NOISE}",
+        "convention": "improved DDPM calc_bpd_loop: index t = 0..T-1, decoder at t = 0 (exact normal CDF), bits/dim",
+        "dtype": dtype,
+    }
+    cast_network(unet, dtype)
+    job = FolderJob(folder, PROTOCOL_FILE, protocol, state)
+    job.check("a bits/dim measurement", "measure again from scratch", overwrite)  # before any image is decoded
+    rows = first_rows(dataset, split, num_images, dataset_config)
+    note = image_fit_note(rows, unet.config.in_channels, unet.config.sample_size, image_column)
+    if note and job.is_main:
+        notify(note)
+    images = images_of(rows, unet.config.in_channels, unet.config.sample_size, image_column)
+    results = job.folder / "images"
+    if job.is_main:
+        results.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(results)
+        if output:
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+    job.start(results.glob("*.npz") if overwrite else (), overwrite)
+    todo = job.todo(num_images, done_images(job.folder, num_images))
+    bar = job.bar(len(todo), "Bits/dim", "img")
+    for ks, terms in bits_per_dim_of_share(unet, scheduler, images, todo, seed, batch_size, clip_denoised):
+        for i, k in enumerate(ks):
+            write_image_result(image_file(job.folder, k), terms, i)
+        bar.update(len(ks))
+    bar.close()
+    return write_summary(job.folder, num_images, protocol, output) if job.finish() else None
+
+
+def write_summary(folder: Path, num_images: int, protocol: dict, output=None) -> dict:
+    results = [read_image_result(image_file(folder, k)) for k in range(num_images)]
+    missing = [k for k, r in enumerate(results) if r is None]
+    if missing:
+        raise StateError(f"{len(missing)} images have no result in {folder}/images (first: {missing[0]}); run again.")
+    per_image = {term: torch.tensor(np.array([r[term] for r in results]), dtype=torch.float64) for term in TERMS}
+    per_timestep = np.mean([r["terms"] for r in results], axis=0)
+    summary = {"bits_per_dim": summarize(per_image), "num_images": num_images,
+               "per_timestep_mean": per_timestep.tolist(), "protocol": protocol}
+    atomic_write_json(Path(output) if output else folder / NLL, summary)
+    plot_bound_terms(per_timestep, folder / TERMS_PLOT, summary["bits_per_dim"]["prior"]["mean"])
+    return summary

@@ -1,0 +1,104 @@
+"""Work shared over processes, and the resumable folder jobs built on it (`ddpm-sample`, `ddpm-nll`).
+
+Sharding is per item: process `rank` of `world` handles the items k with k % world == rank, and item k's randomness
+comes from its own seed, so a result never depends on the batch size or the number of processes. A folder job
+writes one file per item (atomically), so a killed run restarts where it stopped; its protocol (the settings that
+make the results what they are) is recorded before the first item, and a rerun with other settings is refused
+before any work.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Collection, Iterable, List, Sequence, Tuple
+
+from ddpm_hf.errors import UsageError
+from ddpm_hf.outputs.files import atomic_write_json
+
+
+def handles(k: int, rank: int = 0, world_size: int = 1) -> bool:
+    """Whether process `rank` of `world_size` handles item k: the one rule of per-item sharding."""
+    return k % world_size == rank
+
+
+def process_share(num_items: int, rank: int = 0, world_size: int = 1, skip: Collection[int] = ()) -> List[int]:
+    """The items k of 0..num_items-1 that process `rank` of `world_size` handles (`handles`), minus `skip` (those
+    already done)."""
+    return [k for k in range(num_items) if handles(k, rank, world_size) and k not in skip]
+
+
+def gather_by_index(rows: Sequence[Tuple[int, Any]]) -> List[Any]:
+    """Every process's (k, value) rows, gathered on every process and put in order of k: the values."""
+    from accelerate.utils import gather_object
+
+    return [value for _, value in sorted(gather_object(list(rows)), key=lambda row: row[0])]
+
+
+def check_provenance(folder: Path, filename: str, protocol: dict, what: str, redo: str, overwrite: bool = False,
+                     free: Sequence[str] = ("pipeline", "num_images")) -> None:
+    """Refuse, in one line naming the settings, a folder whose recorded protocol (folder/filename) differs from
+    `protocol` in anything but `free` (a path may change; the weights hash says what it holds), unless `overwrite`."""
+    path = Path(folder) / filename
+    if overwrite or not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text())
+    except ValueError:
+        recorded = {"unreadable": True}
+    protocol = json.loads(json.dumps(protocol))  # as it reads back from a file
+    differ = sorted(k for k in (set(recorded) | set(protocol)) - set(free) if recorded.get(k) != protocol.get(k))
+    if differ:
+        raise UsageError(f"{folder} holds {what} with other settings ({', '.join(differ)}); use a new output folder, "
+                         f"or --overwrite to {redo}.")
+
+
+class FolderJob:
+    """A resumable job over items 0..N-1 writing into `folder`, shared over the processes of `state` (an accelerate
+    PartialState, or None for one process), with its protocol recorded in folder/`protocol_file`.
+
+    Its stages, in order: `check` (before any heavy work), `start` (the main process prepares the folder and records
+    the protocol; all wait), `todo` (this process's items not yet done), `bar` (progress), `finish` (all wait; True on
+    the main process, which then writes the summary)."""
+
+    def __init__(self, folder, protocol_file: str, protocol: dict, state=None,
+                 free: Sequence[str] = ("pipeline", "num_images")):
+        self.folder, self.protocol_file, self.protocol, self.state, self.free = Path(folder), protocol_file, protocol, state, free
+        self.rank, self.world = (state.process_index, state.num_processes) if state else (0, 1)
+        self.is_main = state.is_main_process if state else True
+        self.shows_progress = state.is_local_main_process if state else True
+
+    def check(self, what: str, redo: str, overwrite: bool) -> None:
+        """Refuse a folder whose results were made with other settings (see `check_provenance`)."""
+        check_provenance(self.folder, self.protocol_file, self.protocol, what, redo, overwrite, self.free)
+
+    def start(self, results: Iterable[Path] = (), overwrite: bool = False, **recorded: Any) -> None:
+        """On the main process: make the folder, remove the earlier `results` when overwriting, record the protocol
+        (with `recorded` beside it); then every process waits for that."""
+        if self.is_main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if overwrite:
+                for path in results:
+                    path.unlink(missing_ok=True)
+            self.record(**recorded)
+        self.wait()
+
+    def record(self, **recorded: Any) -> None:
+        atomic_write_json(self.folder / self.protocol_file, {**self.protocol, **recorded})
+
+    def todo(self, num_items: int, done: Collection[int] = ()) -> List[int]:
+        return process_share(num_items, self.rank, self.world, done)
+
+    def bar(self, total: int, desc: str, unit: str, initial: int = 0):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, disable=not self.shows_progress, unit=unit, desc=desc)
+
+    def wait(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def finish(self) -> bool:
+        """Wait for every process; True on the main process (which then describes the results)."""
+        self.wait()
+        return self.is_main

@@ -1,0 +1,73 @@
+"""Pictures of numbers and of image batches: the sample grid, the training loss curve, the bound's terms per t.
+Each is written atomically (`files`)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from ddpm_hf.outputs.files import atomic_save_figure
+
+
+def image_grid(images: torch.Tensor, pad: int = 1, cols: Optional[int] = None, min_size: int = 256):
+    """A PIL grid of images in [0, 1] (NCHW), near-square or `cols` wide, each framed by `pad` dark pixels; small
+    images are enlarged (nearest neighbour) to at least ~`min_size` px each."""
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+    from diffusers.utils import make_image_grid
+    from PIL import ImageOps
+
+    n = images.shape[0]
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    pil = DiffusionPipeline.numpy_to_pil(images.permute(0, 2, 3, 1).float().cpu().numpy())
+    pil += [pil[0].point(lambda _: 0)] * (rows * cols - n)
+    pil = [ImageOps.expand(img, border=pad, fill=0) for img in pil]
+    grid = make_image_grid(pil, rows=rows, cols=cols)
+    scale = max(1, min_size // images.shape[-1])
+    return grid.resize((grid.width * scale, grid.height * scale), resample=0) if scale > 1 else grid
+
+
+def _axes():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(7, 4), dpi=100)
+
+
+def plot_loss_curve(history: List[dict], path: Path) -> None:
+    """The training loss over steps, overall and by timestep quartile (log scale)."""
+    fig, ax = _axes()
+    steps = [h["step"] for h in history]
+    for q in range(4):
+        key = f"loss_t_q{q + 1}"
+        if any(key in h for h in history):
+            ax.plot(steps, [h.get(key, float("nan")) for h in history], lw=0.8, alpha=0.7, label=f"t in quartile {q + 1}")
+    ax.plot(steps, [h["loss"] for h in history], color="black", lw=1.6, label="all t")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (per-sample MSE)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Training loss")
+    fig.tight_layout()
+    atomic_save_figure(fig, path)
+
+
+def plot_bound_terms(per_timestep: np.ndarray, path: Path, prior: float) -> None:
+    """The mean bound term (bits/dim) at each training index t; t = 0 is the decoder; `prior` is the mean L_T."""
+    fig, ax = _axes()
+    ax.plot(np.arange(len(per_timestep)), per_timestep, lw=1.2)
+    ax.set_xlabel("training index t (0: the decoder L_0)")
+    ax.set_ylabel("bound term (bits/dim)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(f"Terms of the bound per t: they sum to {per_timestep.sum():.4f} bits/dim; with L_T = {prior:.4f}, "
+                 f"the bound is {per_timestep.sum() + prior:.4f}", fontsize=9)
+    fig.tight_layout()
+    atomic_save_figure(fig, path)

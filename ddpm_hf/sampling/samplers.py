@@ -1,0 +1,68 @@
+"""Samplers and drawing images: which scheduler a pipeline samples with, the pipeline of a network, and a process's
+share of images drawn one seed per image."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterator, List, Tuple
+
+from ddpm_hf.choices import SAMPLERS, SAMPLING_DTYPES
+from ddpm_hf.errors import UsageError
+from ddpm_hf.outputs.folder_jobs import process_share
+
+if TYPE_CHECKING:
+    import torch
+
+
+def use_scheduler(pipe, name: str):
+    """Swap in the sampler `name` (of SAMPLERS), built from the pipeline's scheduler config; `ddpm` keeps it."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if name == "ddpm":
+        return pipe
+    elif name == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    elif name == "dpm-solver":
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    else:
+        raise UsageError(f"--scheduler {name!r} is not one of {', '.join(SAMPLERS)}.")
+    return pipe
+
+
+def network_dtype(name: str, device, flag: str = "--dtype") -> "torch.dtype":
+    """`flag` (SAMPLING_DTYPES) as a torch dtype for a network on `device`; fp16 is refused on a CPU."""
+    import torch
+
+    dtypes = dict(zip(SAMPLING_DTYPES, (torch.float32, torch.bfloat16, torch.float16)))
+    if name not in dtypes:
+        raise UsageError(f"{flag} {name!r} is not one of {', '.join(SAMPLING_DTYPES)}.")
+    if name == "fp16" and torch.device(device).type == "cpu":
+        raise UsageError(f"{flag} fp16 needs a GPU (a CPU has no fast fp16 kernels); on a CPU use {flag} bf16 or fp32.")
+    return dtypes[name]
+
+
+def cast_network(unet, name: str) -> None:
+    """The network in --dtype `name` (after its weights were hashed: the hash names the weights as saved)."""
+    import torch
+
+    # torch's Module.to: diffusers' own warns about modules to keep in float32 even when a UNet has none
+    torch.nn.Module.to(unet, network_dtype(name, unet.device))
+
+
+def pipeline_for(unet, scheduler_config, sampler: str = "ddpm"):
+    """A DDPMPipeline of `unet` with our DDPM scheduler of `scheduler_config`, then the sampler `sampler`."""
+    from ddpm_hf.diffusion.scheduler import DDPMScheduler
+    from ddpm_hf.pipelines.pipeline_ddpm import DDPMPipeline
+
+    return use_scheduler(DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler_config)), sampler)
+
+
+def draw_share(pipe, num_images: int, seed_of: Callable[[int], int], rank: int = 0, world_size: int = 1,
+               batch_size: int = 64, skip: Collection[int] = (), **call: Any) -> Iterator[Tuple[List[int], Any]]:
+    """This process's share of images 0..num_images-1 (`process_share`), image k drawn with the counter-based noise
+    of seed `seed_of(k)` (`pipe(seeds=...)`), in batches of `batch_size`: yields (ks, images). Image k is the same
+    whatever the batch size, the number of processes or the device. `call` goes to the pipeline
+    (num_inference_steps, output_type, eta)."""
+    todo = process_share(num_images, rank, world_size, skip)
+    for i in range(0, len(todo), batch_size):
+        ks = todo[i : i + batch_size]
+        yield ks, pipe(batch_size=len(ks), seeds=[seed_of(k) for k in ks], **call).images

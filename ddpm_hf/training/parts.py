@@ -1,0 +1,128 @@
+"""The parts a training run is built from, each from the run's config: the diffusion (our DDPMScheduler), the UNet
+(its config: a resumed run's own, --unet_config's or the preset's; --init_from's weights), the optimizer, and
+`build_model`, all of them put together as a Run holds them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from ddpm_hf.choices import LEARNED_VARIANCE_TYPES, OPTIMIZERS
+from ddpm_hf.diffusion.ema import EMA
+from ddpm_hf.diffusion.losses import DiffusionLoss
+from ddpm_hf.diffusion.scheduler import DDPMScheduler
+from ddpm_hf.diffusion.timestep_samplers import make_timestep_sampler
+from ddpm_hf.errors import UsageError
+from ddpm_hf.outputs.run_folder import CHECKPOINT_UNET_CONFIG
+from ddpm_hf.training.config import TrainingConfig
+from ddpm_hf.training.state import StepMeters
+
+
+def make_scheduler(config: TrainingConfig) -> DDPMScheduler:
+    return DDPMScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_schedule=config.beta_schedule,
+        beta_start=config.beta_start,
+        beta_end=config.beta_end,
+        prediction_type=config.prediction_type,
+        variance_type=config.variance_type,
+        clip_sample=True,
+    )
+
+
+def run_unet_config(config: TrainingConfig, checkpoint: Optional[Path] = None) -> Dict[str, Any]:
+    """The UNet2DModel config of a run: a resumed run's own (saved in its checkpoint, so the source is not needed
+    any more), else --unet_config's (checked against the run: C input channels, C output channels or 2C with a
+    learned variance, the resolution), else the preset's."""
+    from ddpm_hf.diffusion.unets import check_unet_config, resolve_unet_config, unet_config
+
+    if checkpoint is not None and (checkpoint / CHECKPOINT_UNET_CONFIG).is_file():
+        return json.loads((checkpoint / CHECKPOINT_UNET_CONFIG).read_text())
+    extra = {} if config.dropout is None else {"dropout": config.dropout}
+    out = 2 * config.channels if config.variance_type in LEARNED_VARIANCE_TYPES else config.channels
+    if config.unet_config:
+        read = resolve_unet_config(config.unet_config, config.unet_subfolder)
+        return {**check_unet_config(read, config.channels, out, config.resolution, config.unet_config), **extra}
+    return unet_config(config.unet_preset, sample_size=config.resolution, in_channels=config.channels, out_channels=out, **extra)
+
+
+def unet_config_json(unet) -> str:
+    """A UNet's own config as a checkpoint keeps it (CHECKPOINT_UNET_CONFIG): without diffusers' private keys."""
+    return json.dumps({k: v for k, v in unet.config.items() if not k.startswith("_")}, indent=2)
+
+
+def make_unet(config: TrainingConfig, checkpoint: Optional[Path] = None):
+    """A freshly initialised UNet2DModel of the run's config (`run_unet_config`)."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel.from_config(run_unet_config(config, checkpoint))
+
+
+def load_starting_weights(unet, source: str) -> None:
+    """--init_from: the UNet weights of the pipeline `source` (a folder, a google/ddpm-* root layout, or a Hub repo
+    id; cached ones work offline), into `unet`."""
+    from ddpm_hf.outputs.weights import load_pipeline
+
+    weights = load_pipeline(source).unet.state_dict()
+    try:
+        unet.load_state_dict(weights)
+    except RuntimeError as e:
+        raise UsageError(f"--init_from {source}: its UNet weights do not fit this run's UNet ({str(e).splitlines()[1][:160]}); "
+                         "leave --unet_config/--unet_preset and --channels to the starting pipeline.") from None
+
+
+def optimizer_class(name: str):
+    """--optimizer: Adam (the paper; weight decay added to the gradient, as L2) or AdamW (decoupled weight decay)."""
+    if name == "adam":
+        return torch.optim.Adam
+    elif name == "adamw":
+        return torch.optim.AdamW
+    else:
+        raise UsageError(f"--optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}.")
+
+
+def make_optimizer(config: TrainingConfig, parameters) -> tuple:
+    """(Adam or AdamW, skips_on_device). Fused where torch has a fused kernel for the device (CUDA, CPU, ...): it then
+    skips a step whose gradient is not finite on the device itself (`found_inf`). Elsewhere foreach, and the host
+    decides the skip."""
+    parameters = list(parameters)
+    cls = optimizer_class(config.optimizer)
+    kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+                  weight_decay=config.weight_decay)
+    try:
+        return cls(parameters, fused=True, **kwargs), True
+    except (RuntimeError, ValueError):  # no fused kernel for this device
+        return cls(parameters, foreach=True, **kwargs), False
+
+
+def build_model(config: TrainingConfig, accelerator, total_steps: int, checkpoint: Optional[Path] = None) -> dict:
+    """The UNet (prepared by Accelerate; from --init_from's weights on a fresh start), its forward pass, the
+    diffusion and loss, Adam, the LR schedule, the EMA (from the same weights) and the step meters."""
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    set_seed(config.seed)
+    unet = make_unet(config, checkpoint)
+    if config.init_from and checkpoint is None:
+        load_starting_weights(unet, config.init_from)
+    scheduler = make_scheduler(config)
+    if config.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    optimizer, skips_on_device = make_optimizer(config, unet.parameters())
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=total_steps)
+    ema = EMA(unet, decay=config.ema_decay, warmup=config.ema_warmup, inv_gamma=config.ema_inv_gamma,
+              power=config.ema_power, update_after_step=config.ema_update_after_step)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    ema.model.to(accelerator.device)
+    return dict(
+        unet=unet, raw_unet=accelerator.unwrap_model(unet), forward=torch.compile(unet) if config.compile else unet,
+        scheduler=scheduler, loss=DiffusionLoss(scheduler, config.loss, config.snr_gamma, config.vlb_weight),
+        timesteps=make_timestep_sampler(config.timestep_sampler, config.num_train_timesteps, accelerator.device),
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler, ema=ema, skips_on_device=skips_on_device,
+        meters=StepMeters(accelerator.device, config.num_train_timesteps), generator=torch.Generator(accelerator.device),
+    )

@@ -1,0 +1,189 @@
+"""What guards a training run: its folder (one run at a time, and a new run only where it overwrites nothing but an
+earlier run of ours), and its end (a signal stops it at a step boundary, with a checkpoint).
+
+The folder's hidden marker file (`run_folder.RUN_MARKER`) is locked (an OS file lock, `fcntl.flock`) for the whole
+run and records the process holding it. The OS releases a lock when its process dies, however it dies, so a lock is
+never stale: a run that finds the marker unlocked but saying "running" knows the earlier run was killed, says so, and
+takes over. The marker stays after the run: it tells a folder we wrote from a folder of the user's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from ddpm_hf.errors import StateError, UsageError
+from ddpm_hf.outputs.run_folder import CHECKPOINT_PREFIX, MODEL_INDEX, RUN_MARKER, RUN_PRODUCTS, TRAINING_CONFIG
+
+_HELD: Dict[Path, "RunFolderLock"] = {}  # the locks this process holds, by folder
+
+
+class RunFolderLock:
+    """The lock of one run folder, held from `acquire` to `release` (also released when the process dies)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.path = self.folder / RUN_MARKER
+        self._fd: Optional[int] = None
+        self.had_marker = False
+        self.made_folder = False
+
+    def _read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def _write(self, record: dict) -> None:
+        data = json.dumps(record).encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+        os.fsync(self._fd)
+
+    def acquire(self, warn: Callable[[str], None] = lambda message: None) -> "RunFolderLock":
+        """Make the folder if needed and lock it; refuse, in one line naming the holder, a folder another run holds."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, the folder checks still hold
+            return self
+        earlier_here = _HELD.get(self.path.resolve())
+        if earlier_here is not None:  # a run of this very process that was never ended (set up, then dropped)
+            earlier_here.release()
+        try:
+            self.made_folder = not self.folder.exists()
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.had_marker = self.path.is_file()
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OSError(f"Cannot write to --output_dir {self.folder} ({e.strerror or e}); choose a folder you can "
+                          "write to.") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = self._read()
+            os.close(self._fd)
+            self._fd = None
+            raise StateError(f"{self.folder} is in use by another training run (process {holder.get('pid', '?')} on "
+                               f"{holder.get('host', '?')}, since {holder.get('since', '?')}); wait for it to end, or "
+                               "choose another --output_dir.") from None
+        earlier = self._read()
+        if earlier.get("state") == "running":
+            warn(f"{self.folder}: the run of process {earlier.get('pid', '?')} on {earlier.get('host', '?')} (since "
+                 f"{earlier.get('since', '?')}) stopped without ending (killed?); this run takes the folder over.")
+        self._write({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                     "state": "running"})
+        _HELD[self.path.resolve()] = self
+        return self
+
+    def release(self, abandon: bool = False) -> None:
+        """Unlock; `abandon`: the run never started (it was refused), so leave the folder as it was found: no marker
+        where there was none, no folder where there was none."""
+        if self._fd is None:
+            return
+        import fcntl
+
+        record = self._read()
+        self._write({**record, "state": "ended", "ended": time.strftime("%Y-%m-%d %H:%M:%S")})
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+        _HELD.pop(self.path.resolve(), None)
+        if abandon and not self.had_marker:
+            self.path.unlink(missing_ok=True)
+            if self.made_folder and not any(self.folder.iterdir()):
+                self.folder.rmdir()
+
+
+def folder_entries(folder: Path) -> List[str]:
+    """What a folder holds besides our marker and hidden temporaries."""
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in Path(folder).iterdir()
+                  if p.name != RUN_MARKER and not p.name.startswith("."))
+
+
+def not_ours(folder: Path, had_marker: bool) -> List[str]:
+    """What in a folder a ddpm_hf run did not write: nothing in a folder with our marker or (written before the marker
+    existed) a run's training_config.json; elsewhere whatever is not a run's own product (logs/, samples/, checkpoints,
+    ...)."""
+    if had_marker or (Path(folder) / TRAINING_CONFIG).is_file():
+        return []
+    return [e for e in folder_entries(folder) if e.rstrip("/") not in RUN_PRODUCTS and not e.startswith(CHECKPOINT_PREFIX)]
+
+
+def _listed(names: List[str], most: int = 6) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def check_fresh_start(folder: Path, had_marker: bool, overwrite: bool) -> None:
+    """A new run (no resume) starts in an empty folder, in an earlier run of ours that saved nothing yet (no
+    checkpoint, no pipeline), or with --overwrite_output_dir over an earlier run of ours. A folder holding anything
+    else is refused, with or without the flag: its files are never written over."""
+    entries = folder_entries(folder)
+    if not entries:
+        return
+    strange = not_ours(folder, had_marker)
+    if strange:
+        shown = _listed(strange)
+        raise UsageError(f"--output_dir {folder} holds files that ddpm_hf did not write ({shown}); a run would write its "
+                         "pipeline and model card over them, so it is refused (--overwrite_output_dir clears only an "
+                         "earlier ddpm_hf run): choose a new or empty --output_dir.")
+    if not overwrite and (any(e.startswith(CHECKPOINT_PREFIX) for e in entries) or (Path(folder) / MODEL_INDEX).is_file()):
+        shown = _listed(entries)
+        checkpoints = [e for e in entries if e.startswith(CHECKPOINT_PREFIX)]
+        how = "pass --resume_from_checkpoint latest to carry on, " if checkpoints else ""
+        raise UsageError(f"{folder} already holds a run ({shown}): {how}--overwrite_output_dir to start over there, or "
+                         "another --output_dir.")
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")  # a scheduler's or spot instance's notice, Ctrl-C, a user's request
+
+
+class RunStopped(Exception):
+    """The run stopped on a signal after writing a checkpoint; the command exits with the signal's code."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """While inside: SIGTERM, SIGINT or SIGUSR1 asks the run to stop at the next step boundary (`received` holds the
+    signal; the loop then checkpoints and raises RunStopped). A second signal stops at once, as it would have, unless
+    it is the same signal within `same_notice` seconds: a launcher (torchrun) forwards to its workers the SIGTERM that
+    a scheduler also sent them, and that copy must not cut the checkpoint short."""
+
+    def __init__(self, same_notice: float = 2.0):
+        self.received: Optional[int] = None
+        self.same_notice, self._at = same_notice, 0.0
+        self._previous: Dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # Python takes handlers in the main thread only
+            for name in STOP_SIGNALS:
+                if hasattr(signal, name):
+                    signum = getattr(signal, name)
+                    self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received, self._at = signum, time.monotonic()
+            return
+        if signum == self.received and time.monotonic() - self._at < self.same_notice:
+            return  # the same notice, forwarded
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        self.__exit__(None, None, None)
+        if callable(previous):
+            previous(signum, frame)  # Python's own SIGINT handler: KeyboardInterrupt
+        else:
+            os.kill(os.getpid(), signum)
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}

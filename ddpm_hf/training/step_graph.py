@@ -1,0 +1,85 @@
+"""The training step replayed as a CUDA graph.
+
+A step of the paper's recipe is a few thousand small kernels (forward, backward, clipping, fused Adam, the EMA, the
+meters). Launched one by one from Python the GPU waits on the host: an H200 runs the 35.7M UNet at 15 steps/s where
+its arithmetic allows ~170. Captured once into a CUDA graph, a step is one replay. What a replay reads is fixed: the
+micro-batches are copied into static buffers, the learning rate and the EMA weight live in device tensors, and the
+generators are reseeded on the host before each replay (a replay reads a registered generator's seed then, so step
+n draws what the eager step n draws: flips, ε, t and dropout stay a function of (seed, step, process)).
+
+`graph_refusal` says where a step cannot be a graph (the loop then runs each step eagerly, as before); `StepGraph`
+runs the device's work of a step (training.device_step) either way.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable, List, Optional
+
+import torch
+
+from ddpm_hf.pipelines.cuda_graphs import Replayed
+
+logger = logging.getLogger(__name__)
+
+# Steps run eagerly before the capture, as capture needs (Adam makes its moments then). They are steps of the run.
+GRAPH_WARMUP_STEPS = 3
+
+
+def graph_refusal(config, device: torch.device, num_processes: int) -> Optional[str]:
+    """Why a training step cannot be replayed as a CUDA graph here (None: it can)."""
+    if not config.cuda_graph:
+        return "--no-cuda_graph"
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device (this run is on {device.type})"
+    if num_processes > 1:
+        return f"{num_processes} processes: the DDP all-reduce is not captured (one CUDA process is)"
+    if config.mixed_precision == "fp16":
+        return "fp16's gradient scaler decides each step on the host (bf16 needs no scaler)"
+    if config.compile:
+        return "--compile compiles the step instead"
+    if config.timestep_sampler != "uniform":
+        return f"--timestep_sampler {config.timestep_sampler} keeps its loss history on the host"
+    return None
+
+
+class StepGraph:
+    """Runs `body(batches, ema_weight)`, the device's work of one step, on micro-batches copied into static buffers:
+    on CUDA the first GRAPH_WARMUP_STEPS eagerly, then captured and replayed (pipelines/cuda_graphs.py); with
+    capture=False (a test on a CPU) always eagerly, through the same buffers and tensors.
+
+    lr_on_device: the optimizer's learning rate held in a device tensor (a replay reads it; the LR schedule fills it),
+    as a graph needs; defaults to capture."""
+
+    def __init__(self, body: Callable, source, shape: tuple, accum: int, device: torch.device, generator: torch.Generator,
+                 optimizer, ema, capture: Optional[bool] = None, lr_on_device: Optional[bool] = None):
+        self.source, self.ema = source, ema
+        capture = device.type == "cuda" if capture is None else capture
+        self.batches: List[torch.Tensor] = [torch.empty(shape, dtype=torch.uint8, device=device) for _ in range(accum)]
+        self.ema_weight = torch.ones((), device=device)
+        for group in optimizer.param_groups:
+            if capture if lr_on_device is None else lr_on_device:  # LR schedulers fill a tensor in place
+                group["lr"] = torch.tensor(float(group["lr"]), device=device)
+            group["capturable"] = capture  # fused Adam's kernels are the same; torch checks the flag in a capture
+        # the gradients are set to None after each eager step, and before the capture: the graph's backward then
+        # writes them into its own memory
+        no_gradients = functools.partial(optimizer.zero_grad, set_to_none=True)
+        self.replayed = Replayed(lambda: body(self.batches, self.ema_weight), GRAPH_WARMUP_STEPS, capture, self._failed,
+                                 before_capture=no_gradients, after_eager=no_gradients, generators=(generator,))
+
+    def step(self, step: int) -> None:
+        """Step `step`'s device work (the caller has seeded the generators for it)."""
+        for j, batch in enumerate(self.batches):
+            self.source.get(step, j, out=batch)
+        self.ema_weight.fill_(self.ema.advance())
+        captured = self.replayed.graph is not None
+        self.replayed()
+        if not captured and self.replayed.graph is not None:
+            logger.info("The training step is captured as a CUDA graph after %d eager steps; each step now replays it.",
+                        self.replayed.eager_calls)
+
+    @staticmethod
+    def _failed(e: Exception) -> None:
+        logger.warning("The training step could not be captured as a CUDA graph (%s: %s); each step runs eagerly "
+                       "from here (--no-cuda_graph says so from the start).", type(e).__name__, e)

@@ -1,0 +1,74 @@
+"""A training step's work on the device (Algorithm 1): what `loop.run_step` launches, what `step_graph.py` captures
+and what the precision probe times. Nothing here waits for the device."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional
+
+import torch
+
+from ddpm_hf.data.datasets import to_model_range
+from ddpm_hf.seeding import DROPOUT_SEED_TAG, mix_seed
+from ddpm_hf.training.state import Run
+
+
+def seed_step(run: Run, step: int) -> None:
+    """The generators of step `step` on this process: flips, ε and t from run.generator, dropout from torch's own.
+    Reseeding (rather than a new generator) is what a CUDA graph's replay reads."""
+    rank = run.accelerator.process_index
+    run.generator.manual_seed(mix_seed(run.config.seed, step, rank))
+    torch.manual_seed(mix_seed(run.config.seed, step, rank, DROPOUT_SEED_TAG))
+
+
+def device_step(run: Run, batches: list, ema_weight: Optional[torch.Tensor] = None) -> None:
+    """The device's work of a step on its uint8 micro-batches (what step_graph.py captures): forward and backward of
+    each, clipping, Adam, the EMA (its weight in `ema_weight` inside a graph, else from the host) and the meters."""
+    accum = len(batches)
+    for j, batch in enumerate(batches):
+        with run.accelerator.no_sync(run.unet) if j < accum - 1 else contextlib.nullcontext():
+            forward_backward(run, batch)
+    # the norm of the all-reduced gradient: the same on every process, so all agree on a skip
+    norm = run.accelerator.clip_grad_norm_(run.unet.parameters(), run.config.max_grad_norm or math.inf)
+    skipped = ~torch.isfinite(norm)
+    optimizer_step(run, skipped)
+    if ema_weight is None:
+        run.ema.update(run.raw_unet.parameters())
+    else:
+        run.ema.apply(run.raw_unet.parameters(), ema_weight)
+    run.meters.add_step(skipped)
+
+
+def forward_backward(run: Run, batch: torch.Tensor) -> None:
+    """One uint8 micro-batch: x_0 from it, ε ~ N(0, I) and t ~ U{0..T-1} (Algorithm 1, lines 2-4), the per-sample
+    loss (line 5), its backward pass, and the loss into the meters."""
+    config = run.config
+    x0 = to_model_range(batch, config.random_flip, run.generator)
+    if config.channels_last:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    noise = torch.randn(x0.shape, generator=run.generator, device=run.device)
+    t, weights = run.timesteps.sample(x0.shape[0], run.generator, run.device)
+    per_sample = run.loss(run.model, x0, noise, t)
+    if run.timesteps.needs_losses:  # every process applies every process's (t, loss), so all keep one history
+        run.timesteps.update(run.accelerator.gather(t), run.accelerator.gather(per_sample.detach()))
+    if weights is not None:  # importance sampling: 1/(T p(t)) keeps the mean an unbiased estimate
+        per_sample = per_sample * weights
+    run.accelerator.backward(per_sample.mean() / config.gradient_accumulation_steps)
+    run.meters.add_losses(per_sample.detach(), t)
+
+
+def optimizer_step(run: Run, skipped: torch.Tensor) -> None:
+    """Adam's step, unless `skipped` (a 0-d bool tensor on the device). With fp16, Accelerate's GradScaler
+    finds the non-finite gradients and skips by itself."""
+    inner = run.optimizer.optimizer
+    if run.accelerator.scaler is not None:
+        run.optimizer.step()
+    elif run.skips_on_device:
+        inner.found_inf = skipped.float()  # fused Adam leaves parameters and moments as they are where it is 1
+        try:
+            run.optimizer.step()
+        finally:
+            del inner.found_inf
+    elif not bool(skipped):  # a host synchronisation, only for optimizers without a fused kernel here
+        run.optimizer.step()
