@@ -76,7 +76,54 @@ def write_google_layout(folder: Path, unet) -> None:
         "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}))
 
 
-def run_in_process(cmd, cwd=None, env=None, **_subprocess_options) -> subprocess.CompletedProcess:
+def free_port() -> int:
+    """A TCP port nobody listens on now, so that two tests launching processes at once do not share 29500."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two(*program) -> list:
+    """`accelerate launch` of `program` as 2 CPU processes (gloo), on a port of its own."""
+    import sys
+
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+            "--dynamo_backend", "no", *map(str, program)]
+
+
+class PipeText:
+    """What a process writes to a pipe, read as it comes (by a thread), so that a test waits on what it printed rather
+    than sleeping."""
+
+    def __init__(self, pipe):
+        import threading
+
+        self.text = ""
+        self._thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self._thread.start()
+
+    def _read(self, pipe) -> None:
+        for chunk in iter(lambda: pipe.read(64), ""):
+            self.text += chunk
+
+    def bar_count(self, desc: str = "Training") -> int:
+        """The last count a tqdm bar labelled `desc` showed (0 before it showed one)."""
+        import re
+
+        counts = re.findall(rf"{desc}: +\d+%\|[^|]*\| *(\d+)/", self.text)
+        return int(counts[-1]) if counts else 0
+
+    def rest(self, timeout: float = 120.0) -> str:
+        """Everything, once the process has closed the pipe."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the process did not close its output"
+        return self.text
+
+
+def run_in_process(cmd, cwd=None, env=None, check=False, **_subprocess_options) -> subprocess.CompletedProcess:
     """What `subprocess.run(cmd, capture_output=True, text=True)` gives for one of our commands (`[python, -m,
     ddpm_hf.commands.X, ...]` or `[python, train_ddpm.py, ...]`), run in this process: its exit code, and what it
     printed on stdout and stderr, its log lines included (as its own process would print them). For a test about
@@ -87,6 +134,7 @@ def run_in_process(cmd, cwd=None, env=None, **_subprocess_options) -> subprocess
     import logging
     import os
     import sys
+    import traceback
 
     from accelerate.state import AcceleratorState
 
@@ -118,6 +166,9 @@ def run_in_process(cmd, cwd=None, env=None, **_subprocess_options) -> subprocess
                 code = main(argv)
             except SystemExit as e:  # argparse's usage errors and --help
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:  # what the interpreter does with an exception that leaves main (--debug)
+                traceback.print_exc()
+                code = 1
     finally:
         root.removeHandler(handler)
         root.setLevel(saved_level)
@@ -125,4 +176,7 @@ def run_in_process(cmd, cwd=None, env=None, **_subprocess_options) -> subprocess
         os.environ.clear()
         os.environ.update(saved_env)
         AcceleratorState._reset_state(reset_partial_state=True)
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    done = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    if check:
+        done.check_returncode()
+    return done

@@ -1,8 +1,15 @@
+import os
 import shutil
 from pathlib import Path
 
-import pytest
-import torch
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # note: under `pytest -n N` each worker (and each process it starts) gets its share of the cores: N torch thread
+    # pools spinning on the same cores run several times slower than one
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = _threads
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

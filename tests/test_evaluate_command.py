@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from common import run_in_process
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
 from ddpm_hf.data.datasets import build_image_bank, load_image_dataset
@@ -76,7 +77,7 @@ def test_evaluate_resumes_after_a_kill_and_reports_what_the_single_commands_meas
     kept = {p.name: p.read_bytes() for p in (out / "eval_samples").glob("0*.png")}
     assert 4 <= len(kept) < 12 and not (out / "evaluation.json").exists(), "killed in the middle of sampling"
 
-    done = subprocess.run(evaluate_cli(setup, out), capture_output=True, text=True)
+    done = run_in_process(evaluate_cli(setup, out), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert all((out / "eval_samples" / name).read_bytes() == data for name, data in kept.items())  # kept, not drawn again
     assert len(list((out / "eval_samples").glob("0*.png"))) == 12
@@ -114,7 +115,7 @@ def test_evaluate_resumes_after_a_kill_and_reports_what_the_single_commands_meas
 @pytest.mark.slow
 def test_evaluate_without_inception_weights_stops_in_one_line_before_sampling(setup, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "DDPM_HF_INCEPTION_WEIGHTS"}
-    proc = subprocess.run(evaluate_cli(setup, tmp_path / "eval", weights=False), capture_output=True, text=True, env=env)
+    proc = run_in_process(evaluate_cli(setup, tmp_path / "eval", weights=False), capture_output=True, text=True, env=env)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("error: No Inception-v3 weights") and "--inception_weights PATH" in lines[0]
@@ -123,7 +124,7 @@ def test_evaluate_without_inception_weights_stops_in_one_line_before_sampling(se
 
 @pytest.mark.slow
 def test_evaluate_refuses_unreachable_data_before_sampling(setup, tmp_path):
-    proc = subprocess.run(evaluate_cli(setup, tmp_path / "eval", "--nll_dataset", tmp_path / "nowhere/"), capture_output=True,
+    proc = run_in_process(evaluate_cli(setup, tmp_path / "eval", "--nll_dataset", tmp_path / "nowhere/"), capture_output=True,
                           text=True)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --dataset {tmp_path / 'nowhere/'}: no such file or folder")
@@ -150,7 +151,7 @@ def test_evaluating_into_a_run_folder_leaves_its_grids_and_puts_the_table_in_its
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     grids = {p.name: p.read_bytes() for p in (run / "samples").iterdir()}
-    proc = subprocess.run([sys.executable, "-m", "ddpm_hf.commands.evaluate", str(run), str(run), "--num_images", "10",
+    proc = run_in_process([sys.executable, "-m", "ddpm_hf.commands.evaluate", str(run), str(run), "--num_images", "10",
                            "--num_inference_steps", "5", "--reference", str(setup / "reference"), "--nll_dataset", "digits",
                            "--nll_images", "2", "--inception_weights", str(setup / "stand-in.pt"), "--cache_dir",
                            str(setup / "cache"), "--fid_se_rounds", "0"], capture_output=True, text=True)
@@ -171,7 +172,7 @@ def test_evaluate_obeys_its_modes_seed_steps_dtype_reference_split_and_skipping_
             "--num_inference_steps", "7", "--modes", "clean", "--dtype", "bf16", "--nll_images", "0", "--reference",
             "digits", "--reference_split", "test", "--inception_weights", str(setup / "stand-in.pt"), "--cache_dir",
             str(setup / "cache"), "--fid_se_rounds", "0"]
-    proc = subprocess.run(args + ["--seed", "5"], capture_output=True, text=True)
+    proc = run_in_process(args + ["--seed", "5"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sampling = json.loads((out / "eval_samples" / "sampling.json").read_text())
     assert (sampling["seed"], sampling["num_inference_steps"], sampling["dtype"]) == (5, 7, "bf16")
@@ -183,11 +184,11 @@ def test_evaluate_obeys_its_modes_seed_steps_dtype_reference_split_and_skipping_
     assert sorted(report["results"]) == ["fid_clean", "inception_score_clean"]  # no bound: --nll_images 0
     assert not (out / "nll.json").exists() and not (out / "eval_nll").exists()
 
-    refused = subprocess.run(args + ["--seed", "6"], capture_output=True, text=True)
+    refused = run_in_process(args + ["--seed", "6"], capture_output=True, text=True)
     assert refused.returncode != 0
     assert refused.stderr.strip().splitlines()[-1].startswith(f"error: {out / 'eval_samples'} holds images drawn with other "
                                                                "settings (seed)")
-    again = subprocess.run(args + ["--seed", "6", "--overwrite"], capture_output=True, text=True)
+    again = run_in_process(args + ["--seed", "6", "--overwrite"], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "eval_samples" / "sampling.json").read_text())["seed"] == 6
     assert sorted(p.name for p in (out / "eval_samples").glob("*.png"))[0] == "000000-seed6.png"

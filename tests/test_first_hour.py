@@ -9,13 +9,13 @@ import sys
 
 import numpy as np
 import pytest
-from common import REPO, TINY, cli_args
+from common import REPO, TINY, cli_args, run_in_process
 
 from ddpm_hf.outputs.model_card import build_model_card
 
 
 def help_of(*cmd) -> str:
-    return subprocess.run([sys.executable, *cmd, "--help"], capture_output=True, text=True, check=True).stdout
+    return run_in_process([sys.executable, *cmd, "--help"], capture_output=True, text=True, check=True).stdout
 
 
 @pytest.mark.slow
@@ -39,7 +39,7 @@ def test_every_command_shows_its_defaults():
 
 @pytest.mark.slow
 def test_a_misspelt_flag_is_named_without_its_value():
-    proc = subprocess.run([sys.executable, str(REPO / "train_ddpm.py"), "--learning_rat", "1e-3"], capture_output=True,
+    proc = run_in_process([sys.executable, str(REPO / "train_ddpm.py"), "--learning_rat", "1e-3"], capture_output=True,
                           text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: unrecognized arguments: --learning_rat (did you mean --learning_rate?) "

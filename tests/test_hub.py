@@ -26,7 +26,7 @@ from ddpm_hf.training.flags import resolve_config
 from ddpm_hf.training.loop import train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import TINY
+from common import TINY, launch_two
 from hub_server import LocalHub  # noqa: E402
 
 WRITE_TOKEN = "hf_testWriteToken0123456789abcdefXYZ"
@@ -337,8 +337,7 @@ def test_two_processes_push_once_per_push(hub, tmp_path):
 
     overrides = dict(TINY, max_train_steps=4, checkpointing_steps=4, save_images_steps=2, output_dir=tmp_path / "run",
                      push_to_hub=True, hub_model_id="two-procs", hub_push_every=2)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(CHECKOUT / "train_ddpm.py"), *cli_args(overrides)]
+    cmd = launch_two(CHECKOUT / "train_ddpm.py", *cli_args(overrides))
     whoami_before = sum(1 for _, path, _ in hub.requests if path.startswith("/api/whoami"))
     proc = subprocess.run(cmd, env=subprocess_env(hub, tmp_path / "hf-home", HF_TOKEN=WRITE_TOKEN),
                           capture_output=True, text=True, timeout=600)

@@ -12,7 +12,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from common import REPO, TINY, cli_args, write_google_layout
+from common import REPO, TINY, cli_args, run_in_process, write_google_layout
 from diffusers import UNet2DModel
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
@@ -111,7 +111,7 @@ def test_a_config_of_another_class_and_a_second_network_flag_are_refused(tmp_pat
 def test_dry_run_prints_the_parameter_count_of_an_own_config(tmp_path):
     (tmp_path / "unet.json").write_text(json.dumps(OWN))
     args = cli_args({**{k: v for k, v in TINY.items() if k != "unet_preset"}, "unet_config": tmp_path / "unet.json"})
-    out = subprocess.run([sys.executable, str(REPO / "train_ddpm.py"), *args, "--dry_run"], check=True, capture_output=True,
+    out = run_in_process([sys.executable, str(REPO / "train_ddpm.py"), *args, "--dry_run"], check=True, capture_output=True,
                          text=True).stdout
     assert int(out.rsplit("UNet parameters:", 1)[1].strip().replace(",", "")) == sum(p.numel() for p in UNet2DModel.from_config(OWN).parameters())
 
@@ -316,11 +316,11 @@ def test_help_and_usage_errors_load_no_torch():
 
 @pytest.mark.slow
 def test_help_shows_defaults_and_choices():
-    text = subprocess.run([sys.executable, str(REPO / "train_ddpm.py"), "--help"], capture_output=True, text=True).stdout
+    text = run_in_process([sys.executable, str(REPO / "train_ddpm.py"), "--help"], capture_output=True, text=True).stdout
     flat = " ".join(text.split())
     assert "(default: 0.0002)" in flat and "(default: ddpm-cifar10-32)" in flat
     assert "--unet_preset {cpu-digits,cpu-small,cpu-tiny,ddpm-celebahq-256,ddpm-cifar10-32," in flat
-    metrics = " ".join(subprocess.run([sys.executable, "-m", "ddpm_hf.commands.metrics", "--help"], capture_output=True,
+    metrics = " ".join(run_in_process([sys.executable, "-m", "ddpm_hf.commands.metrics", "--help"], capture_output=True,
                                       text=True).stdout.split())
     assert metrics.count("~/.cache/ddpm_hf") == 1  # the cache default, once
 

@@ -1,12 +1,12 @@
 """Sampling in half precision: the network in bf16 (fp16 on a GPU), the chain in float32; what ddpm-sample records."""
 
 import json
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from common import run_in_process
 from PIL import Image
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
@@ -36,7 +36,7 @@ def test_bf16_samples_of_a_fixed_small_network_stay_close_to_fp32_and_the_chain_
 
 
 def sample_cli(pipe_dir, out, *extra):
-    return subprocess.run([sys.executable, "-m", "ddpm_hf.commands.sample", str(pipe_dir), str(out), "--num_images", "2",
+    return run_in_process([sys.executable, "-m", "ddpm_hf.commands.sample", str(pipe_dir), str(out), "--num_images", "2",
                            "--num_inference_steps", "2", *extra], capture_output=True, text=True)
 
 
@@ -78,7 +78,7 @@ def test_ddpm_nll_and_ddpm_visualize_run_the_network_in_bf16_and_record_it(tmp_p
     pipe.save_pretrained(tmp_path / "pipe")
     nll = {}
     for dtype in ("fp32", "bf16"):
-        proc = subprocess.run([sys.executable, "-m", "ddpm_hf.commands.nll", str(tmp_path / "pipe"), str(tmp_path / f"nll-{dtype}"),
+        proc = run_in_process([sys.executable, "-m", "ddpm_hf.commands.nll", str(tmp_path / "pipe"), str(tmp_path / f"nll-{dtype}"),
                                "--dataset", "digits", "--num_images", "3", "--dtype", dtype], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-2000:]
         nll[dtype] = json.loads((tmp_path / f"nll-{dtype}" / "nll.json").read_text())
@@ -86,17 +86,17 @@ def test_ddpm_nll_and_ddpm_visualize_run_the_network_in_bf16_and_record_it(tmp_p
     assert nll["bf16"]["protocol"]["weights_sha256"] == nll["fp32"]["protocol"]["weights_sha256"]
     fp32, bf16 = (nll[d]["bits_per_dim"]["total"]["mean"] for d in ("fp32", "bf16"))
     assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.005)  # measured: 0.03% apart
-    proc = subprocess.run([sys.executable, "-m", "ddpm_hf.commands.visualize", str(tmp_path / "pipe"), str(tmp_path / "fig"),
+    proc = run_in_process([sys.executable, "-m", "ddpm_hf.commands.visualize", str(tmp_path / "pipe"), str(tmp_path / "fig"),
                            "--num_inference_steps", "4", "--seeds", "0", "1", "--dtype", "bf16"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     entry = json.loads((tmp_path / "fig" / "figures.json").read_text())["progressive.png"]
     assert entry["dtype"] == "bf16" and entry["weights_sha256"] == nll["fp32"]["protocol"]["weights_sha256"]
-    proc = subprocess.run([sys.executable, "-m", "ddpm_hf.commands.visualize", str(tmp_path / "pipe"), str(tmp_path / "fig32"),
+    proc = run_in_process([sys.executable, "-m", "ddpm_hf.commands.visualize", str(tmp_path / "pipe"), str(tmp_path / "fig32"),
                            "--num_inference_steps", "4", "--seeds", "0", "1"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     figure = lambda folder: np.asarray(Image.open(folder / "progressive.png")).astype(int)  # noqa: E731
     assert (figure(tmp_path / "fig") != figure(tmp_path / "fig32")).any()  # measured: up to 16 levels apart
-    proc = subprocess.run([sys.executable, "-m", "ddpm_hf.commands.visualize", str(tmp_path / "pipe"), str(tmp_path / "neg"),
+    proc = run_in_process([sys.executable, "-m", "ddpm_hf.commands.visualize", str(tmp_path / "pipe"), str(tmp_path / "neg"),
                            "--seeds", "0", "-3"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: --seeds -3: seeds are integers from 0 (seed s is the image ddpm-sample draws from s) (see ddpm-visualize "

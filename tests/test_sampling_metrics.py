@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from common import launch_two, run_in_process
 from PIL import Image
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
@@ -99,7 +100,7 @@ def test_killed_sampling_run_restarts_to_exactly_n_images(saved_pipeline, tmp_pa
     proc.wait()
     partial = len(complete_images(out, 0))
     assert 0 < partial < n, "the kill should land midway"
-    subprocess.run(sample_cli([*args]), check=True, capture_output=True)
+    run_in_process(sample_cli([*args]), check=True, capture_output=True)
     files = read(out)
     assert sorted(files) == [image_name(k, 0) for k in range(n)]
     assert not list(out.glob(".*tmp-*"))
@@ -111,9 +112,8 @@ def test_killed_sampling_run_restarts_to_exactly_n_images(saved_pipeline, tmp_pa
 
 @pytest.mark.slow
 def test_two_processes_share_the_work_disjointly(saved_pipeline, tmp_path):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ddpm_hf.commands.sample",
-           str(saved_pipeline), str(tmp_path / "two"), "--num_images", "7", "--batch_size", "2", "--num_inference_steps", str(STEPS)]
+    cmd = launch_two("-m", "ddpm_hf.commands.sample", saved_pipeline, tmp_path / "two", "--num_images", "7",
+                     "--batch_size", "2", "--num_inference_steps", STEPS)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "process 0: wrote 4" in proc.stdout and "process 1: wrote 3" in proc.stdout
@@ -126,13 +126,13 @@ def test_two_processes_share_the_work_disjointly(saved_pipeline, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm-solver"])
 def test_cli_samplers(saved_pipeline, tmp_path, scheduler):
-    proc = subprocess.run(sample_cli([saved_pipeline, tmp_path, "--num_images", 2, "--num_inference_steps", 5, "--scheduler", scheduler]),
+    proc = run_in_process(sample_cli([saved_pipeline, tmp_path, "--num_images", 2, "--num_inference_steps", 5, "--scheduler", scheduler]),
                           capture_output=True, text=True, check=True)
     assert "wrote 2" in proc.stdout and len(read(tmp_path)) == 2
 
 
 def test_cli_rejects_unknown_sampler(saved_pipeline, tmp_path):
-    proc = subprocess.run(sample_cli([saved_pipeline, tmp_path, "--num_images", 2, "--scheduler", "euler"]), capture_output=True, text=True)
+    proc = run_in_process(sample_cli([saved_pipeline, tmp_path, "--num_images", 2, "--scheduler", "euler"]), capture_output=True, text=True)
     assert proc.returncode == 2 and "invalid choice: 'euler'" in proc.stderr
 
 
@@ -186,6 +186,20 @@ def test_fids_bootstrap_standard_error_is_the_spread_of_fid_over_new_draws():
     assert fid_standard_error(x, mu_ref, sigma_ref, seed=1) == fid_standard_error(x, mu_ref, sigma_ref, seed=1)
     with pytest.raises(ValueError, match=r"needs at least 2 rounds, got 1"):
         fid_standard_error(x, mu_ref, sigma_ref, rounds=1)
+
+
+@pytest.mark.parametrize("dims", [6, 300])
+def test_the_bootstraps_frechet_distance_to_a_fixed_reference_is_clean_fids(dims):
+    """Oracle: clean-fid's frechet_distance (sqrtm of S1 S2) on full-rank covariances, a reference far from and one
+    near the set (where the trace term nearly cancels)."""
+    from ddpm_hf.measuring.metrics import FrechetToReference
+
+    rng = np.random.default_rng(dims)
+    x = rng.normal(size=(4 * dims, dims)) @ (rng.normal(size=(dims, dims)) / np.sqrt(dims)) + 0.2
+    for y in (rng.normal(size=(4 * dims, dims)), x + 0.01 * rng.normal(size=x.shape)):
+        mu_ref, sigma_ref = feature_statistics(y)
+        ours = FrechetToReference(mu_ref, sigma_ref)(*feature_statistics(x))
+        assert ours == pytest.approx(frechet_distance(*feature_statistics(x), mu_ref, sigma_ref), rel=1e-7, abs=1e-9)
 
 
 def test_inception_score_limits():

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from common import REPO, TINY, cli_args, tiny_config
+from common import REPO, TINY, cli_args, launch_two, run_in_process, tiny_config
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -82,7 +82,7 @@ def test_unknown_choice_is_rejected_by_the_parser(capsys):
 
 @pytest.mark.slow
 def test_dry_run_prints_config_and_parameter_count():
-    proc = subprocess.run([sys.executable, str(REPO / "train_ddpm.py"), "--preset", "digits-cpu", "--dry_run"],
+    proc = run_in_process([sys.executable, str(REPO / "train_ddpm.py"), "--preset", "digits-cpu", "--dry_run"],
                           capture_output=True, text=True, check=True)
     body, count = proc.stdout.rsplit("UNet parameters:", 1)
     assert json.loads(body)["preset"] == "digits-cpu"
@@ -206,7 +206,7 @@ def test_kill_while_checkpointing_leaves_the_previous_checkpoint_loadable(tmp_pa
     optimizer = torch.optim.Adam(unet.parameters())
     state = load_checkpoint(latest, unet, EMA(unet).model, optimizer)
     assert state["step"] == step and len(optimizer.state) > 0
-    subprocess.run([sys.executable, str(REPO / "train_ddpm.py"),
+    run_in_process([sys.executable, str(REPO / "train_ddpm.py"),
                     *cli_args({**overrides, "output_dir": out, "max_train_steps": step + 1, "resume_from_checkpoint": "latest"})],
                    check=True, capture_output=True)
     assert list_checkpoints(out)[-1][0] == step + 1
@@ -218,8 +218,7 @@ def test_two_processes_on_cpu(tmp_path):
     """accelerate launch --multi_gpu --num_processes 2 on a CPU (torchrun, gloo): trains, and the sample grid drawn by both processes
     equals the grid drawn from the saved pipeline in one process with the same per-image seeds."""
     overrides = dict(TINY, max_train_steps=4, checkpointing_steps=2, save_images_steps=4, output_dir=tmp_path)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train_ddpm.py"), *cli_args(overrides)]
+    cmd = launch_two(REPO / "train_ddpm.py", *cli_args(overrides))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes" in proc.stderr

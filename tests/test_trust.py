@@ -18,7 +18,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from common import REPO, TINY, cli_args, one_error_line, run_in_process
+from common import REPO, TINY, cli_args, launch_two, one_error_line, run_in_process
 from PIL import Image
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
@@ -139,7 +139,7 @@ def test_resume_latest_falls_back_to_the_newest_intact_checkpoint_and_trains_on(
 def test_a_damaged_checkpoint_path_is_one_line_from_the_command(run_copy):
     damage_tensor_data(run_copy / "checkpoint-4" / "optimizer.pt")
     args = cli_args({**TINY, "output_dir": run_copy, "max_train_steps": 6, "resume_from_checkpoint": run_copy / "checkpoint-4"})
-    proc = subprocess.run([sys.executable, str(REPO / "train_ddpm.py"), *args], capture_output=True, text=True)
+    proc = run_in_process([sys.executable, str(REPO / "train_ddpm.py"), *args], capture_output=True, text=True)
     assert one_error_line(proc) == (f"error: --resume_from_checkpoint {run_copy / 'checkpoint-4'}: optimizer.pt does not match "
                                     "its SHA-256, so the checkpoint is damaged; resume from another one "
                                     "(--resume_from_checkpoint latest takes the newest intact one).")
@@ -287,7 +287,7 @@ def test_a_kill_during_rotation_leaves_no_orphan_checkpoint(tmp_path):
 def test_non_finite_final_weights_end_the_run_with_one_line_and_no_pipeline(tmp_path):
     args = cli_args({**TINY, "output_dir": tmp_path, "max_train_steps": 4, "learning_rate": 1e30, "lr_warmup_steps": 0,
                      "max_grad_norm": 0.0, "max_nonfinite_in_a_row": 1000, "checkpointing_steps": 1000})
-    proc = subprocess.run([sys.executable, str(REPO / "train_ddpm.py"), *args], capture_output=True, text=True)
+    proc = run_in_process([sys.executable, str(REPO / "train_ddpm.py"), *args], capture_output=True, text=True)
     line = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
     assert proc.returncode == 1 and len(line) == 1 and "Traceback" not in proc.stderr
     assert re.search(r"weights (are not finite|give non-finite outputs) at step 4", line[0]) and "lower --learning_rate" in line[0]
@@ -374,8 +374,8 @@ def test_a_damaged_kept_image_is_drawn_again_and_the_protocol_counts_the_images(
 def test_ddpm_sample_refusal_is_one_line(two_pipelines, tmp_path):
     a, _ = two_pipelines
     cmd = [sys.executable, "-m", "ddpm_hf.commands.sample", str(a), str(tmp_path / "s"), "--num_images", "2", "--num_inference_steps"]
-    subprocess.run(cmd + ["3"], check=True, capture_output=True)
-    line = one_error_line(subprocess.run(cmd + ["4"], capture_output=True, text=True))
+    run_in_process(cmd + ["3"], check=True, capture_output=True)
+    line = one_error_line(run_in_process(cmd + ["4"], capture_output=True, text=True))
     assert line == (f"error: {tmp_path / 's'} holds images drawn with other settings (num_inference_steps); use a new "
                     "output folder, or --overwrite to draw again from scratch.")
 
@@ -425,20 +425,18 @@ def test_every_command_reports_a_user_error_as_one_line(tmp_path, cmd, expected)
 @pytest.mark.slow
 def test_debug_shows_the_traceback_and_usage_errors_name_help(tmp_path):
     train_cmd = [sys.executable, str(REPO / "train_ddpm.py")]
-    debug = subprocess.run(train_cmd + ["--max_train_steps", "0", "--debug"], capture_output=True, text=True)
+    debug = run_in_process(train_cmd + ["--max_train_steps", "0", "--debug"], capture_output=True, text=True)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "--max_train_steps=0 must be at least 1" in debug.stderr
-    usage = subprocess.run(train_cmd + ["--learning_rat", "0.1"], capture_output=True, text=True)
+    usage = run_in_process(train_cmd + ["--learning_rat", "0.1"], capture_output=True, text=True)
     assert usage.returncode == 2 and one_error_line(usage) == (
         "error: unrecognized arguments: --learning_rat (did you mean --learning_rate?) (see train_ddpm.py --help)")
-    prefix = subprocess.run(train_cmd + ["--learning", "0.1", "--dry_run"], capture_output=True, text=True)
+    prefix = run_in_process(train_cmd + ["--learning", "0.1", "--dry_run"], capture_output=True, text=True)
     assert prefix.returncode == 2 and "unrecognized arguments: --learning" in prefix.stderr  # never matched by prefix
 
 
 @pytest.mark.slow
 def test_two_processes_print_a_shared_error_once(tmp_path):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train_ddpm.py"),
-           *cli_args({**TINY, "output_dir": tmp_path / "run", "batch_size": 64})]
+    cmd = launch_two(REPO / "train_ddpm.py", *cli_args({**TINY, "output_dir": tmp_path / "run", "batch_size": 64}))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode != 0

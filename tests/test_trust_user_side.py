@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from common import REPO, TINY, cli_args, one_error_line, run_in_process
+from common import REPO, TINY, PipeText, cli_args, launch_two, one_error_line, run_in_process
 from PIL import Image
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
@@ -367,11 +367,11 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(t
     proc = subprocess.Popen([sys.executable, str(REPO / "train_ddpm.py"),
                              *tiny_args(out, max_train_steps=100000, checkpointing_steps=100000, logging_steps=1000)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: marker_state(out).get("state") == "running" and (out / "training_config.json").is_file(),
-             what="the run to start")
-    time.sleep(3)  # some steps
+    printed = PipeText(proc.stderr)
+    wait_for(lambda: printed.bar_count() >= 2, what="two training steps")
     proc.send_signal(signum)
-    _, stderr = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    stderr = printed.rest()
     assert proc.returncode == 128 + signum, stderr[-2000:]
     (step, folder), = list_checkpoints(out)
     assert 0 < step < 100000 and checkpoint_problem(folder) is None
@@ -406,15 +406,14 @@ def test_a_second_signal_stops_at_once_but_a_forwarded_copy_of_the_first_does_no
 @pytest.mark.slow
 def test_under_accelerate_launch_the_processes_agree_on_the_step_they_stop_after(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train_ddpm.py"),
-           *tiny_args(out, max_train_steps=100000, checkpointing_steps=100000, logging_steps=1000)]
+    cmd = launch_two(REPO / "train_ddpm.py",
+                     *tiny_args(out, max_train_steps=100000, checkpointing_steps=100000, logging_steps=1000))
     launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: marker_state(out).get("state") == "running" and (out / "training_config.json").is_file(),
-             what="the run to start")
-    time.sleep(3)
+    printed = PipeText(launcher.stderr)
+    wait_for(lambda: printed.bar_count() >= 2, what="two training steps")
     launcher.send_signal(signal.SIGTERM)  # torchrun passes it on to both workers
-    _, stderr = launcher.communicate(timeout=120)
+    launcher.wait(timeout=120)
+    stderr = printed.rest()
     (step, folder), = list_checkpoints(out)
     assert step % 10 == 0 and checkpoint_problem(folder) is None  # both stopped after the same agreed step
     stopped = [line for line in stderr.splitlines() if line.startswith("stopped: ")]
@@ -498,11 +497,11 @@ def test_metrics_name_a_missing_samples_folder_and_reference_and_caution_on_few_
 def test_a_missing_path_that_looks_like_one_is_no_such_file_in_every_command(tmp_path, name, finished_run):
     """A trailing slash or a second slash cannot be a Hub id: it is a folder that is not there, not an unreachable Hub."""
     checks = {
-        "train": (subprocess.run([sys.executable, str(REPO / "train_ddpm.py"), *tiny_args(tmp_path / "run", dataset=name)],
+        "train": (run_in_process([sys.executable, str(REPO / "train_ddpm.py"), *tiny_args(tmp_path / "run", dataset=name)],
                                  capture_output=True, text=True, cwd=tmp_path), f"error: --dataset {name}: no such file or folder"),
-        "ddpm-sample": (subprocess.run([sys.executable, "-m", "ddpm_hf.commands.sample", name, tmp_path / "s", "--num_images", "1"],
+        "ddpm-sample": (run_in_process([sys.executable, "-m", "ddpm_hf.commands.sample", name, tmp_path / "s", "--num_images", "1"],
                                        capture_output=True, text=True, cwd=tmp_path), f"error: {name}: no such file or folder"),
-        "ddpm-nll": (subprocess.run([sys.executable, "-m", "ddpm_hf.commands.nll", finished_run, tmp_path / "n", "--dataset", name,
+        "ddpm-nll": (run_in_process([sys.executable, "-m", "ddpm_hf.commands.nll", finished_run, tmp_path / "n", "--dataset", name,
                                      "--num_images", "1"], capture_output=True, text=True, cwd=tmp_path),
                      f"error: --dataset {name}: no such file or folder"),
     }

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from common import TINY
+from common import TINY, launch_two, run_in_process
 from PIL import Image
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet, denoise
@@ -219,8 +219,7 @@ def nll_setup(tmp_path_factory):
 
 
 def nll_cli(pipe, out, images, *extra, processes=1):
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-              "1", "--mixed_precision", "no", "--dynamo_backend", "no"] if processes == 2 else [sys.executable]
+    launch = launch_two() if processes == 2 else [sys.executable]
     return launch + ["-m", "ddpm_hf.commands.nll", str(pipe), str(out), "--dataset", str(images), "--num_images", "7", *map(str, extra)]
 
 
@@ -231,7 +230,7 @@ def per_image(out: Path, n: int = 7) -> np.ndarray:
 @pytest.mark.slow
 def test_ddpm_nll_gives_the_same_numbers_with_one_and_two_processes(nll_setup, tmp_path):
     pipe, images = nll_setup
-    one = subprocess.run(nll_cli(pipe, tmp_path / "one", images, "--batch_size", 3), capture_output=True, text=True)
+    one = run_in_process(nll_cli(pipe, tmp_path / "one", images, "--batch_size", 3), capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run(nll_cli(pipe, tmp_path / "two", images, "--batch_size", 2, processes=2), capture_output=True,
                          text=True, timeout=600)
@@ -266,9 +265,9 @@ def test_ddpm_nll_killed_and_restarted_gives_the_uninterrupted_numbers(nll_setup
     assert 0 < len(kept) < 7, "the kill should land midway"
     before = {k: image_file(out, k).read_bytes() for k in kept}
     (out / "images" / "000000.npz").write_bytes(b"damaged")  # a damaged result is measured again
-    subprocess.run(nll_cli(pipe, out, images, "--batch_size", 4), check=True, capture_output=True)
+    run_in_process(nll_cli(pipe, out, images, "--batch_size", 4), check=True, capture_output=True)
     assert all(image_file(out, k).read_bytes() == before[k] for k in kept if k != 0)  # complete results are kept
-    subprocess.run(nll_cli(pipe, tmp_path / "whole", images, "--batch_size", 1), check=True, capture_output=True)
+    run_in_process(nll_cli(pipe, tmp_path / "whole", images, "--batch_size", 1), check=True, capture_output=True)
     np.testing.assert_allclose(per_image(out), per_image(tmp_path / "whole"), rtol=1e-6)
     assert not list((out / "images").glob(".*tmp-*"))
 
@@ -276,13 +275,13 @@ def test_ddpm_nll_killed_and_restarted_gives_the_uninterrupted_numbers(nll_setup
 @pytest.mark.slow
 def test_ddpm_nll_refuses_a_folder_measured_otherwise_and_its_result_reaches_the_card(nll_setup, hybrid_run, tmp_path):
     pipe, images = nll_setup
-    subprocess.run(nll_cli(pipe, tmp_path / "m", images), check=True, capture_output=True)
-    proc = subprocess.run(nll_cli(pipe, tmp_path / "m", images, "--no-clip_denoised"), capture_output=True, text=True)
+    run_in_process(nll_cli(pipe, tmp_path / "m", images), check=True, capture_output=True)
+    proc = run_in_process(nll_cli(pipe, tmp_path / "m", images, "--no-clip_denoised"), capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'm'} holds a bits/dim measurement with other settings (clip_denoised); use a new output "
         "folder, or --overwrite to measure again from scratch."]
-    again = subprocess.run(nll_cli(pipe, tmp_path / "m", images, "--no-clip_denoised", "--overwrite", "--output",
+    again = run_in_process(nll_cli(pipe, tmp_path / "m", images, "--no-clip_denoised", "--overwrite", "--output",
                                    tmp_path / "card" / "nll.json"), capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads((tmp_path / "m" / "nll_protocol.json").read_text())["clip_denoised"] is False

@@ -42,9 +42,31 @@ def fid_standard_error(features: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.n
     if rounds < 2:
         raise UsageError(f"A bootstrap standard error needs at least 2 rounds, got {rounds}.")
     rng = np.random.default_rng(seed)
-    distances = [frechet_distance(*feature_statistics(features[rng.integers(0, len(features), len(features))]),
-                                  mu_ref, sigma_ref) for _ in range(rounds)]
+    to_reference = FrechetToReference(mu_ref, sigma_ref)
+    distances = [to_reference(*feature_statistics(features[rng.integers(0, len(features), len(features))]))
+                 for _ in range(rounds)]
     return float(np.std(distances, ddof=1))
+
+
+class FrechetToReference:
+    """The Fréchet distance of many sets' statistics to one fixed reference (the bootstrap's rounds). For PSD S1, S2,
+    Tr (S1 S2)^½ = Σ_i √λ_i(R S2 R) with R = S1^½ (A^½B A^½ is similar to AB): R comes from one symmetric
+    eigendecomposition, and each set then costs one symmetric eigenvalue problem, where clean-fid's general `sqrtm`
+    of S1 S2 (a Schur method) is ~10x slower at D = 2048. Equal to `frechet_distance` within float64 rounding on
+    full-rank covariances (a test holds the two together)."""
+
+    def __init__(self, mu_ref: np.ndarray, sigma_ref: np.ndarray):
+        self.mu = np.asarray(mu_ref, np.float64)
+        sigma = np.asarray(sigma_ref, np.float64)
+        values, vectors = np.linalg.eigh(sigma)
+        self.root = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+        self.trace = float(np.trace(sigma))
+
+    def __call__(self, mu: np.ndarray, sigma: np.ndarray) -> float:
+        sigma = np.asarray(sigma, np.float64)
+        values = np.linalg.eigvalsh(self.root @ sigma @ self.root)
+        diff = np.asarray(mu, np.float64) - self.mu
+        return float(diff @ diff + np.trace(sigma) + self.trace - 2 * np.sqrt(np.clip(values, 0, None)).sum())
 
 
 def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray, num_subsets: int = 100,
