@@ -89,7 +89,9 @@ def measure(args, settings: dict, out: Path) -> dict:
         return {"steps_per_s": timed / seconds, "syncs_per_step": None if syncs is None else syncs / timed,
                 "peak_mb": peak_mb, "startup_s": startup, "device": str(run.device),
                 "graph": graph is not None and graph.replayed.graph is not None,
-                "refused": graph_refusal(config, run.device, run.accelerator.num_processes)}
+                "replay_difference": None if graph is None else graph.replayed.largest_difference,
+                "refused": graph_refusal(config, run.device, run.accelerator.num_processes)
+                or "the sync check, the capture or the first replay's check refused it (its warning says why)"}
     finally:
         release(run)
 
@@ -134,6 +136,8 @@ def main() -> None:
             r = json.loads(line[7:])
             syncs = "n/a (CPU)" if r["syncs_per_step"] is None else f"{r['syncs_per_step']:.2f}"
             how = "" if r["graph"] or not name.startswith("graph") else f" (ran eagerly: {r['refused']})"
+            if r.get("replay_difference") is not None:  # the self-check's measured difference (cuda_graphs.py)
+                how += f" (first replay vs eager: {r['replay_difference']:.2g} relative)"
             print(f"| {name}{how} | {r['steps_per_s']:.1f} | {syncs} | {r['peak_mb']:.0f} | {r['startup_s']:.1f} |",
                   flush=True)
         for text in profiles if args.profile else ():

@@ -52,31 +52,37 @@ def graph_form_refusal(scheduler, keys: Optional[SeedKeys], callback) -> Optiona
 
 
 def replayed_chain(unet, scheduler, x: torch.Tensor, keys: SeedKeys, start: int = 0, progress: Callable = lambda it: it,
-                   capture: Optional[bool] = None, keep_variance: bool = False) -> torch.Tensor:
+                   capture: Optional[bool] = None, keep_variance: bool = False, cuda=None) -> torch.Tensor:
     """x_0 from x_t at chain step `start` (scheduler.set_timesteps done), image k's step noise from keys[k]: on CUDA the
-    first CHAIN_WARMUP_STEPS steps eagerly, then one step captured and replayed; with capture=False (a CPU) every step
-    runs eagerly through the same tables and counter. keep_variance: the scheduler reads a learned variance (the
-    network's second C channels)."""
+    first CHAIN_WARMUP_STEPS steps eagerly, then one step captured, checked and replayed (cuda_graphs.py); with
+    capture=False (a CPU) every step runs eagerly through the same tables and counter. keep_variance: the scheduler
+    reads a learned variance (the network's second C channels). cuda: torch.cuda, or a test's stand-in."""
     capture = x.device.type == "cuda" if capture is None else capture
-    timesteps = scheduler.timesteps[start:]
-    numbers = [scheduler.step_coefficients(t) for t in timesteps]
+    host_timesteps = scheduler.timesteps[start:].tolist()  # note: one copy to the host, not one int(t) per step
+    numbers = [scheduler.step_coefficients(t) for t in host_timesteps]
     table = torch.tensor([list(k) for k in numbers], dtype=torch.float64, device=x.device)
+    timesteps = torch.tensor(host_timesteps, dtype=torch.int64, device=x.device)
     coefficients = type(numbers[0])
-    position = torch.zeros((), dtype=torch.int64, device=x.device)  # the step within this chain
+    position = torch.zeros(1, dtype=torch.int64, device=x.device)  # the step within this chain
     x = x.clone()  # the chain's state, read and written in place by every step
 
     def one_step():
-        k = coefficients(*table[position].unbind())
-        output = network_output(unet, scheduler, x, timesteps[position], keep_variance)
-        noise = seeded_normal(keys, x.shape[1:], position + start, "step", dtype=x.dtype)
+        # gathered on the device: indexing with a 0-d tensor (table[position]) would be an .item(), a host sync
+        k = coefficients(*table.index_select(0, position)[0].unbind())
+        output = network_output(unet, scheduler, x, timesteps.index_select(0, position), keep_variance)
+        noise = seeded_normal(keys, x.shape[1:], position[0] + start, "step", dtype=x.dtype)
         x.copy_(scheduler.reverse_step(k, output, x, noise)[0])  # k.noise = 0 on the step that lands on x_0
 
-    def failed(e: Exception) -> None:
-        warnings.warn(f"The reverse step could not be captured as a CUDA graph ({type(e).__name__}: {e}); the chain runs "
-                      "eagerly (pass cuda_graph=False to say so from the start).")
+    def failed(why: str) -> None:
+        warnings.warn(f"The reverse step is not replayed as a CUDA graph: {why}; the chain runs eagerly (pass "
+                      "cuda_graph=False to say so from the start).")
 
-    replayed = Replayed(one_step, CHAIN_WARMUP_STEPS, capture, failed)
-    for j, _ in enumerate(progress(timesteps)):
+    replayed = Replayed(one_step, CHAIN_WARMUP_STEPS, capture, failed, state=lambda: (x,), cuda=cuda)
+    for j, _ in enumerate(progress(host_timesteps)):
         position.fill_(j)
         replayed()
+    replayed_chain.last = replayed  # what the last chain did (captured? checked?), for tests and benchmarks
     return x
+
+
+replayed_chain.last = None

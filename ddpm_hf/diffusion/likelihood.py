@@ -114,9 +114,10 @@ def _network_dtype_and_device(unet, fallback_device):
 @torch.no_grad()
 def bound_terms(unet: Callable, scheduler: DDPMScheduler, images: torch.Tensor, noise: Optional[torch.Tensor] = None,
                 generator=None, clip_denoised: bool = True, progress: Callable = lambda it: it,
-                seeds: Optional[Sequence[int]] = None) -> tuple:
+                seeds: Optional[Sequence[int]] = None, capture: Optional[bool] = None, cuda=None) -> tuple:
     """(prior [N], terms [N, T]) in bits/dim, float64: the bound's term at every training index t of each image
-    (t = 0: the decoder). `bits_per_dim` sums them; arguments as there."""
+    (t = 0: the decoder). `bits_per_dim` sums them; arguments as there. With seeds, one term is replayed as a CUDA
+    graph on a GPU (capture: None, on CUDA only; cuda: torch.cuda or a test's stand-in, pipelines/cuda_graphs.py)."""
     dtype, device = _network_dtype_and_device(unet, images.device)
     if images.dtype != torch.uint8:
         raise UsageError(f"bits_per_dim takes uint8 images (the 256-level data the bound is defined on), got {images.dtype}.")
@@ -134,15 +135,14 @@ def bound_terms(unet: Callable, scheduler: DDPMScheduler, images: torch.Tensor, 
         output = unet(x_t.to(dtype), tt).sample.double()
         terms.index_copy_(1, position.view(1), vb_terms_bpd(scheduler, output, x0, x_t, tt, clip_denoised)[:, None])
 
-    def failed(e: Exception) -> None:
-        warnings.warn(f"The bound's term could not be captured as a CUDA graph ({type(e).__name__}: {e}); it is "
-                      "measured eagerly.")
+    def failed(why: str) -> None:
+        warnings.warn(f"The bound's term is not replayed as a CUDA graph: {why}; it is measured eagerly.")
 
     # counter-based noise (float32 as a generator's, then float64) needs nothing from the host: on a GPU one term is
     # captured as a CUDA graph and replayed for every t
     counter_term = None if keys is None else Replayed(
         lambda: measure(seeded_normal(keys, x0.shape[1:], position, "bound").double()), BOUND_WARMUP_TERMS,
-        device.type == "cuda", failed)
+        device.type == "cuda" if capture is None else capture, failed, state=lambda: (terms,), cuda=cuda)
     for t in progress(range(T - 1, -1, -1)):
         position.fill_(t)
         if counter_term is not None:

@@ -67,14 +67,14 @@ from ddpm_hf.training.parts import build_model, unet_config_json
 from ddpm_hf.training.precision import BF16_MIN_GAIN, rates_text, resolve_mixed_precision
 from ddpm_hf.training.run_guard import RunFolderLock, RunStopped, StopSignals, check_fresh_start
 from ddpm_hf.training.state import Clock, Run, TrainState
-from ddpm_hf.training.step_graph import StepGraph, graph_refusal
+from ddpm_hf.training.step_graph import StepGraph, graph_refusal, step_state
 from ddpm_hf.training.steps import device_step, seed_step
 from ddpm_hf.training.watch import (
     ema_pipeline,
-    evaluate,
     evaluate_nll,
     evaluation_reference,
     load_held_out_images,
+    log_sample_quality,
     save_card_figures,
     save_grid,
 )
@@ -318,7 +318,8 @@ def start_step_graph(run: Run) -> Optional[StepGraph]:
     config = run.config
     shape = (run.source.micro, config.channels, config.resolution, config.resolution)
     return StepGraph(functools.partial(device_step, run), run.source, shape, config.gradient_accumulation_steps,
-                          run.device, run.generator, run.optimizer, run.ema)
+                     run.device, run.generator, run.optimizer, run.ema,
+                     state=lambda: step_state(run.raw_unet, run.optimizer, run.ema, run.meters))
 
 
 # Several processes agree on a stop every this many steps (a collective, which waits for the device); one process
@@ -459,8 +460,8 @@ def write_checkpoint(run: Run, state: TrainState, name: Optional[str] = None) ->
 
 
 def evaluate_and_keep_best(run: Run, state: TrainState) -> None:
-    """The evaluation of now (`training_watch.evaluate`); with --keep_best, best_checkpoint/ when it is the best so far."""
-    if evaluate(run, state):
+    """The sample quality of now (`watch.log_sample_quality`); with --keep_best, best_checkpoint/ when it is the best so far."""
+    if log_sample_quality(run, state):
         write_checkpoint(run, state, name=BEST_CHECKPOINT)
 
 

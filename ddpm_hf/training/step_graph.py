@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -53,7 +53,9 @@ class StepGraph:
     as a graph needs; defaults to capture."""
 
     def __init__(self, body: Callable, source, shape: tuple, accum: int, device: torch.device, generator: torch.Generator,
-                 optimizer, ema, capture: Optional[bool] = None, lr_on_device: Optional[bool] = None):
+                 optimizer, ema, capture: Optional[bool] = None, lr_on_device: Optional[bool] = None,
+                 capturable: Optional[bool] = None, state: Callable[[], Sequence[torch.Tensor]] = lambda: (),
+                 cuda=None):
         self.source, self.ema = source, ema
         capture = device.type == "cuda" if capture is None else capture
         self.batches: List[torch.Tensor] = [torch.empty(shape, dtype=torch.uint8, device=device) for _ in range(accum)]
@@ -61,12 +63,15 @@ class StepGraph:
         for group in optimizer.param_groups:
             if capture if lr_on_device is None else lr_on_device:  # LR schedulers fill a tensor in place
                 group["lr"] = torch.tensor(float(group["lr"]), device=device)
-            group["capturable"] = capture  # fused Adam's kernels are the same; torch checks the flag in a capture
+            # fused Adam's kernels are the same; torch checks the flag in a capture (on a CPU the flag changes
+            # Adam's rounding: a test of the graph's form there sets it as a capture would)
+            group["capturable"] = capture if capturable is None else capturable
         # the gradients are set to None after each eager step, and before the capture: the graph's backward then
         # writes them into its own memory
         no_gradients = functools.partial(optimizer.zero_grad, set_to_none=True)
         self.replayed = Replayed(lambda: body(self.batches, self.ema_weight), GRAPH_WARMUP_STEPS, capture, self._failed,
-                                 before_capture=no_gradients, after_eager=no_gradients, generators=(generator,))
+                                 state=state, before_capture=no_gradients, after_eager=no_gradients,
+                                 generators=(generator,), cuda=cuda)
 
     def step(self, step: int) -> None:
         """Step `step`'s device work (the caller has seeded the generators for it)."""
@@ -76,10 +81,20 @@ class StepGraph:
         captured = self.replayed.graph is not None
         self.replayed()
         if not captured and self.replayed.graph is not None:
-            logger.info("The training step is captured as a CUDA graph after %d eager steps; each step now replays it.",
-                        self.replayed.eager_calls)
+            logger.info("The training step is captured as a CUDA graph after %d warm-up steps; each step now replays it.",
+                        self.replayed.warmup)
 
     @staticmethod
-    def _failed(e: Exception) -> None:
-        logger.warning("The training step could not be captured as a CUDA graph (%s: %s); each step runs eagerly "
-                       "from here (--no-cuda_graph says so from the start).", type(e).__name__, e)
+    def _failed(why: str) -> None:
+        logger.warning("The training step is not replayed as a CUDA graph: %s; each step runs eagerly from here "
+                       "(--no-cuda_graph says so from the start).", why)
+
+
+def step_state(model, optimizer, ema, meters) -> List[torch.Tensor]:
+    """The tensors a training step writes: the parameters, the optimizer's state (Adam's moments and step), the EMA's
+    parameters and the meters (what the first replay's check compares)."""
+    tensors = [p.data for p in model.parameters()]
+    for per_parameter in optimizer.state.values():
+        tensors += [v for v in per_parameter.values() if isinstance(v, torch.Tensor)]
+    tensors += [p.data for p in ema.model.parameters()]
+    return tensors + [meters.loss_sum, meters.loss_count, meters.counters]

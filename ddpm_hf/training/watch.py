@@ -125,7 +125,7 @@ def sample_quality(run: Run) -> dict:
     return result
 
 
-def evaluate(run: Run, state: TrainState) -> bool:
+def log_sample_quality(run: Run, state: TrainState) -> bool:
     """FID (and IS) of the EMA model now, into the state, the trackers and the log; True when --keep_best should
     keep this step's checkpoint (the best so far)."""
     config = run.config

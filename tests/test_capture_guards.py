@@ -1,0 +1,198 @@
+"""The CUDA-graph path where it fails (#28), on a CPU: the reverse chain's step, the bound's term and the training step
+run through pipelines/cuda_graphs.Replayed against a stand-in for CUDA (tests/cuda_stand_in.py) that refuses a host
+sync inside a capture, warns on one under sync-debug, runs nothing while capturing, fails inside the body or at the
+capture's end as torch 2.9-2.12 do (leaving the default generator "capturing"), and can replay wrong. Each run must
+capture where it can, and give the eager run's numbers bit for bit either way."""
+
+import warnings
+
+import pytest
+import torch
+from common import tiny_config
+from cuda_stand_in import StandInCuda
+from ddpm_hf.pipelines import cuda_graphs
+from ddpm_hf.pipelines.chain_graph import CHAIN_WARMUP_STEPS, replayed_chain
+from ddpm_hf.pipelines.counter_noise import seed_keys, seeded_normal
+from ddpm_hf.pipelines.cuda_graphs import Replayed
+
+from ddpm_hf import DDPMScheduler, build_unet, denoise
+from ddpm_hf.diffusion.likelihood import bound_terms
+
+SEEDS = [3, 14, 15, 92]
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return build_unet("cpu-tiny", sample_size=8, in_channels=1).eval()
+
+
+def eager_chain(unet, scheduler=None):
+    scheduler = scheduler or DDPMScheduler()
+    with torch.no_grad():
+        return denoise(unet, scheduler, seeded_normal(SEEDS, (1, 8, 8), 0, "initial"), STEPS, seeds=SEEDS,
+                       cuda_graph=False)
+
+
+def stand_in_chain(unet, cuda, scheduler=None):
+    scheduler = scheduler or DDPMScheduler()
+    scheduler.set_timesteps(STEPS)
+    with torch.no_grad(), cuda:
+        return replayed_chain(unet, scheduler, seeded_normal(SEEDS, (1, 8, 8), 0, "initial"), seed_keys(SEEDS),
+                              capture=True, cuda=cuda)
+
+
+# ---------------------------------------------------------------- the chain's step
+
+
+def test_the_chains_step_captures_replays_checked_and_gives_the_eager_images_bit_for_bit(unet):
+    cuda = StandInCuda()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no sync warning, no failed capture
+        replayed = stand_in_chain(unet, cuda)
+    run = replayed_chain.last
+    assert cuda.captures == 1 and run.graph is not None and run.checked and run.largest_difference == 0.0
+    assert run.eager_calls == CHAIN_WARMUP_STEPS + 1 and run.replays == STEPS - CHAIN_WARMUP_STEPS  # +1: the check's
+    assert torch.equal(replayed, eager_chain(unet))
+
+
+def test_a_host_sync_in_the_step_is_found_in_the_warm_up_named_and_the_chain_runs_eagerly(unet):
+    class SyncingNetwork(torch.nn.Module):
+        """The network of the chain, but asking the host for a number (a 0-d tensor index, as the chain once did)."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.dtype = inner, inner.dtype
+
+        def forward(self, x, t):
+            scale = torch.ones(1000)[t.reshape(())]  # the line the warning names
+            return type(self.inner(x, t))(sample=self.inner(x, t).sample * scale)
+
+    cuda = StandInCuda()
+    with pytest.warns(UserWarning, match=r"not replayed as a CUDA graph: the step waits for the host \(1 synchronizing "
+                                         r"CUDA operation, the first at .*test_capture_guards.py:\d+\)"):
+        replayed = stand_in_chain(SyncingNetwork(unet), cuda)
+    assert cuda.captures == 0 and replayed_chain.last.graph is None  # found before any capture
+    assert torch.equal(replayed, eager_chain(unet))
+
+
+@pytest.mark.parametrize("fail", ["body", "end"])
+def test_a_capture_failing_in_its_body_or_at_its_end_leaves_torch_usable_and_the_eager_images(unet, fail):
+    cuda = StandInCuda(fail=fail)
+    with pytest.warns(UserWarning, match=r"not replayed as a CUDA graph: the capture failed \(RuntimeError: CUDA error"):
+        replayed = stand_in_chain(unet, cuda)
+    assert cuda.captures == 1 and replayed_chain.last.graph is None
+    assert torch.equal(replayed, eager_chain(unet))
+    assert cuda.current_stream().name == "default"  # the capture's stream is left
+    with cuda:
+        torch.randn(2)  # the default generator was put back: a draw works (a dropout, the next grid)
+
+
+def test_without_putting_the_generator_back_the_stand_in_breaks_as_torch_2_11_does(unet, monkeypatch):
+    """The stand-in's failure is real: skip `_put_back`'s generator restore and the next draw raises."""
+    monkeypatch.setattr(cuda_graphs, "_restore_generator", lambda generator, snapshot: None)
+    cuda = StandInCuda(fail="end")
+    with pytest.warns(UserWarning, match="the capture failed"):
+        stand_in_chain(unet, cuda)
+    with cuda, pytest.raises(RuntimeError, match="Offset increment outside graph capture"):
+        torch.randn(2)
+
+
+def test_a_first_replay_that_differs_from_the_eager_step_drops_the_graph_and_keeps_the_eager_result(unet):
+    cuda = StandInCuda(replays_wrong=True)
+    with pytest.warns(UserWarning, match=r"not replayed as a CUDA graph: its first replay differs from the eager step by "
+                                         r"[0-9.e+-]+ \(relative; at most 1e-05 allowed\)"):
+        replayed = stand_in_chain(unet, cuda)
+    assert cuda.replays == 1 and replayed_chain.last.graph is None and replayed_chain.last.largest_difference > 1e-3
+    assert torch.equal(replayed, eager_chain(unet))
+
+
+def test_the_learned_variance_chain_captures_too():
+    torch.manual_seed(1)
+    net = build_unet("cpu-tiny", sample_size=8, in_channels=1, out_channels=2).eval()
+    scheduler = DDPMScheduler(variance_type="learned_range")
+    cuda = StandInCuda()
+    scheduler.set_timesteps(STEPS)
+    with torch.no_grad(), cuda:
+        replayed = replayed_chain(net, scheduler, seeded_normal(SEEDS, (1, 8, 8), 0, "initial"), seed_keys(SEEDS),
+                                  capture=True, keep_variance=True, cuda=cuda)
+    assert cuda.captures == 1 and replayed_chain.last.graph is not None
+    assert torch.equal(replayed, eager_chain(net, DDPMScheduler(variance_type="learned_range")))
+
+
+# ---------------------------------------------------------------- the bound's term
+
+
+def test_the_bounds_term_captures_and_gives_the_eager_terms_bit_for_bit(unet):
+    scheduler = DDPMScheduler(num_train_timesteps=20)
+    images = (torch.arange(2 * 64) % 256).to(torch.uint8).reshape(2, 1, 8, 8)
+    cuda = StandInCuda()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with cuda:
+            prior, terms = bound_terms(unet, scheduler, images, seeds=[1, 2], capture=True, cuda=cuda)
+    assert cuda.captures == 1 and cuda.replays == 20 - 2
+    eager_prior, eager_terms = bound_terms(unet, scheduler, images, seeds=[1, 2], capture=False)
+    assert torch.equal(terms, eager_terms) and torch.equal(prior, eager_prior)
+
+
+# ---------------------------------------------------------------- the training step
+
+
+def trained(tmp_path, monkeypatch, cuda=None, **settings):
+    """The graph's form of the step on this CPU: capturing through the stand-in `cuda`, or (None) run eagerly with what
+    a capture sets (the learning rate in a tensor, Adam capturable): the eager run a replayed one must equal."""
+    import functools
+
+    from ddpm_hf.training import loop
+    from ddpm_hf.training.loop import train
+    from ddpm_hf.training.step_graph import StepGraph
+
+    options = dict(capture=True, cuda=cuda) if cuda is not None else dict(capture=False, lr_on_device=True,
+                                                                           capturable=True)
+    monkeypatch.setattr(loop, "graph_refusal", lambda *args: None)
+    monkeypatch.setattr(loop, "StepGraph", functools.partial(StepGraph, **options))
+    config = tiny_config(tmp_path, max_train_steps=7, checkpointing_steps=7, gradient_accumulation_steps=2,
+                         max_train_samples=24, random_flip=True, **settings)
+    with contextlib_of(cuda):
+        train(config)
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "checkpoint-7"
+    return {name: load_file(str(folder / name)) for name in ("unet.safetensors", "ema.safetensors")}
+
+
+def contextlib_of(cuda):
+    import contextlib
+
+    return cuda if cuda is not None else contextlib.nullcontext()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fail", [None, "end"])
+def test_the_training_step_captures_or_fails_safely_and_trains_bit_for_bit_as_the_eager_loop(tmp_path, monkeypatch,
+                                                                                            caplog, fail):
+    import logging
+
+    eager = trained(tmp_path / "eager", monkeypatch)
+    cuda = StandInCuda(fail=fail)
+    with caplog.at_level(logging.INFO):
+        graph = trained(tmp_path / "graph", monkeypatch, cuda=cuda)
+    said = [r.getMessage() for r in caplog.records if "CUDA graph" in r.getMessage()]
+    assert cuda.captures == 1
+    if fail is None:
+        assert cuda.replays == 7 - 3 - 1 + 1  # steps 5..7 replayed, and the check's replay of step 4
+        assert any(m.startswith("The CUDA graph's first replay matches the eager step") for m in said), said
+    else:
+        assert cuda.replays == 0
+        assert any(m.startswith("The training step is not replayed as a CUDA graph: the capture failed (RuntimeError: "
+                                "CUDA error") for m in said), said
+    for name in eager:
+        for key in eager[name]:
+            assert torch.equal(eager[name][key], graph[name][key]), (name, key)
+
+
+def test_replayed_refuses_a_captured_step_without_a_warm_up():
+    with pytest.raises(ValueError, match="at least one warm-up call"):
+        Replayed(lambda: None, 0, True, print)
