@@ -10,6 +10,7 @@ for bit: the same numbers meet the same kernels (a test runs it eagerly on a CPU
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -51,38 +52,77 @@ def graph_form_refusal(scheduler, keys: Optional[SeedKeys], callback) -> Optiona
     return None
 
 
+class _Chain:
+    """A chain's static tensors (x_t, the seeds' keys, the step table, the timesteps, the step counter) and its
+    Replayed step: a later chain of the same network and shape copies its inputs in and replays, with no new
+    warm-up, capture or check."""
+
+    def __init__(self, unet, scheduler, x: torch.Tensor, keys: SeedKeys, start: int, steps: int, width: int,
+                 keep_variance: bool, capture: bool, cuda):
+        self.x = torch.empty_like(x)  # the chain's state, read and written in place by every step
+        self.keys = SeedKeys(torch.empty_like(keys.low), torch.empty_like(keys.high))
+        self.table = torch.empty((steps, width), dtype=torch.float64, device=x.device)
+        self.timesteps = torch.empty(steps, dtype=torch.int64, device=x.device)
+        self.position = torch.zeros(1, dtype=torch.int64, device=x.device)  # the step within this chain
+        self.coefficients = None
+        unet_, scheduler_, x_, keys_, table, timesteps, position = (unet, scheduler, self.x, self.keys, self.table,
+                                                                    self.timesteps, self.position)
+
+        def one_step():
+            # gathered on the device: indexing with a 0-d tensor (table[position]) would be an .item(), a host sync
+            k = self.coefficients(*table.index_select(0, position)[0].unbind())
+            output = network_output(unet_, scheduler_, x_, timesteps.index_select(0, position), keep_variance)
+            noise = seeded_normal(keys_, x_.shape[1:], position[0] + start, "step", dtype=x_.dtype)
+            x_.copy_(scheduler_.reverse_step(k, output, x_, noise)[0])  # k.noise = 0 on the step that lands on x_0
+
+        def failed(why: str) -> None:
+            warnings.warn(f"The reverse step is not replayed as a CUDA graph: {why}; the chain runs eagerly (pass "
+                          "cuda_graph=False to say so from the start).")
+
+        self.replayed = Replayed(one_step, CHAIN_WARMUP_STEPS, capture, failed, state=lambda: (x_,), cuda=cuda)
+
+    def run(self, x: torch.Tensor, keys: SeedKeys, numbers: list, host_timesteps: list, progress) -> torch.Tensor:
+        self.coefficients = type(numbers[0])
+        self.x.copy_(x)
+        self.keys.low.copy_(keys.low)
+        self.keys.high.copy_(keys.high)
+        # note: two small copies from the host per chain, not per step
+        self.table.copy_(torch.tensor([list(k) for k in numbers], dtype=torch.float64))
+        self.timesteps.copy_(torch.tensor(host_timesteps, dtype=torch.int64))
+        for j, _ in enumerate(progress(host_timesteps)):
+            self.position.fill_(j)
+            self.replayed()
+        return self.x.clone()
+
+
+# network -> (what the chain was made for, _Chain): the one chain of each network kept for its next call on CUDA, so
+# that a network and a shape are captured once, not once per call (training draws its grid with the same shape each
+# time; a new shape replaces the old, whose graph memory goes with it)
+_CHAINS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def replayed_chain(unet, scheduler, x: torch.Tensor, keys: SeedKeys, start: int = 0, progress: Callable = lambda it: it,
                    capture: Optional[bool] = None, keep_variance: bool = False, cuda=None) -> torch.Tensor:
     """x_0 from x_t at chain step `start` (scheduler.set_timesteps done), image k's step noise from keys[k]: on CUDA the
-    first CHAIN_WARMUP_STEPS steps eagerly, then one step captured, checked and replayed (cuda_graphs.py); with
-    capture=False (a CPU) every step runs eagerly through the same tables and counter. keep_variance: the scheduler
-    reads a learned variance (the network's second C channels). cuda: torch.cuda, or a test's stand-in."""
+    first CHAIN_WARMUP_STEPS steps eagerly, then one step captured, checked and replayed (cuda_graphs.py), and a later
+    chain of the same network, scheduler settings and shape replays that graph from its first step; with capture=False
+    (a CPU) every step runs eagerly through the same tables and counter. keep_variance: the scheduler reads a learned
+    variance (the network's second C channels). cuda: torch.cuda, or a test's stand-in."""
     capture = x.device.type == "cuda" if capture is None else capture
     host_timesteps = scheduler.timesteps[start:].tolist()  # note: one copy to the host, not one int(t) per step
     numbers = [scheduler.step_coefficients(t) for t in host_timesteps]
-    table = torch.tensor([list(k) for k in numbers], dtype=torch.float64, device=x.device)
-    timesteps = torch.tensor(host_timesteps, dtype=torch.int64, device=x.device)
-    coefficients = type(numbers[0])
-    position = torch.zeros(1, dtype=torch.int64, device=x.device)  # the step within this chain
-    x = x.clone()  # the chain's state, read and written in place by every step
-
-    def one_step():
-        # gathered on the device: indexing with a 0-d tensor (table[position]) would be an .item(), a host sync
-        k = coefficients(*table.index_select(0, position)[0].unbind())
-        output = network_output(unet, scheduler, x, timesteps.index_select(0, position), keep_variance)
-        noise = seeded_normal(keys, x.shape[1:], position[0] + start, "step", dtype=x.dtype)
-        x.copy_(scheduler.reverse_step(k, output, x, noise)[0])  # k.noise = 0 on the step that lands on x_0
-
-    def failed(why: str) -> None:
-        warnings.warn(f"The reverse step is not replayed as a CUDA graph: {why}; the chain runs eagerly (pass "
-                      "cuda_graph=False to say so from the start).")
-
-    replayed = Replayed(one_step, CHAIN_WARMUP_STEPS, capture, failed, state=lambda: (x,), cuda=cuda)
-    for j, _ in enumerate(progress(host_timesteps)):
-        position.fill_(j)
-        replayed()
-    replayed_chain.last = replayed  # what the last chain did (captured? checked?), for tests and benchmarks
-    return x
+    made_for = (tuple(x.shape), x.dtype, x.device, start, len(host_timesteps), keep_variance, id(cuda),
+                repr(sorted(scheduler.config.items())), tuple(p.data_ptr() for p in unet.parameters()))
+    kept = _CHAINS.get(unet) if capture else None
+    if kept is not None and kept[0] == made_for:
+        chain = kept[1]
+    else:
+        chain = _Chain(unet, scheduler, x, keys, start, len(host_timesteps), len(numbers[0]), keep_variance,
+                       capture, cuda)
+        if capture:
+            _CHAINS[unet] = (made_for, chain)
+    replayed_chain.last = chain.replayed  # what the last chain did (captured? checked?), for tests and benchmarks
+    return chain.run(x, keys, numbers, host_timesteps, progress)
 
 
 replayed_chain.last = None

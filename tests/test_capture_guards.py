@@ -108,6 +108,27 @@ def test_a_first_replay_that_differs_from_the_eager_step_drops_the_graph_and_kee
     assert torch.equal(replayed, eager_chain(unet))
 
 
+def test_a_network_and_shape_are_captured_once_and_a_later_chain_replays_every_step(unet):
+    cuda = StandInCuda()
+    scheduler = DDPMScheduler()
+    scheduler.set_timesteps(STEPS)
+    other = [s + 100 for s in SEEDS]
+    with torch.no_grad(), cuda:
+        replayed_chain(unet, scheduler, seeded_normal(SEEDS, (1, 8, 8), 0, "initial"), seed_keys(SEEDS), capture=True,
+                       cuda=cuda)
+        first = cuda.replays
+        second = replayed_chain(unet, scheduler, seeded_normal(other, (1, 8, 8), 0, "initial"), seed_keys(other),
+                                capture=True, cuda=cuda)
+        assert cuda.captures == 1 and cuda.replays == first + STEPS  # no warm-up, capture or check again
+        wider = replayed_chain(unet, scheduler, seeded_normal(SEEDS + other, (1, 8, 8), 0, "initial"),
+                               seed_keys(SEEDS + other), capture=True, cuda=cuda)
+        assert cuda.captures == 2  # another shape: its own capture
+    with torch.no_grad():
+        eager = denoise(unet, DDPMScheduler(), seeded_normal(SEEDS + other, (1, 8, 8), 0, "initial"), STEPS,
+                        seeds=SEEDS + other, cuda_graph=False)
+    assert torch.equal(second, eager[len(SEEDS):]) and torch.equal(wider, eager)
+
+
 def test_the_learned_variance_chain_captures_too():
     torch.manual_seed(1)
     net = build_unet("cpu-tiny", sample_size=8, in_channels=1, out_channels=2).eval()
