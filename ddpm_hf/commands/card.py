@@ -19,11 +19,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("output_dir")
     parser.add_argument("--repo_id", default=None, help="the Hub repo id to show in the usage snippet")
     args = parser.parse_args(argv)
+    from ddpm_hf.outputs.files import refuse_links
     from ddpm_hf.outputs.model_card import write_model_card
     from ddpm_hf.outputs.run_folder import TRAINING_CONFIG
 
     if not (Path(args.output_dir) / TRAINING_CONFIG).is_file():
         raise MissingError(f"{args.output_dir} has no {TRAINING_CONFIG}; give the output folder of a training run.")
+    refuse_links(Path(args.output_dir), "ddpm-card")
     print(f"wrote {write_model_card(args.output_dir, args.repo_id)}")
     return 0
 

@@ -85,10 +85,18 @@ def _is_run_folder(folder: Path) -> bool:
 
 def data_files_under(path: Path, suffixes) -> List[str]:
     """Every file under `path` (recursively) with one of `suffixes`, sorted, leaving out hidden files and folders and
-    the folders of our own training runs."""
-    found = []
-    for root, dirs, files in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _is_run_folder(Path(root) / d))
+    the folders of our own training runs. Linked folders are followed (a dataset assembled from links is the data
+    its links show), each real folder once: a link back up, or two links to one folder, add nothing twice."""
+    found, seen = [], set()
+    for root, dirs, files in os.walk(path, followlinks=True):
+        seen.add(os.path.realpath(root))
+        kept = []
+        for d in sorted(dirs):
+            real = os.path.realpath(os.path.join(root, d))
+            if not d.startswith(".") and real not in seen and not _is_run_folder(Path(root) / d):
+                seen.add(real)  # taken by this walk: a second way to it is not
+                kept.append(d)
+        dirs[:] = kept
         found += [os.path.join(root, f) for f in files if not f.startswith(".") and Path(f).suffix.lower() in suffixes]
     return sorted(found)
 

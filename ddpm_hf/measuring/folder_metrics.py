@@ -202,6 +202,18 @@ def feature_network(kind: str, device="cpu", inception_weights: Optional[str] = 
         raise UsageError(f"--feature_network {kind!r} is not one of {', '.join(FEATURE_NETWORKS)}.")
 
 
+def backend_images(folder) -> list:
+    """The files clean-fid's folder reader measures under `folder`, by its own rule (each of its EXTENSIONS, globbed
+    recursively, the case as it writes them: .png, .webp, .bmp, .tif, .npy, ...), so that what we count and check is
+    what it reads."""
+    import glob
+
+    from cleanfid.utils import EXTENSIONS
+
+    return sorted({f for ext in EXTENSIONS for f in glob.glob(os.path.join(glob.escape(str(folder)), f"**/*.{ext}"),
+                                                              recursive=True)})
+
+
 def folder_features(folder, network: FeatureNetwork, mode: str = "clean", batch_size: int = 64, device="cpu",
                     num_workers: int = 0) -> np.ndarray:
     """Features of every image under `folder` (recursively) through clean-fid's resizing for `mode`."""
@@ -209,7 +221,7 @@ def folder_features(folder, network: FeatureNetwork, mode: str = "clean", batch_
 
     if mode not in FID_MODES:
         raise UsageError(f"--mode {mode!r} is not one of {', '.join(FID_MODES)}.")
-    files = [p for p in Path(folder).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")]
+    files = backend_images(folder)
     if len(files) < 2:
         raise UsageError(f"{folder} holds {len(files)} images; FID needs at least 2 (use thousands).")
     return get_folder_features(str(folder), network, num_workers=num_workers, batch_size=batch_size,
@@ -330,7 +342,7 @@ def sampling_protocol(samples: Path) -> Optional[dict]:
     if not path.is_file():
         return None
     protocol = json.loads(path.read_text())
-    held = sum(1 for p in samples.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    held = len(backend_images(samples))  # every image the measurement would read, of any type
     if protocol.get("num_images") is not None and protocol["num_images"] != held or protocol.get("complete") is False:
         raise UsageError(f"{samples} holds {held} images, but its sampling.json describes {protocol.get('num_images')} "
                          f"(complete: {protocol.get('complete')}); finish the ddpm-sample run with the same command, or "

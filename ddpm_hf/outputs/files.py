@@ -107,3 +107,27 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def links_in(folder: Path) -> list:
+    """Every symbolic link inside `folder`, relative to it, none followed (a linked folder is listed, not entered)."""
+    folder, found = Path(folder), []
+    for root, dirs, files in os.walk(folder):
+        found += [str((Path(root) / name).relative_to(folder)) for name in dirs + files
+                  if (Path(root) / name).is_symlink()]
+    return sorted(found)
+
+
+def refuse_links(folder: Path, what: str) -> None:
+    """A run folder's writes and pushes never go through a link: a link there (a folder copied with its links, a
+    shared scratch folder) would take them outside the folder, or publish any file under an allowed name."""
+    from ddpm_hf.errors import StateError
+
+    folder = Path(folder)
+    links = links_in(folder) if folder.is_dir() else []
+    if links:
+        shown = ", ".join(f"{name} -> {os.readlink(folder / name)}" for name in links[:3])
+        more = f" and {len(links) - 3} more" if len(links) > 3 else ""
+        raise StateError(f"{folder} holds links ({shown}{more}); {what} neither writes nor publishes through a link, "
+                         "which leads outside the folder: replace each with what it points to (cp -rL), or choose "
+                         "another folder.")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ddpm_hf.errors import StateError
-from ddpm_hf.outputs.files import tmp_sibling
+from ddpm_hf.outputs.files import refuse_links, tmp_sibling
 from ddpm_hf.outputs.run_folder import MODEL_INDEX, PUBLISHED, TRAINING_CONFIG
 
 logger = logging.getLogger(__name__)
@@ -181,6 +181,7 @@ def push_output_folder(output_dir, *, repo_id: Optional[str] = None, token: Opti
     from ddpm_hf.outputs.model_card import write_model_card
 
     output_dir = Path(output_dir)
+    refuse_links(output_dir, "ddpm-push")
     if not (output_dir / MODEL_INDEX).is_file():
         raise HubError(f"{output_dir} has no {MODEL_INDEX}: give the output folder of a finished training run "
                        "(or a folder written by save_pretrained).")

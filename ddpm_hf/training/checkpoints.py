@@ -188,6 +188,21 @@ def resolve_checkpoint(output_dir: Path, which: Optional[str], warn: Callable[[s
     return path
 
 
+def checkpoint_step(folder: Path) -> int:
+    """The step a checkpoint (verified by `resolve_checkpoint`) was written after."""
+    return int(json.loads((Path(folder) / TRAINER_STATE).read_text())["step"])
+
+
+def refuse_resume_past_end(checkpoint: Path, which: str, total_steps: int, limit: str) -> None:
+    """A resume from a checkpoint past this run's last step would train nothing and then publish the checkpoint's
+    weights under this run's step count: refused, before any work."""
+    step = checkpoint_step(checkpoint)
+    if step > total_steps:
+        raise UsageError(f"--resume_from_checkpoint {which}: {checkpoint.name} is at step {step}, past this run's "
+                         f"{total_steps} steps ({limit}), so nothing is trained or written; give --max_train_steps "
+                         f"above {step} to train on from it, or resume from an earlier checkpoint.")
+
+
 def checkpoint_to_resume(output_dir: Path, which: Optional[str], overwrite: bool,
                          warn: Callable[[str], None] = lambda message: None) -> Optional[Path]:
     """`resolve_checkpoint`, after refusing a fresh start (`which` None) in a folder that holds checkpoints unless

@@ -59,11 +59,12 @@ from ddpm_hf.training.checkpoints import (
     list_checkpoints,
     load_checkpoint,
     plain_numbers,
+    refuse_resume_past_end,
     rotate_checkpoints,
     save_checkpoint,
 )
 from ddpm_hf.training.config import TrainingConfig, resume_changes
-from ddpm_hf.training.parts import build_model, unet_config_json
+from ddpm_hf.training.parts import apply_optimizer_changes, build_model, unet_config_json
 from ddpm_hf.training.precision import BF16_MIN_GAIN, rates_text, resolve_mixed_precision
 from ddpm_hf.training.run_guard import RunFolderLock, RunStopped, StopSignals, check_fresh_start
 from ddpm_hf.training.state import Clock, Run, TrainState
@@ -177,6 +178,9 @@ def build_run(config: TrainingConfig, accelerator, lock, pusher, feature_network
     checkpoint = checkpoint_to_resume(output_dir, config.resume_from_checkpoint, config.overwrite_output_dir,
                                       warn=logger.warning)
     changes = resume_changes(config, checkpoint) if checkpoint is not None else {}
+    if checkpoint is not None and config.max_train_steps is not None:  # before the data
+        refuse_resume_past_end(checkpoint, config.resume_from_checkpoint, config.max_train_steps,
+                               f"--max_train_steps {config.max_train_steps}")
     if checkpoint is None and lock is not None:
         check_fresh_start(output_dir, lock.had_marker, config.overwrite_output_dir or config.resume_from_checkpoint == "latest")
     if config.init_from and checkpoint is None:
@@ -194,6 +198,9 @@ def build_run(config: TrainingConfig, accelerator, lock, pusher, feature_network
         raise UsageError("--num_epochs needs the dataset size; with --streaming give --max_train_steps.")
     else:
         total_steps = config.num_epochs * source.steps_per_epoch
+        if checkpoint is not None:
+            refuse_resume_past_end(checkpoint, config.resume_from_checkpoint, total_steps,
+                                   f"--num_epochs {config.num_epochs} of {source.steps_per_epoch} steps")
     reference = evaluation_reference(config, feature_network, accelerator) if config.eval_every else None
     return Run(config=config, accelerator=accelerator, source=source, total_steps=total_steps, pusher=pusher,
                feature_network=feature_network, reference=reference, nll_images=nll_images, checkpoint=checkpoint,
@@ -234,6 +241,7 @@ def resume(run: Run) -> TrainState:
     if run.checkpoint is not None:
         state = TrainState.from_dict(load_checkpoint(run.checkpoint, run.raw_unet, run.ema.model, run.optimizer))
         run.lr_scheduler.load_state_dict(state.lr_scheduler)
+        apply_optimizer_changes(config, run.optimizer, run.lr_scheduler, run.config_changes)
         run.ema.load_state(state.ema)
         if run.timesteps.needs_losses:
             run.timesteps.load_state_dict(state.timestep_sampler)

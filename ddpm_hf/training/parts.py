@@ -98,6 +98,26 @@ def make_optimizer(config: TrainingConfig, parameters) -> tuple:
         return cls(parameters, foreach=True, **kwargs), False
 
 
+# the settings a checkpoint's optimizer state carries (its param groups, the LR schedule's base rates): a resume with
+# --allow_config_change that changes one sets it there, or the change would be recorded and not applied
+OPTIMIZER_SETTINGS = ("learning_rate", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay")
+
+
+def apply_optimizer_changes(config: TrainingConfig, optimizer, lr_scheduler, changed) -> None:
+    """After a checkpoint's optimizer and LR schedule are restored: set the OPTIMIZER_SETTINGS among `changed` from
+    `config` (the learning rate as the schedule's base rate, and the current rate from it)."""
+    if not any(name in changed for name in OPTIMIZER_SETTINGS):
+        return
+    for group in optimizer.param_groups:
+        group.update(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+                     weight_decay=config.weight_decay, initial_lr=config.learning_rate)
+    if "learning_rate" in changed:
+        lr_scheduler.base_lrs = [config.learning_rate for _ in optimizer.param_groups]
+        for group, rate in zip(optimizer.param_groups, lr_scheduler.lr_lambdas):
+            group["lr"] = config.learning_rate * rate(lr_scheduler.last_epoch)
+        lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def build_model(config: TrainingConfig, accelerator, total_steps: int, checkpoint: Optional[Path] = None) -> dict:
     """The UNet (prepared by Accelerate; from --init_from's weights on a fresh start), its forward pass, the
     diffusion and loss, Adam, the LR schedule, the EMA (from the same weights) and the step meters."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from ddpm_hf.errors import StateError, UsageError
+from ddpm_hf.outputs.files import refuse_links
 from ddpm_hf.outputs.run_folder import CHECKPOINT_PREFIX, MODEL_INDEX, RUN_MARKER, RUN_PRODUCTS, TRAINING_CONFIG
 
 _HELD: Dict[Path, "RunFolderLock"] = {}  # the locks this process holds, by folder
@@ -32,6 +33,7 @@ class RunFolderLock:
         self.path = self.folder / RUN_MARKER
         self._fd: Optional[int] = None
         self.had_marker = False
+        self._found = b""
         self.made_folder = False
 
     def _read(self) -> dict:
@@ -52,6 +54,7 @@ class RunFolderLock:
             import fcntl
         except ImportError:  # not POSIX: no lock, the folder checks still hold
             return self
+        refuse_links(self.folder, "training")  # before anything is written there
         earlier_here = _HELD.get(self.path.resolve())
         if earlier_here is not None:  # a run of this very process that was never ended (set up, then dropped)
             earlier_here.release()
@@ -73,6 +76,7 @@ class RunFolderLock:
                                f"{holder.get('host', '?')}, since {holder.get('since', '?')}); wait for it to end, or "
                                "choose another --output_dir.") from None
         earlier = self._read()
+        self._found = os.pread(self._fd, 1 << 16, 0)  # the marker as found: what a refused run puts back
         if earlier.get("state") == "running":
             warn(f"{self.folder}: the run of process {earlier.get('pid', '?')} on {earlier.get('host', '?')} (since "
                  f"{earlier.get('since', '?')}) stopped without ending (killed?); this run takes the folder over.")
@@ -88,8 +92,13 @@ class RunFolderLock:
             return
         import fcntl
 
-        record = self._read()
-        self._write({**record, "state": "ended", "ended": time.strftime("%Y-%m-%d %H:%M:%S")})
+        if abandon and self.had_marker:  # a refused run leaves the marker as it found it, byte for byte
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, self._found, 0)
+            os.fsync(self._fd)
+        else:
+            record = self._read()
+            self._write({**record, "state": "ended", "ended": time.strftime("%Y-%m-%d %H:%M:%S")})
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None

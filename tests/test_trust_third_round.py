@@ -1,0 +1,157 @@
+"""Trust, third round (#31), from the user's side: the command, its exit code, its one line, and the files inside and
+outside the folder afterwards."""
+
+import shutil
+import sys
+from pathlib import Path
+
+from common import REPO, TINY, cli_args, one_error_line, run_in_process
+
+
+def train_cli(*args) -> "subprocess.CompletedProcess":  # noqa: F821
+    return run_in_process([sys.executable, str(REPO / "train_ddpm.py"), *map(str, args)])
+
+
+def every_file(folder: Path) -> dict:
+    """Each file under `folder` (links as links) and its bytes."""
+    return {str(p.relative_to(folder)): (p.readlink() if p.is_symlink() else p.read_bytes())
+            for p in sorted(folder.rglob("*")) if p.is_file() or p.is_symlink()}
+
+
+# ---------------------------------------------------------------- 3. a resume past the end
+
+
+def test_a_resume_from_a_checkpoint_past_max_train_steps_is_one_line_and_changes_nothing(run_copy):
+    before = every_file(run_copy)
+    proc = train_cli(*cli_args({**TINY, "output_dir": run_copy}), "--resume_from_checkpoint", "latest",
+                     "--max_train_steps", 2)
+    assert one_error_line(proc) == (
+        "error: --resume_from_checkpoint latest: checkpoint-4 is at step 4, past this run's 2 steps (--max_train_steps "
+        "2), so nothing is trained or written; give --max_train_steps above 4 to train on from it, or resume from an "
+        "earlier checkpoint.")
+    assert proc.returncode == 1
+    assert every_file(run_copy) == before
+    # the earlier checkpoint is the way on, and the same command then trains to the end as asked
+    done = train_cli(*cli_args({**TINY, "output_dir": run_copy}), "--resume_from_checkpoint", run_copy / "checkpoint-2",
+                     "--max_train_steps", 3)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- 1. links in a run folder
+
+
+def command(module: str, *args):
+    return run_in_process([sys.executable, "-m", module, *map(str, args)])
+
+
+def test_a_linked_run_marker_or_samples_folder_is_refused_in_one_line_and_nothing_is_written_through_it(run_copy,
+                                                                                                     tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.json").write_text('{"mine": true}')
+    (outside / "grids").mkdir()
+    marker = run_copy / ".ddpm_hf-run"
+    marker.unlink()
+    marker.symlink_to(outside / "precious.json")
+    before = every_file(outside)
+    proc = train_cli(*cli_args({**TINY, "output_dir": run_copy}), "--resume_from_checkpoint", "latest",
+                     "--max_train_steps", 6)
+    line = one_error_line(proc)
+    assert line.startswith(f"error: {run_copy} holds links (.ddpm_hf-run -> {outside / 'precious.json'}); training "
+                           "neither writes nor publishes through a link") and proc.returncode == 1
+    assert every_file(outside) == before and marker.is_symlink()
+
+    marker.unlink()
+    shutil.rmtree(run_copy / "samples")
+    (run_copy / "samples").symlink_to(outside / "grids")
+    proc = train_cli(*cli_args({**TINY, "output_dir": run_copy}), "--resume_from_checkpoint", "latest",
+                     "--max_train_steps", 6)
+    assert one_error_line(proc).startswith(f"error: {run_copy} holds links (samples -> {outside / 'grids'})")
+    assert every_file(outside) == before and not list((run_copy).glob("checkpoint-6"))
+
+
+def test_ddpm_push_and_ddpm_card_refuse_a_linked_card_before_reading_or_writing_it(run_copy, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the Hub")
+    (run_copy / "README.md").unlink()
+    (run_copy / "README.md").symlink_to(secret)
+    pushed = command("ddpm_hf.commands.push", run_copy, "--hub_model_id", "someone/model")
+    assert one_error_line(pushed).startswith(f"error: {run_copy} holds links (README.md -> {secret}); ddpm-push "
+                                             "neither writes nor publishes through a link")
+    carded = command("ddpm_hf.commands.card", run_copy)
+    assert one_error_line(carded).startswith(f"error: {run_copy} holds links (README.md -> {secret}); ddpm-card")
+    assert secret.read_text() == "not for the Hub"
+
+
+# ---------------------------------------------------------------- 2. image folders behind links
+
+
+def test_a_linked_image_folder_is_read_and_counted_and_a_link_cycle_adds_nothing(tmp_path):
+    from PIL import Image
+
+    from ddpm_hf.data.datasets import load_image_dataset
+
+    def images(folder: Path, n: int, shade: int) -> None:
+        folder.mkdir(parents=True)
+        for i in range(n):
+            Image.new("L", (8, 8), shade + i).save(folder / f"{i}.png")
+
+    images(tmp_path / "elsewhere" / "more", 24, 100)
+    images(tmp_path / "data" / "mixed", 8, 0)
+    (tmp_path / "data" / "mixed" / "linked").symlink_to(tmp_path / "elsewhere" / "more")
+    (tmp_path / "elsewhere" / "more" / "loop").symlink_to(tmp_path / "elsewhere")  # a link back up
+    (tmp_path / "data" / "mixed" / "again").symlink_to(tmp_path / "elsewhere" / "more")  # the same folder twice
+    assert len(load_image_dataset(str(tmp_path / "data" / "mixed"))) == 32
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "a").symlink_to(tmp_path / "elsewhere" / "more")
+    assert len(load_image_dataset(str(tmp_path / "only"))) == 24  # a folder of linked folders holds their images
+
+
+# ---------------------------------------------------------------- 7. images that sampling.json does not describe
+
+
+def test_ddpm_metrics_counts_every_image_type_it_would_read_against_sampling_json(finished_run, tmp_path):
+    import pytest
+    from common import stand_in_network
+    from PIL import Image
+
+    from ddpm_hf.measuring.folder_metrics import evaluate_folder
+
+    samples = tmp_path / "samples"
+    drawn = command("ddpm_hf.commands.sample", finished_run, samples, "--num_images", 3, "--num_inference_steps", 2)
+    assert drawn.returncode == 0, drawn.stderr[-2000:]
+    Image.new("RGB", (8, 8), 30).save(samples / "extra.webp")
+    Image.new("RGB", (8, 8), 60).save(samples / "old.bmp")
+    with pytest.raises(ValueError, match=r"holds 5 images, but its sampling.json describes 3 "):
+        evaluate_folder(samples, str(samples), stand_in_network(), kid=False, isc=False)
+    (samples / "sampling.json").unlink()  # measured as it is: all five, every type clean-fid reads
+    result = evaluate_folder(samples, str(samples), stand_in_network(), kid=False, isc=False)
+    assert result["protocol"]["num_samples"] == 5
+
+
+# ---------------------------------------------------------------- 4. changes recorded are changes applied
+
+
+def test_allow_config_change_applies_the_optimizer_settings_it_records(run_copy, tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    def resumed(folder: Path, *changes) -> dict:
+        shutil.copytree(run_copy, folder)
+        proc = train_cli(*cli_args({**TINY, "output_dir": folder}), "--resume_from_checkpoint", "latest",
+                         "--max_train_steps", 6, "--checkpointing_steps", 6, *changes)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return load_file(str(folder / "checkpoint-6" / "unet.safetensors"))
+
+    start = load_file(str(run_copy / "checkpoint-4" / "unet.safetensors"))
+    plain = resumed(tmp_path / "plain")
+    tiny_lr = resumed(tmp_path / "tiny-lr", "--allow_config_change", "--learning_rate", "1e-9")
+    moved = {k: (plain[k] - start[k]).abs().max().item() for k in start}
+    barely = {k: (tiny_lr[k] - start[k]).abs().max().item() for k in start}
+    assert max(moved.values()) > 1e-4 and max(barely.values()) < 1e-3 * max(moved.values())  # Adam moves ~ lr
+    history = json.loads((tmp_path / "tiny-lr" / "checkpoint-6" / "trainer_state.json").read_text())["history"]
+    assert all(h["lr"] <= 1e-9 for h in history if h["step"] > 4)
+    decay = resumed(tmp_path / "decay", "--allow_config_change", "--adam_beta1", "0.5", "--adam_epsilon", "1e-3")
+    assert any(not torch.equal(decay[k], plain[k]) for k in plain)  # β1 and ε reach Adam too
