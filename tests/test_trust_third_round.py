@@ -155,3 +155,22 @@ def test_allow_config_change_applies_the_optimizer_settings_it_records(run_copy,
     assert all(h["lr"] <= 1e-9 for h in history if h["step"] > 4)
     decay = resumed(tmp_path / "decay", "--allow_config_change", "--adam_beta1", "0.5", "--adam_epsilon", "1e-3")
     assert any(not torch.equal(decay[k], plain[k]) for k in plain)  # β1 and ε reach Adam too
+
+
+# ---------------------------------------------------------------- 5. a folder that only looks like ours
+
+
+def test_another_tools_training_config_does_not_make_a_folder_ours(tmp_path):
+    folder = tmp_path / "their-run"
+    folder.mkdir()
+    (folder / "training_config.json").write_text('{"learning_rate": 0.0001, "model": "their-unet", "epochs": 3}')
+    (folder / "README.md").write_text("# My notes\n")
+    before = every_file(folder)
+    proc = train_cli(*cli_args({**TINY, "output_dir": folder, "max_train_steps": 1}))
+    assert one_error_line(proc) == (
+        f"error: --output_dir {folder} holds files that ddpm_hf did not write (README.md, training_config.json); a run "
+        "would write its pipeline and model card over them, so it is refused (--overwrite_output_dir clears only an "
+        "earlier ddpm_hf run): choose a new or empty --output_dir.")
+    assert every_file(folder) == before
+    overwrite = train_cli(*cli_args({**TINY, "output_dir": folder, "max_train_steps": 1}), "--overwrite_output_dir")
+    assert overwrite.returncode == 1 and every_file(folder) == before

@@ -260,6 +260,21 @@ class TrainingConfig:
         return cls(**data)
 
 
+# settings every training_config.json of ours has held: with no key we do not know, what tells ours from a file of the
+# same name that another tool wrote
+ALWAYS_SAVED = ("dataset", "resolution", "learning_rate", "seed", "ema_decay", "output_dir")
+
+
+def saved_by_us(path) -> bool:
+    """Whether `path` is a training_config.json a ddpm_hf run wrote (by its content, not its name)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    known = {f.name for f in dataclasses.fields(TrainingConfig)}
+    return isinstance(data, dict) and set(data) <= known and set(ALWAYS_SAVED) <= set(data)
+
+
 # Settings a resume may change without --allow_config_change: how long to train, how often to save, log and
 # measure, and where results go; not what is trained or how.
 RESUMABLE_SETTINGS = (

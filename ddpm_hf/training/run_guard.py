@@ -117,9 +117,11 @@ def folder_entries(folder: Path) -> List[str]:
 
 def not_ours(folder: Path, had_marker: bool) -> List[str]:
     """What in a folder a ddpm_hf run did not write: nothing in a folder with our marker or (written before the marker
-    existed) a run's training_config.json; elsewhere whatever is not a run's own product (logs/, samples/, checkpoints,
-    ...)."""
-    if had_marker or (Path(folder) / TRAINING_CONFIG).is_file():
+    existed) a run's training_config.json, ours by its content (another tool's file of that name is the user's);
+    elsewhere whatever is not a run's own product (logs/, samples/, checkpoints, ...)."""
+    from ddpm_hf.training.config import saved_by_us
+
+    if had_marker or saved_by_us(Path(folder) / TRAINING_CONFIG):
         return []
     return [e for e in folder_entries(folder) if e.rstrip("/") not in RUN_PRODUCTS and not e.startswith(CHECKPOINT_PREFIX)]
 
