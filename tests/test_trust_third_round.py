@@ -5,6 +5,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
 from common import REPO, TINY, cli_args, one_error_line, run_in_process
 
 
@@ -21,6 +22,7 @@ def every_file(folder: Path) -> dict:
 # ---------------------------------------------------------------- 3. a resume past the end
 
 
+@pytest.mark.slow
 def test_a_resume_from_a_checkpoint_past_max_train_steps_is_one_line_and_changes_nothing(run_copy):
     before = every_file(run_copy)
     proc = train_cli(*cli_args({**TINY, "output_dir": run_copy}), "--resume_from_checkpoint", "latest",
@@ -44,6 +46,7 @@ def command(module: str, *args):
     return run_in_process([sys.executable, "-m", module, *map(str, args)])
 
 
+@pytest.mark.slow
 def test_a_linked_run_marker_or_samples_folder_is_refused_in_one_line_and_nothing_is_written_through_it(run_copy,
                                                                                                      tmp_path):
     outside = tmp_path / "outside"
@@ -70,6 +73,7 @@ def test_a_linked_run_marker_or_samples_folder_is_refused_in_one_line_and_nothin
     assert every_file(outside) == before and not list((run_copy).glob("checkpoint-6"))
 
 
+@pytest.mark.slow
 def test_ddpm_push_and_ddpm_card_refuse_a_linked_card_before_reading_or_writing_it(run_copy, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("not for the Hub")
@@ -110,8 +114,8 @@ def test_a_linked_image_folder_is_read_and_counted_and_a_link_cycle_adds_nothing
 # ---------------------------------------------------------------- 7. images that sampling.json does not describe
 
 
+@pytest.mark.slow
 def test_ddpm_metrics_counts_every_image_type_it_would_read_against_sampling_json(finished_run, tmp_path):
-    import pytest
     from common import stand_in_network
     from PIL import Image
 
@@ -132,6 +136,7 @@ def test_ddpm_metrics_counts_every_image_type_it_would_read_against_sampling_jso
 # ---------------------------------------------------------------- 4. changes recorded are changes applied
 
 
+@pytest.mark.slow
 def test_allow_config_change_applies_the_optimizer_settings_it_records(run_copy, tmp_path):
     import json
 
@@ -160,6 +165,7 @@ def test_allow_config_change_applies_the_optimizer_settings_it_records(run_copy,
 # ---------------------------------------------------------------- 5. a folder that only looks like ours
 
 
+@pytest.mark.slow
 def test_another_tools_training_config_does_not_make_a_folder_ours(tmp_path):
     folder = tmp_path / "their-run"
     folder.mkdir()
