@@ -180,3 +180,21 @@ def test_another_tools_training_config_does_not_make_a_folder_ours(tmp_path):
     assert every_file(folder) == before
     overwrite = train_cli(*cli_args({**TINY, "output_dir": folder, "max_train_steps": 1}), "--overwrite_output_dir")
     assert overwrite.returncode == 1 and every_file(folder) == before
+
+
+# ---------------------------------------------------------------- the weak items
+
+
+@pytest.mark.slow
+def test_ddpm_nlls_bad_image_line_names_no_flag_it_does_not_take(finished_run, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "held-out"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("L", (8, 8), 40 * i).save(folder / f"{i}.png")
+    (folder / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    proc = command("ddpm_hf.commands.nll", finished_run, tmp_path / "nll", "--dataset", folder, "--num_images", 4)
+    line = proc.stderr.strip().splitlines()[-1]  # after datasets' own "Generating train split" bar
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert line.startswith("error: image 3 (") and "3.png" in line and line.endswith("Fix or remove it."), line

@@ -352,9 +352,11 @@ def _undecoded(ds, column):
 
 
 def build_image_bank(ds, column: str, channels: int, resolution: int, center_crop: bool = True,
-                     on_bad_image: str = "stop", progress: bool = True) -> ImageBank:
+                     on_bad_image: str = "stop", progress: bool = True,
+                     skip_flag: Optional[str] = "--on_bad_image skip") -> ImageBank:
     """Decode a map-style dataset once into an `ImageBank`. A bad image stops with its index and file, or
-    (on_bad_image='skip') is left out and counted."""
+    (on_bad_image='skip') is left out and counted. skip_flag: the flag of the calling command that skips bad images,
+    named in the stop's message (None: the command has none, so the message names none)."""
     from tqdm.auto import tqdm
 
     if on_bad_image not in BAD_IMAGE_POLICIES:
@@ -369,7 +371,8 @@ def build_image_bank(ds, column: str, channels: int, resolution: int, center_cro
             n += 1
         except BadImageError as e:
             if on_bad_image == "stop":
-                raise BadImageError(f"{e}. Fix or remove it, or pass --on_bad_image skip to leave bad images out.") from e
+                skip = f", or pass {skip_flag} to leave bad images out" if skip_flag else ""
+                raise BadImageError(f"{e}. Fix or remove it{skip}.") from e
             skipped += 1
             logger.warning("Skipping %s", e)
     if n == 0:
@@ -388,7 +391,8 @@ def first_rows(dataset: str, split: str, num_images: int, dataset_config: Option
 
 def images_of(rows, channels: int, resolution: int, image_column: Optional[str] = None) -> torch.Tensor:
     """The images of dataset rows as uint8 [N, C, H, W] at `resolution`."""
-    return build_image_bank(rows, find_image_column(rows.features, image_column), channels, resolution, progress=False).images
+    return build_image_bank(rows, find_image_column(rows.features, image_column), channels, resolution, progress=False,
+                            skip_flag=None).images
 
 
 def image_fit_note(rows, channels: int, resolution: int, image_column: Optional[str] = None,
@@ -425,7 +429,8 @@ def stream_batches(ds, column: str, batch_size: int, channels: int, resolution: 
             batch.append(to_uint8_array(decode_image(row[column], where), channels, resolution, center_crop))
         except BadImageError as e:
             if on_bad_image == "stop":
-                raise BadImageError(f"{e}. Fix or remove it, or pass --on_bad_image skip to leave bad images out.") from e
+                skip = f", or pass {skip_flag} to leave bad images out" if skip_flag else ""
+                raise BadImageError(f"{e}. Fix or remove it{skip}.") from e
             logger.warning("Skipping %s", e)
             continue
         if len(batch) == batch_size:

@@ -257,7 +257,7 @@ def dataset_reference(dataset: str, split: str, resolution: int, channels: int, 
     ds = load_image_dataset(dataset, split=split)
     if max_images:
         ds = ds.select(range(min(max_images, len(ds))))
-    bank = build_image_bank(ds, find_image_column(ds.features), channels, resolution, progress=True)
+    bank = build_image_bank(ds, find_image_column(ds.features), channels, resolution, progress=True, skip_flag=None)
     from PIL import Image
 
     tmp = tmp_sibling(folder)
