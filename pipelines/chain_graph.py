@@ -57,32 +57,31 @@ class _Chain:
     Replayed step: a later chain of the same network and shape copies its inputs in and replays, with no new
     warm-up, capture or check."""
 
-    def __init__(self, unet, scheduler, x: torch.Tensor, keys: SeedKeys, start: int, steps: int, width: int,
+    def __init__(self, unet, scheduler, x: torch.Tensor, keys: SeedKeys, start: int, numbers: list,
                  keep_variance: bool, capture: bool, cuda):
         self.x = torch.empty_like(x)  # the chain's state, read and written in place by every step
         self.keys = SeedKeys(torch.empty_like(keys.low), torch.empty_like(keys.high))
-        self.table = torch.empty((steps, width), dtype=torch.float64, device=x.device)
-        self.timesteps = torch.empty(steps, dtype=torch.int64, device=x.device)
+        self.table = torch.empty((len(numbers), len(numbers[0])), dtype=torch.float64, device=x.device)
+        self.timesteps = torch.empty(len(numbers), dtype=torch.int64, device=x.device)
         self.position = torch.zeros(1, dtype=torch.int64, device=x.device)  # the step within this chain
-        self.coefficients = None
-        unet_, scheduler_, x_, keys_, table, timesteps, position = (unet, scheduler, self.x, self.keys, self.table,
-                                                                    self.timesteps, self.position)
+        coefficients = type(numbers[0])
+        network = weakref.ref(unet)  # weakly: the chain is kept in _CHAINS under the network, which must stay freeable
 
         def one_step():
             # gathered on the device: indexing with a 0-d tensor (table[position]) would be an .item(), a host sync
-            k = self.coefficients(*table.index_select(0, position)[0].unbind())
-            output = network_output(unet_, scheduler_, x_, timesteps.index_select(0, position), keep_variance)
-            noise = seeded_normal(keys_, x_.shape[1:], position[0] + start, "step", dtype=x_.dtype)
-            x_.copy_(scheduler_.reverse_step(k, output, x_, noise)[0])  # k.noise = 0 on the step that lands on x_0
+            k = coefficients(*self.table.index_select(0, self.position)[0].unbind())
+            t = self.timesteps.index_select(0, self.position)
+            output = network_output(network(), scheduler, self.x, t, keep_variance)
+            noise = seeded_normal(self.keys, self.x.shape[1:], self.position[0] + start, "step", dtype=self.x.dtype)
+            self.x.copy_(scheduler.reverse_step(k, output, self.x, noise)[0])  # k.noise = 0 on the step to x_0
 
         def failed(why: str) -> None:
             warnings.warn(f"The reverse step is not replayed as a CUDA graph: {why}; the chain runs eagerly (pass "
                           "cuda_graph=False to say so from the start).")
 
-        self.replayed = Replayed(one_step, CHAIN_WARMUP_STEPS, capture, failed, state=lambda: (x_,), cuda=cuda)
+        self.replayed = Replayed(one_step, CHAIN_WARMUP_STEPS, capture, failed, state=lambda: (self.x,), cuda=cuda)
 
     def run(self, x: torch.Tensor, keys: SeedKeys, numbers: list, host_timesteps: list, progress) -> torch.Tensor:
-        self.coefficients = type(numbers[0])
         self.x.copy_(x)
         self.keys.low.copy_(keys.low)
         self.keys.high.copy_(keys.high)
@@ -117,8 +116,7 @@ def replayed_chain(unet, scheduler, x: torch.Tensor, keys: SeedKeys, start: int 
     if kept is not None and kept[0] == made_for:
         chain = kept[1]
     else:
-        chain = _Chain(unet, scheduler, x, keys, start, len(host_timesteps), len(numbers[0]), keep_variance,
-                       capture, cuda)
+        chain = _Chain(unet, scheduler, x, keys, start, numbers, keep_variance, capture, cuda)
         if capture:
             _CHAINS[unet] = (made_for, chain)
     replayed_chain.last = chain.replayed  # what the last chain did (captured? checked?), for tests and benchmarks

@@ -129,6 +129,19 @@ def test_a_network_and_shape_are_captured_once_and_a_later_chain_replays_every_s
     assert torch.equal(second, eager[len(SEEDS):]) and torch.equal(wider, eager)
 
 
+def test_a_kept_chain_does_not_keep_its_network_alive():
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    net = build_unet("cpu-tiny", sample_size=8, in_channels=1).eval()
+    stand_in_chain(net, StandInCuda())
+    alive = weakref.ref(net)
+    del net
+    gc.collect()
+    assert alive() is None  # a network dropped by its user (a grid's bf16 copy, say) frees its graph too
+
+
 def test_the_learned_variance_chain_captures_too():
     torch.manual_seed(1)
     net = build_unet("cpu-tiny", sample_size=8, in_channels=1, out_channels=2).eval()

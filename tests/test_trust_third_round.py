@@ -198,3 +198,18 @@ def test_ddpm_nlls_bad_image_line_names_no_flag_it_does_not_take(finished_run, t
     line = proc.stderr.strip().splitlines()[-1]  # after datasets' own "Generating train split" bar
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert line.startswith("error: image 3 (") and "3.png" in line and line.endswith("Fix or remove it."), line
+
+
+def test_a_bad_image_in_a_streamed_dataset_stops_naming_the_training_flag(tmp_path):
+    from PIL import Image
+
+    from ddpm_hf.data.datasets import BadImageError, load_image_dataset, stream_batches
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("L", (8, 8), 40 * i).save(folder / f"{i}.png")
+    (folder / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    streamed = load_image_dataset(str(folder), streaming=True)
+    with pytest.raises(BadImageError, match=r"3\.png.*Fix or remove it, or pass --on_bad_image skip to leave bad images"):
+        list(stream_batches(streamed, "image", 2, 1, 8, True, "stop", 0, 1, 0, 0))

@@ -351,6 +351,13 @@ def _undecoded(ds, column):
     return ds
 
 
+def stop_on_bad_image(error: Exception, skip_flag: Optional[str] = "--on_bad_image skip") -> BadImageError:
+    """The error that stops at a bad image: what is wrong with it and how to go on (`skip_flag`: the calling command's
+    flag that skips bad images; None where it has none)."""
+    skip = f", or pass {skip_flag} to leave bad images out" if skip_flag else ""
+    return BadImageError(f"{error}. Fix or remove it{skip}.")
+
+
 def build_image_bank(ds, column: str, channels: int, resolution: int, center_crop: bool = True,
                      on_bad_image: str = "stop", progress: bool = True,
                      skip_flag: Optional[str] = "--on_bad_image skip") -> ImageBank:
@@ -371,8 +378,7 @@ def build_image_bank(ds, column: str, channels: int, resolution: int, center_cro
             n += 1
         except BadImageError as e:
             if on_bad_image == "stop":
-                skip = f", or pass {skip_flag} to leave bad images out" if skip_flag else ""
-                raise BadImageError(f"{e}. Fix or remove it{skip}.") from e
+                raise stop_on_bad_image(e, skip_flag) from e
             skipped += 1
             logger.warning("Skipping %s", e)
     if n == 0:
@@ -429,8 +435,7 @@ def stream_batches(ds, column: str, batch_size: int, channels: int, resolution: 
             batch.append(to_uint8_array(decode_image(row[column], where), channels, resolution, center_crop))
         except BadImageError as e:
             if on_bad_image == "stop":
-                skip = f", or pass {skip_flag} to leave bad images out" if skip_flag else ""
-                raise BadImageError(f"{e}. Fix or remove it{skip}.") from e
+                raise stop_on_bad_image(e) from e
             logger.warning("Skipping %s", e)
             continue
         if len(batch) == batch_size:

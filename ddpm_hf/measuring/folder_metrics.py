@@ -203,15 +203,16 @@ def feature_network(kind: str, device="cpu", inception_weights: Optional[str] = 
 
 
 def backend_images(folder) -> list:
-    """The files clean-fid's folder reader measures under `folder`, by its own rule (each of its EXTENSIONS, globbed
-    recursively, the case as it writes them: .png, .webp, .bmp, .tif, .npy, ...), so that what we count and check is
-    what it reads."""
-    import glob
-
+    """The files clean-fid's folder reader measures under `folder`, by its own rule (a recursive glob for each of its
+    EXTENSIONS, the case as it writes them: .png, .webp, .bmp, .tif, .npy, ...; a glob skips hidden names), in one
+    walk, so that what we count and check is what it reads."""
     from cleanfid.utils import EXTENSIONS
 
-    return sorted({f for ext in EXTENSIONS for f in glob.glob(os.path.join(glob.escape(str(folder)), f"**/*.{ext}"),
-                                                              recursive=True)})
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [os.path.join(root, f) for f in files if not f.startswith(".") and os.path.splitext(f)[1][1:] in EXTENSIONS]
+    return sorted(found)
 
 
 def folder_features(folder, network: FeatureNetwork, mode: str = "clean", batch_size: int = 64, device="cpu",

@@ -14,7 +14,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from ddpm_hf.errors import UserError
+from ddpm_hf.errors import StateError, UserError
 
 
 def tmp_sibling(path: Path) -> Path:
@@ -121,8 +121,6 @@ def links_in(folder: Path) -> list:
 def refuse_links(folder: Path, what: str) -> None:
     """A run folder's writes and pushes never go through a link: a link there (a folder copied with its links, a
     shared scratch folder) would take them outside the folder, or publish any file under an allowed name."""
-    from ddpm_hf.errors import StateError
-
     folder = Path(folder)
     links = links_in(folder) if folder.is_dir() else []
     if links:

@@ -251,10 +251,13 @@ class TrainingConfig:
         return path
 
     @classmethod
+    def setting_names(cls) -> set:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
     def load(cls, path) -> "TrainingConfig":
         data = json.loads(Path(path).read_text())
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
+        unknown = set(data) - cls.setting_names()
         if unknown:
             raise UsageError(f"{path} has keys this version does not know: {sorted(unknown)}.")
         return cls(**data)
@@ -271,8 +274,7 @@ def saved_by_us(path) -> bool:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return False
-    known = {f.name for f in dataclasses.fields(TrainingConfig)}
-    return isinstance(data, dict) and set(data) <= known and set(ALWAYS_SAVED) <= set(data)
+    return isinstance(data, dict) and set(data) <= TrainingConfig.setting_names() and set(ALWAYS_SAVED) <= set(data)
 
 
 # Settings a resume may change without --allow_config_change: how long to train, how often to save, log and
