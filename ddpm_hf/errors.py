@@ -21,6 +21,16 @@ class StateError(UserError, RuntimeError):
     """What is on disk (a run folder, a checkpoint, a result folder) does not allow what was asked."""
 
 
+class StopRequested(BaseException):
+    """A signal asked a command to stop, where it stops at once: not an error (the command says so and exits with the
+    signal's code, 128 + its number). A BaseException, as KeyboardInterrupt is: raised from a signal handler into any
+    code, it must not be taken for that code's own failure by an `except Exception` (a bad image, a damaged file)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 def is_user_error(error: BaseException) -> bool:
     """Ours (`UserError`), or what the operating system says of a path, a permission, the disk or the network
     (`OSError`, whose message names the file): both are the user's to act on."""

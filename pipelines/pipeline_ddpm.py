@@ -214,7 +214,13 @@ class DDPMPipeline(DiffusionPipeline):
                 return pipe
             try:
                 pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-            except (ValueError, TypeError) as e:  # a config value newer than ddpm_hf: diffusers' own class runs it
+            except (ValueError, TypeError) as e:
+                problem = DDPMScheduler.chain_problem(pipe.scheduler.config)
+                if problem:  # no scheduler can run it: diffusers' own would fail later, on an unrelated line
+                    raise ValueError(f"Cannot load the pipeline {pretrained_model_name_or_path}: its scheduler config "
+                                     f"(scheduler/scheduler_config.json) describes no diffusion that can run ({problem}); "
+                                     "correct that value, or save the pipeline again.") from None
+                # a value only ddpm_hf's refuses (one it does not use, or newer than ddpm_hf): diffusers' runs it
                 logger.warning("Keeping diffusers' DDPMScheduler: ddpm_hf's does not take this config (%s).", e)
         return pipe
 

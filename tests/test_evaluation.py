@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +80,6 @@ def test_missing_inception_weights_fail_at_once_with_how_to_provide_them(tmp_pat
     samples = write_images(tmp_path / "s", 4, seed=4)
     env = {k: v for k, v in os.environ.items() if k != "DDPM_HF_INCEPTION_WEIGHTS"}
     env.update(DDPM_HF_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
-    start = time.time()
     proc = subprocess.run([sys.executable, "-m", "ddpm_hf.commands.metrics", str(samples), "--reference", "cifar10", "--resolution", "32"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1

@@ -213,3 +213,120 @@ def test_a_bad_image_in_a_streamed_dataset_stops_naming_the_training_flag(tmp_pa
     streamed = load_image_dataset(str(folder), streaming=True)
     with pytest.raises(BadImageError, match=r"3\.png.*Fix or remove it, or pass --on_bad_image skip to leave bad images"):
         list(stream_batches(streamed, "image", 2, 1, 8, True, "stop", 0, 1, 0, 0))
+
+
+# ---------------------------------------------------------------- 6. changed data under the same name
+
+
+def gray_images(folder: Path, shades) -> None:
+    """Image i: fixed noise (the same in every call) brightened by shades[i]."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    noise = np.random.default_rng(0).integers(0, 64, (len(shades), 8, 8))
+    for i, shade in enumerate(shades):
+        Image.fromarray(np.minimum(255, noise[i] + shade).astype(np.uint8), mode="L").save(folder / f"{i}.png")
+
+
+@pytest.mark.slow
+def test_ddpm_nll_rerun_after_an_image_was_replaced_measures_it_again_and_reports_the_new_data(finished_run, tmp_path):
+    import json
+
+    data = tmp_path / "held-out"
+    gray_images(data, (0, 60, 120, 180))
+    args = ("--dataset", data, "--num_images", 4, "--batch_size", 4)
+    first = command("ddpm_hf.commands.nll", finished_run, tmp_path / "nll", *args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = json.loads((tmp_path / "nll" / "nll.json").read_text())
+    kept = (tmp_path / "nll" / "images" / "000000.npz").read_bytes()
+    gray_images(data, (0, 60, 250, 180))  # image 2 rewritten under its name, the others as they were
+    rerun = command("ddpm_hf.commands.nll", finished_run, tmp_path / "nll", *args)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert (f"note: 4 of the images in {tmp_path / 'nll'}/images were measured on other pixels" not in rerun.stderr
+            and f"note: 1 of the images in {tmp_path / 'nll'}/images were measured on other pixels than --dataset "
+            f"{data} now holds at their index (the data changed); they are measured again." in rerun.stderr)
+    after = json.loads((tmp_path / "nll" / "nll.json").read_text())
+    fresh = command("ddpm_hf.commands.nll", finished_run, tmp_path / "fresh", *args)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    expected = json.loads((tmp_path / "fresh" / "nll.json").read_text())
+    totals = [run["bits_per_dim"]["total"]["mean"] for run in (after, expected, before)]
+    assert totals[0] == pytest.approx(totals[1], rel=1e-7) and abs(totals[0] - totals[2]) > 1e-3  # float32 batches differ
+    assert (tmp_path / "nll" / "images" / "000000.npz").read_bytes() == kept  # unchanged images are not measured again
+    assert after["protocol"]["data"] == expected["protocol"]["data"]
+    assert after["protocol"]["data"]["images_sha256"] != before["protocol"]["data"]["images_sha256"]
+    assert after["protocol"]["data"]["source"]["files"] == 4
+
+
+@pytest.mark.slow
+def test_ddpm_metrics_measures_a_reference_file_rewritten_under_its_name_afresh(tmp_path, monkeypatch):
+    import json
+
+    import datasets
+    from common import stand_in_network
+    from PIL import Image
+
+    from ddpm_hf.measuring import folder_metrics
+
+    monkeypatch.setattr(folder_metrics, "feature_network", lambda *args, **kwargs: stand_in_network())
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for i in range(6):
+        Image.effect_noise((8, 8), 60).convert("RGB").save(samples / f"{i}.png")
+
+    def reference(shade: int) -> None:
+        images = [Image.effect_noise((8, 8), 30).point(lambda v: min(255, v // 2 + shade)).convert("RGB") for _ in range(6)]
+        datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()})) \
+            .to_parquet(str(tmp_path / "data.parquet"))
+
+    def fid(cache: str) -> dict:
+        proc = command("ddpm_hf.commands.metrics", samples, "--reference", tmp_path / "data.parquet", "--resolution", 8,
+                       "--cache_dir", tmp_path / cache, "--no-kid", "--no-is")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads((samples / "metrics.json").read_text())
+
+    reference(0)
+    first = fid("cache")
+    reference(150)  # other images under the same file name
+    second, fresh = fid("cache"), fid("fresh-cache")
+    assert second["fid"] == pytest.approx(fresh["fid"], rel=1e-6) and abs(second["fid"] - first["fid"]) > 1e-3
+    assert second["protocol"]["reference"]["data"] == fresh["protocol"]["reference"]["data"]
+    assert second["protocol"]["reference"]["data"] != first["protocol"]["reference"]["data"]
+
+
+# ---------------------------------------------------------------- 7. two runs into one folder
+
+
+@pytest.mark.slow
+def test_two_ddpm_sample_runs_into_one_folder_cannot_both_report_success(finished_run, tmp_path):
+    import json
+    import re
+    import socket
+    import subprocess
+    import time
+
+    from common import PipeText
+
+    folder = tmp_path / "samples"
+    first = subprocess.Popen([sys.executable, "-m", "ddpm_hf.commands.sample", str(finished_run), str(folder),
+                              "--num_images", "6", "--batch_size", "1", "--num_inference_steps", "150"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    printed = PipeText(first.stderr)
+    deadline = time.monotonic() + 180
+    while printed.bar_count("Sampling") < 1 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, printed.rest()[-2000:]  # drawing, with images left to draw
+    second = command("ddpm_hf.commands.sample", finished_run, folder, "--num_images", 3, "--num_inference_steps", 2,
+                     "--seed", 7)
+    line = one_error_line(second)
+    assert re.fullmatch(rf"error: {re.escape(str(folder))} is in use: another run \(process {first.pid} on "
+                        rf"{re.escape(socket.gethostname())}, since [0-9: -]+\) is writing into it; wait for it to end, "
+                        r"or choose another output folder\.", line), line
+    assert first.wait(timeout=300) == 0, printed.rest()[-2000:]
+    recorded = json.loads((folder / "sampling.json").read_text())
+    assert (recorded["seed"], recorded["num_images"], recorded["complete"]) == (0, 6, True)
+    assert sorted(p.name for p in folder.glob("*.png")) == [f"{k:06d}-seed{k}.png" for k in range(6)]
+    # the lock ends with its run: the same second command now meets the folder's record (other settings), as any rerun
+    again = command("ddpm_hf.commands.sample", finished_run, folder, "--num_images", 3, "--num_inference_steps", 2,
+                    "--seed", 7)
+    assert "other settings" in one_error_line(again)

@@ -190,7 +190,7 @@ def test_nll_during_training_refuses_the_training_data_as_held_out_before_traini
     with pytest.raises(ValueError, match=r"--eval_nll_every needs held-out images.*give --eval_nll_dataset"):
         train(resolve_config({**TINY, "output_dir": str(tmp_path / "run"), "max_train_steps": 2, "eval_nll_every": 1,
                               "eval_nll_split": "train"}))
-    folder = held_out_digits(tmp_path / "images", 5)  # a local folder is one set: it cannot hold its own held-out images
+    folder = held_out_digits(tmp_path / "images", 8)  # a local folder is one set: it cannot hold its own held-out images
     with pytest.raises(ValueError, match=r"--eval_nll_every needs held-out images.*give --eval_nll_dataset"):
         train(resolve_config({**TINY, "dataset": str(folder), "output_dir": str(tmp_path / "run"), "max_train_steps": 2,
                               "max_train_samples": None, "eval_nll_every": 1}))

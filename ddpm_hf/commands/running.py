@@ -13,7 +13,7 @@ import sys
 from typing import Optional, Sequence
 
 from ddpm_hf.commands.parsing import DEBUG_ENV, emit_error
-from ddpm_hf.errors import first_line, is_out_of_memory, is_user_error
+from ddpm_hf.errors import StopRequested, first_line, is_out_of_memory, is_user_error
 
 # what a command that ran out of memory says, unless it names its own flags
 MEMORY_HINT = "lower --batch_size"
@@ -32,6 +32,9 @@ def command(main=None, *, memory_hint: str = MEMORY_HINT):
         debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
         try:
             return main([a for a in argv if a != "--debug"])
+        except StopRequested as e:
+            emit_error(str(e), prefix="stopped")
+            return e.exit_code
         except KeyboardInterrupt:
             emit_error("interrupted")
             return 130

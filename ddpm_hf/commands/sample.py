@@ -33,7 +33,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--seed {args.seed}: seeds are integers from 0 (image k is drawn from seed + k)")
 
     from ddpm_hf.devices import distributed_state
-    from ddpm_hf.sampling.sample_folder import sample_command
+    from ddpm_hf.sampling.sample_folder import count_problem, sample_command
+
+    problem = count_problem(args.num_images, args.batch_size, args.num_inference_steps)
+    if problem:  # before the pipeline is loaded and anything is written
+        parser.error(problem)
     from ddpm_hf.sampling.samplers import network_dtype
 
     state = distributed_state()

@@ -8,6 +8,7 @@ sets are decoded on the fly instead (`stream_batches`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
@@ -101,8 +102,10 @@ def data_files_under(path: Path, suffixes) -> List[str]:
     return sorted(found)
 
 
-def _local_files(path: Path) -> Optional[tuple]:
-    """(builder, files) for a parquet/arrow file or a folder of them; None for anything else."""
+def local_data_files(path: Path) -> Optional[tuple]:
+    """(builder, files) that a local --dataset reads: a parquet/arrow file, a folder of them, else the images under a
+    folder ("imagefolder"); None for anything else (a folder without either)."""
+    path = Path(path)
     if path.is_file():
         builder = LOCAL_FILE_BUILDERS.get(path.suffix.lower())
         return (builder, [str(path)]) if builder else None
@@ -110,7 +113,8 @@ def _local_files(path: Path) -> Optional[tuple]:
         files = data_files_under(path, {suffix})
         if files:
             return builder, files
-    return None
+    images = data_files_under(path, IMAGE_SUFFIXES) if path.is_dir() else []
+    return ("imagefolder", images) if images else None
 
 
 # words that `datasets` reads as split names in file names (train_1.png, test-2.png, ...); we never split a folder
@@ -135,13 +139,35 @@ def _load_local(builder: str, files: List[str], streaming: bool, cache_dir: Opti
     try:
         return datasets.load_dataset(builder, data_files={"train": files}, split="train", streaming=streaming,
                                      cache_dir=cache_dir)
+    except OSError as e:
+        cache = str(cache_dir or datasets.config.HF_DATASETS_CACHE)
+        named = os.path.realpath(e.filename) if getattr(e, "filename", None) else None
+        in_cache = named is not None and (named + os.sep).startswith(os.path.realpath(cache) + os.sep)
+        if getattr(e, "errno", None) not in ACCESS_ERRORS and not in_cache:
+            raise _damaged(builder, files, e) from None
+        if named is not None and named in {os.path.realpath(f) for f in files}:
+            raise DatasetUnavailableError(f"Cannot read {e.filename} ({e.strerror}); make it readable for this user.") from None
+        # the data was readable: writing its cache failed (refused, full, or a file where a folder must be)
+        fix = ("free space there" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable for this user"
+               if e.errno in ACCESS_ERRORS else "make it a folder you can write")
+        other = "give --cache_dir" if cache_dir else "set HF_HOME (or HF_DATASETS_CACHE) to"
+        raise DatasetUnavailableError(f"Cannot write the datasets cache {cache} ({e.strerror}: {e.filename}); {fix}, or "
+                                      f"{other} a folder you can write.") from None
     except Exception as e:  # pyarrow and datasets raise many types for a damaged file
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:160]
-        named = next((f for f in files if f in str(e)), None) or (files[0] if len(files) == 1 else f"{len(files)} files")
-        raise DatasetUnavailableError(f"Cannot read the {builder} data {named} ({type(e).__name__}: {reason}); the file is "
-                                      "damaged or incomplete (a partial copy?): copy it again.") from None
+        raise _damaged(builder, files, e) from None
     finally:
         quiet.setLevel(level)
+
+
+# what an unreadable file or an unwritable (or full) cache raises: not a damaged file
+ACCESS_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+def _damaged(builder: str, files: List[str], e: BaseException) -> "DatasetUnavailableError":
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:160]
+    named = next((f for f in files if f in str(e)), None) or (files[0] if len(files) == 1 else f"{len(files)} files")
+    return DatasetUnavailableError(f"Cannot read the {builder} data {named} ({type(e).__name__}: {reason}); the file is "
+                                   "damaged or incomplete (a partial copy?): copy it again.")
 
 
 def hub_reachable(timeout: float = 2.0) -> bool:
@@ -190,17 +216,15 @@ def load_image_dataset(
     path = Path(dataset).expanduser()
     if path.exists():
         _one_split(dataset, split)
-        local = _local_files(path)
+        local = local_data_files(path)
         if local is not None:
-            return _load_local(*local, streaming, cache_dir)
-        if path.is_dir():
-            images = data_files_under(path, IMAGE_SUFFIXES)
-            if not images:
-                raise DatasetUnavailableError(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) and no parquet/arrow files.")
-            if any(SPLIT_WORDS.search(Path(f).relative_to(path).as_posix()) for f in images):
+            builder, files = local
+            if builder == "imagefolder" and any(SPLIT_WORDS.search(Path(f).relative_to(path).as_posix()) for f in files):
                 logger.info("%s: names like train_*/test_* are not split names here: every one of its %d images is used.",
-                            path, len(images))
-            return _load_local("imagefolder", images, streaming, cache_dir)
+                            path, len(files))
+            return _load_local(builder, files, streaming, cache_dir)
+        if path.is_dir():
+            raise DatasetUnavailableError(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) and no parquet/arrow files.")
         raise DatasetUnavailableError(f"{path} is neither a folder of images nor a .parquet/.arrow file.")
     if names_a_local_path(dataset) or path.suffix.lower() in set(LOCAL_FILE_BUILDERS) | IMAGE_SUFFIXES:
         raise DatasetUnavailableError(f"--dataset {dataset}: no such file or folder; give a folder of images, .parquet/.arrow "
@@ -466,6 +490,19 @@ def _fits_on(device: torch.device, nbytes: int) -> bool:
     return False
 
 
+def training_set(config: "TrainingConfig", per_step: Optional[int] = None):
+    """The training images as `config` names them (opened, not decoded), cut to --max_train_samples; with `per_step`
+    (images per optimizer step) a set smaller than one step is refused here, before any decoding or timing."""
+    ds = load_image_dataset(config.dataset, config.dataset_config, config.split, config.streaming, config.cache_dir)
+    if config.streaming:
+        return ds.take(config.max_train_samples) if config.max_train_samples else ds
+    if config.max_train_samples:
+        ds = ds.select(range(min(config.max_train_samples, len(ds))))
+    if per_step is not None and len(ds) < per_step:
+        raise UsageError(f"The dataset has {len(ds)} images, fewer than one batch of {per_step}; lower --batch_size.")
+    return ds
+
+
 class BatchSource:
     """uint8 micro-batches for (step, micro-batch j) on this rank, on `device`: from an in-memory ImageBank (exact
     resume; kept on the GPU when it is small, so that a batch is gathered there), or from a stream. A batch that comes
@@ -477,7 +514,8 @@ class BatchSource:
         self.config, self.micro, self.rank, self.world = config, micro, rank, world
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.pinned = self.device.type == "cuda"
-        ds = load_image_dataset(config.dataset, config.dataset_config, config.split, config.streaming, config.cache_dir)
+        per_step = micro * world * config.gradient_accumulation_steps
+        ds = training_set(config, per_step)
         features = ds.features
         if features is None:
             raise UsageError(f"The dataset {config.dataset!r} does not declare its columns; name the image column with --image_column.")
@@ -485,16 +523,11 @@ class BatchSource:
         self.skipped = 0
         if config.streaming:
             self.bank = None
-            self.ds = ds.take(config.max_train_samples) if config.max_train_samples else ds
+            self.ds = ds
             self.steps_per_epoch = None
             self._stream: Optional[Iterator] = None
             self._stream_epoch = -1
         else:
-            if config.max_train_samples:
-                ds = ds.select(range(min(config.max_train_samples, len(ds))))
-            per_step = micro * world * config.gradient_accumulation_steps
-            if len(ds) < per_step:  # before decoding anything
-                raise UsageError(f"The dataset has {len(ds)} images, fewer than one batch of {per_step}; lower --batch_size.")
             self.bank = build_image_bank(ds, self.column, config.channels, config.resolution, config.center_crop,
                                          config.on_bad_image, progress)
             if device is not None and _fits_on(torch.device(device), self.bank.images.numel()):

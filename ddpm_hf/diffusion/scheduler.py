@@ -283,6 +283,20 @@ class DDPMScheduler(_DiffusersDDPMScheduler):
         rescale_betas_zero_snr: rescale the betas so that ᾱ_T = 0 (zero terminal SNR).
     """
 
+    # the settings that define the diffusion itself (its betas, what the network predicts, its variance), as opposed
+    # to how one sampler step treats its output: a config whose chain these make invalid can run in no scheduler
+    CHAIN_SETTINGS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "variance_type",
+                      "prediction_type", "rescale_betas_zero_snr")
+
+    @classmethod
+    def chain_problem(cls, config) -> Optional[str]:
+        """Why the diffusion a scheduler config describes (its CHAIN_SETTINGS) cannot run, or None."""
+        try:
+            cls(**{k: v for k, v in dict(config).items() if k in cls.CHAIN_SETTINGS})
+        except (ValueError, TypeError) as e:
+            return " ".join(str(e).split()).rstrip(".")
+        return None
+
     @register_to_config
     def __init__(
         self,

@@ -124,6 +124,46 @@ def downsampling_factor(config: Dict[str, Any]) -> int:
     return 2 ** (len(config["block_out_channels"]) - 1)
 
 
+# Beyond these a config is a typo: diffusers builds it for minutes, then fails or fills the memory.
+MAX_LAYERS_PER_BLOCK = 64
+MAX_CHANNELS = 16384
+
+
+def unet_config_problem(config: Dict[str, Any]) -> Optional[str]:
+    """What makes a UNet2DModel config one that cannot be built or run (a count that is not positive, heads of no
+    channels, groups that do not divide the channels, block lists of other lengths, sizes beyond any GPU); None when
+    it is sound. Checked before anything is built, as diffusers would only fail (or run for minutes) on it."""
+    from diffusers import UNet2DModel
+
+    defaults = {k: p.default for k, p in inspect.signature(UNet2DModel.__init__).parameters.items() if k != "self"}
+    full = {**defaults, **config}
+
+    def counts(value) -> list:
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+
+    def whole(value, low: int, high: Optional[int] = None) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+
+    channels = full["block_out_channels"]
+    if not isinstance(channels, (list, tuple)) or not channels or not all(whole(c, 1, MAX_CHANNELS) for c in channels):
+        return f"block_out_channels={list(counts(channels))} must be positive numbers of channels (at most {MAX_CHANNELS})"
+    for key in ("in_channels", "out_channels"):
+        if not whole(full[key], 1, MAX_CHANNELS):
+            return f"{key}={full[key]} must be a positive number of channels"
+    if not all(whole(n, 1, MAX_LAYERS_PER_BLOCK) for n in counts(full["layers_per_block"])):
+        return f"layers_per_block={full['layers_per_block']} must be from 1 to {MAX_LAYERS_PER_BLOCK}"
+    heads = full.get("attention_head_dim")
+    if heads is not None and not all(whole(n, 1) for n in counts(heads)):
+        return f"attention_head_dim={heads} must be a whole number of channels per head, at least 1"
+    groups = full.get("norm_num_groups")
+    if groups is not None and (not whole(groups, 1) or any(c % groups for c in channels)):
+        return f"norm_num_groups={groups} must divide every block_out_channels ({list(channels)})"
+    for key in ("down_block_types", "up_block_types"):
+        if len(full[key]) != len(channels):
+            return f"{key} has {len(full[key])} blocks but block_out_channels {len(channels)}; give one per level"
+    return None
+
+
 def build_unet(preset: str, **kwargs: Any) -> "UNet2DModel":
     """A freshly initialised `UNet2DModel` from a preset (see `unet_config` for the arguments)."""
     from diffusers import UNet2DModel

@@ -4,7 +4,8 @@ Features go through clean-fid's folder pipeline (`get_folder_features`: its resi
 mode, then the feature network). The network is Inception-v3 (the 2015-12-05 TensorFlow weights as
 clean-fid's TorchScript file) loaded from a local file, or any `FeatureNetwork` (tests use a stand-in).
 Reference statistics of a dataset are cached in an explicit folder, named by dataset, split,
-resolution, mode and feature network.
+resolution, mode and feature network, and for local data by its files' fingerprint (`fingerprints`): a file rewritten
+under the same name is measured afresh.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import re
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ddpm_hf.choices import FEATURE_NETWORKS, FID_MODES
+from ddpm_hf.data.fingerprints import files_fingerprint, source_fingerprint
 from ddpm_hf.errors import MissingError, UsageError, first_line
 from ddpm_hf.measuring.metrics import (
     feature_statistics,
@@ -225,8 +228,32 @@ def folder_features(folder, network: FeatureNetwork, mode: str = "clean", batch_
     files = backend_images(folder)
     if len(files) < 2:
         raise UsageError(f"{folder} holds {len(files)} images; FID needs at least 2 (use thousands).")
-    return get_folder_features(str(folder), network, num_workers=num_workers, batch_size=batch_size,
-                               device=torch.device(device), mode=mode, verbose=False, custom_fn_resize=network.prepare)
+    try:
+        return get_folder_features(str(folder), network, num_workers=num_workers, batch_size=batch_size,
+                                   device=torch.device(device), mode=mode, verbose=False, custom_fn_resize=network.prepare)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # what Pillow raises on a bad file
+        unreadable = first_unreadable(files)
+        if unreadable is None:
+            raise
+        raise UsageError(f"{unreadable[0]} {unreadable[1]}; remove it from {folder} (or replace it) and measure again.") from e
+
+
+def first_unreadable(files: Sequence[str]):
+    """(file, why) for the first image file Pillow cannot open or decode (searched only once the backend failed:
+    it names no file itself), or None."""
+    for path in files:
+        if path.endswith(".npy"):
+            continue
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except Image.DecompressionBombError as e:
+            sizes = [int(n) for n in re.findall(r"\d+", str(e))[:2]]
+            told = f"of {sizes[0]:,} pixels, over Pillow's limit of {sizes[1]:,}" if len(sizes) == 2 else "too large"
+            return path, f"is an image {told} for a safe decode (a decompression bomb?)"
+        except (OSError, ValueError, SyntaxError) as e:
+            return path, f"cannot be read as an image ({first_line(e, limit=120)})"
+    return None
 
 
 def features_of_images(images01: torch.Tensor, network, mode: str = "clean", device="cpu") -> torch.Tensor:
@@ -252,7 +279,9 @@ def dataset_reference(dataset: str, split: str, resolution: int, channels: int, 
     """The reference images of a dataset split, exported once as PNGs into the cache (atomically)."""
     from ddpm_hf.data.datasets import build_image_bank, find_image_column, load_image_dataset
 
-    folder = Path(cache_dir) / "reference-images" / _safe(f"{dataset}-{split}-{resolution}px-{channels}ch-{max_images or 'all'}")
+    source = source_fingerprint(dataset)  # a local file rewritten under the same name is exported afresh
+    tag = f"-{source['fingerprint']}" if source else ""
+    folder = Path(cache_dir) / "reference-images" / _safe(f"{dataset}{tag}-{split}-{resolution}px-{channels}ch-{max_images or 'all'}")
     if folder.is_dir():
         return folder
     ds = load_image_dataset(dataset, split=split)
@@ -271,15 +300,21 @@ def dataset_reference(dataset: str, split: str, resolution: int, channels: int, 
 
 def reference_features(reference: str, network: FeatureNetwork, mode: str, cache_dir: Path, split: str = "train",
                        resolution: Optional[int] = None, channels: int = 3, **kw) -> tuple:
-    """(features, description) of the reference: a folder (computed each time), or a dataset (features
-    cached in cache_dir/stats, named by dataset, split, resolution, mode and network)."""
+    """(features, description) of the reference: a folder (computed each time), or a dataset (features cached in
+    cache_dir/stats, named by dataset, split, resolution, mode and network, and for local data by the fingerprint of
+    its files: rewritten data is measured afresh, never answered from the cache of what it held before)."""
     if Path(reference).is_dir() and not any(Path(reference).glob("*.parquet")):
-        return folder_features(reference, network, mode, **kw), {"kind": "folder", "path": str(Path(reference).resolve())}
+        return folder_features(reference, network, mode, **kw), {
+            "kind": "folder", "path": str(Path(reference).resolve()),
+            "data": files_fingerprint(backend_images(reference), reference)}
     if resolution is None:
         raise UsageError("A dataset reference needs --resolution (the size the samples were drawn at).")
-    key = _safe(f"{reference}-{split}-{resolution}px-{mode}-{network.name.split(' ')[0]}-{network.weights_sha256[:12]}")
+    source = source_fingerprint(reference)
+    tag = f"-{source['fingerprint']}" if source else ""
+    key = _safe(f"{reference}{tag}-{split}-{resolution}px-{mode}-{network.name.split(' ')[0]}-{network.weights_sha256[:12]}")
     stats = Path(cache_dir) / "stats" / f"{key}.npy"
-    description = {"kind": "dataset", "dataset": reference, "split": split, "resolution": resolution, "cache": str(stats)}
+    description = {"kind": "dataset", "dataset": reference, "split": split, "resolution": resolution, "cache": str(stats),
+                   "data": source}
     if stats.is_file():
         return np.load(stats), description
     folder = dataset_reference(reference, split, resolution, channels, cache_dir)
@@ -398,6 +433,7 @@ def evaluate_folder(samples, reference: str, network: FeatureNetwork, *, mode: s
         "num_samples": int(sample_all.shape[0]),
         "num_reference": num_reference,
         "samples": str(Path(samples).resolve()),
+        "samples_data": files_fingerprint(backend_images(samples), samples),
         "sampling": sampling,
         "reference": ref_description,
         "mode": mode if network.prepare is None else f"{network.kind} image processor (clean-fid's {mode} resizing unused)",

@@ -4,7 +4,9 @@ bits/dim (`likelihood`) on a dataset split or a folder of images, as a resumable
 Image k of the set is measured by process k mod N under `accelerate launch`, with its noise from a generator
 seeded by (seed, k), and its result written to OUTPUT_DIR/images/{k:06d}.npz under a temporary name and renamed:
 a killed run restarts where it stopped (a damaged file is measured again), and the numbers do not depend on
-the batch size or the number of processes. The protocol (weights hash, T, variance type, clipping, data, seed)
+the batch size or the number of processes. Each result carries the SHA-256 of the pixels it was measured on, so a
+rerun after the data changed under the same name measures the changed images again, and nll.json names the data by
+content (the images' hash and the source files' fingerprint), not only by path. The protocol (weights hash, T, variance type, clipping, data, seed)
 is recorded in OUTPUT_DIR/nll_protocol.json before the first image; a rerun with other settings is refused.
 At the end nll.json holds the mean and standard error of each term with that protocol, and nll_terms.png the
 mean bound term per timestep.
@@ -14,12 +16,13 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Callable, Dict, Optional, Set
+from typing import Callable, Dict, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
 
 from ddpm_hf.data.datasets import first_rows, image_fit_note, images_of
+from ddpm_hf.data.fingerprints import image_sha256, images_sha256, source_fingerprint
 from ddpm_hf.diffusion.likelihood import TERMS, bits_per_dim_of_share, summarize
 from ddpm_hf.errors import StateError
 from ddpm_hf.outputs.files import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
@@ -38,31 +41,43 @@ def image_file(folder: Path, k: int) -> Path:
     return Path(folder) / "images" / f"{k:06d}.npz"
 
 
-def read_image_result(path: Path) -> Optional[Dict[str, np.ndarray]]:
-    """The terms of one image, or None if the file is missing or damaged."""
+def read_image_result(path: Path, image_hash: Optional[str] = None) -> Optional[Dict[str, np.ndarray]]:
+    """The terms of one image, or None if the file is missing or damaged, or (given `image_hash`) was measured on
+    other pixels than the image now at its index."""
     try:
         with np.load(path) as data:
             result = {name: data[name] for name in (*TERMS, "terms")}
+            measured_on = str(data["image_sha256"]) if "image_sha256" in data.files else None
+        if image_hash is not None and measured_on != image_hash:
+            return None
         return result if all(np.all(np.isfinite(v)) for v in result.values()) else None
     except (OSError, ValueError, KeyError, EOFError):
         return None
 
 
-def write_image_result(path: Path, terms: Dict[str, torch.Tensor], i: int) -> None:
+def write_image_result(path: Path, terms: Dict[str, torch.Tensor], i: int, image_hash: str) -> None:
+    """Image k's terms, with the SHA-256 of the pixels they were measured on: a rerun after the data changed
+    measures that image again instead of keeping its old result."""
     buffer = io.BytesIO()
-    np.savez(buffer, **{name: terms[name][i].cpu().numpy() for name in (*TERMS, "terms")})
+    np.savez(buffer, image_sha256=np.array(image_hash),
+             **{name: terms[name][i].cpu().numpy() for name in (*TERMS, "terms")})
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def done_images(folder: Path, num_images: int) -> Set[int]:
-    done = set()
+def done_images(folder: Path, hashes: Sequence[str]) -> Tuple[Set[int], int]:
+    """(the images whose result is kept, how many results were of other pixels than the image now at their index:
+    measured again); a damaged result is removed and measured again."""
+    done, changed = set(), 0
     for path in (Path(folder) / "images").glob("*.npz"):
-        if path.stem.isdigit() and int(path.stem) < num_images:
+        if path.stem.isdigit() and int(path.stem) < len(hashes):
+            k = int(path.stem)
             if read_image_result(path) is None:
                 path.unlink()  # damaged: measured again
+            elif read_image_result(path, hashes[k]) is None:
+                changed += 1
             else:
-                done.add(int(path.stem))
-    return done
+                done.add(k)
+    return done, changed
 
 
 def measure(pipe, *, pipeline_name: str, folder, dataset: str, num_images: int, split: str = "test", batch_size: int = 64,
@@ -84,32 +99,42 @@ def measure(pipe, *, pipeline_name: str, folder, dataset: str, num_images: int, 
         "dtype": dtype,
     }
     cast_network(unet, dtype)
-    job = FolderJob(folder, PROTOCOL_FILE, protocol, state)
-    job.check("a bits/dim measurement", "measure again from scratch", overwrite)  # before any image is decoded
-    rows = first_rows(dataset, split, num_images, dataset_config)
-    note = image_fit_note(rows, unet.config.in_channels, unet.config.sample_size, image_column)
-    if note and job.is_main:
-        notify(note)
-    images = images_of(rows, unet.config.in_channels, unet.config.sample_size, image_column)
-    results = job.folder / "images"
-    if job.is_main:
-        results.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(results)
-        if output:
-            Path(output).parent.mkdir(parents=True, exist_ok=True)
-    job.start(results.glob("*.npz") if overwrite else (), overwrite)
-    todo = job.todo(num_images, done_images(job.folder, num_images))
-    bar = job.bar(len(todo), "Bits/dim", "img")
-    for ks, terms in bits_per_dim_of_share(unet, scheduler, images, todo, seed, batch_size, clip_denoised):
-        for i, k in enumerate(ks):
-            write_image_result(image_file(job.folder, k), terms, i)
-        bar.update(len(ks))
-    bar.close()
-    return write_summary(job.folder, num_images, protocol, output) if job.finish() else None
+    with FolderJob(folder, PROTOCOL_FILE, protocol, state) as job:
+        job.check("a bits/dim measurement", "measure again from scratch", overwrite)  # before any image is decoded
+        rows = first_rows(dataset, split, num_images, dataset_config)
+        note = image_fit_note(rows, unet.config.in_channels, unet.config.sample_size, image_column)
+        if note and job.is_main:
+            notify(note)
+        images = images_of(rows, unet.config.in_channels, unet.config.sample_size, image_column)
+        hashes = [image_sha256(image) for image in images.numpy()]
+        results = job.folder / "images"
+        if job.is_main:
+            results.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(results)
+            if output:
+                Path(output).parent.mkdir(parents=True, exist_ok=True)
+        job.start(results.glob("*.npz") if overwrite else (), overwrite)
+        done, changed = done_images(job.folder, hashes)
+        if changed and job.is_main:
+            notify(f"{changed} of the images in {folder}/images were measured on other pixels than --dataset {dataset} "
+                   "now holds at their index (the data changed); they are measured again")
+        todo = job.todo(num_images, done)
+        bar = job.bar(len(todo), "Bits/dim", "img")
+        for ks, terms in bits_per_dim_of_share(unet, scheduler, images, todo, seed, batch_size, clip_denoised):
+            for i, k in enumerate(ks):
+                write_image_result(image_file(job.folder, k), terms, i, hashes[k])
+            bar.update(len(ks))
+        bar.close()
+        if not job.finish():
+            return None
+        data = {"images_sha256": images_sha256(hashes), "source": source_fingerprint(dataset)}
+        return write_summary(job.folder, hashes, {**protocol, "data": data}, output)
 
 
-def write_summary(folder: Path, num_images: int, protocol: dict, output=None) -> dict:
-    results = [read_image_result(image_file(folder, k)) for k in range(num_images)]
+def write_summary(folder: Path, hashes: Sequence[str], protocol: dict, output=None) -> dict:
+    """nll.json from the per-image results of exactly the images `hashes` names (each measured on those pixels)."""
+    num_images = len(hashes)
+    results = [read_image_result(image_file(folder, k), hashes[k]) for k in range(num_images)]
     missing = [k for k, r in enumerate(results) if r is None]
     if missing:
         raise StateError(f"{len(missing)} images have no result in {folder}/images (first: {missing[0]}); run again.")

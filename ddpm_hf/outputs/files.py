@@ -7,6 +7,7 @@ place; a crash or kill leaves only a temporary, which `remove_stale_temporaries`
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -36,8 +37,16 @@ def _written(path: Path, write) -> None:
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise WriteError(f"Cannot write {path} ({e.strerror or e}); free space in {Path(path).parent} or choose another "
-                         "folder (what was written before is intact).") from None
+        raise WriteError(f"Cannot write {path} ({e.strerror or e}); {what_to_do(e, Path(path).parent)} (what was "
+                         "written before is intact).") from None
+
+
+def what_to_do(error: BaseException, folder: Path, other: str = "folder") -> str:
+    """The fix for a failed write, by its cause: permission for a refused one, else space (a full disk; safetensors
+    says so in its own error type)."""
+    if getattr(error, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"make {folder} writable for this user, or choose another {other}"
+    return f"free space in {folder} or choose another {other}"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -4,17 +4,24 @@ Sharding is per item: process `rank` of `world` handles the items k with k % wor
 comes from its own seed, so a result never depends on the batch size or the number of processes. A folder job
 writes one file per item (atomically), so a killed run restarts where it stopped; its protocol (the settings that
 make the results what they are) is recorded before the first item, and a rerun with other settings is refused
-before any work.
+before any work. One job at a time writes into a folder: its main process holds an OS lock on the folder's hidden
+JOB_LOCK file from its check to its summary (released when the process dies, however it dies), so two runs started
+together into one folder cannot both write, and both report success.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import time
 from pathlib import Path
-from typing import Any, Collection, Iterable, List, Sequence, Tuple
+from typing import Any, Collection, Iterable, List, Optional, Sequence, Tuple
 
-from ddpm_hf.errors import UsageError
+from ddpm_hf.errors import StateError, UsageError
 from ddpm_hf.outputs.files import atomic_write_json
+
+JOB_LOCK = ".ddpm_hf-job"  # hidden: never read as an image, never published; records the process holding it
 
 
 def handles(k: int, rank: int = 0, world_size: int = 1) -> bool:
@@ -57,9 +64,10 @@ class FolderJob:
     """A resumable job over items 0..N-1 writing into `folder`, shared over the processes of `state` (an accelerate
     PartialState, or None for one process), with its protocol recorded in folder/`protocol_file`.
 
-    Its stages, in order: `check` (before any heavy work), `start` (the main process prepares the folder and records
-    the protocol; all wait), `todo` (this process's items not yet done), `bar` (progress), `finish` (all wait; True on
-    the main process, which then writes the summary)."""
+    Used as a context manager (`with FolderJob(...) as job:`), which releases the folder's lock at the end. Its
+    stages, in order: `check` (lock the folder, then refuse other settings, before any heavy work), `start` (the main
+    process prepares the folder and records the protocol; all wait), `todo` (this process's items not yet done),
+    `bar` (progress), `finish` (all wait; True on the main process, which then writes the summary)."""
 
     def __init__(self, folder, protocol_file: str, protocol: dict, state=None,
                  free: Sequence[str] = ("pipeline", "num_images")):
@@ -67,15 +75,81 @@ class FolderJob:
         self.rank, self.world = (state.process_index, state.num_processes) if state else (0, 1)
         self.is_main = state.is_main_process if state else True
         self.shows_progress = state.is_local_main_process if state else True
+        self._lock_fd: Optional[int] = None
+        self._made: List[Path] = []  # what taking the lock created (the folder, the lock file)
+        self._found, self._started = b"", False  # the lock file's bytes before; a refused job puts them back
+
+    def __enter__(self) -> "FolderJob":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
     def check(self, what: str, redo: str, overwrite: bool) -> None:
-        """Refuse a folder whose results were made with other settings (see `check_provenance`)."""
+        """Lock the folder (refused in one line while another run writes there), then refuse a folder whose results
+        were made with other settings (see `check_provenance`)."""
+        refused = self._lock() if self.is_main else None
+        if self.world > 1:  # every process stops on the main one's refusal, not only the main one
+            from accelerate.utils import broadcast_object_list
+
+            refused = broadcast_object_list([refused], from_process=0)[0]
+        if refused:
+            raise StateError(refused)
         check_provenance(self.folder, self.protocol_file, self.protocol, what, redo, overwrite, self.free)
+
+    def _lock(self) -> Optional[str]:
+        """Take the folder's lock; the line refusing this run when another process holds it."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, the provenance checks still hold
+            return None
+        try:
+            self._made = [p for p in (self.folder, self.folder / JOB_LOCK) if not p.exists()]
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.folder / JOB_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OSError(f"Cannot write to {self.folder} ({e.strerror or e}); choose a folder you can write to.") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = json.loads(os.pread(fd, 1 << 12, 0) or b"{}")
+            except ValueError:
+                holder = {}
+            os.close(fd)
+            return (f"{self.folder} is in use: another run (process {holder.get('pid', '?')} on {holder.get('host', '?')}, "
+                    f"since {holder.get('since', '?')}) is writing into it; wait for it to end, or choose another "
+                    "output folder.")
+        self._found = os.pread(fd, 1 << 12, 0)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        self._lock_fd = fd
+        return None
+
+    def release(self) -> None:
+        """Unlock; a job refused before it started leaves the folder as it found it (no lock file or folder of its
+        own making, an earlier lock file's bytes as they were)."""
+        if self._lock_fd is None:
+            return
+        import fcntl
+
+        if not self._started and (self.folder / JOB_LOCK) in self._made:
+            (self.folder / JOB_LOCK).unlink(missing_ok=True)
+        elif not self._started:
+            os.ftruncate(self._lock_fd, 0)
+            os.pwrite(self._lock_fd, self._found, 0)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        os.close(self._lock_fd)
+        self._lock_fd = None
+        if not self._started and self.folder in self._made and not any(self.folder.iterdir()):
+            self.folder.rmdir()
 
     def start(self, results: Iterable[Path] = (), overwrite: bool = False, **recorded: Any) -> None:
         """On the main process: make the folder, remove the earlier `results` when overwriting, record the protocol
         (with `recorded` beside it); then every process waits for that."""
         if self.is_main:
+            self._started = True  # the folder is the job's from here
             self.folder.mkdir(parents=True, exist_ok=True)
             if overwrite:
                 for path in results:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
@@ -94,6 +95,26 @@ def pipeline_problem(folder: Path) -> Optional[str]:
                 json.loads((folder / name).read_text())
             except (ValueError, UnicodeDecodeError) as e:
                 return f"{folder / name} is not valid JSON ({first_line(e, limit=80)}); restore the file from a copy"
+    code = own_code(json.loads((folder / MODEL_INDEX).read_text())) if (folder / MODEL_INDEX).is_file() else None
+    if code:
+        return (f"{folder / MODEL_INDEX} names code of its own ({code}), and ddpm_hf never runs a folder's code; load "
+                "a pipeline that diffusers' or ddpm_hf's own classes make up")
+    for name in (UNET_CONFIG, "config.json"):  # a pipeline's unet/, or a google/ddpm-* root layout
+        config = json.loads((folder / name).read_text()) if (folder / name).is_file() else None
+        if isinstance(config, dict) and config.get("_class_name") == "UNet2DModel":
+            from ddpm_hf.diffusion.unets import unet_config_problem
+
+            problem = unet_config_problem({k: v for k, v in config.items() if not k.startswith("_")})
+            if problem:
+                return f"{folder / name} describes a UNet that cannot be built ({problem}); restore the file from a copy"
+            break
+    if (folder / SCHEDULER_CONFIG).is_file():
+        from ddpm_hf.diffusion.scheduler import DDPMScheduler
+
+        problem = DDPMScheduler.chain_problem(json.loads((folder / SCHEDULER_CONFIG).read_text()))
+        if problem:
+            return (f"{folder / SCHEDULER_CONFIG} describes no diffusion that can run ({problem}); correct that value, "
+                    "or restore the file from a copy")
     if not (folder / PIPELINE_HASHES).is_file():
         return None
     for name, digest in json.loads((folder / PIPELINE_HASHES).read_text()).items():
@@ -104,6 +125,21 @@ def pipeline_problem(folder: Path) -> Optional[str]:
             return (f"{path} does not match the SHA-256 recorded in {PIPELINE_HASHES} when the pipeline was saved, so it "
                     "is damaged or was changed; restore the folder from a copy, or save the pipeline again from a "
                     "checkpoint of its run")
+    return None
+
+
+# the libraries whose classes a model_index.json may name: anything else is a module of the folder's own code
+KNOWN_LIBRARIES = ("diffusers", "ddpm_hf", "transformers", None)
+
+
+def own_code(model_index: Dict[str, Any]) -> Optional[str]:
+    """The component of a model_index.json that names a module of the pipeline's own code (what diffusers would import
+    from the folder), as `name: module.Class`; None where every class is a library's."""
+    if isinstance(model_index.get("_class_name"), (list, tuple)):
+        return "pipeline: " + ".".join(map(str, model_index["_class_name"]))
+    for name, value in model_index.items():
+        if not name.startswith("_") and isinstance(value, (list, tuple)) and len(value) == 2 and value[0] not in KNOWN_LIBRARIES:
+            return f"{name}: {value[0]}.{value[1]}"
     return None
 
 
@@ -127,9 +163,25 @@ def load_pipeline(source: str):
     except Exception as e:  # diffusers and safetensors raise many types for a damaged file
         if not folder.is_dir():
             raise
+        if caused_by(e, pickle.UnpicklingError):  # torch's message suggests turning the safe load off: never repeat it
+            raise UsageError(f"Cannot load the pipeline {source}: a weights file of it holds objects that a safe load "
+                             "refuses (not only tensors), so it is not a saved network; load a pipeline saved with "
+                             "safetensors (save_pretrained's default).") from None
         reason = first_line(e, limit=200)
         raise OSError(f"Cannot load the pipeline {source} ({type(e).__name__}: {reason}); a file of it is damaged or "
                       "incomplete (a partial copy?): copy or save it again.") from None
+
+
+def caused_by(error: BaseException, kind: type) -> bool:
+    """Whether `error`, or an error it was raised from or while handling, is a `kind` (diffusers wraps what
+    torch.load refuses in an OSError of its own)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kind):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def read_pipeline_json(source: str, names: Sequence[str]) -> Dict[str, Any]:

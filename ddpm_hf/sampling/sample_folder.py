@@ -23,6 +23,8 @@ from ddpm_hf.pipelines.counter_noise import NOISE
 from ddpm_hf.sampling.samplers import cast_network, draw_share, use_scheduler
 
 SAMPLING_FILE = "sampling.json"
+# A folder of PNGs holds a few million well; FID uses 50,000. A count beyond this is a typo, told before any work.
+MAX_IMAGES = 10_000_000
 
 _NAME = re.compile(r"^(\d{6,})-seed(\d+)\.png$")
 
@@ -65,6 +67,17 @@ def decodes(path: Path) -> bool:
         return False
 
 
+def count_problem(num_images: int, batch_size: int, num_inference_steps: int) -> Optional[str]:
+    """What is wrong with the counts of a sampling run, or None: checked before the pipeline is loaded."""
+    if num_images < 1 or batch_size < 1 or num_inference_steps < 1:
+        return (f"--num_images {num_images}, --batch_size {batch_size} and --num_inference_steps {num_inference_steps} "
+                "must each be at least 1")
+    if num_images > MAX_IMAGES:
+        return (f"--num_images {num_images} is more than one folder of PNGs holds well (at most {MAX_IMAGES:,}; FID "
+                "uses 50,000): draw into several folders with --seed apart by the count")
+    return None
+
+
 def sample_to_folder(
     pipe,
     folder,
@@ -81,8 +94,9 @@ def sample_to_folder(
     """Draw this process's missing images of 0..num_images-1 into `folder`. Returns counts and images/s."""
     from tqdm.auto import tqdm
 
-    if num_images < 1 or batch_size < 1:
-        raise UsageError(f"num_images={num_images} and batch_size={batch_size} must be at least 1.")
+    problem = count_problem(num_images, batch_size, num_inference_steps)
+    if problem:
+        raise UsageError(problem + ".")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(".*.png.tmp-*"):  # half-written files of a killed run (this rank's share)
@@ -113,6 +127,9 @@ def sample_command(pipe, *, pipeline_name: str, folder, num_images: int, batch_s
                    dtype: str = "fp32") -> dict:
     """`ddpm-sample`: refuse a folder drawn with other settings (before drawing anything), record the protocol
     in sampling.json, draw this process's missing images, then record how many the folder holds."""
+    problem = count_problem(num_images, batch_size, num_inference_steps)
+    if problem:  # before sampling.json is written: the corrected command finds the folder as it was
+        raise UsageError(problem + ".")
     use_scheduler(pipe, sampler)
     protocol = {
         "pipeline": pipeline_name, "weights_sha256": state_dict_sha256(pipe.unet), "scheduler": sampler,
@@ -120,12 +137,12 @@ def sample_command(pipe, *, pipeline_name: str, folder, num_images: int, batch_s
         "seed": seed, "noise": NOISE, "dtype": dtype, "weights": "EMA" if (Path(pipeline_name) / TRAINING_CONFIG).is_file() else "as published",
     }
     cast_network(pipe.unet, dtype)
-    job = FolderJob(folder, SAMPLING_FILE, protocol, state, free=("pipeline", "num_images", "complete"))
-    job.check("images drawn", "draw again from scratch", overwrite)
-    job.start(drawn_images(job.folder) if overwrite else (), overwrite, num_images=None, complete=False)
-    result = sample_to_folder(pipe, job.folder, num_images, batch_size=batch_size, num_inference_steps=num_inference_steps,
-                              seed=seed, eta=eta, rank=job.rank, world_size=job.world, progress=job.shows_progress)
-    if job.finish():  # the protocol describes exactly the images beside it
-        held = len(complete_images(job.folder, seed))
-        job.record(num_images=held, complete=held >= num_images)
-    return result
+    with FolderJob(folder, SAMPLING_FILE, protocol, state, free=("pipeline", "num_images", "complete")) as job:
+        job.check("images drawn", "draw again from scratch", overwrite)
+        job.start(drawn_images(job.folder) if overwrite else (), overwrite, num_images=None, complete=False)
+        result = sample_to_folder(pipe, job.folder, num_images, batch_size=batch_size, num_inference_steps=num_inference_steps,
+                                  seed=seed, eta=eta, rank=job.rank, world_size=job.world, progress=job.shows_progress)
+        if job.finish():  # the protocol describes exactly the images beside it
+            held = len(complete_images(job.folder, seed))
+            job.record(num_images=held, complete=held >= num_images)
+        return result

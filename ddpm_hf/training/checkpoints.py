@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ddpm_hf.errors import MissingError, StateError, UsageError, first_line
-from ddpm_hf.outputs.files import remove_atomically, replace_dir, sha256_of, tmp_sibling
+from ddpm_hf.outputs.files import remove_atomically, replace_dir, sha256_of, tmp_sibling, what_to_do
 from ddpm_hf.outputs.run_folder import (
     CHECKPOINT_EMA,
     CHECKPOINT_OPTIMIZER,
@@ -95,8 +95,9 @@ def save_checkpoint(output_dir: Path, step: int, unet, ema_model, optimizer, tra
     except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error type
         shutil.rmtree(tmp, ignore_errors=True)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else _io_reason(e)
-        raise CheckpointError(f"Cannot write the checkpoint {final} ({reason}); free space in {final.parent} "
-                              "or choose another --output_dir, then resume (the earlier checkpoints are intact).") from None
+        raise CheckpointError(f"Cannot write the checkpoint {final} ({reason}); "
+                              f"{what_to_do(e, final.parent, '--output_dir')}, then resume (the earlier checkpoints are "
+                              "intact).") from None
     return final
 
 

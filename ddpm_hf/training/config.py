@@ -194,7 +194,7 @@ class TrainingConfig:
             raise UsageError(f"--vlb_weight={self.vlb_weight} must be positive (improved DDPM: 0.001).")
         if self.overwrite_output_dir and self.resume_from_checkpoint is not None:
             raise UsageError("--overwrite_output_dir starts over; it cannot go with --resume_from_checkpoint.")
-        if (self.hub_model_id or self.hub_private_repo or self.hub_push_every) and not self.push_to_hub:
+        if any(getattr(self, k) for k in HUB_SETTINGS) and not self.push_to_hub:
             raise UsageError("--hub_model_id, --hub_private_repo and --hub_push_every need --push_to_hub.")
         for name in ("batch_size", "gradient_accumulation_steps", "resolution", "checkpointing_steps", "sample_inference_steps",
                      "save_images_steps", "logging_steps", "num_sample_images", "eval_samples", "eval_steps", "hub_push_every",
@@ -279,6 +279,9 @@ def saved_by_us(path) -> bool:
 
 # Settings a resume may change without --allow_config_change: how long to train, how often to save, log and
 # measure, and where results go; not what is trained or how.
+# the settings only --push_to_hub uses (a resume with --no-push_to_hub drops the ones it inherited)
+HUB_SETTINGS = ("hub_model_id", "hub_private_repo", "hub_push_every")
+
 RESUMABLE_SETTINGS = (
     "max_train_steps", "num_epochs", "output_dir", "checkpointing_steps", "checkpoints_total_limit",
     "resume_from_checkpoint", "allow_config_change", "overwrite_output_dir", "save_images_steps", "num_sample_images",
@@ -301,12 +304,18 @@ def config_changes(old: TrainingConfig, new: TrainingConfig) -> Dict[str, list]:
 NETWORK_SETTINGS = ("unet_preset", "unet_config", "unet_subfolder", "dropout", "resolution", "channels")
 
 
+def checkpoint_settings(checkpoint: Path, output_dir: Path) -> Optional[TrainingConfig]:
+    """The settings the run of `checkpoint` trained with: its own training_config.json, else the output folder's."""
+    saved = next((p for p in (checkpoint / TRAINING_CONFIG, output_dir / TRAINING_CONFIG) if p.is_file()), None)
+    return TrainingConfig.load(saved) if saved else None
+
+
 def resume_changes(config: TrainingConfig, checkpoint: Path) -> Dict[str, list]:
     """The settings in which `config` differs from the run the checkpoint belongs to (its own config, else the output
     folder's); refused, before any data or model work, unless --allow_config_change, and always where the change
     cannot apply to the checkpoint's network (NETWORK_SETTINGS, or a learned variance turned on or off)."""
-    saved = next((p for p in (checkpoint / TRAINING_CONFIG, Path(config.output_dir) / TRAINING_CONFIG) if p.is_file()), None)
-    changes = config_changes(TrainingConfig.load(saved), config) if saved else {}
+    saved = checkpoint_settings(checkpoint, Path(config.output_dir))
+    changes = config_changes(saved, config) if saved is not None else {}
     fixed = {k: v for k, v in changes.items() if k in NETWORK_SETTINGS or
              (k == "variance_type" and (v[0] in LEARNED_VARIANCE_TYPES) != (v[1] in LEARNED_VARIANCE_TYPES))}
     if fixed:

@@ -22,7 +22,7 @@ from ddpm_hf.outputs.run_folder import (
     SCHEDULER_CONFIG,
     UNET_CONFIG,
 )
-from ddpm_hf.training.config import RECIPES, TrainingConfig, describe_recipe
+from ddpm_hf.training.config import HUB_SETTINGS, RECIPES, TrainingConfig, describe_recipe
 
 # diffusers' train_unconditional.py flag names, taken as aliases: alias -> our setting (same meaning)
 DIFFUSERS_ALIASES = {
@@ -174,6 +174,9 @@ def resolve_config(overrides: Dict[str, Any], preset: Optional[str] = None) -> T
         values["num_epochs"] = None
     if "unet_preset" in given:
         values["unet_config"] = None
+    if "push_to_hub" in given and not values["push_to_hub"]:  # no push: the Hub settings a resume inherited go too
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainingConfig)}
+        values.update({k: defaults[k] for k in HUB_SETTINGS if k not in given})
     translate_alias_values(values, given, per_device, use_ema)
     config = TrainingConfig(**values)
     config.validate()

@@ -63,8 +63,8 @@ from ddpm_hf.training.checkpoints import (
     rotate_checkpoints,
     save_checkpoint,
 )
-from ddpm_hf.training.config import TrainingConfig, resume_changes
-from ddpm_hf.training.parts import apply_optimizer_changes, build_model, unet_config_json
+from ddpm_hf.training.config import TrainingConfig, checkpoint_settings, resume_changes
+from ddpm_hf.training.parts import apply_optimizer_changes, build_model, run_unet_config, unet_config_json
 from ddpm_hf.training.precision import BF16_MIN_GAIN, rates_text, resolve_mixed_precision
 from ddpm_hf.training.run_guard import RunFolderLock, RunStopped, StopSignals, check_fresh_start
 from ddpm_hf.training.state import Clock, Run, TrainState
@@ -92,13 +92,14 @@ def train(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
     training_config.json, checkpoints, model card). `feature_network` replaces Inception-v3 for
     --eval_every. With --push_to_hub, `hub_token` (else HF_TOKEN or the login) is checked before anything
     else, and the folder's allow-listed files are pushed at the end (and every --hub_push_every steps)."""
-    with deterministic_kernels(config.deterministic):
+    with deterministic_kernels(config.deterministic), \
+            StopSignals(before_training="setting up (the data, the precision, the model)") as signals:
         run = setup(config, feature_network, hub_token)
+        signals.before_training = None  # from here a signal stops at a step boundary, with a checkpoint
         try:
-            with StopSignals() as signals:
-                state = resume(run)
-                run_loop(run, state, signals)
-                finish(run, state)
+            state = resume(run)
+            run_loop(run, state, signals)
+            finish(run, state)
         finally:
             release(run)
     return run.output_dir
@@ -113,17 +114,67 @@ def release(run: Run) -> None:
 
 
 def setup(config: TrainingConfig, feature_network=None, hub_token: Optional[str] = None) -> Run:
-    """The accelerator; the Hub credentials and the Inception weights (checked before the data and the
-    model, so that they fail in seconds); the data; then the model and everything that trains it."""
-    from accelerate import Accelerator
-    from accelerate.utils import AutocastKwargs
+    """The settings' checks, the folder's lock, the checkpoint to resume and the data's size (before anything slow);
+    then the precision, the accelerator, the Hub credentials and the Inception weights (before the data is decoded and
+    the model built, so that they fail in seconds); the data; then the model and everything that trains it."""
+    from ddpm_hf.data.datasets import training_set
+    from ddpm_hf.devices import distributed_state
 
     started = time.perf_counter()
     config.validate()
-    config, precision_choice = resolve_mixed_precision(config)
+    state = distributed_state()
+    world, accum = state.num_processes, config.gradient_accumulation_steps
+    if config.batch_size % (world * accum):
+        raise UsageError(
+            f"--batch_size={config.batch_size} does not split evenly over {world} processes x {accum} accumulation steps; "
+            f"use a multiple of {world * accum}."
+        )
     if config.mixed_precision == "fp16" and not accelerator_available():
         raise UsageError("--mixed_precision fp16 needs a GPU; on a CPU use --mixed_precision bf16 (on a CPU with AVX512-BF16 "
                          "or AMX) or no.")
+    # the folder, the checkpoint and the data's size first: --mixed_precision auto times the run's own step (a while)
+    lock = RunFolderLock(Path(config.output_dir)).acquire(warn=logger.warning) if state.is_main_process else None
+    try:
+        config, checkpoint, changes = start_point(config, lock)
+        training_set(config, None if config.streaming else config.batch_size)
+        return accelerated_setup(config, lock, checkpoint, changes, feature_network, hub_token, started)
+    except BaseException:
+        if lock is not None:
+            lock.release(abandon=True)
+        raise
+
+
+def start_point(config: TrainingConfig, lock) -> tuple:
+    """(config, checkpoint, changes): the checkpoint to resume (or a fresh start where one may start) and the settings
+    that differ from it. A resumed run keeps the precision its checkpoint trained in where --mixed_precision is auto
+    (an exact resume, and no timing to redo)."""
+    output_dir = Path(config.output_dir)
+    checkpoint = checkpoint_to_resume(output_dir, config.resume_from_checkpoint, config.overwrite_output_dir,
+                                      warn=logger.warning)
+    if checkpoint is not None and config.mixed_precision == "auto":
+        saved = checkpoint_settings(checkpoint, output_dir)
+        if saved is not None and saved.mixed_precision != "auto":
+            config = dataclasses.replace(config, mixed_precision=saved.mixed_precision)
+    changes = resume_changes(config, checkpoint) if checkpoint is not None else {}
+    if checkpoint is not None and config.max_train_steps is not None:
+        refuse_resume_past_end(checkpoint, config.resume_from_checkpoint, config.max_train_steps,
+                               f"--max_train_steps {config.max_train_steps}")
+    if checkpoint is None and lock is not None:
+        check_fresh_start(output_dir, lock.had_marker, config.overwrite_output_dir or config.resume_from_checkpoint == "latest")
+    if config.init_from and checkpoint is None:
+        verify_pipeline(config.init_from)  # its weights load only once the model is built
+    run_unet_config(config, checkpoint)  # a config that cannot be built: refused before the data and the timing
+    return config, checkpoint, changes
+
+
+def accelerated_setup(config: TrainingConfig, lock, checkpoint: Optional[Path], changes: dict, feature_network,
+                      hub_token: Optional[str], started: float) -> Run:
+    """`setup` once the folder is locked and the start point known: the precision, the accelerator, the Hub and the
+    feature network (before the data and the model, so that they fail in seconds), then `build_run`."""
+    from accelerate import Accelerator
+    from accelerate.utils import AutocastKwargs
+
+    config, precision_choice = resolve_mixed_precision(config)
     accelerator = Accelerator(
         cpu=not accelerator_available(),
         mixed_precision=config.mixed_precision,
@@ -142,12 +193,6 @@ def setup(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
                        "slower than fp32; pass --mixed_precision no.")
     if config.eval_every or config.eval_nll_every:
         network_dtype(config.eval_dtype, accelerator.device, flag="--eval_dtype")  # fp16 on a CPU: refused here
-    world, accum = accelerator.num_processes, config.gradient_accumulation_steps
-    if config.batch_size % (world * accum):
-        raise UsageError(
-            f"--batch_size={config.batch_size} does not split evenly over {world} processes x {accum} accumulation steps; "
-            f"use a multiple of {world * accum}."
-        )
     pusher = None
     if config.push_to_hub and accelerator.is_main_process:  # before anything is written
         from ddpm_hf.outputs.hub import HubPusher
@@ -160,31 +205,14 @@ def setup(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
 
         feature_network = load_feature_network(config.eval_feature_network, accelerator.device, config.inception_weights,
                                                config.eval_dinov2_model, config.eval_cache_dir)
-    lock = RunFolderLock(Path(config.output_dir)).acquire(warn=logger.warning) if accelerator.is_main_process else None
-    try:
-        return build_run(config, accelerator, lock, pusher, feature_network, precision_choice, started)
-    except BaseException:
-        if lock is not None:
-            lock.release(abandon=True)
-        raise
+    return build_run(config, accelerator, lock, checkpoint, changes, pusher, feature_network, precision_choice, started)
 
 
-def build_run(config: TrainingConfig, accelerator, lock, pusher, feature_network, precision_choice: Optional[dict],
-              started: float) -> Run:
-    """`setup` once the output folder is locked: the checkpoint to resume (or a fresh start where one may start), the
-    data, the evaluation reference, the model; the Run whole."""
+def build_run(config: TrainingConfig, accelerator, lock, checkpoint: Optional[Path], changes: dict, pusher,
+              feature_network, precision_choice: Optional[dict], started: float) -> Run:
+    """`setup` once the output folder is locked and the start point known: the data, the evaluation reference, the
+    model; the Run whole."""
     world = accelerator.num_processes
-    output_dir = Path(config.output_dir)
-    checkpoint = checkpoint_to_resume(output_dir, config.resume_from_checkpoint, config.overwrite_output_dir,
-                                      warn=logger.warning)
-    changes = resume_changes(config, checkpoint) if checkpoint is not None else {}
-    if checkpoint is not None and config.max_train_steps is not None:  # before the data
-        refuse_resume_past_end(checkpoint, config.resume_from_checkpoint, config.max_train_steps,
-                               f"--max_train_steps {config.max_train_steps}")
-    if checkpoint is None and lock is not None:
-        check_fresh_start(output_dir, lock.had_marker, config.overwrite_output_dir or config.resume_from_checkpoint == "latest")
-    if config.init_from and checkpoint is None:
-        verify_pipeline(config.init_from)  # before the data: its weights load only once the model is built
     nll_images = load_held_out_images(config) if config.eval_nll_every else None
     micro = config.micro_batch(world)
     source = BatchSource(config, micro, accelerator.process_index, world,

@@ -36,17 +36,30 @@ def make_scheduler(config: TrainingConfig) -> DDPMScheduler:
 def run_unet_config(config: TrainingConfig, checkpoint: Optional[Path] = None) -> Dict[str, Any]:
     """The UNet2DModel config of a run: a resumed run's own (saved in its checkpoint, so the source is not needed
     any more), else --unet_config's (checked against the run: C input channels, C output channels or 2C with a
-    learned variance, the resolution), else the preset's."""
-    from ddpm_hf.diffusion.unets import check_unet_config, resolve_unet_config, unet_config
+    learned variance, the resolution), else the preset's. One that cannot be built (`unet_config_problem`) is refused
+    here, in one line naming where it came from: before the data, and before --dry_run builds it."""
+    from ddpm_hf.diffusion.unets import check_unet_config, resolve_unet_config, unet_config, unet_config_problem
 
     if checkpoint is not None and (checkpoint / CHECKPOINT_UNET_CONFIG).is_file():
-        return json.loads((checkpoint / CHECKPOINT_UNET_CONFIG).read_text())
-    extra = {} if config.dropout is None else {"dropout": config.dropout}
-    out = 2 * config.channels if config.variance_type in LEARNED_VARIANCE_TYPES else config.channels
-    if config.unet_config:
-        read = resolve_unet_config(config.unet_config, config.unet_subfolder)
-        return {**check_unet_config(read, config.channels, out, config.resolution, config.unet_config), **extra}
-    return unet_config(config.unet_preset, sample_size=config.resolution, in_channels=config.channels, out_channels=out, **extra)
+        found, source = json.loads((checkpoint / CHECKPOINT_UNET_CONFIG).read_text()), checkpoint / CHECKPOINT_UNET_CONFIG
+    else:
+        extra = {} if config.dropout is None else {"dropout": config.dropout}
+        out = 2 * config.channels if config.variance_type in LEARNED_VARIANCE_TYPES else config.channels
+        if config.unet_config:
+            read = resolve_unet_config(config.unet_config, config.unet_subfolder)
+            problem = unet_config_problem(read)  # before the checks against the run, which read its block lists
+            if problem:
+                raise UsageError(f"--unet_config {config.unet_config}: {problem}; correct it in the config.")
+            found = {**check_unet_config(read, config.channels, out, config.resolution, config.unet_config), **extra}
+            source = f"--unet_config {config.unet_config}"
+        else:
+            found = unet_config(config.unet_preset, sample_size=config.resolution, in_channels=config.channels,
+                                out_channels=out, **extra)
+            source = f"--unet_preset {config.unet_preset}"
+    problem = unet_config_problem(found)
+    if problem:
+        raise UsageError(f"{source}: {problem}; correct it in the config.")
+    return found
 
 
 def unet_config_json(unet) -> str:

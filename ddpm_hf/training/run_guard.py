@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from ddpm_hf.errors import StateError, UsageError
+from ddpm_hf.errors import StateError, StopRequested, UsageError
 from ddpm_hf.outputs.files import refuse_links
 from ddpm_hf.outputs.run_folder import CHECKPOINT_PREFIX, MODEL_INDEX, RUN_MARKER, RUN_PRODUCTS, TRAINING_CONFIG
 
@@ -166,12 +166,17 @@ class StopSignals:
     """While inside: SIGTERM, SIGINT or SIGUSR1 asks the run to stop at the next step boundary (`received` holds the
     signal; the loop then checkpoints and raises RunStopped). A second signal stops at once, as it would have, unless
     it is the same signal within `same_notice` seconds: a launcher (torchrun) forwards to its workers the SIGTERM that
-    a scheduler also sent them, and that copy must not cut the checkpoint short."""
+    a scheduler also sent them, and that copy must not cut the checkpoint short.
 
-    def __init__(self, same_notice: float = 2.0):
+    While `before_training` is set (what the run is doing before its first step: decoding the data, timing the
+    precision), there is no step boundary to wait for and nothing to checkpoint: a signal stops the run at once with
+    StopRequested saying so (the setup's own cleanup then leaves the folder as it was found)."""
+
+    def __init__(self, same_notice: float = 2.0, before_training: Optional[str] = None):
         self.received: Optional[int] = None
         self.same_notice, self._at = same_notice, 0.0
         self._previous: Dict[int, object] = {}
+        self.before_training = before_training
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():  # Python takes handlers in the main thread only
@@ -182,6 +187,11 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if self.before_training is not None and self.received is None:
+            self.received, self._at = signum, time.monotonic()
+            raise StopRequested(f"{signal.Signals(signum).name} received while {self.before_training}, before the first "
+                             "training step: nothing was trained, and the output folder is as it was; run the same "
+                             "command again to start.", signum)
         if self.received is None:
             self.received, self._at = signum, time.monotonic()
             return
