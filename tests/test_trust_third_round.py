@@ -330,3 +330,221 @@ def test_two_ddpm_sample_runs_into_one_folder_cannot_both_report_success(finishe
     again = command("ddpm_hf.commands.sample", finished_run, folder, "--num_images", 3, "--num_inference_steps", 2,
                     "--seed", 7)
     assert "other settings" in one_error_line(again)
+
+
+def test_ddpm_sample_refuses_impossible_counts_before_loading_the_pipeline_or_writing(finished_run, tmp_path):
+    folder = tmp_path / "samples"
+    huge = command("ddpm_hf.commands.sample", tmp_path / "no-such-pipeline", folder, "--num_images", 10 ** 12)
+    assert huge.returncode == 2 and "Traceback" not in huge.stderr
+    assert huge.stderr.strip().splitlines()[-1].endswith(
+        "error: --num_images 1000000000000 is more than one folder of PNGs holds well (at most 10,000,000; FID uses "
+        "50,000): draw into several folders with --seed apart by the count (see ddpm-sample --help)")  # not the missing pipeline: not loaded
+    zero = command("ddpm_hf.commands.sample", finished_run, folder, "--num_images", 4, "--num_inference_steps", 0)
+    assert zero.returncode == 2 and "--num_inference_steps 0 must each be at least 1" in zero.stderr
+    assert not folder.exists()  # the corrected command meets no sampling.json of the refused one
+
+
+def test_a_batch_larger_than_the_data_is_refused_before_the_precision_is_timed(tmp_path, monkeypatch):
+    from ddpm_hf.training import precision
+
+    def timed(*args, **kwargs):
+        raise AssertionError("the precision was timed before the data's size was checked")
+
+    monkeypatch.setattr(precision, "choose_mixed_precision", timed)
+    folder = tmp_path / "run"
+    proc = train_cli(*cli_args({**TINY, "output_dir": folder, "batch_size": 4000, "mixed_precision": "auto"}))
+    assert one_error_line(proc) == "error: The dataset has 40 images, fewer than one batch of 4000; lower --batch_size."
+    assert proc.returncode == 1 and not folder.exists()
+
+
+@pytest.mark.parametrize("key, value, said", [
+    ("attention_head_dim", 0, "attention_head_dim=0 must be a whole number of channels per head, at least 1"),
+    ("layers_per_block", 100000, "layers_per_block=100000 must be from 1 to 64"),
+    ("block_out_channels", [32, -8], r"block_out_channels=\[32, -8\] must be positive numbers of channels"),
+])
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_an_absurd_unet_config_is_one_line_before_anything_is_built(finished_run, tmp_path, monkeypatch, key, value,
+                                                                   said, dry_run):
+    import json
+    import re
+
+    import diffusers
+
+    def built(*args, **kwargs):
+        raise AssertionError("a UNet was built from a config that cannot be")
+
+    monkeypatch.setattr(diffusers.UNet2DModel, "from_config", built)
+    config = json.loads((finished_run / "unet" / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, key: value}))
+    settings = {k: v for k, v in TINY.items() if k != "unet_preset"}
+    folder = tmp_path / "run"
+    proc = train_cli(*cli_args({**settings, "output_dir": folder, "unet_config": tmp_path / "config.json",
+                                "dry_run": dry_run or None}))
+    assert re.fullmatch(rf"error: --unet_config {re.escape(str(tmp_path / 'config.json'))}: {said}[^;]*; correct it in "
+                        r"the config\.", one_error_line(proc)), proc.stderr
+    assert proc.returncode == 1 and not folder.exists()
+
+
+@pytest.mark.slow
+def test_a_refused_write_is_told_to_make_the_folder_writable_not_to_free_space(finished_run, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    real = os.replace
+
+    def refused(src, dst, *args, **kwargs):
+        if str(dst).endswith("sampling.json"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(dst))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", refused)
+    folder = tmp_path / "samples"
+    proc = command("ddpm_hf.commands.sample", finished_run, folder, "--num_images", 2, "--num_inference_steps", 2)
+    line = one_error_line(proc)
+    assert line.startswith(f"error: Cannot write {folder / 'sampling.json'} (Permission denied); make {folder} writable "
+                           "for this user, or choose another folder"), line
+    assert "free space" not in line and not list(folder.glob("*.png"))
+
+
+@pytest.mark.slow
+def test_an_unwritable_datasets_cache_is_named_as_the_cache_not_as_damaged_data(tmp_path):
+    gray_images(tmp_path / "images", range(0, 160, 20))
+    blocked = tmp_path / "a-file"
+    blocked.write_text("a file where the cache folder would go")
+    folder = tmp_path / "run"
+    proc = train_cli(*cli_args({**TINY, "dataset": tmp_path / "images", "output_dir": folder, "batch_size": 8,
+                                "max_train_steps": 1, "cache_dir": blocked / "cache"}))
+    line = one_error_line(proc)
+    assert line.startswith(f"error: Cannot write the datasets cache {blocked / 'cache'} (") and line.endswith(
+        "; make it a folder you can write, or give --cache_dir a folder you can write."), line
+    assert "damaged" not in line and not folder.exists()
+    assert blocked.read_text() == "a file where the cache folder would go"
+
+
+@pytest.mark.slow
+def test_sigterm_while_setting_up_stops_at_once_with_one_line_and_leaves_no_folder(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    gray_images(tmp_path / "images", [i % 200 for i in range(3000)])  # seconds of decoding before the first step
+    folder = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_ddpm.py"),
+                             *cli_args({**TINY, "dataset": tmp_path / "images", "max_train_samples": None,
+                                        "output_dir": folder, "max_train_steps": 1})],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (folder / ".ddpm_hf-run").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        "stopped: SIGTERM received while setting up (the data, the precision, the model), before the first training "
+        "step: nothing was trained, and the output folder is as it was; run the same command again to start.")
+    assert "Traceback" not in err and not folder.exists()
+
+
+def plain_copy(finished_run: Path, folder: Path) -> Path:
+    """The pipeline of the finished run as plain diffusers saves one (no hashes recorded)."""
+    folder.mkdir()
+    for name in ("model_index.json", "unet", "scheduler"):
+        (shutil.copytree if (finished_run / name).is_dir() else shutil.copy)(finished_run / name, folder / name)
+    return folder
+
+
+def own_code(folder: Path) -> str:
+    import json
+
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "unet": ["my_unet", "MyUNet"]}))
+    (folder / "my_unet.py").write_text("raise SystemExit('the folder s code ran')\n")
+    return r"model_index.json names code of its own \(unet: my_unet.MyUNet\), and ddpm_hf never runs a folder's code"
+
+
+def pickled_weights(folder: Path) -> str:
+    import pathlib
+
+    import torch
+
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({"conv_in.weight": pathlib.PurePosixPath("not a tensor")}, folder / "unet" / "diffusion_pytorch_model.bin")
+    return (r"a weights file of it holds objects that a safe load refuses \(not only tensors\), so it is not a saved "
+            r"network; load a pipeline saved with safetensors \(save_pretrained's default\)\.")
+
+
+def config_value(name: str, key: str, value):
+    def change(folder: Path) -> str:
+        import json
+
+        path = folder / name
+        path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+        return {"unet/config.json": r"unet/config.json describes a UNet that cannot be built \(attention_head_dim=0",
+                "scheduler/scheduler_config.json": r"scheduler/scheduler_config.json describes no diffusion that can "
+                                                   r"run \(.*beta_end"}[name]
+    return change
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", [own_code, pickled_weights, config_value("unet/config.json", "attention_head_dim", 0),
+                                   config_value("scheduler/scheduler_config.json", "beta_end", 5.0)],
+                         ids=["own-code", "pickle", "unet-config", "scheduler-config"])
+def test_a_pipeline_with_its_own_code_a_pickle_or_an_absurd_config_is_named_for_what_it_is(finished_run, tmp_path, fault):
+    import re
+
+    pipeline = plain_copy(finished_run, tmp_path / "pipeline")
+    said = fault(pipeline)
+    folder = tmp_path / "samples"
+    proc = command("ddpm_hf.commands.sample", pipeline, folder, "--num_images", 2, "--num_inference_steps", 2)
+    line = one_error_line(proc)
+    assert re.match(rf"error: Cannot load the pipeline {re.escape(str(pipeline))}: (.*/)?{said}", line), line
+    assert "damaged or incomplete" not in line and not folder.exists()
+
+
+def test_from_pretrained_refuses_a_scheduler_config_that_describes_no_diffusion(finished_run, tmp_path):
+    import json
+
+    from ddpm_hf.pipelines.pipeline_ddpm import DDPMPipeline
+
+    pipeline = plain_copy(finished_run, tmp_path / "pipeline")
+    path = pipeline / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "variance_type": "nonsense"}))
+    with pytest.raises(ValueError, match=r"scheduler/scheduler_config.json.*variance_type"):
+        DDPMPipeline.from_pretrained(str(pipeline))
+
+
+@pytest.mark.slow
+def test_a_resume_with_no_push_to_hub_drops_the_runs_hub_settings(run_copy):
+    import json
+
+    path = run_copy / "training_config.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "push_to_hub": True, "hub_model_id": "someone/model", "hub_push_every": 2}))
+    proc = train_cli(*cli_args({**TINY, "output_dir": run_copy}), "--resume_from_checkpoint", "latest",
+                     "--max_train_steps", 5, "--no-push_to_hub")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = json.loads(path.read_text())
+    assert (after["push_to_hub"], after["hub_model_id"], after["hub_push_every"]) == (False, None, None)
+    assert json.loads((run_copy / "train_summary.json").read_text())["steps"] == 5
+
+
+@pytest.mark.slow
+def test_ddpm_metrics_names_a_decompression_bomb_among_the_samples(tmp_path, monkeypatch):
+    from common import stand_in_network
+    from PIL import Image
+
+    from ddpm_hf.measuring import folder_metrics
+
+    monkeypatch.setattr(folder_metrics, "feature_network", lambda *args, **kwargs: stand_in_network())
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for i in range(4):
+        Image.effect_noise((8, 8), 60).convert("RGB").save(samples / f"{i}.png")
+    Image.new("1", (20000, 20000)).save(samples / "bomb.png")  # 400 megapixels, a few kB on disk
+    before = sorted(p.name for p in samples.iterdir())
+    proc = command("ddpm_hf.commands.metrics", samples, "--reference", samples, "--resolution", 8, "--no-kid", "--no-is",
+                   "--cache_dir", tmp_path / "cache")
+    assert one_error_line(proc) == (
+        f"error: {samples / 'bomb.png'} is an image of 400,000,000 pixels, over Pillow's limit of 178,956,970 for a safe "
+        f"decode (a decompression bomb?); remove it from {samples} (or replace it) and measure again.")
+    assert sorted(p.name for p in samples.iterdir()) == before
