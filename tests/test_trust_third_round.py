@@ -517,13 +517,20 @@ def test_from_pretrained_refuses_a_scheduler_config_that_describes_no_diffusion(
 def test_a_resume_with_no_push_to_hub_drops_the_runs_hub_settings(run_copy):
     import json
 
-    path = run_copy / "training_config.json"
-    saved = json.loads(path.read_text())
-    path.write_text(json.dumps({**saved, "push_to_hub": True, "hub_model_id": "someone/model", "hub_push_every": 2}))
+    from ddpm_hf.outputs.files import sha256_of
+    from ddpm_hf.training.checkpoints import STATE_HASH, state_sha256
+
+    hub = {"push_to_hub": True, "hub_model_id": "someone/model", "hub_push_every": 2}
+    for path in (run_copy / "training_config.json", run_copy / "checkpoint-4" / "training_config.json"):
+        path.write_text(json.dumps({**json.loads(path.read_text()), **hub}))  # as a pushing run saved them
+    state_file = run_copy / "checkpoint-4" / "trainer_state.json"
+    state = {k: v for k, v in json.loads(state_file.read_text()).items() if k != STATE_HASH}
+    state["files"]["training_config.json"] = sha256_of(run_copy / "checkpoint-4" / "training_config.json")
+    state_file.write_text(json.dumps({**state, STATE_HASH: state_sha256(state)}))
     proc = train_cli(*cli_args({**TINY, "output_dir": run_copy}), "--resume_from_checkpoint", "latest",
                      "--max_train_steps", 5, "--no-push_to_hub")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    after = json.loads(path.read_text())
+    assert proc.returncode == 0, proc.stderr[-2000:]  # no --hub_model_id '' needed
+    after = json.loads((run_copy / "training_config.json").read_text())
     assert (after["push_to_hub"], after["hub_model_id"], after["hub_push_every"]) == (False, None, None)
     assert json.loads((run_copy / "train_summary.json").read_text())["steps"] == 5
 
