@@ -258,21 +258,29 @@ def test_ddpm_nll_rerun_after_an_image_was_replaced_measures_it_again_and_report
     assert after["protocol"]["data"]["source"]["files"] == 4
 
 
-@pytest.mark.slow
-def test_ddpm_metrics_measures_a_reference_file_rewritten_under_its_name_afresh(tmp_path, monkeypatch):
-    import json
-
-    import datasets
+def noise_samples_measured_by_a_stand_in(folder: Path, count: int, monkeypatch) -> Path:
+    """A folder of `count` noise PNGs, with ddpm-metrics' feature network replaced by the stand-in (no download)."""
     from common import stand_in_network
     from PIL import Image
 
     from ddpm_hf.measuring import folder_metrics
 
     monkeypatch.setattr(folder_metrics, "feature_network", lambda *args, **kwargs: stand_in_network())
-    samples = tmp_path / "samples"
-    samples.mkdir()
-    for i in range(6):
-        Image.effect_noise((8, 8), 60).convert("RGB").save(samples / f"{i}.png")
+    folder.mkdir()
+    for i in range(count):
+        Image.effect_noise((8, 8), 60).convert("RGB").save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.mark.slow
+def test_ddpm_metrics_measures_a_reference_file_rewritten_under_its_name_afresh(tmp_path, monkeypatch):
+    import json
+
+    import datasets
+    from PIL import Image
+
+
+    samples = noise_samples_measured_by_a_stand_in(tmp_path / "samples", 6, monkeypatch)
 
     def reference(shade: int) -> None:
         images = [Image.effect_noise((8, 8), 30).point(lambda v: min(255, v // 2 + shade)).convert("RGB") for _ in range(6)]
@@ -537,16 +545,10 @@ def test_a_resume_with_no_push_to_hub_drops_the_runs_hub_settings(run_copy):
 
 @pytest.mark.slow
 def test_ddpm_metrics_names_a_decompression_bomb_among_the_samples(tmp_path, monkeypatch):
-    from common import stand_in_network
     from PIL import Image
 
-    from ddpm_hf.measuring import folder_metrics
 
-    monkeypatch.setattr(folder_metrics, "feature_network", lambda *args, **kwargs: stand_in_network())
-    samples = tmp_path / "samples"
-    samples.mkdir()
-    for i in range(4):
-        Image.effect_noise((8, 8), 60).convert("RGB").save(samples / f"{i}.png")
+    samples = noise_samples_measured_by_a_stand_in(tmp_path / "samples", 4, monkeypatch)
     Image.new("1", (20000, 20000)).save(samples / "bomb.png")  # 400 megapixels, a few kB on disk
     before = sorted(p.name for p in samples.iterdir())
     proc = command("ddpm_hf.commands.metrics", samples, "--reference", samples, "--resolution", 8, "--no-kid", "--no-is",

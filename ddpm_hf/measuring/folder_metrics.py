@@ -274,14 +274,19 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
 
 
+def _data_tag(dataset: str) -> str:
+    """What a cache name adds for local data: its files' fingerprint, so that a file rewritten under the same name is
+    exported and measured afresh (nothing for a built-in or Hub dataset)."""
+    source = source_fingerprint(dataset)
+    return f"-{source['fingerprint']}" if source else ""
+
+
 def dataset_reference(dataset: str, split: str, resolution: int, channels: int, cache_dir: Path,
                       max_images: Optional[int] = None) -> Path:
     """The reference images of a dataset split, exported once as PNGs into the cache (atomically)."""
     from ddpm_hf.data.datasets import build_image_bank, find_image_column, load_image_dataset
 
-    source = source_fingerprint(dataset)  # a local file rewritten under the same name is exported afresh
-    tag = f"-{source['fingerprint']}" if source else ""
-    folder = Path(cache_dir) / "reference-images" / _safe(f"{dataset}{tag}-{split}-{resolution}px-{channels}ch-{max_images or 'all'}")
+    folder = Path(cache_dir) / "reference-images" / _safe(f"{dataset}{_data_tag(dataset)}-{split}-{resolution}px-{channels}ch-{max_images or 'all'}")
     if folder.is_dir():
         return folder
     ds = load_image_dataset(dataset, split=split)
@@ -310,8 +315,7 @@ def reference_features(reference: str, network: FeatureNetwork, mode: str, cache
     if resolution is None:
         raise UsageError("A dataset reference needs --resolution (the size the samples were drawn at).")
     source = source_fingerprint(reference)
-    tag = f"-{source['fingerprint']}" if source else ""
-    key = _safe(f"{reference}{tag}-{split}-{resolution}px-{mode}-{network.name.split(' ')[0]}-{network.weights_sha256[:12]}")
+    key = _safe(f"{reference}{_data_tag(reference)}-{split}-{resolution}px-{mode}-{network.name.split(' ')[0]}-{network.weights_sha256[:12]}")
     stats = Path(cache_dir) / "stats" / f"{key}.npy"
     description = {"kind": "dataset", "dataset": reference, "split": split, "resolution": resolution, "cache": str(stats),
                    "data": source}
