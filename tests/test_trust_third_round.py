@@ -182,6 +182,55 @@ def test_another_tools_training_config_does_not_make_a_folder_ours(tmp_path):
     assert overwrite.returncode == 1 and every_file(folder) == before
 
 
+def put_user_files(run: Path) -> None:
+    """What a user leaves inside a run of ours: notes in the pipeline and a checkpoint, a favourite grid, an edited card."""
+    (run / "unet" / "notes.txt").write_text("lr 1e-4 looked best")
+    (run / "checkpoint-2" / "notes.md").write_text("the one to keep")
+    shutil.copy(next((run / "samples").glob("step-*.png")), run / "samples" / "fav.png")
+    (run / "README.md").write_text((run / "README.md").read_text() + "\nMy own results: see the paper draft.\n")
+
+
+@pytest.mark.slow
+def test_overwrite_output_dir_names_and_keeps_the_users_files_inside_an_earlier_run(run_copy, tmp_path):
+    put_user_files(run_copy)
+    before = every_file(run_copy)
+    proc = train_cli(*cli_args({**TINY, "output_dir": run_copy, "max_train_steps": 1}), "--overwrite_output_dir")
+    assert one_error_line(proc) == (
+        f"error: --output_dir {run_copy} holds files of yours inside its earlier run (unet/notes.txt, "
+        "checkpoint-2/notes.md, README.md (not the card ddpm_hf wrote), samples/fav.png), which --overwrite_output_dir "
+        "may delete or write over, so it is refused; move them out of the folder, then run the same command again.")
+    assert proc.returncode == 1 and every_file(run_copy) == before
+    # moved out, the same command starts over there, and writes a card that a later run counts as ours again
+    for name in ("unet/notes.txt", "checkpoint-2/notes.md", "samples/fav.png", "README.md"):
+        shutil.move(run_copy / name, tmp_path / name.replace("/", "-"))
+    again = train_cli(*cli_args({**TINY, "output_dir": run_copy, "max_train_steps": 1}), "--overwrite_output_dir")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert not (run_copy / "checkpoint-2").exists() and (run_copy / "README.md").is_file()
+    from ddpm_hf.training.run_guard import user_files_in_run
+
+    assert user_files_in_run(run_copy, overwrite=True) == []
+
+
+@pytest.mark.slow
+def test_a_resume_names_the_users_files_it_would_write_over_and_keeps_a_favourite_grid(run_copy):
+    put_user_files(run_copy)
+    before = every_file(run_copy)
+    resume = [*cli_args({**TINY, "output_dir": run_copy}), "--resume_from_checkpoint", "latest", "--max_train_steps", 6]
+    proc = train_cli(*resume)
+    assert one_error_line(proc) == (
+        f"error: --output_dir {run_copy} holds files of yours inside its earlier run (unet/notes.txt, "
+        "checkpoint-2/notes.md, README.md (not the card ddpm_hf wrote)), which this resume may delete or write over, "
+        "so it is refused; move them out of the folder, then run the same command again.")
+    assert proc.returncode == 1 and every_file(run_copy) == before
+    # a resume writes new grids beside the others: a favourite among them is no reason to refuse, and it stays
+    for name in ("unet/notes.txt", "checkpoint-2/notes.md", "README.md"):
+        (run_copy / name).unlink()
+    done = train_cli(*resume)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (run_copy / "samples" / "fav.png").read_bytes() == before["samples/fav.png"]
+    assert (run_copy / "checkpoint-6").is_dir()
+
+
 # ---------------------------------------------------------------- the weak items
 
 

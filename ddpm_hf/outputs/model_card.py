@@ -9,6 +9,7 @@ the run, the loss curve, and how to load the pipeline.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shlex
 from pathlib import Path
@@ -323,7 +324,29 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts))
 
 
+# The card's last line: the SHA-256 of the text above it. A card that still matches it is one we wrote, which a later
+# run may write over; one that does not (edited by hand, or the user's own README.md) is the user's, and a run refuses
+# to write over it (run_guard.user_files_in_run). The record sits in the card itself, so writing the card stays one
+# atomic write. An HTML comment: the Hub does not show it.
+CARD_STAMP = "<!-- written by ddpm_hf; the SHA-256 of the text above: {} -->"
+
+
+def stamped_card(text: str) -> str:
+    body = text if text.endswith("\n") else text + "\n"
+    return body + CARD_STAMP.format(hashlib.sha256(body.encode()).hexdigest()) + "\n"
+
+
+def card_is_ours(path: Path) -> bool:
+    """Whether the card at `path` is as we wrote it: its last line the SHA-256 of the text above it."""
+    try:
+        text = Path(path).read_bytes().decode()
+    except (OSError, UnicodeDecodeError):
+        return False
+    body, _, last = text.rstrip("\n").rpartition("\n")
+    return bool(body) and last == CARD_STAMP.format(hashlib.sha256((body + "\n").encode()).hexdigest())
+
+
 def write_model_card(output_dir, repo_id: Optional[str] = None, progress: Optional[Tuple[int, int]] = None) -> Path:
     path = Path(output_dir) / MODEL_CARD
-    atomic_write_bytes(path, str(build_model_card(output_dir, repo_id, progress)).encode())
+    atomic_write_bytes(path, stamped_card(str(build_model_card(output_dir, repo_id, progress))).encode())
     return path

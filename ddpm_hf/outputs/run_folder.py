@@ -54,6 +54,9 @@ CHECKPOINT_UNET = "unet.safetensors"
 CHECKPOINT_EMA = "ema.safetensors"
 CHECKPOINT_OPTIMIZER = "optimizer.pt"
 CHECKPOINT_UNET_CONFIG = "unet_config.json"  # the network's config: a resume needs no --unet_config source
+# what a checkpoint of ours holds (its trainer_state.json lists them; these where that file does not read)
+CHECKPOINT_FILES = (CHECKPOINT_UNET, CHECKPOINT_EMA, CHECKPOINT_OPTIMIZER, CHECKPOINT_UNET_CONFIG, TRAINING_CONFIG,
+                    TRAINER_STATE)
 
 # what the measuring commands write (ddpm-metrics, ddpm-nll; --output puts them into a run folder)
 METRICS = "metrics.json"

@@ -66,7 +66,7 @@ from ddpm_hf.training.checkpoints import (
 from ddpm_hf.training.config import TrainingConfig, checkpoint_settings, resume_changes
 from ddpm_hf.training.parts import apply_optimizer_changes, build_model, run_unet_config, unet_config_json
 from ddpm_hf.training.precision import BF16_MIN_GAIN, rates_text, resolve_mixed_precision
-from ddpm_hf.training.run_guard import RunFolderLock, RunStopped, StopSignals, check_fresh_start
+from ddpm_hf.training.run_guard import RunFolderLock, RunStopped, StopSignals, check_fresh_start, check_user_files
 from ddpm_hf.training.state import Clock, Run, TrainState
 from ddpm_hf.training.step_graph import StepGraph, graph_refusal, step_state
 from ddpm_hf.training.steps import device_step, seed_step
@@ -161,6 +161,8 @@ def start_point(config: TrainingConfig, lock) -> tuple:
                                f"--max_train_steps {config.max_train_steps}")
     if checkpoint is None and lock is not None:
         check_fresh_start(output_dir, lock.had_marker, config.overwrite_output_dir or config.resume_from_checkpoint == "latest")
+    if lock is not None:  # after the fresh-start check: a folder that is not ours at all has its own line
+        check_user_files(output_dir, config.overwrite_output_dir, checkpoint is not None)
     if config.init_from and checkpoint is None:
         verify_pipeline(config.init_from)  # its weights load only once the model is built
     run_unet_config(config, checkpoint)  # a config that cannot be built: refused before the data and the timing

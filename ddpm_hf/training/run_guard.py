@@ -20,7 +20,24 @@ from typing import Callable, Dict, List, Optional
 
 from ddpm_hf.errors import StateError, StopRequested, UsageError
 from ddpm_hf.outputs.files import refuse_links
-from ddpm_hf.outputs.run_folder import CHECKPOINT_PREFIX, MODEL_INDEX, RUN_MARKER, RUN_PRODUCTS, TRAINING_CONFIG
+from ddpm_hf.outputs.run_folder import (
+    BEST_CHECKPOINT,
+    CHECKPOINT_FILES,
+    CHECKPOINT_PREFIX,
+    MODEL_CARD,
+    MODEL_INDEX,
+    PIPELINE_HASHES,
+    RUN_MARKER,
+    RUN_PRODUCTS,
+    SAMPLE_GRIDS_DIR,
+    SCHEDULER_CONFIG,
+    SCHEDULER_DIR,
+    TRAINER_STATE,
+    TRAINING_CONFIG,
+    UNET_CONFIG,
+    UNET_DIR,
+    UNET_WEIGHTS,
+)
 
 _HELD: Dict[Path, "RunFolderLock"] = {}  # the locks this process holds, by folder
 
@@ -149,6 +166,58 @@ def check_fresh_start(folder: Path, had_marker: bool, overwrite: bool) -> None:
         how = "pass --resume_from_checkpoint latest to carry on, " if checkpoints else ""
         raise UsageError(f"{folder} already holds a run ({shown}): {how}--overwrite_output_dir to start over there, or "
                          "another --output_dir.")
+
+
+def user_files_in_run(folder: Path, overwrite: bool) -> List[str]:
+    """The user's files inside an earlier run of ours that this run would delete or write over: in the pipeline's
+    unet/ and scheduler/ (replaced whole when the pipeline is saved) what its PIPELINE_HASHES does not list; in a
+    checkpoint (rotated away, replaced, or cleared by --overwrite_output_dir) what its trainer_state.json does not
+    list; a README.md that is not the card as we wrote it (`model_card.card_is_ours`); with `overwrite`, what in
+    samples/ is not a grid of ours. logs/ is the tracker's, whose file names are its own."""
+    from ddpm_hf.outputs.model_card import card_is_ours
+
+    folder = Path(folder)
+    found: List[str] = []
+
+    def unlisted(sub: Path, listed) -> None:
+        if sub.is_dir() and not sub.is_symlink():
+            found.extend(p.relative_to(folder).as_posix() for p in sorted(sub.rglob("*"))
+                         if not p.is_dir() and p.relative_to(sub).as_posix() not in listed)
+
+    hashes = _json_keys(folder / PIPELINE_HASHES)
+    for sub in (UNET_DIR, SCHEDULER_DIR):
+        saved = {UNET_CONFIG, UNET_WEIGHTS, SCHEDULER_CONFIG, *hashes}
+        unlisted(folder / sub, {name[len(sub) + 1:] for name in saved if name.startswith(f"{sub}/")})
+    for checkpoint in sorted([*folder.glob(f"{CHECKPOINT_PREFIX}*"), folder / BEST_CHECKPOINT]):
+        unlisted(checkpoint, {*(_json_keys(checkpoint / TRAINER_STATE, "files") or CHECKPOINT_FILES), TRAINER_STATE})
+    card = folder / MODEL_CARD
+    if card.is_file() and not card_is_ours(card):
+        found.append(f"{MODEL_CARD} (not the card ddpm_hf wrote)")
+    if overwrite:
+        grids = folder / SAMPLE_GRIDS_DIR
+        unlisted(grids, {p.name for p in grids.glob("step-*.png") if p.is_file()} if grids.is_dir() else set())
+    return found
+
+
+def _json_keys(path: Path, key: Optional[str] = None) -> List[str]:
+    """The keys of the JSON object in `path` (of its `key` entry); none where it does not read."""
+    try:
+        value = json.loads(path.read_text())
+        value = value.get(key) if key is not None else value
+        return list(value) if isinstance(value, dict) else []
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def check_user_files(folder: Path, overwrite: bool, resuming: bool) -> None:
+    """Refuse, in one line naming them, to start where this run would delete or write over the user's files inside an
+    earlier run of ours (`user_files_in_run`): they are moved out by the user, never lost."""
+    found = user_files_in_run(folder, overwrite)
+    if found:
+        what = "--overwrite_output_dir" if overwrite else ("this resume" if resuming else "this run")
+        raise StateError(f"--output_dir {folder} holds files of yours inside its earlier run ({_listed(found)}), which "
+                         f"{what} may delete or write over, so it is refused; move them out of the folder, then run "
+                         "the same command again.")
 
 
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")  # a scheduler's or spot instance's notice, Ctrl-C, a user's request
