@@ -20,6 +20,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UN
 from diffusers.utils.torch_utils import randn_tensor
 
 from .chain_graph import chain_graph_refusal, network_output, replayed_chain
+from .guidance import GuidedNetwork, check_labels
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 # the reverse chain's x_t and the scheduler's arithmetic, whatever the network's dtype: a bf16 or fp16 UNet speeds up
@@ -29,6 +30,8 @@ CHAIN_DTYPE = torch.float32
 logger = diffusers.utils.logging.get_logger(__name__)
 # as ddpm_hf.choices.LEARNED_VARIANCE_TYPES (a test checks): this file also runs on the Hub, without ddpm_hf
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+# the entries of model_index.json that are settings of the pipeline, not its components ([library, class] pairs)
+PIPELINE_SETTINGS = ("class_names",)
 
 
 def names_a_local_path(name) -> bool:
@@ -165,25 +168,33 @@ def to_output(images: torch.Tensor, output_type: str):
 
 
 class DDPMPipeline(DiffusionPipeline):
-    """Pipeline for unconditional image generation (Ho et al. 2020).
+    """Pipeline for image generation (Ho et al. 2020): unconditional, or class-conditional with classifier-free
+    guidance (Ho & Salimans 2021) where the UNet has a class embedding (guidance.py).
 
     Args:
         unet: a `UNet2DModel` that predicts the noise (or x_0, or v, per the scheduler config).
         scheduler: `ddpm_hf.DDPMScheduler` by default; any diffusers scheduler works (for example
             `DDIMScheduler.from_config(pipe.scheduler.config)` or `DPMSolverMultistepScheduler`).
+        class_names: the names of a class-conditional UNet's classes, in label order (recorded in model_index.json).
     """
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, class_names: Optional[List[str]] = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+        if class_names is not None:  # only then: an unconditional pipeline's model_index.json stays diffusers' own
+            self.register_to_config(class_names=list(class_names))
+
+    @property
+    def class_names(self) -> Optional[List[str]]:
+        return getattr(self.config, "class_names", None)
 
     def register_to_config(self, **kwargs):
         # A drop-in subclass (ddpm_hf.DDPMScheduler) is recorded as the diffusers class it replaces,
         # so that model_index.json loads in plain diffusers; our from_pretrained swaps it back in.
         for name, value in kwargs.items():
-            if isinstance(value, (tuple, list)) and len(value) == 2:
+            if name not in PIPELINE_SETTINGS and isinstance(value, (tuple, list)) and len(value) == 2:
                 equivalent = _diffusers_equivalent(*value)
                 if equivalent is not None:
                     kwargs[name] = ("diffusers", equivalent)
@@ -247,6 +258,8 @@ class DDPMPipeline(DiffusionPipeline):
         callback: Optional[Callable[[DenoiseStep], None]] = None,
         seeds: Optional[Sequence[int]] = None,
         cuda_graph: bool = True,
+        class_labels: Union[int, Sequence[int], torch.Tensor, None] = None,
+        guidance_scale: float = 1.0,
     ):
         """Generate `batch_size` images.
 
@@ -265,6 +278,10 @@ class DDPMPipeline(DiffusionPipeline):
                 at once and the same on every device (a CPU and a GPU give the same noise for the same seed).
             cuda_graph: with seeds, our DDPMScheduler and no callback, on a CUDA device: replay
                 the reverse step as a CUDA graph (the same images, fewer kernel launches); False runs it eagerly.
+            class_labels: for a class-conditional UNet, one label for all images or one per image (0..K-1; the
+                names are `pipe.class_names`).
+            guidance_scale: classifier-free guidance w (guidance.py): 0 is the unconditional model, 1 the conditional
+                one, above 1 guided (both halves in one forward pass of the doubled batch).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}.")
@@ -277,6 +294,7 @@ class DDPMPipeline(DiffusionPipeline):
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (batch_size, self.unet.config.in_channels, *size)
+        labels = check_labels(self.unet, class_labels, batch_size, guidance_scale)
         device = self._execution_device
         if seeds is not None:  # with a generator too, denoise refuses the pair
             from .counter_noise import seeded_normal
@@ -286,8 +304,9 @@ class DDPMPipeline(DiffusionPipeline):
             noise = randn_tensor(shape, generator=generator, device=device, dtype=CHAIN_DTYPE)
         was_training = self.unet.training
         self.unet.eval()  # sampling never uses dropout, also when called on a model that is training
+        network = self.unet if labels is None else GuidedNetwork(self.unet, labels, guidance_scale)
         try:
-            images = denoise(self.unet, self.scheduler, noise, num_inference_steps, generator, eta, self.progress_bar,
+            images = denoise(network, self.scheduler, noise, num_inference_steps, generator, eta, self.progress_bar,
                              callback, seeds=seeds, cuda_graph=cuda_graph)
         finally:
             self.unet.train(was_training)

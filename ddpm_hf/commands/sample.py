@@ -28,6 +28,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dtype", choices=SAMPLING_DTYPES, default="fp32", help="the network's precision (the chain "
                         "and the scheduler stay float32); bf16 or fp16 are faster on a GPU, fp16 only there")
     parser.add_argument("--overwrite", action="store_true", help="draw again from scratch in a folder drawn with other settings")
+    parser.add_argument("--class_labels", default=None, help="a class-conditional pipeline's classes to draw: balanced "
+                        "(every class alike) or comma-separated labels (0,3,7); image k is of the (k mod count)-th")
+    parser.add_argument("--guidance_scale", type=float, default=1.0, help="classifier-free guidance w for a "
+                        "class-conditional pipeline: 0 the unconditional model, 1 the conditional one, above 1 guided")
     args = parser.parse_args(argv)
     if args.seed < 0:
         parser.error(f"--seed {args.seed}: seeds are integers from 0 (image k is drawn from seed + k)")
@@ -42,11 +46,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     state = distributed_state()
     network_dtype(args.dtype, state.device)  # refused before loading anything
+    if not args.guidance_scale >= 0:
+        parser.error(f"--guidance_scale {args.guidance_scale}: give 0 or more (0 unconditional, 1 conditional)")
+    if args.class_labels is None and args.guidance_scale != 1.0:
+        parser.error("--guidance_scale is for a class-conditional pipeline: add --class_labels (balanced, or 0,3,7)")
     pipe = load_for_command(args.pipeline, state.device)
+    from ddpm_hf.pipelines.guidance import num_classes
+    from ddpm_hf.sampling.sample_folder import class_labels_of
+
+    labels = class_labels_of(args.class_labels, num_classes(pipe.unet))
     result = sample_command(pipe, pipeline_name=args.pipeline, folder=args.output_dir, num_images=args.num_images,
                             batch_size=args.batch_size, sampler=args.scheduler,
                             num_inference_steps=args.num_inference_steps, eta=args.eta, seed=args.seed,
-                            overwrite=args.overwrite, state=state, dtype=args.dtype)
+                            overwrite=args.overwrite, state=state, dtype=args.dtype, labels=labels,
+                            guidance_scale=args.guidance_scale)
     rate = f"{result['images_per_s']:.2f} images/s" if result["images_per_s"] else "nothing to draw"
     print(f"process {state.process_index}: wrote {result['written']}, kept {result['kept']} already complete; {rate}")
     return 0

@@ -16,8 +16,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     config, options = parse_args(argv)
     if options.dry_run:
-        from ddpm_hf.training.parts import make_unet
+        from ddpm_hf.training.parts import make_unet, resolve_classes
 
+        config = resolve_classes(config)
         n = sum(p.numel() for p in make_unet(config).parameters())
         print(config.to_json())
         print(f"UNet parameters: {n:,}")

@@ -276,6 +276,59 @@ def find_image_column(features, requested: Optional[str] = None) -> str:
     )
 
 
+INTEGER_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+
+
+def find_label_column(features, requested: Optional[str] = None) -> str:
+    """The class-label column of --class_conditional: `requested` (--label_column), else the only ClassLabel column
+    (`label` or `labels` where there are several)."""
+    import datasets
+
+    names = list(features)
+    if requested is not None:
+        if requested not in names:
+            raise UsageError(f"--label_column {requested!r} is not a column of this dataset; its columns are {names}.")
+        return requested
+    found = [k for k, v in features.items() if isinstance(v, datasets.ClassLabel)]
+    if len(found) == 1:
+        return found[0]
+    for preferred in ("label", "labels"):
+        if preferred in found:
+            return preferred
+    held = f"several ClassLabel columns ({', '.join(found)})" if found else "no ClassLabel column"
+    raise UsageError(f"--class_conditional needs a column of class labels, and this dataset has {held} (its columns: "
+                     f"{names}); name the column with --label_column.")
+
+
+def class_names_of(ds, column: str) -> List[str]:
+    """The class names of the label column `column` (a ClassLabel's names; an integer column's 0..max), after checking
+    every label is one of them: a label outside the classes (HF's -1, "no label", included) is one line naming it."""
+    import datasets
+
+    feature = ds.features[column]
+    if isinstance(feature, datasets.ClassLabel):
+        names = list(feature.names)
+    elif isinstance(feature, datasets.Value) and feature.dtype in INTEGER_DTYPES:
+        names = None
+    else:
+        kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
+        raise UsageError(f"--label_column {column!r} holds {kind} values, not class labels; name a ClassLabel or integer "
+                         "column with --label_column.")
+    labels = np.asarray(ds.with_format(None)[column])
+    if labels.size == 0:
+        raise UsageError("The dataset holds no images.")
+    if names is None:
+        names = [str(k) for k in range(max(int(labels.max()), 0) + 1)]
+    outside = np.flatnonzero((labels < 0) | (labels >= len(names)))
+    if outside.size:
+        i = int(outside[0])
+        raise UsageError(f"The label of image {i} in column {column!r} is {int(labels[i])}, outside the classes "
+                         f"0..{len(names) - 1} ({outside.size} images so); give those images a class or leave them out.")
+    if len(names) < 2:
+        raise UsageError(f"Column {column!r} holds one class ({names[0]}); --class_conditional needs two or more.")
+    return names
+
+
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
@@ -358,10 +411,12 @@ def _where(row: dict, column: str, index: int) -> str:
 
 @dataclass
 class ImageBank:
-    """Every training image decoded once: uint8 [N, C, H, W] on the CPU."""
+    """Every training image decoded once: uint8 [N, C, H, W] on the CPU; with a label column, their class labels
+    (int64 [N])."""
 
     images: torch.Tensor
     skipped: int = 0
+    labels: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -384,21 +439,25 @@ def stop_on_bad_image(error: Exception, skip_flag: Optional[str] = "--on_bad_ima
 
 def build_image_bank(ds, column: str, channels: int, resolution: int, center_crop: bool = True,
                      on_bad_image: str = "stop", progress: bool = True,
-                     skip_flag: Optional[str] = "--on_bad_image skip") -> ImageBank:
-    """Decode a map-style dataset once into an `ImageBank`. A bad image stops with its index and file, or
-    (on_bad_image='skip') is left out and counted. skip_flag: the flag of the calling command that skips bad images,
-    named in the stop's message (None: the command has none, so the message names none)."""
+                     skip_flag: Optional[str] = "--on_bad_image skip", label_column: Optional[str] = None) -> ImageBank:
+    """Decode a map-style dataset once into an `ImageBank` (with the labels of `label_column`, checked by
+    `class_names_of`, where given). A bad image stops with its index and file, or (on_bad_image='skip') is left out and
+    counted, with its label. skip_flag: the flag of the calling command that skips bad images, named in the stop's
+    message (None: the command has none, so the message names none)."""
     from tqdm.auto import tqdm
 
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise UsageError(f"on_bad_image={on_bad_image!r} is not one of {', '.join(map(repr, BAD_IMAGE_POLICIES))}.")
+    labels = np.asarray(ds.with_format(None)[label_column], dtype=np.int64) if label_column is not None else None
     ds = _undecoded(ds, column).select_columns([column])
     out = np.empty((len(ds), resolution, resolution, channels), dtype=np.uint8)
+    kept = np.empty(len(ds), dtype=np.int64)
     n, skipped = 0, 0
     for index, row in enumerate(tqdm(ds, desc="Decoding images", disable=not progress, unit="img")):
         where = _where(row, column, index)
         try:
             out[n] = to_uint8_array(decode_image(row[column], where), channels, resolution, center_crop)
+            kept[n] = index
             n += 1
         except BadImageError as e:
             if on_bad_image == "stop":
@@ -407,7 +466,8 @@ def build_image_bank(ds, column: str, channels: int, resolution: int, center_cro
             logger.warning("Skipping %s", e)
     if n == 0:
         raise UsageError("The dataset holds no usable images.")
-    return ImageBank(torch.from_numpy(out[:n]).permute(0, 3, 1, 2).contiguous(), skipped)
+    return ImageBank(torch.from_numpy(out[:n]).permute(0, 3, 1, 2).contiguous(), skipped,
+                     None if labels is None else torch.from_numpy(labels[kept[:n]]))
 
 
 def first_rows(dataset: str, split: str, num_images: int, dataset_config: Optional[str] = None):
@@ -490,6 +550,16 @@ def _fits_on(device: torch.device, nbytes: int) -> bool:
     return False
 
 
+def training_classes(config: "TrainingConfig") -> List[str]:
+    """The class names of --class_conditional's label column (`find_label_column`), every label checked
+    (`class_names_of`): opened, not decoded, so that bad labels are one line before any work."""
+    ds = training_set(config)
+    if ds.features is None:
+        raise UsageError(f"The dataset {config.dataset!r} does not declare its columns; name the label column with "
+                         "--label_column.")
+    return class_names_of(ds, find_label_column(ds.features, config.label_column))
+
+
 def training_set(config: "TrainingConfig", per_step: Optional[int] = None):
     """The training images as `config` names them (opened, not decoded), cut to --max_train_samples; with `per_step`
     (images per optimizer step) a set smaller than one step is refused here, before any decoding or timing."""
@@ -520,6 +590,7 @@ class BatchSource:
         if features is None:
             raise UsageError(f"The dataset {config.dataset!r} does not declare its columns; name the image column with --image_column.")
         self.column = find_image_column(features, config.image_column)
+        self.label_column = find_label_column(features, config.label_column) if config.class_conditional else None
         self.skipped = 0
         if config.streaming:
             self.bank = None
@@ -529,9 +600,11 @@ class BatchSource:
             self._stream_epoch = -1
         else:
             self.bank = build_image_bank(ds, self.column, config.channels, config.resolution, config.center_crop,
-                                         config.on_bad_image, progress)
+                                         config.on_bad_image, progress, label_column=self.label_column)
             if device is not None and _fits_on(torch.device(device), self.bank.images.numel()):
                 self.bank.images = self.bank.images.to(device)
+                if self.bank.labels is not None:
+                    self.bank.labels = self.bank.labels.to(device)
             self.skipped = self.bank.skipped
             self.steps_per_epoch = len(self.bank) // per_step
             if self.steps_per_epoch == 0:
@@ -542,16 +615,24 @@ class BatchSource:
     def num_images(self) -> Optional[int]:
         return None if self.bank is None else len(self.bank)
 
+    def _rows(self, step: int, j: int) -> torch.Tensor:
+        """The bank's rows of micro-batch j of step `step` on this rank (on the bank's device)."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            perm = epoch_permutation(self.config.seed, epoch, len(self.bank))
+            self._perm, self._perm_epoch = perm.to(self.bank.images.device), epoch
+        start = ((pos * self.config.gradient_accumulation_steps + j) * self.world + self.rank) * self.micro
+        return self._perm[start : start + self.micro]
+
+    def labels(self, step: int, j: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The class labels (int64) of the micro-batch `get(step, j)`, on the device; into `out` where given."""
+        labels = self.bank.labels.index_select(0, self._rows(step, j))
+        return labels.to(self.device, non_blocking=True) if out is None else out.copy_(labels, non_blocking=True)
+
     def get(self, step: int, j: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The micro-batch on the device, written into `out` where given (a CUDA graph's static buffer)."""
-        accum = self.config.gradient_accumulation_steps
         if self.bank is not None:
-            epoch, pos = divmod(step, self.steps_per_epoch)
-            if epoch != self._perm_epoch:
-                perm = epoch_permutation(self.config.seed, epoch, len(self.bank))
-                self._perm, self._perm_epoch = perm.to(self.bank.images.device), epoch
-            start = ((pos * accum + j) * self.world + self.rank) * self.micro
-            rows = self._perm[start : start + self.micro]
+            rows = self._rows(step, j)
             if self.bank.images.device.type != "cpu":  # the bank lives on the GPU: gathered there
                 return torch.index_select(self.bank.images, 0, rows, out=out)
             # from host memory, pinned for a GPU (torch's pinned-memory cache keeps the block until the copy that reads

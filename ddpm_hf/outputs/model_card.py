@@ -235,6 +235,13 @@ def _intro_section(name: str, config: TrainingConfig, unet: dict, dataset_label:
         "",
         *([f"Started from the weights of `{config.init_from}`.", ""] if config.init_from else []),
     ]
+    if config.class_conditional:
+        names = ", ".join(f"{k} `{name}`" for k, name in enumerate(config.class_names))
+        parts += [f"**Class-conditional**, for classifier-free guidance ([Ho & Salimans 2021](https://arxiv.org/abs/2207.12598)): "
+                  f"{len(config.class_names)} classes ({names}), from "
+                  f"{f'column `{config.label_column}`' if config.label_column else 'the dataset labels'}; "
+                  f"each training label was replaced by \"no class\" with probability {config.label_dropout}, so the one "
+                  "network is also the unconditional model.", ""]
     if progress is not None:
         parts += [f"**Training in progress: step {progress[0]:,} of {progress[1]:,}.** The weights, samples and this "
                   "card are updated as it goes.", ""]
@@ -244,11 +251,35 @@ def _intro_section(name: str, config: TrainingConfig, unet: dict, dataset_label:
 def _samples_section(output_dir: Path, config: TrainingConfig) -> list:
     if not (output_dir / SAMPLE_GRID).is_file():
         return []
+    if config.class_conditional:
+        return [f"![Samples]({SAMPLE_GRID})", "",
+                f"*Samples from fixed seeds, one row per class ({', '.join(config.class_names)}), by the conditional model "
+                f"(guidance scale 1), {config.grid_steps} DDPM steps.*", ""]
     return [f"![Samples]({SAMPLE_GRID})", "",
             f"*Samples from fixed seeds ({config.num_sample_images} images, {config.grid_steps} DDPM steps).*", ""]
 
 
-def _usage_section(load_id: str) -> list:
+def _usage_section(load_id: str, config: TrainingConfig) -> list:
+    if config.class_conditional:
+        k = len(config.class_names)
+        return [
+            "## Usage",
+            "",
+            "Plain diffusers loads the UNet and the scheduler (`DiffusionPipeline.from_pretrained`), but its "
+            "`DDPMPipeline` passes no class labels; sampling with labels and guidance takes ddpm_hf's pipeline "
+            "(`pip install ddpm_hf`):",
+            "",
+            "```python",
+            "from ddpm_hf import DDPMPipeline",
+            "",
+            f'pipe = DDPMPipeline.from_pretrained("{load_id}")',
+            f"images = pipe(batch_size={k}, seeds=list(range({k})), class_labels=list(range({k})), guidance_scale=3.0).images",
+            "```",
+            "",
+            "`guidance_scale` 0 is the unconditional model, 1 the conditional one, above 1 guided; `pipe.class_names` "
+            "names the labels.",
+            "",
+        ]
     return [
         "## Usage",
         "",
@@ -305,7 +336,8 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
     dataset_label = dataset or ("scikit-learn digits (built in)" if config.dataset == "digits" else Path(config.dataset).name)
     eval_results = _eval_results(metrics, dinov2, nll, dataset, dataset_label)
     data = ModelCardData(
-        license="apache-2.0", library_name="diffusers", tags=TAGS, datasets=[dataset] if dataset else None,
+        license="apache-2.0", library_name="diffusers", tags=TAGS + (["class-conditional"] if config.class_conditional else []),
+        datasets=[dataset] if dataset else None,
         model_name=name, eval_results=eval_results or None, pipeline_tag="unconditional-image-generation",
     )
     scheduler = json.loads((output_dir / SCHEDULER_CONFIG).read_text())
@@ -314,7 +346,7 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
         *_intro_section(name, config, unet, dataset_label, progress),
         *_samples_section(output_dir, config),
         *_figures_section(output_dir),
-        *_usage_section(repo_id or config.output_dir),  # the folder the run wrote, as it was given
+        *_usage_section(repo_id or config.output_dir, config),  # the folder the run wrote, as it was given
         "## Metrics",
         "",
         *_metrics_section(metrics, dinov2, nll, config.output_dir),

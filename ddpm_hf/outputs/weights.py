@@ -49,8 +49,10 @@ def weights_problem(unet: torch.nn.Module, probe: Optional[tuple] = None) -> Opt
     channels, resolution, num_train_timesteps = probe
     device = next(unet.parameters()).device
     probe = torch.randn(2, channels, resolution, resolution, generator=torch.Generator().manual_seed(0))
+    rows = getattr(unet.config, "num_class_embeds", None)  # a class-conditional UNet: class 0, and "no class" (the last)
+    labels = {} if rows is None else {"class_labels": torch.tensor([0, rows - 1], device=device)}
     with torch.no_grad():
-        output = unet(probe.to(device), torch.tensor([0, num_train_timesteps - 1], device=device)).sample
+        output = unet(probe.to(device), torch.tensor([0, num_train_timesteps - 1], device=device), **labels).sample
     return None if bool(torch.isfinite(output).all()) else "give non-finite outputs"
 
 
@@ -135,10 +137,13 @@ KNOWN_LIBRARIES = ("diffusers", "ddpm_hf", "transformers", None)
 def own_code(model_index: Dict[str, Any]) -> Optional[str]:
     """The component of a model_index.json that names a module of the pipeline's own code (what diffusers would import
     from the folder), as `name: module.Class`; None where every class is a library's."""
+    from ddpm_hf.pipelines.pipeline_ddpm import PIPELINE_SETTINGS  # diffusers: only once a pipeline is read
+
     if isinstance(model_index.get("_class_name"), (list, tuple)):
         return "pipeline: " + ".".join(map(str, model_index["_class_name"]))
     for name, value in model_index.items():
-        if not name.startswith("_") and isinstance(value, (list, tuple)) and len(value) == 2 and value[0] not in KNOWN_LIBRARIES:
+        if (not name.startswith("_") and name not in PIPELINE_SETTINGS and isinstance(value, (list, tuple))
+                and len(value) == 2 and value[0] not in KNOWN_LIBRARIES):
             return f"{name}: {value[0]}.{value[1]}"
     return None
 

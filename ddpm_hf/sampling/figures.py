@@ -71,8 +71,9 @@ def kept_steps(num_steps: int, count: int) -> List[int]:
 
 
 def record_chain(pipe, seeds: Sequence[int], num_inference_steps: int, counts: Sequence[int],
-                 eta: Optional[float] = None) -> Chain:
-    """Draw one image per seed with the pipeline, keeping the steps that `Chain.pick(count)` gives for each count."""
+                 eta: Optional[float] = None, class_labels: Optional[Sequence[int]] = None) -> Chain:
+    """Draw one image per seed (of a class-conditional pipeline: per seed and class label) with the pipeline, keeping
+    the steps that `Chain.pick(count)` gives for each count."""
     steps = set().union(*(kept_steps(num_inference_steps, count) for count in counts))
     recorded: Dict[str, list] = {"start": [], "indices": [], "timesteps": [], "samples": [], "predictions": []}
 
@@ -85,8 +86,9 @@ def record_chain(pipe, seeds: Sequence[int], num_inference_steps: int, counts: S
             recorded["samples"].append(step.prev_sample.float().cpu())
             recorded["predictions"].append(predicted_x0(pipe.scheduler, step).float().cpu())
 
+    labels = {} if class_labels is None else {"class_labels": list(class_labels)}
     output = pipe(batch_size=len(seeds), seeds=[int(s) for s in seeds], num_inference_steps=num_inference_steps, eta=eta,
-                  output_type="pt", callback=callback).images
+                  output_type="pt", callback=callback, **labels).images
     return Chain(recorded["start"][0], len(pipe.scheduler.timesteps), recorded["indices"], recorded["timesteps"],
                  recorded["samples"], recorded["predictions"], output.cpu())
 
@@ -256,10 +258,12 @@ def save_png(image, path: Path) -> Path:
 
 def chain_figures(pipe, folder: Path, seeds: Sequence[int], num_inference_steps: int, which=("progressive", "denoise"),
                   frames: int = 50, columns: int = 10, progressive_seeds: int = 4, fmt: str = "auto",
-                  eta: Optional[float] = None, about: Optional[dict] = None) -> Dict[str, dict]:
-    """progressive.png (the first `progressive_seeds` seeds) and the denoising animation (all `seeds`), as `which`
-    asks, from one recorded chain; returns their figures.json entries."""
-    chain = record_chain(pipe, seeds, num_inference_steps, [frames, columns], eta)
+                  eta: Optional[float] = None, about: Optional[dict] = None,
+                  class_labels: Optional[Sequence[int]] = None) -> Dict[str, dict]:
+    """progressive.png (the first `progressive_seeds` seeds) and the denoising animation (all `seeds`, with their
+    `class_labels` for a class-conditional pipeline), as `which` asks, from one recorded chain; returns their
+    figures.json entries."""
+    chain = record_chain(pipe, seeds, num_inference_steps, [frames, columns], eta, class_labels)
     common = {"scheduler": type(pipe.scheduler).__name__, "num_inference_steps": num_inference_steps, "eta": eta,
               **(about or {})}
     entries = {}
@@ -268,13 +272,19 @@ def chain_figures(pipe, folder: Path, seeds: Sequence[int], num_inference_steps:
         path = save_png(figure, Path(folder) / PROGRESSIVE)
         entries[path.name] = {**common, "figure": "progressive generation (Ho et al. 2020, Fig. 6): per seed a row of "
                               "x_t and a row of the predicted x_0", "seeds": list(seeds[:progressive_seeds]),
-                              "timesteps": shown}
+                              "timesteps": shown, **_labels_entry(class_labels, progressive_seeds)}
     if "denoise" in which:
         grids, shown = chain_frames(chain, frames)
         path = save_animation(grids, Path(folder) / DENOISING_STEM, fmt)
         entries[path.name] = {**common, "figure": "denoising: the grid of x_t along the reverse chain, from x_T",
-                              "seeds": list(seeds), "frames": len(grids), "timesteps": shown}
+                              "seeds": list(seeds), "frames": len(grids), "timesteps": shown,
+                              **_labels_entry(class_labels, len(seeds))}
     return entries
+
+
+def _labels_entry(class_labels: Optional[Sequence[int]], count: int) -> dict:
+    """The class labels of a figure's first `count` seeds, for its figures.json entry (none: an unconditional one)."""
+    return {} if class_labels is None else {"class_labels": [int(k) for k in class_labels[:count]]}
 
 
 def visualize(pipe, folder, *, figures: Sequence[str], seeds: Sequence[int], num_inference_steps: int,

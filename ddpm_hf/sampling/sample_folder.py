@@ -1,7 +1,8 @@
 """What `ddpm-sample` does: many images into a folder, one seed per image, resumable, sharded across processes.
 
-Image k is drawn from generator seed `seed + k` and saved as `{k:06d}-seed{seed + k}.png`, so it is the same image
-whatever the batch size or process count. Each file is written under a temporary name and renamed: a kill never
+Image k is drawn from generator seed `seed + k` and saved as `{k:06d}-seed{seed + k}.png` (from a class-conditional
+pipeline, of class `labels[k % len(labels)]` and saved as `{k:06d}-seed{seed + k}-class{label}.png`), so it is the same
+image whatever the batch size or process count. Each file is written under a temporary name and renamed: a kill never
 leaves a half-written PNG under a final name, and a restart keeps the complete images and draws only the missing
 ones. Under `accelerate launch` process r draws the images k with k % world_size == r (`folder_jobs`). The folder
 records how its images were drawn in sampling.json, and at the end how many it holds.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Sequence
 
 from ddpm_hf.errors import UsageError
 from ddpm_hf.outputs.files import atomic_save_image
@@ -26,11 +27,41 @@ SAMPLING_FILE = "sampling.json"
 # A folder of PNGs holds a few million well; FID uses 50,000. A count beyond this is a typo, told before any work.
 MAX_IMAGES = 10_000_000
 
-_NAME = re.compile(r"^(\d{6,})-seed(\d+)\.png$")
+_NAME = re.compile(r"^(\d{6,})-seed(\d+)(?:-class(\d+))?\.png$")
 
 
-def image_name(k: int, seed: int) -> str:
-    return f"{k:06d}-seed{seed + k}.png"
+def image_name(k: int, seed: int, labels: Optional[Sequence[int]] = None) -> str:
+    """The file of image k; with `labels` (a class-conditional folder's), of class labels[k % len(labels)]."""
+    return f"{k:06d}-seed{seed + k}" + ("" if labels is None else f"-class{label_of(k, labels)}") + ".png"
+
+
+def label_of(k: int, labels: Sequence[int]) -> int:
+    """The class of image k in a folder drawn with `labels`: they repeat in order (k mod their count)."""
+    return labels[k % len(labels)]
+
+
+def class_labels_of(text: str, num_classes: Optional[int]) -> Optional[List[int]]:
+    """--class_labels: `balanced` (0..K-1, so that every class has the same share of the images) or comma-separated
+    labels; None where none were given. One line where they do not fit the pipeline (`num_classes` K; None: it is
+    unconditional)."""
+    if text is None:
+        if num_classes is not None:
+            raise UsageError(f"The pipeline is class-conditional ({num_classes} classes): pass --class_labels balanced (every "
+                             "class alike) or the labels to draw, e.g. --class_labels 0,3,7.")
+        return None
+    if num_classes is None:
+        raise UsageError("The pipeline is unconditional (its UNet has no class embedding): drop --class_labels and "
+                         "--guidance_scale.")
+    if text == "balanced":
+        return list(range(num_classes))
+    try:
+        labels = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--class_labels {text!r}: give comma-separated integer labels (e.g. 0,3,7) or balanced.") from None
+    outside = [k for k in labels if not 0 <= k < num_classes]
+    if outside:
+        raise UsageError(f"--class_labels {text}: {outside[0]} is outside the pipeline's classes 0..{num_classes - 1}.")
+    return labels
 
 
 def drawn_images(folder: Path):
@@ -38,9 +69,9 @@ def drawn_images(folder: Path):
     return [path for path in Path(folder).glob("*.png") if _NAME.match(path.name)]
 
 
-def complete_images(folder: Path, seed: int) -> set:
-    """Indices k whose final file `image_name(k, seed)` exists (not checked to decode: see `sample_to_folder`).
-    Files from another --seed are an error."""
+def complete_images(folder: Path, seed: int, labels: Optional[Sequence[int]] = None) -> set:
+    """Indices k whose final file `image_name(k, seed, labels)` exists (not checked to decode: see
+    `sample_to_folder`). Files from another --seed or of other classes are an error."""
     done = set()
     for path in drawn_images(folder):
         match = _NAME.match(path.name)
@@ -50,6 +81,9 @@ def complete_images(folder: Path, seed: int) -> set:
                 f"{path} was drawn with another --seed (image {k} from seed {s}, but --seed {seed} gives {seed + k}); "
                 "use a new output folder or the same --seed."
             )
+        if path.name != image_name(k, seed, labels):
+            raise UsageError(f"{path} was drawn with other --class_labels (image {k} is {image_name(k, seed, labels)} "
+                             "with these); use a new output folder or the same --class_labels.")
         done.add(k)
     return done
 
@@ -90,8 +124,11 @@ def sample_to_folder(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
+    labels: Optional[Sequence[int]] = None,
+    guidance_scale: float = 1.0,
 ) -> dict:
-    """Draw this process's missing images of 0..num_images-1 into `folder`. Returns counts and images/s."""
+    """Draw this process's missing images of 0..num_images-1 into `folder` (of a class-conditional pipeline: image k
+    of class `label_of(k, labels)`, with classifier-free guidance `guidance_scale`). Returns counts and images/s."""
     from tqdm.auto import tqdm
 
     problem = count_problem(num_images, batch_size, num_inference_steps)
@@ -104,16 +141,17 @@ def sample_to_folder(
         if match and handles(int(match.group(1)), rank, world_size):
             stale.unlink(missing_ok=True)
     mine = len(process_share(num_images, rank, world_size))
-    done = {k for k in complete_images(folder, seed) if k >= num_images or not handles(k, rank, world_size) or
-            decodes(folder / image_name(k, seed))}  # this process's damaged images are drawn again
+    done = {k for k in complete_images(folder, seed, labels) if k >= num_images or not handles(k, rank, world_size) or
+            decodes(folder / image_name(k, seed, labels))}  # this process's damaged images are drawn again
     kept = mine - len(process_share(num_images, rank, world_size, skip=done))
     pipe.set_progress_bar_config(disable=True)
     start = time.perf_counter()
     bar = tqdm(total=mine, initial=kept, disable=not progress, unit="img", desc="Sampling")
+    guided = {} if labels is None else {"label_of": lambda k: label_of(k, labels), "guidance_scale": guidance_scale}
     for ks, images in draw_share(pipe, num_images, lambda k: seed + k, rank, world_size, batch_size, skip=done,
-                                 num_inference_steps=num_inference_steps, output_type="pil", eta=eta):
+                                 num_inference_steps=num_inference_steps, output_type="pil", eta=eta, **guided):
         for k, image in zip(ks, images):
-            atomic_save_image(image, folder / image_name(k, seed))
+            atomic_save_image(image, folder / image_name(k, seed, labels))
         bar.update(len(ks))
     bar.close()
     seconds = time.perf_counter() - start
@@ -124,9 +162,10 @@ def sample_to_folder(
 
 def sample_command(pipe, *, pipeline_name: str, folder, num_images: int, batch_size: int, sampler: str,
                    num_inference_steps: int, eta: Optional[float], seed: int, overwrite: bool = False, state=None,
-                   dtype: str = "fp32") -> dict:
+                   dtype: str = "fp32", labels: Optional[Sequence[int]] = None, guidance_scale: float = 1.0) -> dict:
     """`ddpm-sample`: refuse a folder drawn with other settings (before drawing anything), record the protocol
-    in sampling.json, draw this process's missing images, then record how many the folder holds."""
+    in sampling.json, draw this process's missing images, then record how many the folder holds. A class-conditional
+    pipeline's `labels` (image k of class labels[k mod their count]) and `guidance_scale` are part of the protocol."""
     problem = count_problem(num_images, batch_size, num_inference_steps)
     if problem:  # before sampling.json is written: the corrected command finds the folder as it was
         raise UsageError(problem + ".")
@@ -136,13 +175,17 @@ def sample_command(pipe, *, pipeline_name: str, folder, num_images: int, batch_s
         "scheduler_config": dict(pipe.scheduler.config), "num_inference_steps": num_inference_steps, "eta": eta,
         "seed": seed, "noise": NOISE, "dtype": dtype, "weights": "EMA" if (Path(pipeline_name) / TRAINING_CONFIG).is_file() else "as published",
     }
+    if labels is not None:  # recorded only where drawn: an unconditional folder's protocol stays as it was
+        protocol.update(class_labels=list(labels), class_names=[pipe.class_names[k] for k in labels]
+                        if pipe.class_names else None, guidance_scale=guidance_scale)
     cast_network(pipe.unet, dtype)
     with FolderJob(folder, SAMPLING_FILE, protocol, state, free=("pipeline", "num_images", "complete")) as job:
         job.check("images drawn", "draw again from scratch", overwrite)
         job.start(drawn_images(job.folder) if overwrite else (), overwrite, num_images=None, complete=False)
         result = sample_to_folder(pipe, job.folder, num_images, batch_size=batch_size, num_inference_steps=num_inference_steps,
-                                  seed=seed, eta=eta, rank=job.rank, world_size=job.world, progress=job.shows_progress)
+                                  seed=seed, eta=eta, rank=job.rank, world_size=job.world, progress=job.shows_progress,
+                                  labels=labels, guidance_scale=guidance_scale)
         if job.finish():  # the protocol describes exactly the images beside it
-            held = len(complete_images(job.folder, seed))
+            held = len(complete_images(job.folder, seed, labels))
             job.record(num_images=held, complete=held >= num_images)
         return result

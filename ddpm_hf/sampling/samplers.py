@@ -3,7 +3,7 @@ share of images drawn one seed per image."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Collection, Iterator, List, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterator, List, Optional, Tuple
 
 from ddpm_hf.choices import SAMPLERS, SAMPLING_DTYPES
 from ddpm_hf.errors import UsageError
@@ -48,21 +48,25 @@ def cast_network(unet, name: str) -> None:
     torch.nn.Module.to(unet, network_dtype(name, unet.device))
 
 
-def pipeline_for(unet, scheduler_config, sampler: str = "ddpm"):
-    """A DDPMPipeline of `unet` with our DDPM scheduler of `scheduler_config`, then the sampler `sampler`."""
+def pipeline_for(unet, scheduler_config, sampler: str = "ddpm", class_names: Optional[List[str]] = None):
+    """A DDPMPipeline of `unet` (class-conditional: `class_names`) with our DDPM scheduler of `scheduler_config`, then
+    the sampler `sampler`."""
     from ddpm_hf.diffusion.scheduler import DDPMScheduler
     from ddpm_hf.pipelines.pipeline_ddpm import DDPMPipeline
 
-    return use_scheduler(DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler_config)), sampler)
+    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler_config), class_names=class_names)
+    return use_scheduler(pipe, sampler)
 
 
 def draw_share(pipe, num_images: int, seed_of: Callable[[int], int], rank: int = 0, world_size: int = 1,
-               batch_size: int = 64, skip: Collection[int] = (), **call: Any) -> Iterator[Tuple[List[int], Any]]:
+               batch_size: int = 64, skip: Collection[int] = (), label_of: Optional[Callable[[int], int]] = None,
+               **call: Any) -> Iterator[Tuple[List[int], Any]]:
     """This process's share of images 0..num_images-1 (`process_share`), image k drawn with the counter-based noise
-    of seed `seed_of(k)` (`pipe(seeds=...)`), in batches of `batch_size`: yields (ks, images). Image k is the same
-    whatever the batch size, the number of processes or the device. `call` goes to the pipeline
-    (num_inference_steps, output_type, eta)."""
+    of seed `seed_of(k)` (`pipe(seeds=...)`) and, for a class-conditional pipeline, the class `label_of(k)`, in
+    batches of `batch_size`: yields (ks, images). Image k is the same whatever the batch size, the number of processes
+    or the device. `call` goes to the pipeline (num_inference_steps, output_type, eta, guidance_scale)."""
     todo = process_share(num_images, rank, world_size, skip)
     for i in range(0, len(todo), batch_size):
         ks = todo[i : i + batch_size]
-        yield ks, pipe(batch_size=len(ks), seeds=[seed_of(k) for k in ks], **call).images
+        labels = {} if label_of is None else {"class_labels": [label_of(k) for k in ks]}
+        yield ks, pipe(batch_size=len(ks), seeds=[seed_of(k) for k in ks], **labels, **call).images

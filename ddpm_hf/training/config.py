@@ -10,7 +10,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from ddpm_hf.choices import (
     BAD_IMAGE_POLICIES,
@@ -49,6 +49,14 @@ class TrainingConfig:
     dataset_config: Optional[str] = _f(None, "the Hub dataset's config name")
     split: str = _f("train", "the Hub dataset's split")
     image_column: Optional[str] = _f(None, "the column holding images (default: img, image, or the only Image column)")
+    class_conditional: bool = _f(False, "train a class-conditional model for classifier-free guidance (Ho & Salimans 2021): "
+                                 "the UNet's class embedding learns the dataset's labels (--label_column)")
+    label_column: Optional[str] = _f(None, "the column of class labels for --class_conditional (default: the only ClassLabel "
+                                     "column; image folders with one sub-folder per class have one)")
+    label_dropout: float = _f(0.1, "with --class_conditional, the probability that an image's label is replaced by \"no "
+                              "class\" in a step: the same network learns the unconditional model that guidance needs")
+    # resolved from the data, not a flag: the names of the classes (label order) of a --class_conditional run
+    class_names: Optional[List[str]] = field(default=None, metadata={"help": "", "resolved": True})
     max_train_samples: Optional[int] = _f(None, "use only the first N images (quick experiments)")
     channels: int = _f(3, "image channels the model sees: 1 (grayscale) or 3 (RGB); inputs are converted")
     resolution: int = _f(32, "training images are resized (short side) and center-cropped to this size")
@@ -175,6 +183,12 @@ class TrainingConfig:
         self._validate_ranges()
         if self.channels not in (1, 3):
             raise UsageError(f"--channels={self.channels} is not supported; use 1 or 3.")
+        if self.class_conditional and self.streaming:
+            raise UsageError("--class_conditional reads the labels of a dataset held in memory, and --streaming decodes "
+                             "on the fly; drop --streaming (the images are decoded once), or train unconditionally.")
+        if self.class_conditional and self.eval_nll_every:
+            raise UsageError("--eval_nll_every measures an unconditional bound and takes no labels yet; drop it with "
+                             "--class_conditional (ddpm-nll measures the saved pipeline).")
         if self.keep_best and not self.eval_every:
             raise UsageError("--keep_best needs --eval_every N (the FID it keeps the best checkpoint by).")
         for name in ("sample_inference_steps", "eval_steps"):
@@ -227,6 +241,8 @@ class TrainingConfig:
              f"--ema_inv_gamma={self.ema_inv_gamma} and --ema_power={self.ema_power} must be positive.")
         need(self.ema_update_after_step >= 0, f"--ema_update_after_step={self.ema_update_after_step} must not be negative.")
         need(self.dropout is None or 0 <= self.dropout < 1, f"--dropout={self.dropout} must be in [0, 1).")
+        need(0 <= self.label_dropout < 1, f"--label_dropout={self.label_dropout} must be in [0, 1) (Ho & Salimans 2021: "
+             "0.1 or 0.2; 0 trains no unconditional model, so guidance cannot be used).")
         need(self.snr_gamma is None or self.snr_gamma > 0, f"--snr_gamma={self.snr_gamma} must be positive (e.g. 5).")
         need(self.max_nonfinite_in_a_row >= 1, f"--max_nonfinite_in_a_row={self.max_nonfinite_in_a_row} must be at least 1.")
         need(self.max_train_samples is None or self.max_train_samples >= 1,
@@ -301,7 +317,8 @@ def config_changes(old: TrainingConfig, new: TrainingConfig) -> Dict[str, list]:
 
 # Settings that make the network what it is: a resumed run goes on with the checkpoint's network, so a change to one
 # of these cannot apply, and is refused even with --allow_config_change.
-NETWORK_SETTINGS = ("unet_preset", "unet_config", "unet_subfolder", "dropout", "resolution", "channels")
+NETWORK_SETTINGS = ("unet_preset", "unet_config", "unet_subfolder", "dropout", "resolution", "channels", "class_conditional",
+                    "label_column", "class_names")
 
 
 def checkpoint_settings(checkpoint: Path, output_dir: Path) -> Optional[TrainingConfig]:

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{name}: {describe_recipe(name)}" for name in sorted(RECIPES)))
     hints = typing.get_type_hints(TrainingConfig)
     for f in dataclasses.fields(TrainingConfig):
-        if f.name == "preset":
+        if f.name == "preset" or f.metadata.get("resolved"):
             continue
         tp = _argparse_type(hints[f.name])
         choices = {"preset": sorted(RECIPES), "unet_preset": sorted(UNET_PRESETS)}.get(f.name, f.metadata.get("choices"))
@@ -168,6 +168,9 @@ def resolve_config(overrides: Dict[str, Any], preset: Optional[str] = None) -> T
                        ("save_images_steps", "save_images_epochs"), ("checkpointing_steps", "save_model_epochs")):
         if one in given and other in given:
             raise UsageError(f"Give one of --{one} or --{other}, not both.")
+    for name in ("label_column", "label_dropout"):
+        if name in given and not values.get("class_conditional"):
+            raise UsageError(f"--{name} is for a class-conditional run; add --class_conditional, or drop --{name}.")
     if "num_epochs" in given:  # the one given says how long
         values["max_train_steps"] = None
     elif "max_train_steps" in given:

@@ -64,7 +64,13 @@ from ddpm_hf.training.checkpoints import (
     save_checkpoint,
 )
 from ddpm_hf.training.config import TrainingConfig, checkpoint_settings, resume_changes
-from ddpm_hf.training.parts import apply_optimizer_changes, build_model, run_unet_config, unet_config_json
+from ddpm_hf.training.parts import (
+    apply_optimizer_changes,
+    build_model,
+    resolve_classes,
+    run_unet_config,
+    unet_config_json,
+)
 from ddpm_hf.training.precision import BF16_MIN_GAIN, rates_text, resolve_mixed_precision
 from ddpm_hf.training.run_guard import RunFolderLock, RunStopped, StopSignals, check_fresh_start, check_user_files
 from ddpm_hf.training.state import Clock, Run, TrainState
@@ -155,6 +161,7 @@ def start_point(config: TrainingConfig, lock) -> tuple:
         saved = checkpoint_settings(checkpoint, output_dir)
         if saved is not None and saved.mixed_precision != "auto":
             config = dataclasses.replace(config, mixed_precision=saved.mixed_precision)
+    config = resolve_classes(config)  # bad labels: one line here, before the data is decoded
     changes = resume_changes(config, checkpoint) if checkpoint is not None else {}
     if checkpoint is not None and config.max_train_steps is not None:
         refuse_resume_past_end(checkpoint, config.resume_from_checkpoint, config.max_train_steps,
@@ -357,7 +364,8 @@ def start_step_graph(run: Run) -> Optional[StepGraph]:
     shape = (run.source.micro, config.channels, config.resolution, config.resolution)
     return StepGraph(functools.partial(device_step, run), run.source, shape, config.gradient_accumulation_steps,
                      run.device, run.generator, run.optimizer, run.ema,
-                     state=lambda: step_state(run.raw_unet, run.optimizer, run.ema, run.meters))
+                     state=lambda: step_state(run.raw_unet, run.optimizer, run.ema, run.meters),
+                     labelled=config.class_conditional)
 
 
 # Several processes agree on a stop every this many steps (a collective, which waits for the device); one process
@@ -401,8 +409,10 @@ def run_step(run: Run, step: int, graph: Optional[StepGraph] = None) -> None:
     if graph is not None:
         graph.step(step)
     else:
-        batches = [run.source.get(step, j) for j in range(run.config.gradient_accumulation_steps)]
-        device_step(run, batches)
+        accum = range(run.config.gradient_accumulation_steps)
+        batches = [run.source.get(step, j) for j in accum]
+        labels = [run.source.labels(step, j) for j in accum] if run.config.class_conditional else None
+        device_step(run, batches, labels=labels)
         run.optimizer.zero_grad(set_to_none=True)
     run.lr_scheduler.step()
 

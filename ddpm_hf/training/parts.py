@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -33,6 +34,31 @@ def make_scheduler(config: TrainingConfig) -> DDPMScheduler:
     )
 
 
+def resolve_classes(config: TrainingConfig) -> TrainingConfig:
+    """With --class_conditional, `config` with the class names of its data (every label checked: one line before any
+    work); else `config` itself."""
+    from ddpm_hf.data.datasets import training_classes
+
+    return dataclasses.replace(config, class_names=training_classes(config)) if config.class_conditional else config
+
+
+def class_embedding(config: TrainingConfig, found: Dict[str, Any], source: str) -> Dict[str, Any]:
+    """`found` with the class embedding a run needs: K + 1 rows (the last "no class") for --class_conditional's K
+    classes, none otherwise; a config of its own that says otherwise is refused, naming `source`."""
+    rows = found.get("num_class_embeds")
+    if not config.class_conditional:
+        if rows is not None or found.get("class_embed_type") is not None:
+            raise UsageError(f"{source}: its UNet has a class embedding; add --class_conditional to train it with the "
+                             "dataset's labels, or give an unconditional UNet.")
+        return found
+    wanted = len(config.class_names) + 1
+    if found.get("class_embed_type") is not None or rows not in (None, wanted):
+        raise UsageError(f"{source}: its class embedding (num_class_embeds {rows}, class_embed_type "
+                         f"{found.get('class_embed_type')}) does not fit the data's {wanted - 1} classes plus \"no class\"; "
+                         f"give num_class_embeds {wanted} and no class_embed_type, or leave it out.")
+    return {**found, "num_class_embeds": wanted}
+
+
 def run_unet_config(config: TrainingConfig, checkpoint: Optional[Path] = None) -> Dict[str, Any]:
     """The UNet2DModel config of a run: a resumed run's own (saved in its checkpoint, so the source is not needed
     any more), else --unet_config's (checked against the run: C input channels, C output channels or 2C with a
@@ -56,6 +82,7 @@ def run_unet_config(config: TrainingConfig, checkpoint: Optional[Path] = None) -
             found = unet_config(config.unet_preset, sample_size=config.resolution, in_channels=config.channels,
                                 out_channels=out, **extra)
             source = f"--unet_preset {config.unet_preset}"
+    found = class_embedding(config, found, source)
     problem = unet_config_problem(found)
     if problem:
         raise UsageError(f"{source}: {problem}; correct it in the config.")

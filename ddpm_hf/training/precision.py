@@ -73,11 +73,13 @@ def step_rates(config: TrainingConfig, precisions, batch: int, rounds: int = 10,
     runs = {precision: probe_run(config, precision) for precision in precisions}
     shape = (batch, config.channels, config.resolution, config.resolution)
     batches = [torch.randint(0, 256, shape, dtype=torch.uint8) for _ in range(config.gradient_accumulation_steps)]
+    labels = ([torch.randint(0, len(config.class_names), (batch,)) for _ in batches] if config.class_conditional
+              else None)
 
     def step(precision: str) -> float:
         run = runs[precision]
         start = time.perf_counter()
-        device_step(run, batches)
+        device_step(run, batches, labels=labels)
         run.optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 

@@ -163,8 +163,9 @@ class Run:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
-    def model(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The training forward pass under Accelerate's autocast: the UNet's output tensor."""
+    def model(self, x_t: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The training forward pass under Accelerate's autocast: the UNet's output tensor (given the class labels of a
+        class-conditional run)."""
         with self.accelerator.autocast():
-            return self.forward(x_t, t).sample
+            return self.forward(x_t, t, class_labels=labels).sample
 

@@ -55,10 +55,13 @@ class StepGraph:
     def __init__(self, body: Callable, source, shape: tuple, accum: int, device: torch.device, generator: torch.Generator,
                  optimizer, ema, capture: Optional[bool] = None, lr_on_device: Optional[bool] = None,
                  capturable: Optional[bool] = None, state: Callable[[], Sequence[torch.Tensor]] = lambda: (),
-                 cuda=None):
+                 cuda=None, labelled: bool = False):
         self.source, self.ema = source, ema
         capture = device.type == "cuda" if capture is None else capture
         self.batches: List[torch.Tensor] = [torch.empty(shape, dtype=torch.uint8, device=device) for _ in range(accum)]
+        # a class-conditional run's labels: static too, copied in before each replay as the images are
+        self.labels: Optional[List[torch.Tensor]] = (
+            [torch.empty(shape[0], dtype=torch.int64, device=device) for _ in range(accum)] if labelled else None)
         self.ema_weight = torch.ones((), device=device)
         for group in optimizer.param_groups:
             if capture if lr_on_device is None else lr_on_device:  # LR schedulers fill a tensor in place
@@ -69,7 +72,7 @@ class StepGraph:
         # the gradients are set to None after each eager step, and before the capture: the graph's backward then
         # writes them into its own memory
         no_gradients = functools.partial(optimizer.zero_grad, set_to_none=True)
-        self.replayed = Replayed(lambda: body(self.batches, self.ema_weight), GRAPH_WARMUP_STEPS, capture, self._failed,
+        self.replayed = Replayed(lambda: body(self.batches, self.ema_weight, self.labels), GRAPH_WARMUP_STEPS, capture, self._failed,
                                  state=state, before_capture=no_gradients, after_eager=no_gradients,
                                  generators=(generator,), cuda=cuda)
 
@@ -77,6 +80,8 @@ class StepGraph:
         """Step `step`'s device work (the caller has seeded the generators for it)."""
         for j, batch in enumerate(self.batches):
             self.source.get(step, j, out=batch)
+            if self.labels is not None:
+                self.source.labels(step, j, out=self.labels[j])
         self.ema_weight.fill_(self.ema.advance())
         captured = self.replayed.graph is not None
         self.replayed()

@@ -4,6 +4,7 @@ and what the precision probe times. Nothing here waits for the device."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Optional
 
@@ -22,13 +23,15 @@ def seed_step(run: Run, step: int) -> None:
     torch.manual_seed(mix_seed(run.config.seed, step, rank, DROPOUT_SEED_TAG))
 
 
-def device_step(run: Run, batches: list, ema_weight: Optional[torch.Tensor] = None) -> None:
+def device_step(run: Run, batches: list, ema_weight: Optional[torch.Tensor] = None,
+                labels: Optional[list] = None) -> None:
     """The device's work of a step on its uint8 micro-batches (what step_graph.py captures): forward and backward of
-    each, clipping, Adam, the EMA (its weight in `ema_weight` inside a graph, else from the host) and the meters."""
+    each (with its class labels in a class-conditional run), clipping, Adam, the EMA (its weight in `ema_weight`
+    inside a graph, else from the host) and the meters."""
     accum = len(batches)
     for j, batch in enumerate(batches):
         with run.accelerator.no_sync(run.unet) if j < accum - 1 else contextlib.nullcontext():
-            forward_backward(run, batch)
+            forward_backward(run, batch, None if labels is None else labels[j])
     # the norm of the all-reduced gradient: the same on every process, so all agree on a skip
     norm = run.accelerator.clip_grad_norm_(run.unet.parameters(), run.config.max_grad_norm or math.inf)
     skipped = ~torch.isfinite(norm)
@@ -40,16 +43,23 @@ def device_step(run: Run, batches: list, ema_weight: Optional[torch.Tensor] = No
     run.meters.add_step(skipped)
 
 
-def forward_backward(run: Run, batch: torch.Tensor) -> None:
+def forward_backward(run: Run, batch: torch.Tensor, labels: Optional[torch.Tensor] = None) -> None:
     """One uint8 micro-batch: x_0 from it, ε ~ N(0, I) and t ~ U{0..T-1} (Algorithm 1, lines 2-4), the per-sample
-    loss (line 5), its backward pass, and the loss into the meters."""
+    loss (line 5), its backward pass, and the loss into the meters. With class labels, each is replaced by "no class"
+    with probability --label_dropout (drawn after t, from the step's generator), so that the one network learns both
+    ε(x_t, c) and ε(x_t, ∅) (Ho & Salimans 2021, Algorithm 1)."""
     config = run.config
     x0 = to_model_range(batch, config.random_flip, run.generator)
     if config.channels_last:
         x0 = x0.contiguous(memory_format=torch.channels_last)
     noise = torch.randn(x0.shape, generator=run.generator, device=run.device)
     t, weights = run.timesteps.sample(x0.shape[0], run.generator, run.device)
-    per_sample = run.loss(run.model, x0, noise, t)
+    model = run.model
+    if labels is not None:
+        dropped = torch.rand(labels.shape, generator=run.generator, device=labels.device) < config.label_dropout
+        labels = torch.where(dropped, len(config.class_names), labels)  # the last embedding row: "no class"
+        model = functools.partial(run.model, labels=labels)
+    per_sample = run.loss(model, x0, noise, t)
     if run.timesteps.needs_losses:  # every process applies every process's (t, loss), so all keep one history
         run.timesteps.update(run.accelerator.gather(t), run.accelerator.gather(per_sample.detach()))
     if weights is not None:  # importance sampling: 1/(T p(t)) keeps the mean an unbiased estimate

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import List, Optional
 
 import torch
 from accelerate.logging import get_logger
@@ -31,8 +32,9 @@ def inner_bars(accelerator) -> bool:
 
 
 def ema_pipeline(run: Run, sampler: str = "ddpm", network=None):
-    """The pipeline of the EMA weights (or `network`) with the run's scheduler (then `sampler`)."""
-    return pipeline_for(run.ema.model if network is None else network, run.scheduler.config, sampler)
+    """The pipeline of the EMA weights (or `network`) with the run's scheduler (then `sampler`) and classes."""
+    return pipeline_for(run.ema.model if network is None else network, run.scheduler.config, sampler,
+                        run.config.class_names)
 
 
 def evaluated_network(run: Run) -> torch.nn.Module:
@@ -55,14 +57,27 @@ def grid_seed(config: TrainingConfig, i: int) -> int:
 # ---------------------------------------------------------------- sample grids
 
 
+def grid_labels(config: TrainingConfig) -> Optional[List[int]]:
+    """The class of each grid image of a class-conditional run: one row per class, --num_sample_images // K images
+    in each (at least one), drawn by the conditional model (guidance 1); None for an unconditional run."""
+    if not config.class_conditional:
+        return None
+    per_class = max(1, config.num_sample_images // len(config.class_names))
+    return [i // per_class for i in range(per_class * len(config.class_names))]
+
+
 def sample_images(run: Run) -> torch.Tensor:
-    """The fixed-seed grid images of the EMA model (image i from seed (seed, i)), shared out over all processes and
-    gathered; every process returns the full [N, C, H, W] batch in [0, 1]."""
+    """The fixed-seed grid images of the EMA model (image i from seed (seed, i); of class `grid_labels`[i] in a
+    class-conditional run), shared out over all processes and gathered; every process returns the full [N, C, H, W]
+    batch in [0, 1]."""
     config, accelerator = run.config, run.accelerator
     pipe = ema_pipeline(run)
     pipe.set_progress_bar_config(disable=not inner_bars(accelerator), desc="Sampling grid", leave=False)
-    drawn = draw_share(pipe, config.num_sample_images, lambda i: grid_seed(config, i),
-                       accelerator.process_index, accelerator.num_processes, batch_size=config.num_sample_images,
+    labels = grid_labels(config)
+    count = config.num_sample_images if labels is None else len(labels)
+    drawn = draw_share(pipe, count, lambda i: grid_seed(config, i),
+                       accelerator.process_index, accelerator.num_processes, batch_size=count,
+                       label_of=None if labels is None else labels.__getitem__,
                        num_inference_steps=config.grid_steps, output_type="pt")
     return torch.stack(gather_by_index([(i, image.cpu()) for ids, images in drawn for i, image in zip(ids, images)]))
 
@@ -71,7 +86,8 @@ def save_grid(run: Run, step: int) -> None:
     """samples/step-<step>.png and samples.png (the latest), and the grid to the trackers."""
     images = sample_images(run)
     if run.is_main:
-        grid = image_grid(images)
+        labels = grid_labels(run.config)  # one row per class
+        grid = image_grid(images, cols=None if labels is None else labels.count(0))
         atomic_save_image(grid, run.output_dir / sample_grid_file(step))
         atomic_save_image(grid, run.output_dir / SAMPLE_GRID)
         log_grid(run.accelerator, grid, step)
@@ -113,8 +129,11 @@ def sample_quality(run: Run) -> dict:
     config, accelerator, network = run.config, run.accelerator, run.feature_network
     pipe = ema_pipeline(run, "ddim", evaluated_network(run))
     pipe.set_progress_bar_config(disable=True)
+    # a class-conditional run: class-balanced (image i of class i mod K), by the conditional model
+    label_of = (lambda i: i % len(config.class_names)) if config.class_conditional else None
     drawn = draw_share(pipe, config.eval_samples, lambda i: mix_seed(config.seed, i, EVAL_SEED_TAG),
-                       accelerator.process_index, accelerator.num_processes, batch_size=run.config.micro_batch(run.accelerator.num_processes),
+                       accelerator.process_index, accelerator.num_processes, label_of=label_of,
+                       batch_size=run.config.micro_batch(run.accelerator.num_processes),
                        num_inference_steps=config.eval_steps, output_type="pt", eta=0.0)
     rows = [row for ids, images in drawn for row in zip(ids, features_of_images(images, network, device=accelerator.device))]
     feats = torch.stack(gather_by_index(rows)).double().numpy()
@@ -197,6 +216,9 @@ def save_card_figures(run: Run) -> None:
     config = run.config
     pipe = ema_pipeline(run)
     pipe.set_progress_bar_config(disable=not inner_bars(run.accelerator), desc="Card figures", leave=False)
-    seeds = [grid_seed(config, i) for i in range(min(16, config.num_sample_images))]
+    labels = grid_labels(config)
+    count = min(16, config.num_sample_images if labels is None else len(labels))
+    seeds = [grid_seed(config, i) for i in range(count)]
     record_figures(run.output_dir, chain_figures(pipe, run.output_dir, seeds, config.grid_steps,
-                                                 about={"pipeline": "this run (EMA)"}))
+                                                 about={"pipeline": "this run (EMA)"},
+                                                 class_labels=None if labels is None else labels[:count]))
