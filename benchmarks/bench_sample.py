@@ -2,7 +2,9 @@
 as a CUDA graph on a GPU and eagerly beside it; or one generator per image) against diffusers' DDPMPipeline
 (diffusers' DDPMScheduler, one generator per image), same UNet weights, scheduler config and steps; the scheduler's
 share of the time (on a CPU); and
-the FID feature-extraction rate (clean-fid's folder path: PNG decode, clean resize to 299, network).
+the FID feature-extraction rate (clean-fid's folder path: PNG decode, clean resize to 299, network); and the cost of
+classifier-free guidance: a class-conditional UNet of the same preset (10 classes) at guidance 0 and 1 (one half) and 3
+(both halves in one forward pass of the doubled batch) against the unconditional UNet, same batch (goal: at most 2.1x).
 
     python benchmarks/bench_sample.py                       # cpu-small UNet, 32x32, batch 16, 50 steps, fp32 and bf16
     python benchmarks/bench_sample.py --preset ddpm-cifar10-32 --batch_size 512 --steps 20   # on a GPU: fp16 too
@@ -77,6 +79,36 @@ def timed_variants(unet, ours, ref, args, device) -> list:
     return rows
 
 
+def guidance_cost(args, device) -> None:
+    """images/s of a 10-class conditional UNet at guidance 0, 1 and 3 and of the unconditional UNet, fp32, same batch."""
+    n, classes = args.batch_size, 10
+    torch.manual_seed(0)
+    plain = DDPMPipeline(build_unet(args.preset, sample_size=args.resolution).eval().to(device), DDPMScheduler())
+    conditional = DDPMPipeline(build_unet(args.preset, sample_size=args.resolution, num_class_embeds=classes + 1)
+                               .eval().to(device), DDPMScheduler(), class_names=[str(k) for k in range(classes)])
+    labels = [k % classes for k in range(n)]
+    calls = [("unconditional UNet", lambda: plain(batch_size=n, seeds=list(range(n)), num_inference_steps=args.steps,
+                                                   output_type="np"))]
+    for w in (0.0, 1.0, 3.0):
+        calls.append((f"conditional UNet, guidance_scale {w:g}", lambda w=w: conditional(
+            batch_size=n, seeds=list(range(n)), class_labels=labels, guidance_scale=w, num_inference_steps=args.steps,
+            output_type="np")))
+    for pipe in (plain, conditional):
+        pipe.set_progress_bar_config(disable=True)
+    for _, call in calls:
+        call()  # warm up
+    seconds = {label: [] for label, _ in calls}
+    for _ in range(args.repeats):  # in turns: a busy moment of the machine hits every variant alike
+        for label, call in calls:
+            seconds[label].append(best_of(call, 1))
+    rates = [(label, n / min(seconds[label])) for label, _ in calls]
+    print(f"\nclassifier-free guidance, fp32, batch {n}, {args.steps} steps")
+    print("| network | images/s | time vs unconditional | time vs guidance 0 |")
+    print("|---|---|---|---|")
+    for label, rate in rates:
+        print(f"| {label} | {rate:.2f} | {rates[0][1] / rate:.2f}x | {rates[1][1] / rate:.2f}x |")
+
+
 def profile_table(fn, device, top: int) -> str:
     """The `top` ops of `fn()` by their own time on the device (CUDA kernels), or on the CPU without one: where a
     dtype's time goes (torch.profiler)."""
@@ -135,6 +167,7 @@ def main() -> None:
         print(profile_table(lambda: ours(batch_size=n, seeds=list(range(n)), num_inference_steps=args.steps,
                                          output_type="np"), device, args.profile))
     torch.nn.Module.to(unet, torch.float32)
+    guidance_cost(args, device)
     if device.type == "cpu":
         for name, sched in (("ddpm_hf", DDPMScheduler()), ("diffusers", diffusers.DDPMScheduler())):
             shares = [scheduler_share(unet, sched, n, args.steps, args.resolution) for _ in range(args.repeats)]
