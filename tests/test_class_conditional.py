@@ -278,6 +278,16 @@ def test_ddpm_sample_refuses_labels_that_do_not_fit_in_one_line(tmp_path, flags,
     assert said in one_error_line(proc) and not list((tmp_path / "out").glob("*.png"))
 
 
+@pytest.mark.parametrize("module, args", [("nll", ["--dataset", "digits", "--num_images", 4]), ("visualize", [])])
+def test_commands_that_take_no_labels_yet_refuse_a_conditional_pipeline_in_one_line(tmp_path, module, args):
+    conditional_pipeline().save_pretrained(tmp_path / "pipe")
+    proc = run_in_process([sys.executable, "-m", f"ddpm_hf.commands.{module}", tmp_path / "pipe", tmp_path / "out",
+                           *map(str, args)])
+    assert one_error_line(proc) == (f"error: {tmp_path / 'pipe'} is a class-conditional pipeline (3 classes), and "
+                                    f"ddpm-{module} takes no class labels yet; ddpm-sample --class_labels draws from it.")
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------- labels refused in one line, before any work
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -62,8 +63,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # before any sampling: the Inception weights and the data, each missing one a line now rather than hours later
     network = feature_network("inception", state.device, args.inception_weights, cache_dir=args.cache_dir)
     check_data(chosen)
-    pipe = load_for_command(args.pipeline, state.device)
-    report = evaluate_pipeline(pipe, reload=lambda: load_for_command(args.pipeline, state.device),
+    load = functools.partial(load_for_command, args.pipeline, state.device, unconditional_only="ddpm-evaluate")
+    pipe = load()
+    report = evaluate_pipeline(pipe, reload=load,
                                pipeline_name=args.pipeline, folder=args.output_dir, chosen=chosen, network=network,
                                batch_size=args.batch_size, dtype=args.dtype, seed=args.seed, cache_dir=args.cache_dir,
                                overwrite=args.overwrite, state=state, notify=lambda note: print(f"note: {note}.", file=sys.stderr))

@@ -48,7 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.split = "test"  # the held-out images of a Hub dataset or the built-in digits
     state = distributed_state()
     network_dtype(args.dtype, state.device)  # refused before loading anything
-    pipe = load_for_command(args.pipeline, state.device)
+    pipe = load_for_command(args.pipeline, state.device, unconditional_only="ddpm-nll")
     summary = measure(pipe, pipeline_name=args.pipeline, folder=args.output_dir, dataset=args.dataset,
                       num_images=args.num_images, split=args.split, batch_size=args.batch_size, seed=args.seed,
                       clip_denoised=args.clip_denoised, dataset_config=args.dataset_config,

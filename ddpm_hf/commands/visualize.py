@@ -66,7 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = distributed_state().device
     network_dtype(args.dtype, device)  # refused before loading anything
     rows = first_rows(args.dataset, args.split, args.num_images, args.dataset_config) if needs_images else None
-    pipe = load_for_command(args.pipeline, device)
+    pipe = load_for_command(args.pipeline, device, unconditional_only="ddpm-visualize")
     use_scheduler(pipe, args.scheduler)
     images = None if rows is None else images_of(rows, pipe.unet.config.in_channels, pipe.unet.config.sample_size,
                                                  args.image_column)
