@@ -278,7 +278,7 @@ def test_ddpm_sample_refuses_labels_that_do_not_fit_in_one_line(tmp_path, flags,
     assert said in one_error_line(proc) and not list((tmp_path / "out").glob("*.png"))
 
 
-@pytest.mark.parametrize("module, args", [("nll", ["--dataset", "digits", "--num_images", 4]), ("visualize", [])])
+@pytest.mark.parametrize("module, args", [("visualize", [])])
 def test_commands_that_take_no_labels_yet_refuse_a_conditional_pipeline_in_one_line(tmp_path, module, args):
     conditional_pipeline().save_pretrained(tmp_path / "pipe")
     proc = run_in_process([sys.executable, "-m", f"ddpm_hf.commands.{module}", tmp_path / "pipe", tmp_path / "out",
@@ -286,6 +286,48 @@ def test_commands_that_take_no_labels_yet_refuse_a_conditional_pipeline_in_one_l
     assert one_error_line(proc) == (f"error: {tmp_path / 'pipe'} is a class-conditional pipeline (3 classes), and "
                                     f"ddpm-{module} takes no class labels yet; ddpm-sample --class_labels draws from it.")
     assert not (tmp_path / "out").exists()
+
+
+def labelled_digits(path, labels):
+    """A parquet file of a few digits with the test pipeline's classes as its ClassLabel."""
+    import datasets
+
+    from ddpm_hf.data.datasets import load_image_dataset
+
+    digits = load_image_dataset("digits", None, "test").select(range(len(labels)))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
+    datasets.Dataset.from_dict({"image": list(digits["image"]), "label": labels}, features=features).to_parquet(str(path))
+    load_image_dataset(str(path), None, "train")  # the datasets cache built here: its bar is not the command's
+    return path
+
+
+@pytest.mark.slow
+def test_ddpm_nll_of_a_conditional_pipeline_is_the_bound_given_each_label_and_a_changed_label_is_measured_again(tmp_path):
+    from ddpm_hf.diffusion.likelihood import bits_per_dim, image_seeds
+
+    pipe = DDPMPipeline(conditional_unet(), DDPMScheduler(num_train_timesteps=20), class_names=CLASSES)
+    pipe.save_pretrained(tmp_path / "pipe")
+    labels = [0, 2, 1, 2]
+    data = labelled_digits(tmp_path / "data.parquet", labels)
+    nll = [tmp_path / "pipe", tmp_path / "nll", "--dataset", data, "--num_images", 4, "--batch_size", 3]
+    proc = run_in_process([sys.executable, "-m", "ddpm_hf.commands.nll", *map(str, nll)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "nll" / "nll.json").read_text())
+    assert summary["protocol"]["given"].startswith("each image's class label")
+    from ddpm_hf.data.datasets import images_of, load_image_dataset
+
+    images = images_of(load_image_dataset(str(data), None, "train"), 1, 8)
+    own = bits_per_dim(Bound(pipe.unet, labels), pipe.scheduler, images, seeds=image_seeds(range(4), 0))
+    assert summary["bits_per_dim"]["total"]["mean"] == pytest.approx(own["total"].mean().item(), rel=1e-6)  # the network is float32: batches of 3 and 4 round apart
+    unconditional = bits_per_dim(Bound(pipe.unet, [3] * 4), pipe.scheduler, images, seeds=image_seeds(range(4), 0))
+    assert abs(unconditional["total"].mean().item() - own["total"].mean().item()) > 1e-6  # the label is read
+    # one image's label changed under the same name: that image is measured again, the others kept
+    labelled_digits(data, [0, 2, 1, 0])
+    again = run_in_process([sys.executable, "-m", "ddpm_hf.commands.nll", *map(str, nll)])
+    assert again.returncode == 0 and "1 of the images" in again.stderr
+    changed = bits_per_dim(Bound(pipe.unet, [0, 2, 1, 0]), pipe.scheduler, images, seeds=image_seeds(range(4), 0))
+    remeasured = json.loads((tmp_path / "nll" / "nll.json").read_text())["bits_per_dim"]["total"]["mean"]
+    assert remeasured == pytest.approx(changed["total"].mean().item(), rel=1e-6)  # the network is float32: batches of 3 and 4 round apart
 
 
 # ---------------------------------------------------------------- labels refused in one line, before any work
@@ -315,7 +357,7 @@ def parquet_with_labels(path, labels, dtype="int64", class_label=False):
      "error: --label_column 'kind' holds string values, not class labels; name a ClassLabel or integer column with "
      "--label_column."),
     (lambda p: parquet_with_labels(p, [0, 1] * 8), [],
-     "error: --class_conditional needs a column of class labels, and this dataset has no ClassLabel column (its columns: "
+     "error: A class-conditional model needs a column of class labels, and this dataset has no ClassLabel column (its columns: "
      "['image', 'label', 'kind']); name the column with --label_column."),
     (lambda p: parquet_with_labels(p, [0, 1] * 8), ["--label_column", "labels"],
      "error: --label_column 'labels' is not a column of this dataset; its columns are ['image', 'label', 'kind']."),

@@ -27,6 +27,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "built-in digits; local files and folders are one set, measured whole)")
     parser.add_argument("--dataset_config", default=None)
     parser.add_argument("--image_column", default=None)
+    parser.add_argument("--label_column", default=None, help="a class-conditional pipeline's labels, measured given each "
+                        "image's class (default: the dataset's ClassLabel column)")
     parser.add_argument("--num_images", type=int, required=True, help="the first N images of the split")
     parser.add_argument("--batch_size", type=int, default=64, help="images per network call (T calls per batch)")
     parser.add_argument("--seed", type=int, default=0, help="image k's noise comes from (seed, k)")
@@ -48,11 +50,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.split = "test"  # the held-out images of a Hub dataset or the built-in digits
     state = distributed_state()
     network_dtype(args.dtype, state.device)  # refused before loading anything
-    pipe = load_for_command(args.pipeline, state.device, unconditional_only="ddpm-nll")
+    pipe = load_for_command(args.pipeline, state.device)
     summary = measure(pipe, pipeline_name=args.pipeline, folder=args.output_dir, dataset=args.dataset,
                       num_images=args.num_images, split=args.split, batch_size=args.batch_size, seed=args.seed,
                       clip_denoised=args.clip_denoised, dataset_config=args.dataset_config,
                       image_column=args.image_column, overwrite=args.overwrite, output=args.output, state=state,
+                      label_column=args.label_column,
                       notify=lambda note: print(f"note: {note}.", file=sys.stderr), dtype=args.dtype)
     if summary is not None:
         bpd = summary["bits_per_dim"]

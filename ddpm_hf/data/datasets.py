@@ -296,7 +296,7 @@ def find_label_column(features, requested: Optional[str] = None) -> str:
         if preferred in found:
             return preferred
     held = f"several ClassLabel columns ({', '.join(found)})" if found else "no ClassLabel column"
-    raise UsageError(f"--class_conditional needs a column of class labels, and this dataset has {held} (its columns: "
+    raise UsageError(f"A class-conditional model needs a column of class labels, and this dataset has {held} (its columns: "
                      f"{names}); name the column with --label_column.")
 
 

@@ -190,13 +190,19 @@ TERMS = ("total", "prior", "kl", "decoder")
 
 
 def bits_per_dim_of_share(unet, scheduler: DDPMScheduler, images: torch.Tensor, ids: Sequence[int], seed: int,
-                          batch_size: int, clip_denoised: bool = True, progress: Callable = lambda it: it):
+                          batch_size: int, clip_denoised: bool = True, progress: Callable = lambda it: it,
+                          labels: Optional[torch.Tensor] = None):
     """The bound of images[k] for each k in `ids`, in batches: yields (ks, {term: float64 [len(ks)]}) with the
     terms of `bits_per_dim` and "terms" [len(ks), T] (per timestep). Image k's noise is counter-based from its seed
-    (`image_seeds`), so its numbers do not depend on the batch, the process or the device."""
+    (`image_seeds`), so its numbers do not depend on the batch, the process or the device. With `labels` (a
+    class-conditional UNet), the bound of -log p(x_0 | c): image k given its class labels[k] (the conditional model,
+    guidance scale 1)."""
+    from ddpm_hf.pipelines.guidance import GuidedNetwork
+
     for i in progress(range(0, len(ids), batch_size)):
         ks = list(ids[i : i + batch_size])
-        prior, terms = bound_terms(unet, scheduler, images[ks], clip_denoised=clip_denoised, seeds=image_seeds(ks, seed))
+        network = unet if labels is None else GuidedNetwork(unet, labels[ks], 1.0)
+        prior, terms = bound_terms(network, scheduler, images[ks], clip_denoised=clip_denoised, seeds=image_seeds(ks, seed))
         kl, decoder = terms[:, 1:].sum(1), terms[:, 0]
         yield ks, {"total": prior + kl + decoder, "prior": prior, "kl": kl, "decoder": decoder, "terms": terms}
 

@@ -14,6 +14,7 @@ mean bound term per timestep.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence, Set, Tuple
@@ -24,7 +25,7 @@ import torch
 from ddpm_hf.data.datasets import first_rows, image_fit_note, images_of
 from ddpm_hf.data.fingerprints import image_sha256, images_sha256, source_fingerprint
 from ddpm_hf.diffusion.likelihood import TERMS, bits_per_dim_of_share, summarize
-from ddpm_hf.errors import StateError
+from ddpm_hf.errors import StateError, UsageError
 from ddpm_hf.outputs.files import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 from ddpm_hf.outputs.folder_jobs import FolderJob
 from ddpm_hf.outputs.plots import plot_bound_terms
@@ -83,11 +84,19 @@ def done_images(folder: Path, hashes: Sequence[str]) -> Tuple[Set[int], int]:
 def measure(pipe, *, pipeline_name: str, folder, dataset: str, num_images: int, split: str = "test", batch_size: int = 64,
             seed: int = 0, clip_denoised: bool = True, dataset_config: Optional[str] = None,
             image_column: Optional[str] = None, overwrite: bool = False, output=None, state=None,
-            notify: Callable[[str], None] = lambda message: None, dtype: str = "fp32") -> Optional[dict]:
+            notify: Callable[[str], None] = lambda message: None, dtype: str = "fp32",
+            label_column: Optional[str] = None) -> Optional[dict]:
     """Measure this process's share (`state`: an accelerate PartialState, or None for one process); the main
     process then writes nll.json (at `output`, default folder/nll.json) and returns it. Images of other channels than
-    the pipeline's are refused; a resize to its size is told to `notify` (on the main process)."""
+    the pipeline's are refused; a resize to its size is told to `notify` (on the main process). A class-conditional
+    pipeline is measured given each image's label (its dataset's ClassLabel column, or `label_column`): the bound of
+    -log p(x_0 | c)."""
+    from ddpm_hf.pipelines.guidance import num_classes
+
     unet, scheduler = pipe.unet, pipe.scheduler
+    conditional = num_classes(unet) is not None
+    if label_column is not None and not conditional:
+        raise UsageError("--label_column is for a class-conditional pipeline, and this one is unconditional; drop it.")
     protocol = {
         "pipeline": pipeline_name, "weights_sha256": state_dict_sha256(unet), "scheduler": dict(scheduler.config),
         "num_train_timesteps": scheduler.config.num_train_timesteps, "variance_type": scheduler.config.variance_type,
@@ -98,6 +107,9 @@ def measure(pipe, *, pipeline_name: str, folder, dataset: str, num_images: int, 
         "convention": "improved DDPM calc_bpd_loop: index t = 0..T-1, decoder at t = 0 (exact normal CDF), bits/dim",
         "dtype": dtype,
     }
+    if conditional:  # recorded only there: an unconditional folder's protocol stays as it was
+        protocol.update(given="each image's class label (the conditional model, guidance scale 1)",
+                        label_column=label_column)
     cast_network(unet, dtype)
     with FolderJob(folder, PROTOCOL_FILE, protocol, state) as job:
         job.check("a bits/dim measurement", "measure again from scratch", overwrite)  # before any image is decoded
@@ -107,6 +119,9 @@ def measure(pipe, *, pipeline_name: str, folder, dataset: str, num_images: int, 
             notify(note)
         images = images_of(rows, unet.config.in_channels, unet.config.sample_size, image_column)
         hashes = [image_sha256(image) for image in images.numpy()]
+        labels = held_out_labels(rows, label_column, pipe) if conditional else None
+        if labels is not None:  # a result is of the pixels and the label: either changed, it is measured again
+            hashes = [labelled_sha256(h, int(c)) for h, c in zip(hashes, labels)]
         results = job.folder / "images"
         if job.is_main:
             results.mkdir(parents=True, exist_ok=True)
@@ -120,7 +135,8 @@ def measure(pipe, *, pipeline_name: str, folder, dataset: str, num_images: int, 
                    "now holds at their index (the data changed); they are measured again")
         todo = job.todo(num_images, done)
         bar = job.bar(len(todo), "Bits/dim", "img")
-        for ks, terms in bits_per_dim_of_share(unet, scheduler, images, todo, seed, batch_size, clip_denoised):
+        for ks, terms in bits_per_dim_of_share(unet, scheduler, images, todo, seed, batch_size, clip_denoised,
+                                               labels=labels):
             for i, k in enumerate(ks):
                 write_image_result(image_file(job.folder, k), terms, i, hashes[k])
             bar.update(len(ks))
@@ -129,6 +145,26 @@ def measure(pipe, *, pipeline_name: str, folder, dataset: str, num_images: int, 
             return None
         data = {"images_sha256": images_sha256(hashes), "source": source_fingerprint(dataset)}
         return write_summary(job.folder, hashes, {**protocol, "data": data}, output)
+
+
+def held_out_labels(rows, label_column: Optional[str], pipe) -> torch.Tensor:
+    """The class labels of the measured images (`find_label_column`, `class_names_of`): refused in one line where the
+    data's classes are not the pipeline's."""
+    from ddpm_hf.data.datasets import class_names_of, find_label_column
+    from ddpm_hf.pipelines.guidance import num_classes
+
+    column = find_label_column(rows.features, label_column)
+    names = class_names_of(rows, column)
+    known = pipe.class_names or [str(k) for k in range(num_classes(pipe.unet))]
+    if names != known[: len(names)]:
+        raise UsageError(f"The classes of column {column!r} ({', '.join(names)}) are not the pipeline's ({', '.join(known)}), "
+                         "so its labels would name other classes; measure data labelled as the pipeline was trained.")
+    return torch.as_tensor(np.asarray(rows.with_format(None)[column]), dtype=torch.int64)
+
+
+def labelled_sha256(image_hash: str, label: int) -> str:
+    """The SHA-256 that names an image and its class label together."""
+    return hashlib.sha256(f"{image_hash} class {label}".encode()).hexdigest()
 
 
 def write_summary(folder: Path, hashes: Sequence[str], protocol: dict, output=None) -> dict:
