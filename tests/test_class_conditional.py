@@ -278,14 +278,35 @@ def test_ddpm_sample_refuses_labels_that_do_not_fit_in_one_line(tmp_path, flags,
     assert said in one_error_line(proc) and not list((tmp_path / "out").glob("*.png"))
 
 
-@pytest.mark.parametrize("module, args", [("visualize", [])])
-def test_commands_that_take_no_labels_yet_refuse_a_conditional_pipeline_in_one_line(tmp_path, module, args):
+def test_ddpm_evaluate_refuses_a_conditional_pipeline_in_one_line_until_it_takes_guidance_scales(tmp_path):
+    from ddpm_hf.commands.running import load_for_command
+    from ddpm_hf.errors import UsageError
+
     conditional_pipeline().save_pretrained(tmp_path / "pipe")
-    proc = run_in_process([sys.executable, "-m", f"ddpm_hf.commands.{module}", tmp_path / "pipe", tmp_path / "out",
-                           *map(str, args)])
-    assert one_error_line(proc) == (f"error: {tmp_path / 'pipe'} is a class-conditional pipeline (3 classes), and "
-                                    f"ddpm-{module} takes no class labels yet; ddpm-sample --class_labels draws from it.")
-    assert not (tmp_path / "out").exists()
+    with pytest.raises(UsageError, match=r"is a class-conditional pipeline \(3 classes\), and ddpm-evaluate takes no "
+                                         "class labels yet; ddpm-sample --class_labels draws from it"):
+        load_for_command(str(tmp_path / "pipe"), "cpu", unconditional_only="ddpm-evaluate")
+
+
+def visualize_cli(*args):
+    return run_in_process([sys.executable, "-m", "ddpm_hf.commands.visualize", *map(str, args)])
+
+
+@pytest.mark.slow
+def test_ddpm_visualize_draws_each_seed_of_its_class_and_records_the_labels(tmp_path):
+    conditional_pipeline().save_pretrained(tmp_path / "pipe")
+    common = ["--seeds", 0, 1, 2, 3, "--progressive_seeds", 3, "--num_inference_steps", 4, "--frames", 3, "--columns", 3]
+    done = visualize_cli(tmp_path / "pipe", tmp_path / "balanced", *common, "--class_labels", "balanced",
+                         "--guidance_scale", 2, "--dataset", "digits", "--num_images", 2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads((tmp_path / "balanced" / "figures.json").read_text())
+    assert figures["progressive.png"]["class_labels"] == [0, 1, 2] and figures["progressive.png"]["guidance_scale"] == 2
+    assert "interpolate.png" not in figures and "forward.png" in figures  # interpolate takes no labels yet
+    other = visualize_cli(tmp_path / "pipe", tmp_path / "ones", *common, "--class_labels", "1", "--guidance_scale", 2)
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert (tmp_path / "ones" / "progressive.png").read_bytes() != (tmp_path / "balanced" / "progressive.png").read_bytes()
+    refused = visualize_cli(tmp_path / "pipe", tmp_path / "none", *common)
+    assert "pass --class_labels balanced" in one_error_line(refused)
 
 
 def labelled_digits(path, labels):

@@ -43,7 +43,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--animation_format", choices=ANIMATION_FORMATS, default="auto", help="auto: the smaller file")
     parser.add_argument("--dtype", choices=SAMPLING_DTYPES, default="fp32", help="the network's precision (the chain "
                         "stays float32); fp16 only on a GPU")
+    parser.add_argument("--class_labels", default=None, help="a class-conditional pipeline's classes: balanced (seed i of "
+                        "class i mod K: one row per class in the progressive figure) or comma-separated labels (0,3,7)")
+    parser.add_argument("--guidance_scale", type=float, default=1.0, help="classifier-free guidance w for a "
+                        "class-conditional pipeline: 0 the unconditional model, 1 the conditional one, above 1 guided")
     args = parser.parse_args(argv)
+    if not args.guidance_scale >= 0:
+        parser.error(f"--guidance_scale {args.guidance_scale}: give 0 or more (0 unconditional, 1 conditional)")
+    if args.class_labels is None and args.guidance_scale != 1.0:
+        parser.error("--guidance_scale is for a class-conditional pipeline: add --class_labels (balanced, or 0,3,7)")
     figures = args.figures or (["progressive", "denoise"] + (["forward", "interpolate"] if args.dataset else []))
     needs_images = [f for f in figures if f in ("forward", "interpolate")]
     if needs_images and not args.dataset:
@@ -66,7 +74,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = distributed_state().device
     network_dtype(args.dtype, device)  # refused before loading anything
     rows = first_rows(args.dataset, args.split, args.num_images, args.dataset_config) if needs_images else None
-    pipe = load_for_command(args.pipeline, device, unconditional_only="ddpm-visualize")
+    pipe = load_for_command(args.pipeline, device)
+    from ddpm_hf.pipelines.guidance import num_classes
+    from ddpm_hf.sampling.sample_folder import class_labels_of, label_of
+
+    labels = class_labels_of(args.class_labels, num_classes(pipe.unet))
+    if labels is not None and args.figures is None:  # interpolate takes no labels yet
+        figures = [f for f in figures if f != "interpolate"]
     use_scheduler(pipe, args.scheduler)
     images = None if rows is None else images_of(rows, pipe.unet.config.in_channels, pipe.unet.config.sample_size,
                                                  args.image_column)
@@ -74,7 +88,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     entries = visualize(pipe, args.output_dir, figures=figures, seeds=args.seeds,
                         num_inference_steps=args.num_inference_steps, eta=args.eta, images=images, depths=args.depths,
                         columns=args.columns, frames=args.frames, seed=args.noise_seed,
-                        fmt=args.animation_format, about=about, progressive_seeds=args.progressive_seeds, dtype=args.dtype)
+                        fmt=args.animation_format, about=about, progressive_seeds=args.progressive_seeds, dtype=args.dtype,
+                        class_labels=None if labels is None else [label_of(i, labels) for i in range(len(args.seeds))],
+                        guidance_scale=args.guidance_scale)
     for name in entries:
         print(f"wrote {Path(args.output_dir) / name}")
     return 0

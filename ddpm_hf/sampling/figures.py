@@ -71,7 +71,8 @@ def kept_steps(num_steps: int, count: int) -> List[int]:
 
 
 def record_chain(pipe, seeds: Sequence[int], num_inference_steps: int, counts: Sequence[int],
-                 eta: Optional[float] = None, class_labels: Optional[Sequence[int]] = None) -> Chain:
+                 eta: Optional[float] = None, class_labels: Optional[Sequence[int]] = None,
+                 guidance_scale: float = 1.0) -> Chain:
     """Draw one image per seed (of a class-conditional pipeline: per seed and class label) with the pipeline, keeping
     the steps that `Chain.pick(count)` gives for each count."""
     steps = set().union(*(kept_steps(num_inference_steps, count) for count in counts))
@@ -86,7 +87,7 @@ def record_chain(pipe, seeds: Sequence[int], num_inference_steps: int, counts: S
             recorded["samples"].append(step.prev_sample.float().cpu())
             recorded["predictions"].append(predicted_x0(pipe.scheduler, step).float().cpu())
 
-    labels = {} if class_labels is None else {"class_labels": list(class_labels)}
+    labels = {} if class_labels is None else {"class_labels": list(class_labels), "guidance_scale": guidance_scale}
     output = pipe(batch_size=len(seeds), seeds=[int(s) for s in seeds], num_inference_steps=num_inference_steps, eta=eta,
                   output_type="pt", callback=callback, **labels).images
     return Chain(recorded["start"][0], len(pipe.scheduler.timesteps), recorded["indices"], recorded["timesteps"],
@@ -259,13 +260,13 @@ def save_png(image, path: Path) -> Path:
 def chain_figures(pipe, folder: Path, seeds: Sequence[int], num_inference_steps: int, which=("progressive", "denoise"),
                   frames: int = 50, columns: int = 10, progressive_seeds: int = 4, fmt: str = "auto",
                   eta: Optional[float] = None, about: Optional[dict] = None,
-                  class_labels: Optional[Sequence[int]] = None) -> Dict[str, dict]:
+                  class_labels: Optional[Sequence[int]] = None, guidance_scale: float = 1.0) -> Dict[str, dict]:
     """progressive.png (the first `progressive_seeds` seeds) and the denoising animation (all `seeds`, with their
     `class_labels` for a class-conditional pipeline), as `which` asks, from one recorded chain; returns their
     figures.json entries."""
-    chain = record_chain(pipe, seeds, num_inference_steps, [frames, columns], eta, class_labels)
+    chain = record_chain(pipe, seeds, num_inference_steps, [frames, columns], eta, class_labels, guidance_scale)
     common = {"scheduler": type(pipe.scheduler).__name__, "num_inference_steps": num_inference_steps, "eta": eta,
-              **(about or {})}
+              **(about or {}), **({} if class_labels is None else {"guidance_scale": guidance_scale})}
     entries = {}
     if "progressive" in which:
         figure, shown = progressive_figure(chain, columns, progressive_seeds)
@@ -291,10 +292,12 @@ def visualize(pipe, folder, *, figures: Sequence[str], seeds: Sequence[int], num
               eta: Optional[float] = None, images: Optional[torch.Tensor] = None, depths: Sequence[float] = (0.0, 0.5),
               weights: Sequence[float] = (0.0, 0.5, 1.0), columns: int = 10, frames: int = 50, seed: int = 0,
               fmt: str = "auto", about: Optional[dict] = None, progressive_seeds: int = 4,
-              dtype: str = "fp32") -> Dict[str, dict]:
+              dtype: str = "fp32", class_labels: Optional[Sequence[int]] = None,
+              guidance_scale: float = 1.0) -> Dict[str, dict]:
     """Write `figures` (of FIGURES) into `folder` and record them in figures.json; `images` (uint8 [N, C, H, W], at
     least two for `interpolate`) are the real images of `forward` and `interpolate`. The network runs in `dtype`
-    (SAMPLING_DTYPES). Returns the new entries."""
+    (SAMPLING_DTYPES). A class-conditional pipeline draws seed i of class `class_labels`[i] with guidance
+    `guidance_scale` (progressive and denoise; interpolate takes no labels yet). Returns the new entries."""
     unknown = [f for f in figures if f not in FIGURES]
     if unknown:
         raise UsageError(f"figure {unknown[0]!r} is not one of {', '.join(FIGURES)}.")
@@ -302,6 +305,8 @@ def visualize(pipe, folder, *, figures: Sequence[str], seeds: Sequence[int], num
         raise UsageError("the forward and interpolate figures need real images: pass --dataset (a dataset or a folder).")
     if "interpolate" in figures and images.shape[0] < 2:
         raise UsageError("interpolate needs two images; pass --num_images 2 or more.")
+    if "interpolate" in figures and class_labels is not None:
+        raise UsageError("interpolate of a class-conditional pipeline takes no labels yet; leave it out of --figures.")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     about = {"weights_sha256": state_dict_sha256(pipe.unet), **(about or {}), "dtype": dtype}
@@ -310,7 +315,7 @@ def visualize(pipe, folder, *, figures: Sequence[str], seeds: Sequence[int], num
     sampled = [f for f in figures if f in ("progressive", "denoise")]
     if sampled:
         entries.update(chain_figures(pipe, folder, seeds, num_inference_steps, sampled, frames, columns, progressive_seeds,
-                                     fmt, eta, about))
+                                     fmt, eta, about, class_labels, guidance_scale))
     real = to_model_range(images, random_flip=False) if images is not None else None
     if "forward" in figures:
         entries.update(forward_figures(pipe.scheduler, real, folder, columns, frames, seed, fmt, about))
