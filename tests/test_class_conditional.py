@@ -5,6 +5,7 @@ real digits recognises as the class asked for."""
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -278,14 +279,47 @@ def test_ddpm_sample_refuses_labels_that_do_not_fit_in_one_line(tmp_path, flags,
     assert said in one_error_line(proc) and not list((tmp_path / "out").glob("*.png"))
 
 
-def test_ddpm_evaluate_refuses_a_conditional_pipeline_in_one_line_until_it_takes_guidance_scales(tmp_path):
-    from ddpm_hf.commands.running import load_for_command
-    from ddpm_hf.errors import UsageError
+def evaluate_cli(pipe, out, stand_in, *extra):
+    return run_in_process([sys.executable, "-m", "ddpm_hf.commands.evaluate", str(pipe), str(out), "--num_images", "10",
+                           "--num_inference_steps", "4", "--modes", "clean", "--nll_images", "0", "--reference", "digits",
+                           "--reference_split", "test", "--inception_weights", str(stand_in), "--cache_dir",
+                           str(Path(stand_in).parent / "cache"), "--fid_se_rounds", "0", *map(str, extra)])
 
+
+@pytest.mark.slow
+def test_ddpm_evaluate_measures_each_guidance_scale_on_class_balanced_samples(tmp_path):
+    from test_evaluate_command import StandInInception
+
+    torch.jit.script(StandInInception()).save(str(tmp_path / "stand-in.pt"))
     conditional_pipeline().save_pretrained(tmp_path / "pipe")
-    with pytest.raises(UsageError, match=r"is a class-conditional pipeline \(3 classes\), and ddpm-evaluate takes no "
-                                         "class labels yet; ddpm-sample --class_labels draws from it"):
-        load_for_command(str(tmp_path / "pipe"), "cpu", unconditional_only="ddpm-evaluate")
+    out = tmp_path / "eval"
+    proc = evaluate_cli(tmp_path / "pipe", out, tmp_path / "stand-in.pt", "--guidance_scales", "0,1,3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "evaluation.json").read_text())
+    assert [row["guidance_scale"] for row in report["guidance"]] == [0.0, 1.0, 3.0]
+    fids = []
+    for row in report["guidance"]:
+        w = row["guidance_scale"]
+        sampling = json.loads((out / "eval_samples" / f"guidance-{w:g}" / "sampling.json").read_text())
+        assert sampling["guidance_scale"] == w and sampling["class_labels"] == [0, 1, 2] and sampling["num_images"] == 10
+        measured = json.loads((out / f"metrics-clean-guidance-{w:g}.json").read_text())
+        assert row["fid_clean"] == measured["fid"]
+        fids.append(measured["fid"])
+    assert len(set(fids)) == 3  # each scale drew other images
+    assert report["results"]["fid_clean"] == fids[0] and (out / "guidance.png").is_file()
+    table = (out / "evaluation.md").read_text()
+    assert "| guidance scale w | FID (clean) | IS (clean) |" in table and "\n| 3 | " in table
+
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    DDPMPipeline(unet, DDPMScheduler(num_train_timesteps=20)).save_pretrained(tmp_path / "plain")
+    refused = evaluate_cli(tmp_path / "plain", tmp_path / "plain-eval", tmp_path / "stand-in.pt", "--guidance_scales", "0,1")
+    assert one_error_line(refused) == ("error: --guidance_scales is for a class-conditional pipeline, and this one is "
+                                       "unconditional; drop it.")
+    assert not (tmp_path / "plain-eval" / "eval_samples").exists()
 
 
 def visualize_cli(*args):

@@ -197,9 +197,9 @@ def test_deterministic_turns_on_torchs_deterministic_kernels_for_the_run_only(tm
     seen = []
     device_step = training.device_step
 
-    def recording(run, batches, ema_weight=None):
+    def recording(run, batches, ema_weight=None, labels=None):
         seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark))
-        device_step(run, batches, ema_weight)
+        device_step(run, batches, ema_weight, labels)
 
     monkeypatch.setattr(training, "device_step", recording)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)

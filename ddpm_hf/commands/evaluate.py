@@ -37,6 +37,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "the protocol's, 10,000)")
     parser.add_argument("--modes", nargs="+", choices=FID_MODES, default=None, help="clean-fid modes (default: "
                         "legacy_tensorflow clean)")
+    parser.add_argument("--guidance_scales", default=None, help="a class-conditional pipeline: the guidance scales w to "
+                        "evaluate, comma-separated (e.g. 0,0.5,1,2,4; default: 1), each on class-balanced samples, with FID "
+                        "against IS in guidance.png")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--dtype", choices=SAMPLING_DTYPES, default="fp32", help="the network's precision when sampling")
     parser.add_argument("--seed", type=int, default=0, help="sample k from seed + k; the bound's image k from (seed, k)")
@@ -46,6 +49,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "standard error, 0 to skip it (default: the protocol's, 10; each costs about one FID)")
     parser.add_argument("--overwrite", action="store_true", help="start again in a folder evaluated with other settings")
     args = parser.parse_args(argv)
+    scales = None
+    if args.guidance_scales is not None:
+        try:
+            scales = [float(w) for w in args.guidance_scales.split(",")]
+        except ValueError:
+            parser.error(f"--guidance_scales {args.guidance_scales!r}: give comma-separated numbers, e.g. 0,1,2,4")
     if args.seed < 0 or args.batch_size < 1:
         parser.error(f"--seed {args.seed} must be at least 0 and --batch_size {args.batch_size} at least 1")
 
@@ -57,13 +66,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     chosen = settings(args.protocol, num_images=args.num_images, num_inference_steps=args.num_inference_steps,
                       reference=args.reference, reference_split=args.reference_split, nll_dataset=args.nll_dataset,
                       nll_split=args.nll_split, nll_images=args.nll_images, modes=args.modes,
-                      fid_se_rounds=args.fid_se_rounds)
+                      fid_se_rounds=args.fid_se_rounds, guidance_scales=scales)
     state = distributed_state()
     network_dtype(args.dtype, state.device)
     # before any sampling: the Inception weights and the data, each missing one a line now rather than hours later
     network = feature_network("inception", state.device, args.inception_weights, cache_dir=args.cache_dir)
     check_data(chosen)
-    load = functools.partial(load_for_command, args.pipeline, state.device, unconditional_only="ddpm-evaluate")
+    load = functools.partial(load_for_command, args.pipeline, state.device)
     pipe = load()
     report = evaluate_pipeline(pipe, reload=load,
                                pipeline_name=args.pipeline, folder=args.output_dir, chosen=chosen, network=network,

@@ -72,16 +72,9 @@ def quiet_loading() -> None:
     diffusers_logging.disable_progress_bar()
 
 
-def load_for_command(source: str, device, unconditional_only: Optional[str] = None):
-    """The pipeline a command works on, on `device`, without diffusers' loading bars. `unconditional_only`: the name
-    of a command that takes no class labels yet, which refuses a class-conditional pipeline in one line."""
-    from ddpm_hf.errors import UsageError
+def load_for_command(source: str, device):
+    """The pipeline a command works on, on `device`, without diffusers' loading bars."""
     from ddpm_hf.outputs.weights import load_pipeline
-    from ddpm_hf.pipelines.guidance import num_classes
 
     quiet_loading()
-    pipe = load_pipeline(source)
-    if unconditional_only and num_classes(pipe.unet) is not None:
-        raise UsageError(f"{source} is a class-conditional pipeline ({num_classes(pipe.unet)} classes), and "
-                         f"{unconditional_only} takes no class labels yet; ddpm-sample --class_labels draws from it.")
-    return pipe.to(device)
+    return load_pipeline(source).to(device)

@@ -7,6 +7,10 @@ Every stage is one of the existing commands' pieces, resumable with the provenan
 3. `eval_nll/` and `nll.json`: ddpm-nll's folder job on the held-out split;
 4. `evaluation.json` and `evaluation.md`: the results, each with its standard error where the protocol has one, the
    exact protocol, and the published figures beside them.
+A class-conditional pipeline is evaluated at each of its guidance scales (default: 1, the conditional model): a
+class-balanced folder `eval_samples/guidance-<w>/` and `metrics-<mode>-guidance-<w>.json` per w, a row per w in the
+report and, for two or more, FID against IS in `guidance.png` (the trade-off of Ho & Salimans 2021, Fig. 4); the bound
+is taken given each held-out image's label.
 A killed run started again keeps every image and every per-image bound already written.
 """
 
@@ -22,8 +26,10 @@ from ddpm_hf.outputs.run_folder import (
     EVALUATION_NLL_DIR,
     EVALUATION_SAMPLES_DIR,
     EVALUATION_TABLE,
+    GUIDANCE_PLOT,
     NLL,
     evaluation_metrics_file,
+    evaluation_samples_dir,
 )
 
 FID_SE_ROUNDS = 10  # bootstrap resamplings of the samples for FID's standard error
@@ -61,7 +67,9 @@ def settings(protocol: str, **overrides) -> dict:
                 f"--num_inference_steps {chosen['num_inference_steps']} at least 1" if chosen["num_inference_steps"] < 1 else "",
                 f"--nll_images {chosen['nll_images']} at least 0 (0 skips the bound)" if chosen["nll_images"] < 0 else "",
                 f"--fid_se_rounds {chosen['fid_se_rounds']} at least 2, or 0 to skip FID's standard error"
-                if chosen["fid_se_rounds"] == 1 or chosen["fid_se_rounds"] < 0 else ""]
+                if chosen["fid_se_rounds"] == 1 or chosen["fid_se_rounds"] < 0 else "",
+                f"--guidance_scales {chosen['guidance_scales']}: each at least 0 (0 unconditional, 1 conditional)"
+                if any(not w >= 0 for w in chosen.get("guidance_scales") or ()) else ""]
     if any(problems):
         raise UsageError("; ".join(p for p in problems if p) + ".")
     return {"protocol": protocol, **chosen}
@@ -85,26 +93,36 @@ def evaluate_pipeline(pipe, *, reload: Callable, pipeline_name: str, folder, cho
     pipeline again as saved, for the bound in float32: sampling cast `pipe`'s network to `dtype`."""
     from ddpm_hf.measuring.folder_metrics import evaluate_folder
     from ddpm_hf.measuring.nll_folder import measure
+    from ddpm_hf.pipelines.guidance import num_classes
     from ddpm_hf.sampling.sample_folder import sample_command
 
     folder = Path(folder)
     is_main = state.is_main_process if state else True
     unet_config = pipe.unet.config
-    sample_command(pipe, pipeline_name=pipeline_name, folder=folder / EVALUATION_SAMPLES_DIR,
-                   num_images=chosen["num_images"], batch_size=batch_size, sampler="ddpm",
-                   num_inference_steps=chosen["num_inference_steps"], eta=None, seed=seed, overwrite=overwrite,
-                   state=state, dtype=dtype)
-    metrics = {}
-    if is_main:
-        for mode in chosen["modes"]:
-            metrics[mode] = evaluate_folder(folder / EVALUATION_SAMPLES_DIR, chosen["reference"], network, mode=mode,
-                                            cache_dir=cache_dir, split=chosen["reference_split"],
-                                            resolution=unet_config.sample_size, channels=unet_config.in_channels,
-                                            output=folder / evaluation_metrics_file(mode),
-                                            fd_se_rounds=chosen["fid_se_rounds"],
-                                            device=state.device if state is not None else "cpu")
-    if state is not None:
-        state.wait_for_everyone()
+    classes = num_classes(pipe.unet)
+    if chosen.get("guidance_scales") and classes is None:
+        raise UsageError("--guidance_scales is for a class-conditional pipeline, and this one is unconditional; drop it.")
+    scales = [None] if classes is None else list(chosen.get("guidance_scales") or [1.0])
+    by_scale: Dict[Optional[float], dict] = {}
+    for i, w in enumerate(scales):
+        # sampling casts the network to `dtype`: a later scale starts from the weights as saved (their hash)
+        drawing = pipe if i == 0 or dtype == "fp32" else reload()
+        sample_command(drawing, pipeline_name=pipeline_name, folder=folder / evaluation_samples_dir(w),
+                       num_images=chosen["num_images"], batch_size=batch_size, sampler="ddpm",
+                       num_inference_steps=chosen["num_inference_steps"], eta=None, seed=seed, overwrite=overwrite,
+                       state=state, dtype=dtype, labels=None if w is None else list(range(classes)),
+                       guidance_scale=1.0 if w is None else w)
+        by_scale[w] = {}
+        if is_main:
+            for mode in chosen["modes"]:
+                by_scale[w][mode] = evaluate_folder(
+                    folder / evaluation_samples_dir(w), chosen["reference"], network, mode=mode, cache_dir=cache_dir,
+                    split=chosen["reference_split"], resolution=unet_config.sample_size,
+                    channels=unet_config.in_channels, output=folder / evaluation_metrics_file(mode, w),
+                    fd_se_rounds=chosen["fid_se_rounds"], device=state.device if state is not None else "cpu")
+        if state is not None:
+            state.wait_for_everyone()
+    metrics = by_scale[scales[0]]
     nll = None
     if chosen["nll_images"]:
         nll = measure(pipe if dtype == "fp32" else reload(), pipeline_name=pipeline_name, folder=folder / EVALUATION_NLL_DIR,
@@ -112,14 +130,19 @@ def evaluate_pipeline(pipe, *, reload: Callable, pipeline_name: str, folder, cho
                       batch_size=batch_size, seed=seed, overwrite=overwrite, output=folder / NLL, state=state, notify=notify)
     if not is_main:
         return None
-    report = build_report(pipeline_name, chosen, metrics, nll, dtype, seed)
+    report = build_report(pipeline_name, chosen, metrics, nll, dtype, seed,
+                          by_scale=None if scales == [None] else by_scale)
+    if len(by_scale) > 1:
+        from ddpm_hf.outputs.plots import plot_guidance
+
+        plot_guidance(report["guidance"], chosen["modes"][0], folder / GUIDANCE_PLOT)
     atomic_write_json(folder / EVALUATION, report)
     atomic_write_text(folder / EVALUATION_TABLE, report_markdown(report))
     return report
 
 
-def build_report(pipeline_name: str, chosen: dict, metrics: dict, nll: Optional[dict], dtype: str, seed: int) -> dict:
-    """The numbers of this evaluation, the protocol that made them, and the published figures of the protocol."""
+def _metric_results(metrics: dict) -> dict:
+    """{fid_<mode>, fid_<mode>_se, inception_score_<mode>} of one sample folder's metrics in each mode."""
     results = {}
     for mode, result in metrics.items():
         results[f"fid_{mode}"] = result["fid"]
@@ -127,6 +150,14 @@ def build_report(pipeline_name: str, chosen: dict, metrics: dict, nll: Optional[
             results[f"fid_{mode}_se"] = result["fid_se"]
         if "inception_score" in result:
             results[f"inception_score_{mode}"] = {k: result["inception_score"][k] for k in ("mean", "std")}
+    return results
+
+
+def build_report(pipeline_name: str, chosen: dict, metrics: dict, nll: Optional[dict], dtype: str, seed: int,
+                 by_scale: Optional[Dict[float, dict]] = None) -> dict:
+    """The numbers of this evaluation, the protocol that made them, and the published figures of the protocol.
+    `by_scale` (a class-conditional pipeline): the metrics at each guidance scale, the first of which is `metrics`."""
+    results = _metric_results(metrics)
     if nll is not None:
         results["nll_bits_per_dim"] = {k: nll["bits_per_dim"]["total"][k] for k in ("mean", "sem")}
     first = next(iter(metrics.values()), None)
@@ -136,10 +167,19 @@ def build_report(pipeline_name: str, chosen: dict, metrics: dict, nll: Optional[
         "feature_network": first["protocol"]["feature_network"] if first else None,
         "files": {"samples": EVALUATION_SAMPLES_DIR, "metrics": [evaluation_metrics_file(m) for m in metrics], "nll": NLL if nll else None},
     }
+    guidance = None
+    if by_scale is not None:
+        protocol["guidance_scales"] = list(by_scale)
+        protocol["class_balanced"] = "image k of class k mod K, at each guidance scale"
+        protocol["files"].update(samples=[evaluation_samples_dir(w) for w in by_scale],
+                                 metrics=[evaluation_metrics_file(m, w) for w in by_scale for m in by_scale[w]],
+                                 guidance_plot=GUIDANCE_PLOT if len(by_scale) > 1 else None)
+        guidance = [{"guidance_scale": w, **_metric_results(measured)} for w, measured in by_scale.items()]
     if chosen["num_images"] < PAPER_NUM_IMAGES:
         protocol["caution"] = (f"{chosen['num_images']} samples, not the paper's {PAPER_NUM_IMAGES}: FID is biased upward "
                                "with fewer samples, so these FIDs are not comparable with the published ones.")
-    return {"results": results, "protocol": protocol, "published": PROTOCOLS[chosen["protocol"]]["published"]}
+    report = {"results": results, "protocol": protocol, "published": PROTOCOLS[chosen["protocol"]]["published"]}
+    return report if guidance is None else {**report, "guidance": guidance}
 
 
 def _fmt(value: Optional[float], error: Optional[float] = None, places: int = 2) -> str:
@@ -153,7 +193,9 @@ def report_markdown(report: dict) -> str:
     results, protocol = report["results"], report["protocol"]
     modes: Sequence[str] = protocol["modes"]
     head = ["", *[f"FID ({m})" for m in modes], *[f"IS ({m})" for m in modes], "NLL (bits/dim)"]
-    ours = [f"this pipeline ({protocol['num_images']} samples, {protocol['num_inference_steps']} steps)"]
+    scales = protocol.get("guidance_scales")
+    at = f", guidance scale {scales[0]:g}" if scales else ""
+    ours = [f"this pipeline ({protocol['num_images']} samples, {protocol['num_inference_steps']} steps{at})"]
     ours += [_fmt(results.get(f"fid_{m}"), results.get(f"fid_{m}_se")) for m in modes]
     ours += [_fmt(results[f"inception_score_{m}"]["mean"], results[f"inception_score_{m}"]["std"])
              if f"inception_score_{m}" in results else "–" for m in modes]
@@ -176,4 +218,21 @@ def report_markdown(report: dict) -> str:
                   f"{protocol['nll_dataset']} ({protocol['nll_split']}), ± its standard error. ")
     if "caution" in protocol:
         words += protocol["caution"]
-    return "\n".join(lines) + "\n\n" + words.strip() + "\n"
+    return "\n".join(lines) + "\n\n" + words.strip() + "\n" + guidance_markdown(report)
+
+
+def guidance_markdown(report: dict) -> str:
+    """A class-conditional pipeline's row per guidance scale (empty for an unconditional one)."""
+    if not report.get("guidance"):
+        return ""
+    modes = report["protocol"]["modes"]
+    head = ["guidance scale w", *[f"FID ({m})" for m in modes], *[f"IS ({m})" for m in modes]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in report["guidance"]:
+        cells = [f"{row['guidance_scale']:g}", *[_fmt(row.get(f"fid_{m}"), row.get(f"fid_{m}_se")) for m in modes],
+                 *[_fmt(row[f"inception_score_{m}"]["mean"], row[f"inception_score_{m}"]["std"])
+                   if f"inception_score_{m}" in row else "–" for m in modes]]
+        lines.append("| " + " | ".join(cells) + " |")
+    plot = f"\n![FID against IS over the guidance scales]({GUIDANCE_PLOT})\n" if len(report["guidance"]) > 1 else ""
+    return ("\nClassifier-free guidance (class-balanced samples: image k of class k mod K; 0 is the unconditional model, "
+            "1 the conditional one):\n\n" + "\n".join(lines) + "\n" + plot)

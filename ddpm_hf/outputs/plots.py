@@ -59,6 +59,23 @@ def plot_loss_curve(history: List[dict], path: Path) -> None:
     atomic_save_figure(fig, path)
 
 
+def plot_guidance(rows: list, mode: str, path: Path) -> None:
+    """FID against Inception Score, one point per guidance scale (each row of ddpm-evaluate's report["guidance"]):
+    the trade-off of Ho & Salimans 2021, Fig. 4."""
+    fig, ax = _axes()
+    points = [(row[f"inception_score_{mode}"]["mean"], row[f"fid_{mode}"], row["guidance_scale"]) for row in rows
+              if f"inception_score_{mode}" in row]
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o-", lw=1.2)
+    for inception, fid, w in points:
+        ax.annotate(f"w = {w:g}", (inception, fid), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel(f"Inception Score ({mode})")
+    ax.set_ylabel(f"FID ({mode})")
+    ax.grid(True, alpha=0.3)
+    ax.set_title("Classifier-free guidance: FID against IS over the guidance scale w", fontsize=9)
+    fig.tight_layout()
+    atomic_save_figure(fig, path)
+
+
 def plot_bound_terms(per_timestep: np.ndarray, path: Path, prior: float) -> None:
     """The mean bound term (bits/dim) at each training index t; t = 0 is the decoder; `prior` is the mean L_T."""
     fig, ax = _axes()

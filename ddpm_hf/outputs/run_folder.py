@@ -15,8 +15,12 @@ commands' help) takes a name from here. A run folder holds:
     metrics.json, metrics-dinov2.json       ddpm-metrics' results (--output into the folder)
     nll.json                                ddpm-nll's result (--output into the folder)
     evaluation.json, evaluation.md          ddpm-evaluate's report (with eval_samples/, eval_nll/, metrics-<mode>.json)
+                                            (a class-conditional pipeline: eval_samples/guidance-<w>/,
+                                            metrics-<mode>-guidance-<w>.json and guidance.png, FID against IS)
     logs/                                   tracker logs (TensorBoard)
 """
+
+from typing import Optional
 
 # the pipeline (save_pretrained's layout)
 MODEL_INDEX = "model_index.json"
@@ -70,9 +74,18 @@ EVALUATION_SAMPLES_DIR = "eval_samples"
 EVALUATION_NLL_DIR = "eval_nll"
 
 
-def evaluation_metrics_file(mode: str) -> str:
-    """ddpm-evaluate's metrics in clean-fid mode `mode`."""
-    return f"metrics-{mode}.json"
+def evaluation_metrics_file(mode: str, guidance_scale: Optional[float] = None) -> str:
+    """ddpm-evaluate's metrics in clean-fid mode `mode` (of a class-conditional pipeline: at `guidance_scale`)."""
+    return f"metrics-{mode}.json" if guidance_scale is None else f"metrics-{mode}-guidance-{guidance_scale:g}.json"
+
+
+def evaluation_samples_dir(guidance_scale: Optional[float] = None) -> str:
+    """ddpm-evaluate's samples (of a class-conditional pipeline: class-balanced, at `guidance_scale`)."""
+    return EVALUATION_SAMPLES_DIR if guidance_scale is None else f"{EVALUATION_SAMPLES_DIR}/guidance-{guidance_scale:g}"
+
+
+# ddpm-evaluate's FID against IS over the guidance scales of a class-conditional pipeline (Ho & Salimans 2021, Fig. 4)
+GUIDANCE_PLOT = "guidance.png"
 
 
 def metrics_file(kind: str) -> str:
@@ -92,7 +105,7 @@ def sample_grid_file(step: int) -> str:
 PUBLISHED = (
     MODEL_INDEX, UNET_CONFIG, UNET_WEIGHTS, SCHEDULER_CONFIG, MODEL_CARD, SAMPLE_GRID, f"{SAMPLE_GRIDS_DIR}/step-*.png",
     PROGRESSIVE, *DENOISING_ANIMATIONS, FIGURES_RECORD, METRICS, METRICS_DINOV2, TRAINING_CONFIG, LOSS_CURVE,
-    EVALUATION, EVALUATION_TABLE,
+    EVALUATION, EVALUATION_TABLE, GUIDANCE_PLOT,
 )
 
 # What a training run itself leaves besides the pipeline, the card and its config: removed (with the checkpoints) when
