@@ -253,6 +253,13 @@ def _holds_image_bytes(feature) -> bool:
     return isinstance(feature, dict) and _holds_image_bytes(feature.get("bytes"))
 
 
+def named_column(names: List[str], requested: str, flag: str) -> str:
+    """The column `flag` names, refused in one line where the dataset has no such column."""
+    if requested not in names:
+        raise UsageError(f"{flag} {requested!r} is not a column of this dataset; its columns are {names}.")
+    return requested
+
+
 def find_image_column(features, requested: Optional[str] = None) -> str:
     """The image column: `requested`, else `img` or `image`, else the only column of images (an Image feature,
     or else raw encoded bytes)."""
@@ -260,9 +267,7 @@ def find_image_column(features, requested: Optional[str] = None) -> str:
 
     names = list(features)
     if requested is not None:
-        if requested not in names:
-            raise UsageError(f"--image_column {requested!r} is not a column of this dataset; its columns are {names}.")
-        return requested
+        return named_column(names, requested, "--image_column")
     image_columns = [k for k, v in features.items() if isinstance(v, datasets.Image)]
     image_columns = image_columns or [k for k, v in features.items() if _holds_image_bytes(v)]
     for preferred in ("img", "image"):
@@ -286,9 +291,7 @@ def find_label_column(features, requested: Optional[str] = None) -> str:
 
     names = list(features)
     if requested is not None:
-        if requested not in names:
-            raise UsageError(f"--label_column {requested!r} is not a column of this dataset; its columns are {names}.")
-        return requested
+        return named_column(names, requested, "--label_column")
     found = [k for k, v in features.items() if isinstance(v, datasets.ClassLabel)]
     if len(found) == 1:
         return found[0]
