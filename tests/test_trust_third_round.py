@@ -502,6 +502,28 @@ def test_sigterm_while_setting_up_stops_at_once_with_one_line_and_leaves_no_fold
     assert "Traceback" not in err and not folder.exists()
 
 
+@pytest.mark.parametrize("had_marker", [False, True])
+def test_a_signal_while_the_run_folder_is_being_locked_leaves_it_as_it_was(tmp_path, monkeypatch, had_marker):
+    """What a SIGTERM at that moment raises (StopSignals raises StopRequested from its handler), inside the lock's own
+    write: no folder or marker is left where there was none, and a marker found is left byte for byte."""
+    from ddpm_hf.errors import StopRequested
+    from ddpm_hf.training.run_guard import RunFolderLock
+
+    folder = tmp_path / "run"
+    if had_marker:
+        folder.mkdir()
+        (folder / ".ddpm_hf-run").write_text('{"pid": 1, "state": "ended"}')
+    before = every_file(folder) if had_marker else None
+
+    def signalled(self, record):
+        raise StopRequested("stopped: SIGTERM", 15)
+
+    monkeypatch.setattr(RunFolderLock, "_write", signalled)
+    with pytest.raises(StopRequested):
+        RunFolderLock(folder).acquire()
+    assert every_file(folder) == before if had_marker else not folder.exists()
+
+
 def plain_copy(finished_run: Path, folder: Path) -> Path:
     """The pipeline of the finished run as plain diffusers saves one (no hashes recorded)."""
     folder.mkdir()

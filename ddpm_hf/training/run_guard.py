@@ -51,6 +51,7 @@ class RunFolderLock:
         self._fd: Optional[int] = None
         self.had_marker = False
         self._found = b""
+        self._wrote = False  # whether this lock wrote the marker (a refused run puts back what it found)
         self.made_folder = False
 
     def _read(self) -> dict:
@@ -61,6 +62,7 @@ class RunFolderLock:
 
     def _write(self, record: dict) -> None:
         data = json.dumps(record).encode()
+        self._wrote = True
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, data, 0)
         os.fsync(self._fd)
@@ -83,6 +85,12 @@ class RunFolderLock:
         except OSError as e:
             raise OSError(f"Cannot write to --output_dir {self.folder} ({e.strerror or e}); choose a folder you can "
                           "write to.") from None
+        except BaseException:  # a signal while making the folder or the marker: neither is left behind
+            if self._fd is not None:
+                self.release(abandon=True)
+            elif self.made_folder and self.folder.is_dir() and not any(self.folder.iterdir()):
+                self.folder.rmdir()
+            raise
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -92,14 +100,21 @@ class RunFolderLock:
             raise StateError(f"{self.folder} is in use by another training run (process {holder.get('pid', '?')} on "
                                f"{holder.get('host', '?')}, since {holder.get('since', '?')}); wait for it to end, or "
                                "choose another --output_dir.") from None
-        earlier = self._read()
-        self._found = os.pread(self._fd, 1 << 16, 0)  # the marker as found: what a refused run puts back
-        if earlier.get("state") == "running":
-            warn(f"{self.folder}: the run of process {earlier.get('pid', '?')} on {earlier.get('host', '?')} (since "
-                 f"{earlier.get('since', '?')}) stopped without ending (killed?); this run takes the folder over.")
-        self._write({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                     "state": "running"})
-        _HELD[self.path.resolve()] = self
+        except BaseException:  # a signal while taking the lock (StopSignals raises from its handler)
+            self.release(abandon=True)
+            raise
+        try:
+            earlier = self._read()
+            self._found = os.pread(self._fd, 1 << 16, 0)  # the marker as found: what a refused run puts back
+            if earlier.get("state") == "running":
+                warn(f"{self.folder}: the run of process {earlier.get('pid', '?')} on {earlier.get('host', '?')} (since "
+                     f"{earlier.get('since', '?')}) stopped without ending (killed?); this run takes the folder over.")
+            self._write({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                         "state": "running"})
+            _HELD[self.path.resolve()] = self
+        except BaseException:  # a signal while taking the folder over: it is left as it was found
+            self.release(abandon=True)
+            raise
         return self
 
     def release(self, abandon: bool = False) -> None:
@@ -109,11 +124,11 @@ class RunFolderLock:
             return
         import fcntl
 
-        if abandon and self.had_marker:  # a refused run leaves the marker as it found it, byte for byte
+        if abandon and self.had_marker and self._wrote:  # a refused run leaves the marker as it found it, byte for byte
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, self._found, 0)
             os.fsync(self._fd)
-        else:
+        elif not abandon:
             record = self._read()
             self._write({**record, "state": "ended", "ended": time.strftime("%Y-%m-%d %H:%M:%S")})
         fcntl.flock(self._fd, fcntl.LOCK_UN)
