@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 DEBUG_ENV = "DDPM_HF_DEBUG"
 DEBUG_HELP = f"on an error, show the traceback (also: {DEBUG_ENV}=1)"
@@ -90,3 +91,20 @@ class Parser(argparse.ArgumentParser):
         flag = arg.split("=", 1)[0]
         close = difflib.get_close_matches(flag, [s for s in self._option_string_actions if s.startswith("--")], n=1, cutoff=0.7)
         return f"{flag} (did you mean {close[0]}?)" if close else flag
+
+
+def add_label_flags(parser, labels_help: str) -> None:
+    """--class_labels (`labels_help` says what they do in this command) and --guidance_scale, for a class-conditional
+    pipeline; `label_flags_problem` checks them once parsed."""
+    parser.add_argument("--class_labels", default=None, help=labels_help)
+    parser.add_argument("--guidance_scale", type=float, default=1.0, help="classifier-free guidance w for a "
+                        "class-conditional pipeline: 0 the unconditional model, 1 the conditional one, above 1 guided")
+
+
+def label_flags_problem(args) -> Optional[str]:
+    """What is wrong with --class_labels and --guidance_scale as given, before the pipeline is loaded, or None."""
+    if not args.guidance_scale >= 0:
+        return f"--guidance_scale {args.guidance_scale}: give 0 or more (0 unconditional, 1 conditional)"
+    if args.class_labels is None and args.guidance_scale != 1.0:
+        return "--guidance_scale is for a class-conditional pipeline: add --class_labels (balanced, or 0,3,7)"
+    return None

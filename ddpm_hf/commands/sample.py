@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-from ddpm_hf.commands.parsing import Parser
+from ddpm_hf.commands.parsing import Parser, add_label_flags, label_flags_problem
 from ddpm_hf.commands.running import command, load_for_command
 
 
@@ -28,10 +28,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dtype", choices=SAMPLING_DTYPES, default="fp32", help="the network's precision (the chain "
                         "and the scheduler stay float32); bf16 or fp16 are faster on a GPU, fp16 only there")
     parser.add_argument("--overwrite", action="store_true", help="draw again from scratch in a folder drawn with other settings")
-    parser.add_argument("--class_labels", default=None, help="a class-conditional pipeline's classes to draw: balanced "
-                        "(every class alike) or comma-separated labels (0,3,7); image k is of the (k mod count)-th")
-    parser.add_argument("--guidance_scale", type=float, default=1.0, help="classifier-free guidance w for a "
-                        "class-conditional pipeline: 0 the unconditional model, 1 the conditional one, above 1 guided")
+    add_label_flags(parser, "a class-conditional pipeline's classes to draw: balanced (every class alike) or "
+                    "comma-separated labels (0,3,7); image k is of the (k mod count)-th")
     args = parser.parse_args(argv)
     if args.seed < 0:
         parser.error(f"--seed {args.seed}: seeds are integers from 0 (image k is drawn from seed + k)")
@@ -46,10 +44,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     state = distributed_state()
     network_dtype(args.dtype, state.device)  # refused before loading anything
-    if not args.guidance_scale >= 0:
-        parser.error(f"--guidance_scale {args.guidance_scale}: give 0 or more (0 unconditional, 1 conditional)")
-    if args.class_labels is None and args.guidance_scale != 1.0:
-        parser.error("--guidance_scale is for a class-conditional pipeline: add --class_labels (balanced, or 0,3,7)")
+    if label_flags_problem(args):
+        parser.error(label_flags_problem(args))
     pipe = load_for_command(args.pipeline, state.device)
     from ddpm_hf.pipelines.guidance import num_classes
     from ddpm_hf.sampling.sample_folder import class_labels_of

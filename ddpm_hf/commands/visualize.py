@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ddpm_hf.commands.parsing import Parser
+from ddpm_hf.commands.parsing import Parser, add_label_flags, label_flags_problem
 from ddpm_hf.commands.running import command, load_for_command
 
 
@@ -43,15 +43,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--animation_format", choices=ANIMATION_FORMATS, default="auto", help="auto: the smaller file")
     parser.add_argument("--dtype", choices=SAMPLING_DTYPES, default="fp32", help="the network's precision (the chain "
                         "stays float32); fp16 only on a GPU")
-    parser.add_argument("--class_labels", default=None, help="a class-conditional pipeline's classes: balanced (seed i of "
-                        "class i mod K: one row per class in the progressive figure) or comma-separated labels (0,3,7)")
-    parser.add_argument("--guidance_scale", type=float, default=1.0, help="classifier-free guidance w for a "
-                        "class-conditional pipeline: 0 the unconditional model, 1 the conditional one, above 1 guided")
+    add_label_flags(parser, "a class-conditional pipeline's classes: balanced (seed i of class i mod K: one row per "
+                    "class in the progressive figure) or comma-separated labels (0,3,7)")
     args = parser.parse_args(argv)
-    if not args.guidance_scale >= 0:
-        parser.error(f"--guidance_scale {args.guidance_scale}: give 0 or more (0 unconditional, 1 conditional)")
-    if args.class_labels is None and args.guidance_scale != 1.0:
-        parser.error("--guidance_scale is for a class-conditional pipeline: add --class_labels (balanced, or 0,3,7)")
+    if label_flags_problem(args):
+        parser.error(label_flags_problem(args))
     figures = args.figures or (["progressive", "denoise"] + (["forward", "interpolate"] if args.dataset else []))
     needs_images = [f for f in figures if f in ("forward", "interpolate")]
     if needs_images and not args.dataset:
