@@ -27,6 +27,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="image k is drawn from seed + k")
     parser.add_argument("--dtype", choices=SAMPLING_DTYPES, default="fp32", help="the network's precision (the chain "
                         "and the scheduler stay float32); bf16 or fp16 are faster on a GPU, fp16 only there")
+    parser.add_argument("--npz", action="store_true", help="also write the folder as one samples.npz (uint8 NHWC in "
+                        "arr_0, image k at index k; labels in arr_1), as guided-diffusion's evaluator reads it")
     parser.add_argument("--overwrite", action="store_true", help="draw again from scratch in a folder drawn with other settings")
     add_label_flags(parser, "a class-conditional pipeline's classes to draw: balanced (every class alike) or "
                     "comma-separated labels (0,3,7); image k is of the (k mod count)-th")
@@ -55,7 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             batch_size=args.batch_size, sampler=args.scheduler,
                             num_inference_steps=args.num_inference_steps, eta=args.eta, seed=args.seed,
                             overwrite=args.overwrite, state=state, dtype=args.dtype, labels=labels,
-                            guidance_scale=args.guidance_scale)
+                            guidance_scale=args.guidance_scale, npz=args.npz)
     rate = f"{result['images_per_s']:.2f} images/s" if result["images_per_s"] else "nothing to draw"
     print(f"process {state.process_index}: wrote {result['written']}, kept {result['kept']} already complete; {rate}")
     return 0

@@ -28,7 +28,7 @@ class WriteError(UserError, OSError):
     """A file that could not be written (a full disk, a read-only folder): one line naming it and what to do."""
 
 
-def _written(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Run `write(tmp)` on a temporary beside `path`, then rename it into place; a failure removes the temporary and
     is one line naming `path`."""
     tmp = tmp_sibling(path)
@@ -56,7 +56,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
 
-    _written(Path(path), write)
+    atomic_write(Path(path), write)
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -69,7 +69,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_save_image(image, path: Path, format: str = "PNG") -> None:
     """A PIL image, saved atomically."""
-    _written(Path(path), lambda tmp: image.save(tmp, format=format))
+    atomic_write(Path(path), lambda tmp: image.save(tmp, format=format))
 
 
 def atomic_save_figure(fig, path: Path) -> None:
@@ -77,7 +77,7 @@ def atomic_save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     try:
-        _written(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
 

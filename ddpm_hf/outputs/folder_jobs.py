@@ -42,17 +42,24 @@ def gather_by_index(rows: Sequence[Tuple[int, Any]]) -> List[Any]:
     return [value for _, value in sorted(gather_object(list(rows)), key=lambda row: row[0])]
 
 
+def recorded_protocol(folder: Path, filename: str) -> dict:
+    """The protocol recorded in folder/filename: {} where there is none, {"unreadable": True} where it does not parse."""
+    path = Path(folder) / filename
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return {"unreadable": True}
+
+
 def check_provenance(folder: Path, filename: str, protocol: dict, what: str, redo: str, overwrite: bool = False,
                      free: Sequence[str] = ("pipeline", "num_images")) -> None:
     """Refuse, in one line naming the settings, a folder whose recorded protocol (folder/filename) differs from
     `protocol` in anything but `free` (a path may change; the weights hash says what it holds), unless `overwrite`."""
-    path = Path(folder) / filename
-    if overwrite or not path.is_file():
+    if overwrite or not (Path(folder) / filename).is_file():
         return
-    try:
-        recorded = json.loads(path.read_text())
-    except ValueError:
-        recorded = {"unreadable": True}
+    recorded = recorded_protocol(folder, filename)
     protocol = json.loads(json.dumps(protocol))  # as it reads back from a file
     differ = sorted(k for k in (set(recorded) | set(protocol)) - set(free) if recorded.get(k) != protocol.get(k))
     if differ:
@@ -156,6 +163,10 @@ class FolderJob:
                     path.unlink(missing_ok=True)
             self.record(**recorded)
         self.wait()
+
+    def recorded(self) -> dict:
+        """What the folder's protocol file records now ({} where it has none)."""
+        return recorded_protocol(self.folder, self.protocol_file)
 
     def record(self, **recorded: Any) -> None:
         atomic_write_json(self.folder / self.protocol_file, {**self.protocol, **recorded})

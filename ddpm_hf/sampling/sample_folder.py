@@ -5,7 +5,8 @@ pipeline, of class `labels[k % len(labels)]` and saved as `{k:06d}-seed{seed + k
 image whatever the batch size or process count. Each file is written under a temporary name and renamed: a kill never
 leaves a half-written PNG under a final name, and a restart keeps the complete images and draws only the missing
 ones. Under `accelerate launch` process r draws the images k with k % world_size == r (`folder_jobs`). The folder
-records how its images were drawn in sampling.json, and at the end how many it holds.
+records how its images were drawn in sampling.json, and at the end how many it holds. With `npz`, the complete folder
+is also one samples.npz (`write_npz`), whose SHA-256 sampling.json records beside the count it holds.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from ddpm_hf.errors import UsageError
-from ddpm_hf.outputs.files import atomic_save_image
+from ddpm_hf.outputs.files import atomic_save_image, atomic_write, sha256_of
 from ddpm_hf.outputs.folder_jobs import FolderJob, handles, process_share
 from ddpm_hf.outputs.run_folder import TRAINING_CONFIG
 from ddpm_hf.outputs.weights import state_dict_sha256
@@ -24,6 +25,8 @@ from ddpm_hf.pipelines.counter_noise import NOISE
 from ddpm_hf.sampling.samplers import cast_network, draw_share, use_scheduler
 
 SAMPLING_FILE = "sampling.json"
+# the folder as one file for other toolchains: arr_0 uint8 NHWC (guided-diffusion's evaluator reads it), arr_1 labels
+SAMPLES_NPZ = "samples.npz"
 # A folder of PNGs holds a few million well; FID uses 50,000. A count beyond this is a typo, told before any work.
 MAX_IMAGES = 10_000_000
 
@@ -101,6 +104,45 @@ def decodes(path: Path) -> bool:
         return False
 
 
+def write_npz(folder: Path, num_images: int, seed: int, labels: Optional[Sequence[int]] = None) -> dict:
+    """Images 0..num_images-1 of `folder` as one `SAMPLES_NPZ` beside them, written atomically: `arr_0` uint8 NHWC with
+    image k at index k, the PNGs' pixels as they are (C = 1 for a grayscale folder), and for a class-conditional folder
+    `arr_1`, image k's class. Streamed into the (uncompressed, as np.savez writes) zip one image at a time, so that
+    50,000 images at 256x256 need one image's memory, not 10 GB. Returns its record for sampling.json."""
+    import zipfile
+
+    import numpy as np
+    from numpy.lib import format as npy
+    from PIL import Image
+
+    def pixels(k: int) -> "np.ndarray":
+        with Image.open(folder / image_name(k, seed, labels)) as image:
+            array = np.asarray(image, dtype=np.uint8)
+        return array[..., None] if array.ndim == 2 else array
+
+    first = pixels(0)
+
+    def write(tmp):
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("arr_0.npy", "w", force_zip64=True) as f:
+                npy.write_array_header_1_0(f, {"descr": npy.dtype_to_descr(first.dtype), "fortran_order": False,
+                                               "shape": (num_images, *first.shape)})
+                for k in range(num_images):
+                    array = first if k == 0 else pixels(k)
+                    if array.shape != first.shape:
+                        raise UsageError(f"{folder / image_name(k, seed, labels)} is {array.shape}, not {first.shape} "
+                                         "as image 0: the folder was changed by hand; draw it again with --overwrite.")
+                    f.write(np.ascontiguousarray(array).tobytes())
+            if labels is not None:
+                with archive.open("arr_1.npy", "w") as f:
+                    npy.write_array(f, np.asarray([label_of(k, labels) for k in range(num_images)], dtype=np.int64))
+
+    path = Path(folder) / SAMPLES_NPZ
+    atomic_write(path, write)
+    return {"file": SAMPLES_NPZ, "sha256": sha256_of(path), "num_images": num_images,
+            "arrays": "arr_0: uint8 NHWC, image k at index k" + ("; arr_1: image k's class" if labels is not None else "")}
+
+
 def count_problem(num_images: int, batch_size: int, num_inference_steps: int) -> Optional[str]:
     """What is wrong with the counts of a sampling run, or None: checked before the pipeline is loaded."""
     if num_images < 1 or batch_size < 1 or num_inference_steps < 1:
@@ -162,10 +204,13 @@ def sample_to_folder(
 
 def sample_command(pipe, *, pipeline_name: str, folder, num_images: int, batch_size: int, sampler: str,
                    num_inference_steps: int, eta: Optional[float], seed: int, overwrite: bool = False, state=None,
-                   dtype: str = "fp32", labels: Optional[Sequence[int]] = None, guidance_scale: float = 1.0) -> dict:
+                   dtype: str = "fp32", labels: Optional[Sequence[int]] = None, guidance_scale: float = 1.0,
+                   npz: bool = False) -> dict:
     """`ddpm-sample`: refuse a folder drawn with other settings (before drawing anything), record the protocol
     in sampling.json, draw this process's missing images, then record how many the folder holds. A class-conditional
-    pipeline's `labels` (image k of class labels[k mod their count]) and `guidance_scale` are part of the protocol."""
+    pipeline's `labels` (image k of class labels[k mod their count]) and `guidance_scale` are part of the protocol.
+    With `npz`, images 0..num_images-1 are also written as samples.npz (`write_npz`); one drawn again (--overwrite),
+    removed or changed since its record is removed with its record, so the record describes exactly the files."""
     problem = count_problem(num_images, batch_size, num_inference_steps)
     if problem:  # before sampling.json is written: the corrected command finds the folder as it was
         raise UsageError(problem + ".")
@@ -179,13 +224,21 @@ def sample_command(pipe, *, pipeline_name: str, folder, num_images: int, batch_s
         protocol.update(class_labels=list(labels), class_names=[pipe.class_names[k] for k in labels]
                         if pipe.class_names else None, guidance_scale=guidance_scale)
     cast_network(pipe.unet, dtype)
-    with FolderJob(folder, SAMPLING_FILE, protocol, state, free=("pipeline", "num_images", "complete")) as job:
+    with FolderJob(folder, SAMPLING_FILE, protocol, state, free=("pipeline", "num_images", "complete", "npz")) as job:
         job.check("images drawn", "draw again from scratch", overwrite)
-        job.start(drawn_images(job.folder) if overwrite else (), overwrite, num_images=None, complete=False)
+        npz_record, npz_path = job.recorded().get("npz"), job.folder / SAMPLES_NPZ
+        if npz_record and (overwrite or not (npz_path.is_file() and sha256_of(npz_path) == npz_record.get("sha256"))):
+            if job.is_main:  # ours (its record says so): its images are drawn again, or it changed since
+                npz_path.unlink(missing_ok=True)
+            npz_record = None
+        job.start(drawn_images(job.folder) if overwrite else (), overwrite, num_images=None, complete=False,
+                  npz=npz_record)
         result = sample_to_folder(pipe, job.folder, num_images, batch_size=batch_size, num_inference_steps=num_inference_steps,
                                   seed=seed, eta=eta, rank=job.rank, world_size=job.world, progress=job.shows_progress,
                                   labels=labels, guidance_scale=guidance_scale)
         if job.finish():  # the protocol describes exactly the images beside it
             held = len(complete_images(job.folder, seed, labels))
-            job.record(num_images=held, complete=held >= num_images)
+            if npz:  # every image 0..num_images-1 is in the folder once every process has finished
+                npz_record = write_npz(job.folder, num_images, seed, labels)
+            job.record(num_images=held, complete=held >= num_images, npz=npz_record)
         return result

@@ -1,0 +1,101 @@
+"""#30: what users do with a trained DDPM beyond sampling, and data that is not small and square: samples.npz for
+other toolchains, the sampling flags papers use, gradient checkpointing, editing and inpainting."""
+
+import json
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from common import run_in_process
+from PIL import Image
+
+from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
+from ddpm_hf.outputs.files import sha256_of
+from ddpm_hf.sampling.sample_folder import SAMPLES_NPZ, image_name
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def saved_pipeline(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("pipe")
+    DDPMPipeline(build_unet("cpu-tiny", sample_size=8), DDPMScheduler()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def conditional_pipeline(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("cond")
+    unet = build_unet("cpu-tiny", sample_size=8, num_class_embeds=4)
+    DDPMPipeline(unet, DDPMScheduler(), class_names=["a", "b", "c"]).save_pretrained(folder)
+    return folder
+
+
+def sample(*args):
+    return run_in_process([sys.executable, "-m", "ddpm_hf.commands.sample", *map(str, args)])
+
+
+def pngs(folder):
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(Path(folder).glob("*.png"))}
+
+
+# ---------------------------------------------------------------- samples.npz
+
+
+def test_npz_equals_the_png_folder_pixel_for_pixel_and_is_hashed_in_sampling_json(saved_pipeline, tmp_path):
+    out = tmp_path / "s"
+    proc = sample(saved_pipeline, out, "--num_images", 5, "--batch_size", 2, "--num_inference_steps", STEPS, "--npz")
+    assert proc.returncode == 0, proc.stderr
+    arrays = np.load(out / SAMPLES_NPZ)
+    assert list(arrays) == ["arr_0"]  # unconditional: no labels
+    images = arrays["arr_0"]
+    assert images.dtype == np.uint8 and images.shape == (5, 8, 8, 3)
+    files = pngs(out)
+    for k in range(5):
+        assert np.array_equal(images[k], files[image_name(k, 0)]), k
+    record = json.loads((out / "sampling.json").read_text())["npz"]
+    assert record["sha256"] == sha256_of(out / SAMPLES_NPZ) and record["num_images"] == 5
+    with zipfile.ZipFile(out / SAMPLES_NPZ) as archive:  # as np.savez writes it: stored, not compressed
+        assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_STORED}
+
+
+def test_npz_of_a_conditional_folder_holds_each_images_class(conditional_pipeline, tmp_path):
+    out = tmp_path / "c"
+    proc = sample(conditional_pipeline, out, "--num_images", 4, "--num_inference_steps", STEPS, "--class_labels",
+                  "2,0", "--guidance_scale", 2, "--npz")
+    assert proc.returncode == 0, proc.stderr
+    arrays = np.load(out / SAMPLES_NPZ)
+    assert arrays["arr_1"].tolist() == [2, 0, 2, 0]
+    files = pngs(out)
+    for k in range(4):
+        assert np.array_equal(arrays["arr_0"][k], files[image_name(k, 0, [2, 0])]), k
+
+
+def test_npz_follows_the_folder_it_describes(saved_pipeline, tmp_path):
+    out = tmp_path / "s"
+    args = [saved_pipeline, out, "--num_inference_steps", STEPS]
+    assert sample(*args, "--num_images", 2, "--npz").returncode == 0
+    first = np.load(out / SAMPLES_NPZ)["arr_0"]
+    # without --npz a larger folder keeps the npz of its first two images, as recorded
+    assert sample(*args, "--num_images", 3).returncode == 0
+    record = json.loads((out / "sampling.json").read_text())
+    assert record["num_images"] == 3 and record["npz"]["num_images"] == 2
+    assert np.array_equal(np.load(out / SAMPLES_NPZ)["arr_0"], first)
+    # with it, the npz holds the images asked for
+    assert sample(*args, "--num_images", 3, "--npz").returncode == 0
+    assert np.load(out / SAMPLES_NPZ)["arr_0"].shape[0] == 3
+    # changed since its record: removed with its record, never described by it
+    (out / SAMPLES_NPZ).write_bytes(b"changed")
+    assert sample(*args, "--num_images", 3).returncode == 0
+    assert not (out / SAMPLES_NPZ).exists() and json.loads((out / "sampling.json").read_text())["npz"] is None
+
+
+def test_npz_without_the_flag_is_not_written(saved_pipeline, tmp_path):
+    assert sample(saved_pipeline, tmp_path, "--num_images", 1, "--num_inference_steps", STEPS).returncode == 0
+    assert not (tmp_path / SAMPLES_NPZ).exists()
+    assert json.loads((tmp_path / "sampling.json").read_text())["npz"] is None
