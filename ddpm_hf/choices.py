@@ -15,6 +15,8 @@ SAMPLING_DTYPES = ("fp32", "bf16", "fp16")
 # how the training timestep t is drawn: uniformly, or by improved DDPM's importance sampling
 TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+# the chains of ddpm-sample: N steps spaced by the scheduler's timestep_spacing, or the DDIM paper's t_i ∝ i²
+SAMPLING_TIMESTEPS = ("uniform", "quadratic")
 # diffusers' LR schedules that need nothing beyond warmup and total steps (diffusers.optimization.SchedulerType)
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 # auto: on a CPU bf16 where it times at least 10% faster than no (fp32) before training; on a GPU bf16 where it has it

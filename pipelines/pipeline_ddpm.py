@@ -100,6 +100,7 @@ def denoise(
     start: int = 0,
     seeds: Optional[Sequence[int]] = None,
     cuda_graph: bool = True,
+    timesteps: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """The reverse process: from x_T = `noise` (scaled by the scheduler's init_noise_sigma) down to x_0
     in `num_inference_steps` scheduler steps. Returns x_0 in the model's range ([-1, 1]). The chain (x_t and the
@@ -113,8 +114,17 @@ def denoise(
     `seeded_normal([seeds[k]], ..., step=i, stream="step")`, the same on every device and in every batch.
 
     With `cuda_graph` (the default) a chain on a CUDA device with `seeds`, our DDPMScheduler and no callback is replayed
-    as a CUDA graph (chain_graph.py): the same images, fewer launches."""
-    scheduler.set_timesteps(num_inference_steps, device=noise.device)
+    as a CUDA graph (chain_graph.py): the same images, fewer launches.
+
+    `timesteps` (descending) is the chain itself instead of `num_inference_steps` spaced ones, for a scheduler whose
+    `set_timesteps` takes them (ours, DPM-Solver; DDIM's steps by one fixed stride and does not)."""
+    if timesteps is None:
+        scheduler.set_timesteps(num_inference_steps, device=noise.device)
+    elif "timesteps" in inspect.signature(scheduler.set_timesteps).parameters:
+        scheduler.set_timesteps(timesteps=[int(t) for t in timesteps], device=noise.device)
+    else:
+        raise ValueError(f"{type(scheduler).__name__} takes no explicit timesteps (it steps by one fixed stride); "
+                         "sample them with ddpm_hf's DDPMScheduler or DPMSolverMultistepScheduler.")
     if start and hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
     extra = {}
@@ -260,6 +270,7 @@ class DDPMPipeline(DiffusionPipeline):
         cuda_graph: bool = True,
         class_labels: Union[int, Sequence[int], torch.Tensor, None] = None,
         guidance_scale: float = 1.0,
+        timesteps: Optional[Sequence[int]] = None,
     ):
         """Generate `batch_size` images.
 
@@ -282,6 +293,8 @@ class DDPMPipeline(DiffusionPipeline):
                 names are `pipe.class_names`).
             guidance_scale: classifier-free guidance w (guidance.py): 0 is the unconditional model, 1 the conditional
                 one, above 1 guided (both halves in one forward pass of the doubled batch).
+            timesteps: the chain's timesteps, descending (e.g. the DDIM paper's quadratic ones), instead of
+                `num_inference_steps` spaced by the scheduler's `timestep_spacing`.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}.")
@@ -307,7 +320,7 @@ class DDPMPipeline(DiffusionPipeline):
         network = self.unet if labels is None else GuidedNetwork(self.unet, labels, guidance_scale)
         try:
             images = denoise(network, self.scheduler, noise, num_inference_steps, generator, eta, self.progress_bar,
-                             callback, seeds=seeds, cuda_graph=cuda_graph)
+                             callback, seeds=seeds, cuda_graph=cuda_graph, timesteps=timesteps)
         finally:
             self.unet.train(was_training)
         images = to_output(images, output_type)

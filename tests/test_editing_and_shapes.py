@@ -2,6 +2,7 @@
 other toolchains, the sampling flags papers use, gradient checkpointing, editing and inpainting."""
 
 import json
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -99,3 +100,79 @@ def test_npz_without_the_flag_is_not_written(saved_pipeline, tmp_path):
     assert sample(saved_pipeline, tmp_path, "--num_images", 1, "--num_inference_steps", STEPS).returncode == 0
     assert not (tmp_path / SAMPLES_NPZ).exists()
     assert json.loads((tmp_path / "sampling.json").read_text())["npz"] is None
+
+
+# ---------------------------------------------------------------- the sampling flags papers use
+
+
+def test_quadratic_timesteps_are_the_ddim_papers_chain():
+    from ddpm_hf.sampling.samplers import quadratic_timesteps
+
+    # Song et al.'s code: (np.linspace(0, sqrt(0.8 T), S) ** 2) as ints; at 10 steps no two coincide
+    ddim = [int(t) for t in np.linspace(0, np.sqrt(800), 10) ** 2]
+    assert quadratic_timesteps(10, 1000) == ddim[::-1] and ddim[-1] == 800
+    many = quadratic_timesteps(100, 1000)  # where rounding repeats small timesteps, each is lifted past the one before
+    assert len(set(many)) == 100 and many == sorted(many, reverse=True) and many[-1] == 0
+    with pytest.raises(ValueError, match=r"--timesteps quadratic takes 1 to 801 steps"):
+        quadratic_timesteps(900, 1000)
+
+
+def test_spacing_flags_change_the_chain_and_are_recorded(saved_pipeline, tmp_path):
+    from ddpm_hf.sampling.samplers import quadratic_timesteps
+
+    common = ["--num_images", 2, "--num_inference_steps", 10]
+    drawn = {}
+    for name, flags in {"default": [], "trailing": ["--timestep_spacing", "trailing"],
+                        "linspace": ["--timestep_spacing", "linspace"], "quadratic": ["--timesteps", "quadratic"]}.items():
+        proc = sample(saved_pipeline, tmp_path / name, *common, *flags)
+        assert proc.returncode == 0, proc.stderr
+        drawn[name] = pngs(tmp_path / name)
+    recorded = {name: json.loads((tmp_path / name / "sampling.json").read_text()) for name in drawn}
+    assert recorded["trailing"]["scheduler_config"]["timestep_spacing"] == "trailing"
+    assert recorded["default"]["scheduler_config"]["timestep_spacing"] == "leading" and "timesteps" not in recorded["default"]
+    assert recorded["quadratic"]["timesteps"] == "quadratic"
+    assert recorded["quadratic"]["chain"] == quadratic_timesteps(10, 1000)
+    names = sorted(drawn["default"])
+    for a in drawn:  # every chain gives other images
+        for b in drawn:
+            if a < b:
+                assert any(np.abs(drawn[a][n].astype(int) - drawn[b][n]).max() > 10 for n in names), (a, b)
+    # each is the pipeline's own chain: the spacing set in the scheduler, the quadratic one passed as timesteps
+    pipe = DDPMPipeline.from_pretrained(saved_pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    quadratic = pipe(batch_size=2, seeds=[0, 1], timesteps=quadratic_timesteps(10, 1000)).images
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    trailing = pipe(batch_size=2, seeds=[0, 1], num_inference_steps=10).images
+    for k in range(2):
+        assert np.array_equal(np.asarray(quadratic[k]), drawn["quadratic"][names[k]])
+        assert np.array_equal(np.asarray(trailing[k]), drawn["trailing"][names[k]])
+
+
+def test_quadratic_steps_of_dpm_solver_follow_the_chain(saved_pipeline, tmp_path):
+    from diffusers import DPMSolverMultistepScheduler
+
+    from ddpm_hf.sampling.samplers import quadratic_timesteps
+
+    for name, flags in {"uniform": [], "quadratic": ["--timesteps", "quadratic"]}.items():
+        proc = sample(saved_pipeline, tmp_path / name, "--num_images", 1, "--num_inference_steps", 6, "--scheduler",
+                      "dpm-solver", *flags)
+        assert proc.returncode == 0, proc.stderr
+    pipe = DDPMPipeline.from_pretrained(saved_pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    expected = np.asarray(pipe(batch_size=1, seeds=[0], timesteps=quadratic_timesteps(6, 1000)).images[0])
+    assert np.array_equal(pngs(tmp_path / "quadratic")[image_name(0, 0)], expected)
+    assert np.abs(pngs(tmp_path / "uniform")[image_name(0, 0)].astype(int) - expected).max() > 10
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--scheduler", "ddim", "--timesteps", "quadratic"], r"DDIMScheduler steps by one fixed stride: use --scheduler ddpm"),
+    (["--scheduler", "ddim", "--timestep_spacing", "linspace"], r"ddim steps t -> t - 100 \(T // N\), but timestep_spacing "
+     r"'linspace' at 10 steps goes 999 -> 888"),
+    (["--timesteps", "quadratic", "--timestep_spacing", "trailing"], r"give one of them"),
+])
+def test_spacing_flags_that_cannot_be_followed_are_refused_in_one_line(saved_pipeline, tmp_path, flags, message):
+    proc = sample(saved_pipeline, tmp_path / "out", "--num_images", 1, "--num_inference_steps", 10, *flags)
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
+    assert re.search(message, proc.stderr), proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -14,7 +14,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """`ddpm-sample` / `python -m ddpm_hf.commands.sample`: draw N images from a pipeline into a folder (resumable;
     under `accelerate launch` the processes share the work). The folder records how its images were drawn
     (sampling.json: the weights' SHA-256, sampler, steps, eta, seed); a rerun with other settings is refused."""
-    from ddpm_hf.choices import SAMPLERS, SAMPLING_DTYPES
+    from ddpm_hf.choices import SAMPLERS, SAMPLING_DTYPES, SAMPLING_TIMESTEPS, TIMESTEP_SPACINGS
 
     parser = Parser(description=main.__doc__, prog="ddpm-sample")
     parser.add_argument("pipeline", help="a folder written by save_pretrained / a training run, or a Hub repo id")
@@ -23,6 +23,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--scheduler", choices=SAMPLERS, default="ddpm")
     parser.add_argument("--num_inference_steps", type=int, default=1000)
+    parser.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS, default=None, help="how the N steps are "
+                        "spaced over the T timesteps (Lin et al. 2023, Table 2); default: as the pipeline's scheduler "
+                        "config says (leading for the paper's)")
+    parser.add_argument("--timesteps", choices=SAMPLING_TIMESTEPS, default="uniform", help="uniform: N steps spaced "
+                        "by --timestep_spacing; quadratic: the DDIM paper's CIFAR-10 chain, t_i ∝ i² up to 0.8·T "
+                        "(ddpm or dpm-solver)")
     parser.add_argument("--eta", type=float, default=None, help="DDIM's eta (ddim only)")
     parser.add_argument("--seed", type=int, default=0, help="image k is drawn from seed + k")
     parser.add_argument("--dtype", choices=SAMPLING_DTYPES, default="fp32", help="the network's precision (the chain "
@@ -33,6 +39,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_label_flags(parser, "a class-conditional pipeline's classes to draw: balanced (every class alike) or "
                     "comma-separated labels (0,3,7); image k is of the (k mod count)-th")
     args = parser.parse_args(argv)
+    if args.timesteps != "uniform" and args.timestep_spacing is not None:
+        parser.error(f"--timestep_spacing spaces uniform steps, and --timesteps {args.timesteps} is a chain of its "
+                     "own: give one of them")
+    if args.timesteps != "uniform" and args.scheduler == "ddim":
+        parser.error(f"--timesteps {args.timesteps} needs a sampler that takes a list of timesteps, and diffusers' "
+                     "DDIMScheduler steps by one fixed stride: use --scheduler ddpm or dpm-solver with it")
     if args.seed < 0:
         parser.error(f"--seed {args.seed}: seeds are integers from 0 (image k is drawn from seed + k)")
 
@@ -57,7 +69,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             batch_size=args.batch_size, sampler=args.scheduler,
                             num_inference_steps=args.num_inference_steps, eta=args.eta, seed=args.seed,
                             overwrite=args.overwrite, state=state, dtype=args.dtype, labels=labels,
-                            guidance_scale=args.guidance_scale, npz=args.npz)
+                            guidance_scale=args.guidance_scale, npz=args.npz,
+                            timestep_spacing=args.timestep_spacing, timesteps=args.timesteps)
     rate = f"{result['images_per_s']:.2f} images/s" if result["images_per_s"] else "nothing to draw"
     print(f"process {state.process_index}: wrote {result['written']}, kept {result['kept']} already complete; {rate}")
     return 0

@@ -11,6 +11,7 @@ is also one samples.npz (`write_npz`), whose SHA-256 sampling.json records besid
 
 from __future__ import annotations
 
+import inspect
 import re
 import time
 from pathlib import Path
@@ -22,7 +23,14 @@ from ddpm_hf.outputs.folder_jobs import FolderJob, handles, process_share
 from ddpm_hf.outputs.run_folder import TRAINING_CONFIG
 from ddpm_hf.outputs.weights import state_dict_sha256
 from ddpm_hf.pipelines.counter_noise import NOISE
-from ddpm_hf.sampling.samplers import cast_network, draw_share, use_scheduler
+from ddpm_hf.sampling.samplers import (
+    cast_network,
+    chain_timesteps,
+    draw_share,
+    stride_problem,
+    use_scheduler,
+    with_spacing,
+)
 
 SAMPLING_FILE = "sampling.json"
 # the folder as one file for other toolchains: arr_0 uint8 NHWC (guided-diffusion's evaluator reads it), arr_1 labels
@@ -168,9 +176,11 @@ def sample_to_folder(
     progress: bool = True,
     labels: Optional[Sequence[int]] = None,
     guidance_scale: float = 1.0,
+    timesteps: Optional[Sequence[int]] = None,
 ) -> dict:
     """Draw this process's missing images of 0..num_images-1 into `folder` (of a class-conditional pipeline: image k
-    of class `label_of(k, labels)`, with classifier-free guidance `guidance_scale`). Returns counts and images/s."""
+    of class `label_of(k, labels)`, with classifier-free guidance `guidance_scale`; with `timesteps`, on that chain
+    instead of `num_inference_steps` spaced ones). Returns counts and images/s."""
     from tqdm.auto import tqdm
 
     problem = count_problem(num_images, batch_size, num_inference_steps)
@@ -190,6 +200,8 @@ def sample_to_folder(
     start = time.perf_counter()
     bar = tqdm(total=mine, initial=kept, disable=not progress, unit="img", desc="Sampling")
     guided = {} if labels is None else {"label_of": lambda k: label_of(k, labels), "guidance_scale": guidance_scale}
+    if timesteps is not None:
+        guided["timesteps"] = list(timesteps)
     for ks, images in draw_share(pipe, num_images, lambda k: seed + k, rank, world_size, batch_size, skip=done,
                                  num_inference_steps=num_inference_steps, output_type="pil", eta=eta, **guided):
         for k, image in zip(ks, images):
@@ -205,16 +217,24 @@ def sample_to_folder(
 def sample_command(pipe, *, pipeline_name: str, folder, num_images: int, batch_size: int, sampler: str,
                    num_inference_steps: int, eta: Optional[float], seed: int, overwrite: bool = False, state=None,
                    dtype: str = "fp32", labels: Optional[Sequence[int]] = None, guidance_scale: float = 1.0,
-                   npz: bool = False) -> dict:
+                   npz: bool = False, timestep_spacing: Optional[str] = None, timesteps: str = "uniform") -> dict:
     """`ddpm-sample`: refuse a folder drawn with other settings (before drawing anything), record the protocol
     in sampling.json, draw this process's missing images, then record how many the folder holds. A class-conditional
     pipeline's `labels` (image k of class labels[k mod their count]) and `guidance_scale` are part of the protocol.
     With `npz`, images 0..num_images-1 are also written as samples.npz (`write_npz`); one drawn again (--overwrite),
-    removed or changed since its record is removed with its record, so the record describes exactly the files."""
+    removed or changed since its record is removed with its record, so the record describes exactly the files.
+    `timestep_spacing` respaces the sampler's N steps (recorded in its scheduler_config); `timesteps` `quadratic` is
+    the DDIM paper's chain instead (recorded with its timesteps)."""
     problem = count_problem(num_images, batch_size, num_inference_steps)
     if problem:  # before sampling.json is written: the corrected command finds the folder as it was
         raise UsageError(problem + ".")
-    use_scheduler(pipe, sampler)
+    with_spacing(use_scheduler(pipe, sampler), timestep_spacing)
+    chain = chain_timesteps(timesteps, num_inference_steps, pipe.scheduler)
+    if stride_problem(pipe.scheduler, num_inference_steps):
+        raise UsageError(stride_problem(pipe.scheduler, num_inference_steps) + ".")
+    if chain is not None and "timesteps" not in inspect.signature(pipe.scheduler.set_timesteps).parameters:
+        raise UsageError(f"--timesteps {timesteps} needs a sampler that takes a list of timesteps, and --scheduler "
+                         f"{sampler} steps by one fixed stride; use --scheduler ddpm or dpm-solver with it.")
     protocol = {
         "pipeline": pipeline_name, "weights_sha256": state_dict_sha256(pipe.unet), "scheduler": sampler,
         "scheduler_config": dict(pipe.scheduler.config), "num_inference_steps": num_inference_steps, "eta": eta,
@@ -223,6 +243,8 @@ def sample_command(pipe, *, pipeline_name: str, folder, num_images: int, batch_s
     if labels is not None:  # recorded only where drawn: an unconditional folder's protocol stays as it was
         protocol.update(class_labels=list(labels), class_names=[pipe.class_names[k] for k in labels]
                         if pipe.class_names else None, guidance_scale=guidance_scale)
+    if chain is not None:  # recorded only where used: a folder drawn before these flags keeps its protocol
+        protocol.update(timesteps=timesteps, chain=chain)
     cast_network(pipe.unet, dtype)
     with FolderJob(folder, SAMPLING_FILE, protocol, state, free=("pipeline", "num_images", "complete", "npz")) as job:
         job.check("images drawn", "draw again from scratch", overwrite)
@@ -235,7 +257,7 @@ def sample_command(pipe, *, pipeline_name: str, folder, num_images: int, batch_s
                   npz=npz_record)
         result = sample_to_folder(pipe, job.folder, num_images, batch_size=batch_size, num_inference_steps=num_inference_steps,
                                   seed=seed, eta=eta, rank=job.rank, world_size=job.world, progress=job.shows_progress,
-                                  labels=labels, guidance_scale=guidance_scale)
+                                  labels=labels, guidance_scale=guidance_scale, timesteps=chain)
         if job.finish():  # the protocol describes exactly the images beside it
             held = len(complete_images(job.folder, seed, labels))
             if npz:  # every image 0..num_images-1 is in the folder once every process has finished

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Collection, Iterator, List, Optional, Tuple
 
-from ddpm_hf.choices import SAMPLERS, SAMPLING_DTYPES
+from ddpm_hf.choices import SAMPLERS, SAMPLING_DTYPES, SAMPLING_TIMESTEPS
 from ddpm_hf.errors import UsageError
 from ddpm_hf.outputs.folder_jobs import process_share
 
@@ -26,6 +26,59 @@ def use_scheduler(pipe, name: str):
     else:
         raise UsageError(f"--scheduler {name!r} is not one of {', '.join(SAMPLERS)}.")
     return pipe
+
+
+def quadratic_timesteps(num_inference_steps: int, num_train_timesteps: int) -> List[int]:
+    """The DDIM paper's quadratic chain (Song et al. 2021, App. D.2, its CIFAR-10 choice): τ_i = ⌊(i·√(0.8T)/(N-1))²⌋
+    for i = 0..N-1, as its code computes it, descending. Where rounding gives a timestep twice (many steps at small
+    i), each is lifted to one past the one before, so that the chain has N distinct steps."""
+    import numpy as np
+
+    n, T = int(num_inference_steps), int(num_train_timesteps)
+    if not 1 <= n <= int(T * 0.8) + 1:
+        raise UsageError(f"--timesteps quadratic takes 1 to {int(T * 0.8) + 1} steps for T = {T} (its chain ends at "
+                         f"0.8·T); got --num_inference_steps {n}.")
+    chain = [int(t) for t in np.linspace(0, np.sqrt(T * 0.8), n) ** 2]
+    for i in range(1, n):
+        chain[i] = max(chain[i], chain[i - 1] + 1)
+    return chain[::-1]
+
+
+def chain_timesteps(kind: str, num_inference_steps: int, scheduler) -> Optional[List[int]]:
+    """The explicit chain `kind` (SAMPLING_TIMESTEPS) of `num_inference_steps` for `scheduler`; None for `uniform`,
+    which the scheduler spaces itself (its timestep_spacing)."""
+    if kind == "uniform":
+        return None
+    if kind == "quadratic":
+        return quadratic_timesteps(num_inference_steps, scheduler.config.num_train_timesteps)
+    raise UsageError(f"--timesteps {kind!r} is not one of {', '.join(SAMPLING_TIMESTEPS)}.")
+
+
+def with_spacing(pipe, spacing: Optional[str]):
+    """The pipeline's sampler with timestep_spacing `spacing` (None: as its config says)."""
+    if spacing is not None:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, timestep_spacing=spacing)
+    return pipe
+
+
+def stride_problem(scheduler, num_inference_steps: int) -> Optional[str]:
+    """Why diffusers' DDIMScheduler would not follow its own chain at this spacing and step count, or None: its step
+    goes t -> t - T // N whatever the next timestep is, so a spacing that does not step by exactly that (linspace,
+    trailing where N does not divide T) lands between the chain's timesteps at every step."""
+    from diffusers import DDIMScheduler
+
+    if not isinstance(scheduler, DDIMScheduler):
+        return None
+    probe = DDIMScheduler.from_config(scheduler.config)
+    probe.set_timesteps(num_inference_steps)
+    chain, stride = probe.timesteps.tolist(), probe.config.num_train_timesteps // num_inference_steps
+    for t, following in zip(chain, chain[1:]):
+        if t - following != stride:
+            return (f"--scheduler ddim steps t -> t - {stride} (T // N), but timestep_spacing "
+                    f"{probe.config.timestep_spacing!r} at {num_inference_steps} steps goes {t} -> {following}: each step "
+                    "would land between the chain's timesteps; use --timestep_spacing leading with ddim, or --scheduler "
+                    "ddpm or dpm-solver")
+    return None
 
 
 def network_dtype(name: str, device, flag: str = "--dtype") -> "torch.dtype":
