@@ -176,3 +176,55 @@ def test_spacing_flags_that_cannot_be_followed_are_refused_in_one_line(saved_pip
     assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
     assert re.search(message, proc.stderr), proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- memory: gradient checkpointing
+
+
+def _training_parts(tmp_path, **overrides):
+    from accelerate import Accelerator
+    from common import tiny_config
+
+    from ddpm_hf.training.parts import build_model
+
+    config = tiny_config(tmp_path, unet_preset="cpu-small", resolution=16, dropout=0.1, **overrides)
+    return build_model(config, Accelerator(cpu=True), total_steps=10)
+
+
+def test_gradient_checkpointing_recomputes_the_blocks_and_gives_the_same_gradients(tmp_path):
+    """The flag reaches the training network (its blocks run again in the backward pass) and changes no gradient:
+    dropout's masks are the same in the recomputation (torch.utils.checkpoint restores the RNG state)."""
+    x0 = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    grads, calls = {}, {}
+    for on in (False, True):
+        parts = _training_parts(tmp_path / str(on), gradient_checkpointing=on)
+        unet = parts["raw_unet"]
+        unet.train()
+        count = []
+        hook = unet.down_blocks[0].resnets[0].register_forward_pre_hook(lambda *_: count.append(1))
+        torch.manual_seed(7)  # the same dropout masks, noise and timesteps in both runs
+        noise, t = torch.randn_like(x0), torch.randint(0, 1000, (4,))
+        loss = parts["loss"](lambda x, s: parts["forward"](x, s).sample, x0, noise, t).mean()
+        forwards = len(count)
+        loss.backward()
+        hook.remove()
+        calls[on] = (forwards, len(count))
+        grads[on] = {name: p.grad.clone() for name, p in unet.named_parameters() if p.grad is not None}
+    assert calls[False] == (1, 1) and calls[True] == (1, 2)  # recomputed once in the backward pass
+    assert grads[False].keys() == grads[True].keys()
+    for name in grads[False]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_a_run_with_gradient_checkpointing_trains_the_same_weights(tmp_path):
+    from common import tiny_config
+
+    from ddpm_hf.training import loop
+
+    weights = {}
+    for on in (False, True):
+        out = tmp_path / str(on)
+        loop.train(tiny_config(out, max_train_steps=3, checkpointing_steps=3, gradient_checkpointing=on))
+        weights[on] = DDPMPipeline.from_pretrained(out).unet.state_dict()
+    for name in weights[False]:
+        torch.testing.assert_close(weights[True][name], weights[False][name], rtol=0, atol=1e-5, msg=name)

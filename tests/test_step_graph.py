@@ -114,6 +114,7 @@ CUDA = torch.device("cuda")
     (dict(mixed_precision="fp16"), 1, "fp16's gradient scaler decides each step on the host"),
     (dict(compile=True), 1, "--compile compiles the step instead"),
     (dict(timestep_sampler="loss-second-moment"), 1, "--timestep_sampler loss-second-moment keeps its loss history on the host"),
+    (dict(gradient_checkpointing=True), 1, "--gradient_checkpointing recomputes its blocks around the RNG state"),
 ])
 def test_settings_a_graph_cannot_take_are_named(settings, processes, reason):
     assert graph_refusal(TrainingConfig(**settings), CUDA, processes).startswith(reason)

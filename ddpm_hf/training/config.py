@@ -108,6 +108,9 @@ class TrainingConfig:
     max_nonfinite_in_a_row: int = _f(20, "stop after this many consecutive steps with a non-finite loss (each is skipped)")
     seed: int = _f(0, "seed for initialisation, data order, noise and timesteps: the same seed gives the same run")
     channels_last: bool = _f(False, "channels_last memory format (faster convolutions on GPUs)")
+    gradient_checkpointing: bool = _f(False, "keep fewer activations for the backward pass and recompute them there "
+                                      "(diffusers' UNet gradient checkpointing): less memory for more time, the same "
+                                      "gradients; benchmarks/bench_memory.py measures both")
     compile: bool = _f(False, "torch.compile the UNet for training (the saved model is the plain one)")
     cuda_graph: bool = _f(True, "replay each training step as one CUDA graph where it can be (one CUDA process; not "
                                 "fp16, --compile or --timestep_sampler loss-second-moment; the log says why not); "
@@ -305,7 +308,7 @@ RESUMABLE_SETTINGS = (
     "keep_best", "inception_weights", "eval_cache_dir", "card_figures", "eval_nll_every", "eval_nll_images", "eval_nll_dataset",
     "eval_nll_split", "eval_dtype", "push_to_hub", "hub_model_id", "hub_private_repo", "hub_push_every", "report_to", "preset",
     "cache_dir", "init_from", "save_images_epochs", "save_model_epochs", "cuda_graph",
-    "deterministic",
+    "deterministic", "gradient_checkpointing",
 )
 
 

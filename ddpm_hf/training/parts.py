@@ -171,6 +171,8 @@ def build_model(config: TrainingConfig, accelerator, total_steps: int, checkpoin
     scheduler = make_scheduler(config)
     if config.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
+    if config.gradient_checkpointing:  # a training forward only: the EMA's and the grids' run without gradients
+        unet.enable_gradient_checkpointing()
     optimizer, skips_on_device = make_optimizer(config, unet.parameters())
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=total_steps)

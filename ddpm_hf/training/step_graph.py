@@ -39,6 +39,9 @@ def graph_refusal(config, device: torch.device, num_processes: int) -> Optional[
         return "fp16's gradient scaler decides each step on the host (bf16 needs no scaler)"
     if config.compile:
         return "--compile compiles the step instead"
+    if config.gradient_checkpointing:
+        # its recomputation reads and resets the RNG's state on the host around each block, which a replay would freeze
+        return "--gradient_checkpointing recomputes its blocks around the RNG state read on the host"
     if config.timestep_sampler != "uniform":
         return f"--timestep_sampler {config.timestep_sampler} keeps its loss history on the host"
     return None
