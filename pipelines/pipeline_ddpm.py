@@ -177,6 +177,27 @@ def to_output(images: torch.Tensor, output_type: str):
         raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}.")
 
 
+def from_images(images, channels: int, size: tuple) -> torch.Tensor:
+    """PIL images, or a tensor NCHW in [0, 1] (as output_type `pt` gives), as model-range images [-1, 1] (float32) of
+    the UNet's `channels` and `size`; one line where they do not fit."""
+    if isinstance(images, torch.Tensor):
+        x = images.detach().to(CHAIN_DTYPE)
+        if x.ndim == 3:
+            x = x[None]
+    else:
+        import numpy as np
+
+        mode = "L" if channels == 1 else "RGB"
+        arrays = [np.asarray(image.convert(mode), dtype=np.float32) / 255 for image in images]
+        x = torch.from_numpy(np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])).permute(0, 3, 1, 2)
+    if tuple(x.shape[1:]) != (channels, *size):
+        raise ValueError(f"The images are {tuple(x.shape[1:])} (C, H, W), but the UNet takes {(channels, *size)}; "
+                         f"resize them to {size[0]}x{size[1]} with {channels} channel(s) first.")
+    if x.min() < 0 or x.max() > 1:
+        raise ValueError("Image tensors are given in [0, 1] (as output_type='pt' returns them), not the model's [-1, 1].")
+    return x * 2 - 1
+
+
 class DDPMPipeline(DiffusionPipeline):
     """Pipeline for image generation (Ho et al. 2020): unconditional, or class-conditional with classifier-free
     guidance (Ho & Salimans 2021) where the UNet has a class embedding (guidance.py).
@@ -325,6 +346,67 @@ class DDPMPipeline(DiffusionPipeline):
             self.unet.train(was_training)
         images = to_output(images, output_type)
         self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    @torch.no_grad()
+    def edit(
+        self,
+        images,
+        strength: float = 0.5,
+        seeds: Optional[Sequence[int]] = None,
+        num_inference_steps: int = 1000,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        class_labels: Union[int, Sequence[int], torch.Tensor, None] = None,
+        guidance_scale: float = 1.0,
+    ):
+        """Image-to-image with SDEdit (Meng et al. 2022): diffuse each image to the chain's step at t ≈ strength·T
+        with q(x_t | x_0) (Eq. 4), then run the reverse chain from there. 0 returns the images, 1 is `__call__`'s
+        chain from x_T ~ N(0, I) itself (the prior p(x_T) the forward process ends at), so that at 1 the same seed
+        gives the same image as sampling; in between, lower keeps more of the input.
+
+        Args:
+            images: PIL images, or a tensor NCHW in [0, 1], of the UNet's size and channels.
+            strength: in [0, 1]: the share of the chain's `num_inference_steps` steps that is run.
+            seeds: one per image (default 0..N-1): the noise of q(x_t | x_0) is the seed's x_T noise, and each
+                step's noise is the seed's, as in `__call__(seeds=...)`.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}.")
+        if not 0 <= strength <= 1:
+            raise ValueError(f"strength={strength} must be in [0, 1] (0 returns the images, 1 samples anew).")
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        device = self._execution_device
+        x0 = from_images(images, self.unet.config.in_channels, size).to(device)
+        seeds = list(range(len(x0))) if seeds is None else list(seeds)
+        if len(seeds) != len(x0):
+            raise ValueError(f"Got {len(seeds)} seeds for {len(x0)} images; pass one seed per image.")
+        labels = check_labels(self.unet, class_labels, len(x0), guidance_scale)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        run = int(round(strength * len(self.scheduler.timesteps)))  # the steps of the chain that are run
+        if run == 0:
+            images = x0
+        else:
+            from .counter_noise import seeded_normal
+
+            start = len(self.scheduler.timesteps) - run
+            noise = seeded_normal(seeds, x0.shape[1:], 0, "initial", device, CHAIN_DTYPE)
+            # 1. x_t ~ q(x_t | x_0) at the chain's step `start`; at strength 1 the prior's x_T, as sampling starts
+            #    (denoise scales a chain from step 0 by init_noise_sigma itself)
+            x = noise if start == 0 else self.scheduler.add_noise(
+                x0, noise, self.scheduler.timesteps[start : start + 1].repeat(len(x0)))
+            was_training = self.unet.training
+            self.unet.eval()
+            network = self.unet if labels is None else GuidedNetwork(self.unet, labels, guidance_scale)
+            try:  # 2. the reverse chain from there
+                images = denoise(network, self.scheduler, x, num_inference_steps, None, None, self.progress_bar,
+                                 seeds=seeds, start=start)
+            finally:
+                self.unet.train(was_training)
+        images = to_output(images, output_type)
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)

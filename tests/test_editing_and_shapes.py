@@ -228,3 +228,56 @@ def test_a_run_with_gradient_checkpointing_trains_the_same_weights(tmp_path):
         weights[on] = DDPMPipeline.from_pretrained(out).unet.state_dict()
     for name in weights[False]:
         torch.testing.assert_close(weights[True][name], weights[False][name], rtol=0, atol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------- image-to-image: SDEdit
+
+
+def _edit_inputs():
+    return torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+
+
+def _pipeline(folder):
+    pipe = DDPMPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sdedit_at_strength_0_returns_the_input_and_at_1_is_the_sampling_chain(saved_pipeline):
+    pipe, x = _pipeline(saved_pipeline), _edit_inputs()
+    assert torch.equal(pipe.edit(x, strength=0, output_type="pt").images, x)
+    seeds = [4, 9, 11]
+    edited = pipe.edit(x, strength=1, seeds=seeds, num_inference_steps=10, output_type="pt").images
+    sampled = pipe(batch_size=3, seeds=seeds, num_inference_steps=10, output_type="pt").images
+    assert torch.equal(edited, sampled)
+
+
+def test_sdedit_diffuses_the_input_with_q_then_runs_the_rest_of_the_chain(saved_pipeline):
+    """The oracle: diffusers' own DDPMScheduler.add_noise at the chain's timestep, then our denoise from that step."""
+    import diffusers
+    from ddpm_hf.pipelines.counter_noise import seeded_normal
+    from ddpm_hf.pipelines.pipeline_ddpm import denoise
+
+    pipe, x = _pipeline(saved_pipeline), _edit_inputs()
+    edited = pipe.edit(x, strength=0.3, seeds=[0, 1, 2], num_inference_steps=10, output_type="pt").images
+    reference = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
+    reference.set_timesteps(10)
+    t = reference.timesteps[7]  # 3 of the 10 steps are run: from the 8th timestep on
+    noise = seeded_normal([0, 1, 2], (3, 8, 8), 0, "initial", "cpu", torch.float32)
+    x_t = reference.add_noise(x * 2 - 1, noise, t.repeat(3))
+    expected = denoise(pipe.unet, pipe.scheduler, x_t, 10, seeds=[0, 1, 2], start=7)
+    torch.testing.assert_close(edited, (expected / 2 + 0.5).clamp(0, 1), rtol=0, atol=1e-6)
+    assert (edited - x).abs().max() > 0.05  # the chain ran
+
+
+def test_sdedit_takes_pil_images_and_refuses_what_does_not_fit(saved_pipeline):
+    pipe, x = _pipeline(saved_pipeline), _edit_inputs()
+    as_pil = DDPMPipeline.numpy_to_pil(x.permute(0, 2, 3, 1).numpy())
+    back = pipe.edit(as_pil, strength=0, output_type="pt").images
+    assert (back - x).abs().max() <= 0.5 / 255 + 1e-6  # PIL rounds to 256 levels
+    with pytest.raises(ValueError, match=r"the UNet takes \(3, 8, 8\); resize them to 8x8"):
+        pipe.edit(torch.rand(1, 3, 16, 16), strength=0.5)
+    with pytest.raises(ValueError, match=r"in \[0, 1\] \(as output_type='pt' returns them\)"):
+        pipe.edit(x * 2 - 1, strength=0.5)
+    with pytest.raises(ValueError, match=r"strength=1.5 must be in \[0, 1\]"):
+        pipe.edit(x, strength=1.5)
