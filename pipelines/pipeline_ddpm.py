@@ -266,6 +266,22 @@ class DDPMPipeline(DiffusionPipeline):
                 logger.warning("Keeping diffusers' DDPMScheduler: ddpm_hf's does not take this config (%s).", e)
         return pipe
 
+    def _sample_size(self) -> tuple:
+        """(H, W) of the UNet's images."""
+        size = self.unet.config.sample_size
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    def _chain(self, labels: Optional[torch.Tensor], guidance_scale: float, noise: torch.Tensor, *args, **kwargs):
+        """`denoise(network, self.scheduler, noise, *args, **kwargs)` with the UNet in eval mode (sampling never uses
+        dropout, also when called on a model that is training), guided where there are `labels`."""
+        was_training = self.unet.training
+        self.unet.eval()
+        network = self.unet if labels is None else GuidedNetwork(self.unet, labels, guidance_scale)
+        try:
+            return denoise(network, self.scheduler, noise, *args, **kwargs)
+        finally:
+            self.unet.train(was_training)
+
     def progress_bar(self, iterable=None, total=None):
         """diffusers' bar, labelled with what it counts unless the caller named it (a bar without a label, in a log of
         several, says nothing)."""
@@ -325,9 +341,7 @@ class DDPMPipeline(DiffusionPipeline):
             raise ValueError(
                 f"Got {len(generator)} generators for batch_size={batch_size}; pass one generator per image or a single one."
             )
-        size = self.unet.config.sample_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        shape = (batch_size, self.unet.config.in_channels, *size)
+        shape = (batch_size, self.unet.config.in_channels, *self._sample_size())
         labels = check_labels(self.unet, class_labels, batch_size, guidance_scale)
         device = self._execution_device
         if seeds is not None:  # with a generator too, denoise refuses the pair
@@ -336,14 +350,8 @@ class DDPMPipeline(DiffusionPipeline):
             noise = seeded_normal(seeds, shape[1:], 0, "initial", device, CHAIN_DTYPE)
         else:
             noise = randn_tensor(shape, generator=generator, device=device, dtype=CHAIN_DTYPE)
-        was_training = self.unet.training
-        self.unet.eval()  # sampling never uses dropout, also when called on a model that is training
-        network = self.unet if labels is None else GuidedNetwork(self.unet, labels, guidance_scale)
-        try:
-            images = denoise(network, self.scheduler, noise, num_inference_steps, generator, eta, self.progress_bar,
+        images = self._chain(labels, guidance_scale, noise, num_inference_steps, generator, eta, self.progress_bar,
                              callback, seeds=seeds, cuda_graph=cuda_graph, timesteps=timesteps)
-        finally:
-            self.unet.train(was_training)
         images = to_output(images, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
@@ -377,10 +385,8 @@ class DDPMPipeline(DiffusionPipeline):
             raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}.")
         if not 0 <= strength <= 1:
             raise ValueError(f"strength={strength} must be in [0, 1] (0 returns the images, 1 samples anew).")
-        size = self.unet.config.sample_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
         device = self._execution_device
-        x0 = from_images(images, self.unet.config.in_channels, size).to(device)
+        x0 = from_images(images, self.unet.config.in_channels, self._sample_size()).to(device)
         seeds = list(range(len(x0))) if seeds is None else list(seeds)
         if len(seeds) != len(x0):
             raise ValueError(f"Got {len(seeds)} seeds for {len(x0)} images; pass one seed per image.")
@@ -398,14 +404,9 @@ class DDPMPipeline(DiffusionPipeline):
             #    (denoise scales a chain from step 0 by init_noise_sigma itself)
             x = noise if start == 0 else self.scheduler.add_noise(
                 x0, noise, self.scheduler.timesteps[start : start + 1].repeat(len(x0)))
-            was_training = self.unet.training
-            self.unet.eval()
-            network = self.unet if labels is None else GuidedNetwork(self.unet, labels, guidance_scale)
-            try:  # 2. the reverse chain from there
-                images = denoise(network, self.scheduler, x, num_inference_steps, None, None, self.progress_bar,
+            # 2. the reverse chain from there
+            images = self._chain(labels, guidance_scale, x, num_inference_steps, None, None, self.progress_bar,
                                  seeds=seeds, start=start)
-            finally:
-                self.unet.train(was_training)
         images = to_output(images, output_type)
         if not return_dict:
             return (images,)

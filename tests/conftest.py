@@ -70,3 +70,14 @@ def run_copy(finished_run, tmp_path):
     """A copy of the finished run, for a test that changes it."""
     shutil.copytree(finished_run, tmp_path / "run")
     return tmp_path / "run"
+
+
+@pytest.fixture(scope="module")
+def saved_pipeline(tmp_path_factory):
+    """A tiny unconditional pipeline (cpu-tiny at 8x8, random weights) saved by save_pretrained, once per module."""
+    from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("pipe")
+    DDPMPipeline(build_unet("cpu-tiny", sample_size=8), DDPMScheduler()).save_pretrained(folder)
+    return folder

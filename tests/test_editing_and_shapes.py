@@ -21,14 +21,6 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def saved_pipeline(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("pipe")
-    DDPMPipeline(build_unet("cpu-tiny", sample_size=8), DDPMScheduler()).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def conditional_pipeline(tmp_path_factory):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("cond")

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.linalg
-import torch
 from common import launch_two, run_in_process
 from PIL import Image
 
-from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
+from ddpm_hf import DDPMPipeline
 from ddpm_hf.measuring.metrics import (
     feature_statistics,
     fid_from_features,
@@ -26,14 +25,6 @@ from ddpm_hf.sampling.sample_folder import complete_images, image_name, sample_t
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
-
-
-@pytest.fixture(scope="module")
-def saved_pipeline(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("pipe")
-    DDPMPipeline(build_unet("cpu-tiny", sample_size=8), DDPMScheduler()).save_pretrained(folder)
-    return folder
 
 
 def load(folder):

@@ -230,8 +230,9 @@ def sample_command(pipe, *, pipeline_name: str, folder, num_images: int, batch_s
         raise UsageError(problem + ".")
     with_spacing(use_scheduler(pipe, sampler), timestep_spacing)
     chain = chain_timesteps(timesteps, num_inference_steps, pipe.scheduler)
-    if stride_problem(pipe.scheduler, num_inference_steps):
-        raise UsageError(stride_problem(pipe.scheduler, num_inference_steps) + ".")
+    problem = stride_problem(pipe.scheduler, num_inference_steps)
+    if problem:
+        raise UsageError(problem + ".")
     if chain is not None and "timesteps" not in inspect.signature(pipe.scheduler.set_timesteps).parameters:
         raise UsageError(f"--timesteps {timesteps} needs a sampler that takes a list of timesteps, and --scheduler "
                          f"{sampler} steps by one fixed stride; use --scheduler ddpm or dpm-solver with it.")
