@@ -165,6 +165,80 @@ def denoise(
     return x
 
 
+def repaint_moves(num_inference_steps: int, jump_length: int, jump_n_sample: int) -> List[int]:
+    """RePaint's resampling schedule (Lugmayr et al. 2022, Sec. 4.2 and Fig. 10: after each `jump_length` steps down,
+    `jump_length` steps back up, `jump_n_sample` - 1 times) as moves over a chain of `num_inference_steps` steps:
+    k >= 0 is the reverse step k of the chain (its timesteps[k] -> timesteps[k + 1], x_0 after the last), ~k (< 0)
+    undoes it (timesteps[k + 1] -> timesteps[k], with q). The order is diffusers' RePaintScheduler's own."""
+    from diffusers import RePaintScheduler
+
+    if num_inference_steps < 1 or jump_length < 1 or jump_n_sample < 1:
+        raise ValueError(f"num_inference_steps={num_inference_steps}, jump_length={jump_length} and "
+                         f"jump_n_sample={jump_n_sample} must each be at least 1 (jump_n_sample=1: no resampling).")
+    schedule = RePaintScheduler(num_train_timesteps=num_inference_steps)
+    schedule.set_timesteps(num_inference_steps, jump_length, jump_n_sample)
+    # RePaint's index i down is the chain's step N-1-i (from its timestep i to i-1); up, the undo that ends at its i-1
+    moves, last = [], num_inference_steps
+    for i in schedule.timesteps.tolist():
+        moves.append(num_inference_steps - 1 - i if i < last else ~(num_inference_steps - i))
+        last = i
+    return moves
+
+
+def repaint(
+    unet: torch.nn.Module,
+    scheduler: SchedulerMixin,
+    images: torch.Tensor,
+    known: torch.Tensor,
+    seeds: Sequence[int],
+    num_inference_steps: int,
+    jump_length: int = 10,
+    jump_n_sample: int = 10,
+    progress=lambda it: it,
+) -> torch.Tensor:
+    """Inpainting with an unconditional model: RePaint (Lugmayr et al. 2022, Algorithm 1). `images` are x_0 in the
+    model's range, `known` 1 where a pixel is kept and 0 where it is filled (N1HW or NCHW). Returns x_0.
+
+    At each reverse step t -> s of the chain: the unknown pixels take the scheduler's own step (any variance type our
+    DDPM scheduler runs, learned included, where diffusers' RePaintScheduler has DDIM's fixed one), the known pixels
+    are the input diffused to s with q(x_s | x_0) (Eq. 8a), with the step's own noise (as diffusers' RePaintScheduler
+    reuses it); after the last step the known pixels are the input itself. Resampling (`repaint_moves`) undoes a step
+    with q(x_t | x_s) = N(√(ᾱ_t/ᾱ_s) x_s, (1 - ᾱ_t/ᾱ_s) I), which harmonises the filled region with the kept one.
+
+    Move m's noise is `seeded_normal(seeds, ..., step=m, stream="step")`: image k's result depends on seeds[k] alone,
+    and without resampling (`jump_n_sample` 1) and with nothing known it is `denoise`'s chain for the same seeds."""
+    from .counter_noise import seed_keys, seeded_normal
+
+    if not isinstance(scheduler, diffusers.DDPMScheduler):  # its step is the posterior RePaint's Eq. 8b samples
+        raise ValueError(f"RePaint needs a DDPM scheduler, and {type(scheduler).__name__} is not one: inpaint with "
+                         "ddpm_hf's DDPMScheduler (the pipeline's own).")
+    if len(seeds) != images.shape[0]:
+        raise ValueError(f"Got {len(seeds)} seeds for {images.shape[0]} images; pass one seed per image.")
+    moves = repaint_moves(num_inference_steps, jump_length, jump_n_sample)
+    scheduler.set_timesteps(num_inference_steps, device=images.device)
+    timesteps = scheduler.timesteps
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=images.device, dtype=torch.float64)
+    keep_variance = uses_learned_variance(scheduler)
+    keys = seed_keys(seeds, images.device)
+    known = known.to(images.dtype)
+    x = seeded_normal(keys, images.shape[1:], 0, "initial", dtype=images.dtype) * scheduler.init_noise_sigma
+    for m, move in enumerate(progress(moves)):
+        noise = seeded_normal(keys, images.shape[1:], m, "step", dtype=images.dtype)
+        if move >= 0:  # 1. the reverse step t -> s: the model's for the unknown pixels, q(x_s | x_0) for the known
+            t = timesteps[move]
+            unknown = scheduler.step(network_output(unet, scheduler, x, t, keep_variance), t, x,
+                                     variance_noise=noise).prev_sample
+            kept = images if move == len(timesteps) - 1 else scheduler.add_noise(
+                images, noise, timesteps[move + 1 : move + 2].repeat(len(images)))
+            x = known * kept + (1 - known) * unknown
+        else:  # 2. resampling: undo the step timesteps[k] -> timesteps[k + 1] with q(x_t | x_s)
+            k = ~move  # after the chain's last step x is x_0 itself: ᾱ = 1
+            below = alphas_cumprod[timesteps[k + 1]] if k + 1 < len(timesteps) else alphas_cumprod.new_ones(())
+            ratio = alphas_cumprod[timesteps[k]] / below
+            x = ratio.sqrt().to(x.dtype) * x + (1 - ratio).sqrt().to(x.dtype) * noise
+    return x
+
+
 def to_output(images: torch.Tensor, output_type: str):
     """Model-range images [-1, 1] (NCHW) to [0, 1] as a tensor (`pt`, NCHW), an array (`np`, NHWC) or PIL images."""
     images = (images / 2 + 0.5).clamp(0, 1)
@@ -175,6 +249,26 @@ def to_output(images: torch.Tensor, output_type: str):
         return array if output_type == "np" else DiffusionPipeline.numpy_to_pil(array)
     else:
         raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}.")
+
+
+def from_masks(masks, count: int, size: tuple) -> torch.Tensor:
+    """Masks (PIL images, or a tensor in [0, 1], HW, 1HW or N1HW; one for every image or one each) as `known`
+    (N1HW float32): white (>= 0.5) is the region to fill, black is kept, as diffusers' inpainting pipelines read them.
+    One line where they do not fit."""
+    if isinstance(masks, torch.Tensor):
+        m = masks.detach().to(CHAIN_DTYPE)
+        m = m[None, None] if m.ndim == 2 else m[None] if m.ndim == 3 else m
+    else:
+        import numpy as np
+
+        masks = [masks] if not isinstance(masks, (list, tuple)) else masks
+        m = torch.from_numpy(np.stack([np.asarray(mask.convert("L"), dtype=np.float32) / 255 for mask in masks]))[:, None]
+    if m.ndim != 4 or m.shape[1] != 1 or tuple(m.shape[2:]) != tuple(size) or m.shape[0] not in (1, count):
+        raise ValueError(f"The masks are {tuple(m.shape)}, but {count} image(s) of {size[0]}x{size[1]} take one mask "
+                         f"of {size[0]}x{size[1]} for all or one each (white: fill, black: keep).")
+    if m.min() < 0 or m.max() > 1:
+        raise ValueError("Mask tensors are given in [0, 1] (1: fill, 0: keep).")
+    return (m < 0.5).to(CHAIN_DTYPE).expand(count, -1, -1, -1)
 
 
 def from_images(images, channels: int, size: tuple) -> torch.Tensor:
@@ -271,14 +365,15 @@ class DDPMPipeline(DiffusionPipeline):
         size = self.unet.config.sample_size
         return (size, size) if isinstance(size, int) else tuple(size)
 
-    def _chain(self, labels: Optional[torch.Tensor], guidance_scale: float, noise: torch.Tensor, *args, **kwargs):
-        """`denoise(network, self.scheduler, noise, *args, **kwargs)` with the UNet in eval mode (sampling never uses
-        dropout, also when called on a model that is training), guided where there are `labels`."""
+    def _chain(self, labels: Optional[torch.Tensor], guidance_scale: float, x: torch.Tensor, *args, run=denoise,
+               **kwargs):
+        """`run(network, self.scheduler, x, *args, **kwargs)` (`denoise` or `repaint`) with the UNet in eval mode
+        (sampling never uses dropout, also when called on a model that is training), guided where there are `labels`."""
         was_training = self.unet.training
         self.unet.eval()
         network = self.unet if labels is None else GuidedNetwork(self.unet, labels, guidance_scale)
         try:
-            return denoise(network, self.scheduler, noise, *args, **kwargs)
+            return run(network, self.scheduler, x, *args, **kwargs)
         finally:
             self.unet.train(was_training)
 
@@ -407,6 +502,45 @@ class DDPMPipeline(DiffusionPipeline):
             # 2. the reverse chain from there
             images = self._chain(labels, guidance_scale, x, num_inference_steps, None, None, self.progress_bar,
                                  seeds=seeds, start=start)
+        images = to_output(images, output_type)
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    @torch.no_grad()
+    def inpaint(
+        self,
+        images,
+        masks,
+        seeds: Optional[Sequence[int]] = None,
+        num_inference_steps: int = 1000,
+        jump_length: int = 10,
+        jump_n_sample: int = 10,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        class_labels: Union[int, Sequence[int], torch.Tensor, None] = None,
+        guidance_scale: float = 1.0,
+    ):
+        """Inpainting with RePaint (Lugmayr et al. 2022): the white region of each mask is filled by the model, the
+        black region is kept from the image (re-noised from it at every step; see `repaint`).
+
+        Args:
+            images: PIL images, or a tensor NCHW in [0, 1], of the UNet's size and channels.
+            masks: one mask for all images or one each (PIL, or a tensor in [0, 1]): white (>= 0.5) is filled.
+            seeds: one per image (default 0..N-1); image k depends on seeds[k] alone.
+            jump_length, jump_n_sample: RePaint's resampling, j and r of its paper (10 and 10 there): every
+                `jump_length` steps the chain goes back up `jump_length` steps, `jump_n_sample` - 1 times; 1 turns it off.
+                It costs about 1 + 2(jump_n_sample - 1) times the network calls of the plain chain.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}.")
+        device = self._execution_device
+        x0 = from_images(images, self.unet.config.in_channels, self._sample_size()).to(device)
+        known = from_masks(masks, len(x0), self._sample_size()).to(device)
+        seeds = list(range(len(x0))) if seeds is None else list(seeds)
+        labels = check_labels(self.unet, class_labels, len(x0), guidance_scale)
+        images = self._chain(labels, guidance_scale, x0, known, seeds, num_inference_steps, jump_length, jump_n_sample,
+                             self.progress_bar, run=repaint)
         images = to_output(images, output_type)
         if not return_dict:
             return (images,)
