@@ -34,3 +34,5 @@ FIGURES = ("progressive", "denoise", "forward", "interpolate")
 ANIMATION_FORMATS = ("auto", "gif", "webp")
 # feature spaces of ddpm-metrics and --eval_every
 FEATURE_NETWORKS = ("inception", "dinov2")
+# ddpm-edit --mask_half: the half of each image that RePaint fills
+MASK_HALVES = ("top", "bottom", "left", "right")
