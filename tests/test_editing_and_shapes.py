@@ -526,3 +526,73 @@ def test_rePaint_completes_half_masked_digits_as_their_own_class_more_often_than
     # measured: 0.58 inpainted by this 200-step model, 0.16 with the bottom half black; the full recipe's: 0.64 (0.68
     # with 100 steps, jump 10, 5 resamplings)
     assert rate > 0.35 and rate > blank + 0.2
+
+
+# ---------------------------------------------------------------- non-square images: --resolution HxW
+
+
+def test_resolution_takes_n_or_hxw_and_keeps_one_form():
+    from ddpm_hf.data.sizes import canonical, resolution, sample_size, size_of
+
+    assert resolution("32x64") == "32x64" and resolution("32x32") == 32 and resolution("16") == 16
+    assert size_of("32x64") == (32, 64) and size_of(16) == (16, 16) and size_of([8, 24]) == (8, 24)
+    assert sample_size("32x64") == [32, 64] and sample_size(32) == 32 and canonical((8, 8)) == 8
+    with pytest.raises(ValueError, match=r"give N \(square\) or HxW, e.g. 32x64"):
+        resolution("32x")
+
+
+def test_a_non_square_image_is_resized_to_cover_and_center_cropped():
+    """The oracle: PIL's own resize to the covering size, then the middle cut out by hand."""
+    from ddpm_hf.data.datasets import to_uint8_array
+
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (30, 20), dtype=np.uint8))  # 20 wide, 30 high
+    out = to_uint8_array(image, 1, "8x16")
+    assert out.shape == (8, 16, 1)
+    cover = np.asarray(image.resize((16, 24), Image.BICUBIC, reducing_gap=None))  # scale max(16/20, 8/30) = 0.8
+    assert np.array_equal(out[..., 0], cover[8:16])
+    assert to_uint8_array(image, 1, "8x16", center_crop=False).shape == (8, 16, 1)  # squashed
+
+
+def test_a_non_square_run_trains_samples_measures_and_reloads_in_plain_diffusers(tmp_path):
+    import diffusers
+    from common import tiny_config
+
+    from ddpm_hf.training.loop import train
+
+    out = train(tiny_config(tmp_path / "run", resolution="8x16", max_train_steps=4, checkpointing_steps=4))
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["resolution"] == "8x16"
+    assert json.loads((out / "unet" / "config.json").read_text())["sample_size"] == [8, 16]
+    plain = diffusers.DDPMPipeline.from_pretrained(out)  # nothing of ddpm_hf's: diffusers' own classes
+    assert type(plain.unet) is diffusers.UNet2DModel
+    images = plain(batch_size=2, num_inference_steps=3, output_type="np").images
+    assert images.shape == (2, 8, 16, 1)
+    assert "at 8x16 (1 channel)" in (out / "README.md").read_text()
+    proc = sample(out, tmp_path / "drawn", "--num_images", 2, "--num_inference_steps", 3)
+    assert proc.returncode == 0, proc.stderr
+    assert {a.shape for a in pngs(tmp_path / "drawn").values()} == {(8, 16)}
+    nll = run_in_process([sys.executable, "-m", "ddpm_hf.commands.nll", out, tmp_path / "nll", "--dataset", "digits",
+                          "--num_images", 2])
+    assert nll.returncode == 0, nll.stderr
+    assert json.loads((tmp_path / "nll" / "nll.json").read_text())["protocol"]["resolution"] == [8, 16]
+    vis = run_in_process([sys.executable, "-m", "ddpm_hf.commands.visualize", out, tmp_path / "fig", "--num_inference_steps",
+                          4, "--seeds", 0, 1, "--figures", "progressive"])
+    assert vis.returncode == 0, vis.stderr
+    # 4 columns (the 4 steps) by 4 rows (x_t and x̂_0 of 2 seeds) of images 16 wide and 8 high, framed by 1 px each side
+    figure = Image.open(tmp_path / "fig" / "progressive.png")
+    assert figure.width / figure.height == pytest.approx((16 + 2) / (8 + 2))
+
+
+@pytest.mark.parametrize("resolution, message", [
+    ("7x16", r"--resolution 7x16 \(--unet_preset cpu-tiny\): the UNet downsamples by 2, so each side must be a multiple "
+             r"of 2; the valid sizes nearest to it are 6x16, 8x16"),
+    ("13", r"--resolution 13 \(--unet_preset cpu-tiny\): .* the valid sizes nearest to it are 12, 14"),
+])
+def test_a_size_the_unet_cannot_downsample_is_refused_naming_the_valid_sizes_near_it(tmp_path, resolution, message):
+    from common import TINY, cli_args, one_error_line
+
+    proc = run_in_process([sys.executable, "train_ddpm.py", *cli_args({**TINY, "output_dir": tmp_path / "run"}),
+                           "--max_train_steps", 1, "--resolution", resolution])
+    assert re.search(message, one_error_line(proc)), proc.stderr
+    assert not (tmp_path / "run").exists()

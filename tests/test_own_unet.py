@@ -88,7 +88,8 @@ def test_own_unet_config_from_a_cached_repo_id_offline(tmp_path):
     (dict(sample_size=16), {}, r"sample_size=16, but --resolution is 8; set sample_size in the config"),
     (dict(sample_size=None, block_out_channels=[8, 8, 8, 8], down_block_types=["DownBlock2D"] * 4,
           up_block_types=["UpBlock2D"] * 4), dict(resolution=12),
-     r"its 4 levels downsample by 8, which does not divide --resolution 12; use a multiple of 8"),
+     r"--resolution 12 \(its 4 levels\): the UNet downsamples by 8, so each side must be a multiple of "
+     r"8; the valid sizes nearest to it are 8, 16"),
 ])
 def test_a_unet_config_that_does_not_fit_the_run_is_one_line_before_any_data(tmp_path, monkeypatch, change, flags, match):
     from ddpm_hf.data import datasets as data

@@ -194,7 +194,7 @@ def test_an_allowed_config_change_is_recorded_in_the_history(run_copy):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (dict(resolution=9), r"--resolution=9 is not divisible by 2, the downsampling of --unet_preset cpu-tiny"),
+    (dict(resolution=9), r"--resolution 9 \(--unet_preset cpu-tiny\): the UNet downsamples by 2, .* nearest to it are 8, 10"),
     (dict(max_train_steps=0), r"--max_train_steps=0 must be at least 1"),
     (dict(ema_decay=1.5), r"--ema_decay=1.5 must be in \[0, 1\)"),
     (dict(learning_rate=-1e-3), r"--learning_rate=-0.001 must be positive"),

@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 from ddpm_hf.commands.parsing import Parser
 from ddpm_hf.commands.running import command
+from ddpm_hf.data.sizes import resolution as image_resolution
 
 
 @command
@@ -24,7 +25,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--reference", help="a folder of images; a dataset as for train_ddpm.py --dataset (cifar10, a Hub id, parquet "
                         "files); or clean-fid's precomputed statistics, cleanfid:NAME:SPLIT:RES (e.g. cleanfid:cifar10:train:32)")
     parser.add_argument("--split", default="train", help="the reference dataset's split")
-    parser.add_argument("--resolution", type=int, default=None, help="reference images are resized/cropped to this (the samples' size)")
+    parser.add_argument("--resolution", type=image_resolution, default=None, help="reference images are resized/cropped "
+                        "to this (the samples' size): N, or HxW")
     parser.add_argument("--channels", type=int, default=3, choices=(1, 3))
     parser.add_argument("--mode", choices=FID_MODES, default="clean", help="clean-fid's resizing protocol")
     parser.add_argument("--feature_network", choices=FEATURE_NETWORKS, default="inception",

@@ -24,6 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ddpm_hf.choices import BAD_IMAGE_POLICIES
+from ddpm_hf.data.sizes import size_of
 from ddpm_hf.errors import StateError, UsageError
 from ddpm_hf.pipelines.pipeline_ddpm import names_a_local_path
 from ddpm_hf.seeding import DATA_ORDER_SEED_TAG, mix_seed
@@ -379,9 +380,10 @@ def decode_image(value, where: str) -> Image.Image:
         raise BadImageError(f"{where}: cannot decode image ({e})") from e
 
 
-def to_uint8_array(image: Image.Image, channels: int, resolution: int, center_crop: bool = True) -> np.ndarray:
-    """Convert to `channels` (1: grayscale, 3: RGB; alpha is composited on white), resize the short side to
-    `resolution` (bicubic, antialiased) and center-crop (or squash, without center_crop) to a square. HxWxC uint8."""
+def to_uint8_array(image: Image.Image, channels: int, resolution, center_crop: bool = True) -> np.ndarray:
+    """Convert to `channels` (1: grayscale, 3: RGB; alpha is composited on white), resize to cover `resolution`'s
+    H x W (an int: a square; `sizes.size_of`) keeping the aspect ratio (bicubic, antialiased) and center-crop it (or
+    squash to it, without center_crop). HxWxC uint8."""
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -393,15 +395,16 @@ def to_uint8_array(image: Image.Image, channels: int, resolution: int, center_cr
     else:
         raise UsageError(f"--channels={channels} is not supported; use 1 (grayscale) or 3 (RGB).")
     w, h = image.size
+    out_h, out_w = size_of(resolution)
     if center_crop:
-        scale = resolution / min(w, h)
-        nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+        scale = max(out_w / w, out_h / h)  # a square: the short side to the size, as before
+        nw, nh = max(out_w, round(w * scale)), max(out_h, round(h * scale))
         if (nw, nh) != (w, h):
             image = image.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
-        left, top = (nw - resolution) // 2, (nh - resolution) // 2
-        image = image.crop((left, top, left + resolution, top + resolution))
-    elif (w, h) != (resolution, resolution):
-        image = image.resize((resolution, resolution), Image.BICUBIC)
+        left, top = (nw - out_w) // 2, (nh - out_h) // 2
+        image = image.crop((left, top, left + out_w, top + out_h))
+    elif (w, h) != (out_w, out_h):
+        image = image.resize((out_w, out_h), Image.BICUBIC)
     array = np.asarray(image, dtype=np.uint8)
     return array[:, :, None] if array.ndim == 2 else array
 
@@ -440,7 +443,7 @@ def stop_on_bad_image(error: Exception, skip_flag: Optional[str] = "--on_bad_ima
     return BadImageError(f"{error}. Fix or remove it{skip}.")
 
 
-def build_image_bank(ds, column: str, channels: int, resolution: int, center_crop: bool = True,
+def build_image_bank(ds, column: str, channels: int, resolution, center_crop: bool = True,
                      on_bad_image: str = "stop", progress: bool = True,
                      skip_flag: Optional[str] = "--on_bad_image skip", label_column: Optional[str] = None) -> ImageBank:
     """Decode a map-style dataset once into an `ImageBank` (with the labels of `label_column`, checked by
@@ -453,7 +456,7 @@ def build_image_bank(ds, column: str, channels: int, resolution: int, center_cro
         raise UsageError(f"on_bad_image={on_bad_image!r} is not one of {', '.join(map(repr, BAD_IMAGE_POLICIES))}.")
     labels = np.asarray(ds.with_format(None)[label_column], dtype=np.int64) if label_column is not None else None
     ds = _undecoded(ds, column).select_columns([column])
-    out = np.empty((len(ds), resolution, resolution, channels), dtype=np.uint8)
+    out = np.empty((len(ds), *size_of(resolution), channels), dtype=np.uint8)
     kept = np.empty(len(ds), dtype=np.int64)
     n, skipped = 0, 0
     for index, row in enumerate(tqdm(ds, desc="Decoding images", disable=not progress, unit="img")):
@@ -482,13 +485,13 @@ def first_rows(dataset: str, split: str, num_images: int, dataset_config: Option
     return ds.select(range(num_images))
 
 
-def images_of(rows, channels: int, resolution: int, image_column: Optional[str] = None) -> torch.Tensor:
-    """The images of dataset rows as uint8 [N, C, H, W] at `resolution`."""
+def images_of(rows, channels: int, resolution, image_column: Optional[str] = None) -> torch.Tensor:
+    """The images of dataset rows as uint8 [N, C, H, W] at `resolution` (N, HxW or [H, W]: `sizes.size_of`)."""
     return build_image_bank(rows, find_image_column(rows.features, image_column), channels, resolution, progress=False,
                             skip_flag=None).images
 
 
-def image_fit_note(rows, channels: int, resolution: int, image_column: Optional[str] = None,
+def image_fit_note(rows, channels: int, resolution, image_column: Optional[str] = None,
                    what: str = "the pipeline") -> Optional[str]:
     """Whether the first image of `rows` is what a model of `channels` and `resolution` sees: an error for other
     channels (converting them would measure other images), a note for another size (resized and cropped); None if it
@@ -499,13 +502,14 @@ def image_fit_note(rows, channels: int, resolution: int, image_column: Optional[
     if has != channels:
         raise UsageError(f"The images have {has} channel{'s' if has > 1 else ''} and {what} models {channels}: converting "
                          f"them would measure other images than these; give {channels}-channel images.")
-    if image.size != (resolution, resolution):
-        return (f"the images are {image.size[0]}x{image.size[1]}; they are resized and center-cropped to "
-                f"{resolution}x{resolution}, the size {what} models, before measuring")
+    h, w = size_of(resolution)
+    if image.size != (w, h):  # sizes said as H x W, as --resolution takes them
+        return (f"the images are {image.size[1]}x{image.size[0]}; they are resized and center-cropped to "
+                f"{h}x{w}, the size {what} models, before measuring")
     return None
 
 
-def stream_batches(ds, column: str, batch_size: int, channels: int, resolution: int, center_crop: bool,
+def stream_batches(ds, column: str, batch_size: int, channels: int, resolution, center_crop: bool,
                    on_bad_image: str, rank: int, world_size: int, seed: int, epoch: int) -> Iterator[torch.Tensor]:
     """uint8 batches [B, C, H, W] from a streaming dataset: this rank's shard of epoch `epoch`, shuffled
     through a buffer; bad images are skipped (counted in the log) or stop the run as with ImageBank."""

@@ -12,6 +12,7 @@ import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
+from ddpm_hf.data.sizes import canonical, sample_size, size_of, size_problem
 from ddpm_hf.errors import UsageError, first_line
 
 if TYPE_CHECKING:  # diffusers loads only when a network is built: the command lines read the presets first
@@ -201,7 +202,7 @@ def resolve_unet_config(source: str, subfolder: Optional[str] = None) -> Dict[st
                      "a folder holding one, or a Hub repo id.")
 
 
-def check_unet_config(config: Dict[str, Any], channels: int, out_channels: int, resolution: int, source: str) -> Dict[str, Any]:
+def check_unet_config(config: Dict[str, Any], channels: int, out_channels: int, resolution, source: str) -> Dict[str, Any]:
     """`config` against the run: in/out channels and sample_size; the resolution divisible by its downsampling.
     Each mismatch is one line naming the key; returns the config with sample_size set."""
     from diffusers import UNet2DModel
@@ -213,11 +214,10 @@ def check_unet_config(config: Dict[str, Any], channels: int, out_channels: int, 
         if full[key] != want:
             raise UsageError(f"--unet_config {source}: {key}={full[key]}, but {flag} needs {want}; set {key} in the config "
                              "or change the flag.")
-    if full.get("sample_size") not in (None, resolution):
-        raise UsageError(f"--unet_config {source}: sample_size={full['sample_size']}, but --resolution is {resolution}; "
-                         "set sample_size in the config or change --resolution.")
-    factor = downsampling_factor(full)
-    if resolution % factor:
-        raise UsageError(f"--unet_config {source}: its {len(full['block_out_channels'])} levels downsample by {factor}, "
-                         f"which does not divide --resolution {resolution}; use a multiple of {factor}.")
-    return {**config, "sample_size": resolution}
+    if full.get("sample_size") is not None and size_of(full["sample_size"]) != size_of(resolution):
+        raise UsageError(f"--unet_config {source}: sample_size={full['sample_size']}, but --resolution is "
+                         f"{canonical(resolution)}; set sample_size in the config or change --resolution.")
+    problem = size_problem(resolution, downsampling_factor(full), where=f" (its {len(full['block_out_channels'])} levels)")
+    if problem:
+        raise UsageError(f"--unet_config {source}: {problem}.")
+    return {**config, "sample_size": sample_size(resolution)}

@@ -26,6 +26,7 @@ from PIL import Image
 
 from ddpm_hf.choices import FEATURE_NETWORKS, FID_MODES
 from ddpm_hf.data.fingerprints import files_fingerprint, source_fingerprint
+from ddpm_hf.data.sizes import canonical
 from ddpm_hf.errors import MissingError, UsageError, first_line
 from ddpm_hf.measuring.metrics import (
     feature_statistics,
@@ -281,7 +282,7 @@ def _data_tag(dataset: str) -> str:
     return f"-{source['fingerprint']}" if source else ""
 
 
-def dataset_reference(dataset: str, split: str, resolution: int, channels: int, cache_dir: Path,
+def dataset_reference(dataset: str, split: str, resolution, channels: int, cache_dir: Path,
                       max_images: Optional[int] = None) -> Path:
     """The reference images of a dataset split, exported once as PNGs into the cache (atomically)."""
     from ddpm_hf.data.datasets import build_image_bank, find_image_column, load_image_dataset
@@ -304,7 +305,7 @@ def dataset_reference(dataset: str, split: str, resolution: int, channels: int, 
 
 
 def reference_features(reference: str, network: FeatureNetwork, mode: str, cache_dir: Path, split: str = "train",
-                       resolution: Optional[int] = None, channels: int = 3, **kw) -> tuple:
+                       resolution=None, channels: int = 3, **kw) -> tuple:
     """(features, description) of the reference: a folder (computed each time), or a dataset (features cached in
     cache_dir/stats, named by dataset, split, resolution, mode and network, and for local data by the fingerprint of
     its files: rewritten data is measured afresh, never answered from the cache of what it held before)."""
@@ -314,6 +315,7 @@ def reference_features(reference: str, network: FeatureNetwork, mode: str, cache
             "data": files_fingerprint(backend_images(reference), reference)}
     if resolution is None:
         raise UsageError("A dataset reference needs --resolution (the size the samples were drawn at).")
+    resolution = canonical(resolution)  # a UNet's [H, W] names its cache as --resolution HxW does
     source = source_fingerprint(reference)
     key = _safe(f"{reference}{_data_tag(reference)}-{split}-{resolution}px-{mode}-{network.name.split(' ')[0]}-{network.weights_sha256[:12]}")
     stats = Path(cache_dir) / "stats" / f"{key}.npy"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 from ddpm_hf.data.datasets import BUILTIN_DATASETS, DATASET_ALIASES
+from ddpm_hf.data.sizes import size_of
 from ddpm_hf.outputs.files import atomic_write_bytes
 from ddpm_hf.outputs.run_folder import (
     DENOISING_ANIMATIONS,
@@ -227,7 +228,7 @@ def _intro_section(name: str, config: TrainingConfig, unet: dict, dataset_label:
         f"# {name}",
         "",
         f"A denoising diffusion probabilistic model ([Ho et al. 2020](https://arxiv.org/abs/2006.11239)) trained "
-        f"with ddpm_hf on **{dataset_label}** at {config.resolution}x{config.resolution} "
+        f"with ddpm_hf on **{dataset_label}** at {'x'.join(map(str, size_of(config.resolution)))} "
         f"({config.channels} channel{'s' if config.channels > 1 else ''}), {network} "
         f"({sum(1 for _ in unet['block_out_channels'])} levels, channels {unet['block_out_channels']}), "
         f"{config.max_train_steps or config.num_epochs} {'steps' if config.max_train_steps else 'epochs'} of batch {config.batch_size}. "

@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
+from ddpm_hf.data.sizes import size_of
 from ddpm_hf.errors import StateError, UsageError, first_line
 from ddpm_hf.outputs.files import replace_dir, sha256_of, tmp_sibling
 from ddpm_hf.outputs.run_folder import MODEL_INDEX, PIPELINE_HASHES, SCHEDULER_CONFIG, UNET_CONFIG
@@ -48,7 +49,7 @@ def weights_problem(unet: torch.nn.Module, probe: Optional[tuple] = None) -> Opt
         return None
     channels, resolution, num_train_timesteps = probe
     device = next(unet.parameters()).device
-    probe = torch.randn(2, channels, resolution, resolution, generator=torch.Generator().manual_seed(0))
+    probe = torch.randn(2, channels, *size_of(resolution), generator=torch.Generator().manual_seed(0))
     rows = getattr(unet.config, "num_class_embeds", None)  # a class-conditional UNet: class 0, and "no class" (the last)
     labels = {} if rows is None else {"class_labels": torch.tensor([0, rows - 1], device=device)}
     with torch.no_grad():

@@ -60,8 +60,8 @@ def half_mask(side: str, size: tuple) -> torch.Tensor:
     return mask
 
 
-def fitted(path: Path, channels: int, size: int) -> torch.Tensor:
-    """An image file as the UNet takes it: CHW in [0, 1]."""
+def fitted(path: Path, channels: int, size) -> torch.Tensor:
+    """An image file as the UNet takes it, at `size` (N or (H, W)): CHW in [0, 1]."""
     array = to_uint8_array(decode_image(path.read_bytes(), str(path)), channels, size)
     return torch.from_numpy(np.array(array)).permute(2, 0, 1).float() / 255  # a copy: PIL's buffer is read-only
 
@@ -135,9 +135,6 @@ def edit_command(pipe, *, pipeline_name: str, images, folder, strength: Optional
     root, sources = Path(images).expanduser(), input_files(images)
     masks = mask_files(mask, sources, root) if mask is not None else None
     channels, size = pipe.unet.config.in_channels, pipe._sample_size()
-    if size[0] != size[1]:
-        raise UsageError(f"ddpm-edit fits images to a square UNet, and this one takes {size[0]}x{size[1]}; use "
-                         "pipe.edit / pipe.inpaint with images of that size.")
     protocol = {
         "pipeline": pipeline_name, "weights_sha256": state_dict_sha256(pipe.unet), "scheduler_config": dict(pipe.scheduler.config),
         "num_inference_steps": num_inference_steps, "seed": seed, "noise": f"input k: seed + k; {NOISE}", "fit": FIT,
@@ -164,7 +161,7 @@ def edit_command(pipe, *, pipeline_name: str, images, folder, strength: Optional
         bar = job.bar(len(todo), "Editing" if strength is not None else "Inpainting", "img")
         for at in range(0, len(todo), batch_size):
             ks = todo[at : at + batch_size]
-            x = torch.stack([fitted(sources[k], channels, size[0]) for k in ks])
+            x = torch.stack([fitted(sources[k], channels, size) for k in ks])
             guided = {} if labels is None else {"class_labels": [label_of(k, labels) for k in ks],
                                                 "guidance_scale": guidance_scale}
             seeds = [seed + k for k in ks]
@@ -172,7 +169,7 @@ def edit_command(pipe, *, pipeline_name: str, images, folder, strength: Optional
                 out = pipe.edit(x, strength=strength, seeds=seeds, num_inference_steps=num_inference_steps, **guided)
             else:
                 m = (half_mask(mask_half, size)[None].expand(len(ks), -1, -1, -1) if mask_half else
-                     torch.stack([fitted(masks[k], 1, size[0]) for k in ks]))
+                     torch.stack([fitted(masks[k], 1, size) for k in ks]))
                 out = pipe.inpaint(x, m, seeds=seeds, num_inference_steps=num_inference_steps,
                                    jump_length=jump_length, jump_n_sample=jump_n_sample, **guided)
             for k, image in zip(ks, out.images):
@@ -184,12 +181,12 @@ def edit_command(pipe, *, pipeline_name: str, images, folder, strength: Optional
             if held == len(names):
                 rows = []
                 for k in range(min(COMPARISON_ROWS, len(names))):
-                    x = fitted(sources[k], channels, size[0])
-                    result = fitted(job.folder / names[k], channels, size[0])
+                    x = fitted(sources[k], channels, size)
+                    result = fitted(job.folder / names[k], channels, size)
                     if strength is not None:
                         rows.append((x, result))
                     else:
-                        fill = (half_mask(mask_half, size) if mask_half else (fitted(masks[k], 1, size[0]) >= 0.5).float())
+                        fill = (half_mask(mask_half, size) if mask_half else (fitted(masks[k], 1, size) >= 0.5).float())
                         rows.append((x, x * (1 - fill) + 0.5 * fill, result))
                 atomic_save_image(comparison_figure(rows), job.folder / COMPARISON)
             job.record(complete=held == len(names))

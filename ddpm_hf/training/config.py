@@ -10,7 +10,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ddpm_hf.choices import (
     BAD_IMAGE_POLICIES,
@@ -27,6 +27,8 @@ from ddpm_hf.choices import (
     TRACKERS,
     TRAINING_VARIANCE_TYPES,
 )
+from ddpm_hf.data.sizes import canonical, size_problem
+from ddpm_hf.data.sizes import resolution as image_resolution
 from ddpm_hf.errors import UsageError
 from ddpm_hf.outputs.run_folder import (
     TRAINING_CONFIG,
@@ -34,8 +36,10 @@ from ddpm_hf.outputs.run_folder import (
 from ddpm_hf.paths import DINOV2_DEFAULT
 
 
-def _f(default, help: str, choices: Optional[Sequence[str]] = None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _f(default, help: str, choices: Optional[Sequence[str]] = None, parse=None):
+    """A setting: its default, its flag's help, its choices, and `parse` where its flag's text is read by a function
+    of its own (argparse's type), not by the field's type."""
+    return field(default=default, metadata={"help": help, "choices": choices, "parse": parse})
 
 
 @dataclass
@@ -59,7 +63,8 @@ class TrainingConfig:
     class_names: Optional[List[str]] = field(default=None, metadata={"help": "", "resolved": True})
     max_train_samples: Optional[int] = _f(None, "use only the first N images (quick experiments)")
     channels: int = _f(3, "image channels the model sees: 1 (grayscale) or 3 (RGB); inputs are converted")
-    resolution: int = _f(32, "training images are resized (short side) and center-cropped to this size")
+    resolution: Union[int, str] = _f(32, "training images are resized (short side) and center-cropped to this size: "
+                                     "N for N x N, or HxW (e.g. 32x64: 32 high, 64 wide)", parse=image_resolution)
     center_crop: bool = _f(True, "center-crop to a square after resizing (else squash)")
     random_flip: bool = _f(True, "flip each training image left-right with probability 1/2")
     streaming: bool = _f(False, "stream the dataset (for sets larger than the disk); decoded on the fly")
@@ -213,7 +218,11 @@ class TrainingConfig:
             raise UsageError("--overwrite_output_dir starts over; it cannot go with --resume_from_checkpoint.")
         if any(getattr(self, k) for k in HUB_SETTINGS) and not self.push_to_hub:
             raise UsageError("--hub_model_id, --hub_private_repo and --hub_push_every need --push_to_hub.")
-        for name in ("batch_size", "gradient_accumulation_steps", "resolution", "checkpointing_steps", "sample_inference_steps",
+        try:  # one form of it, whether it came from a flag, a saved config or the Python API: 32, "32x64"
+            self.resolution = canonical(self.resolution)
+        except ValueError as e:
+            raise UsageError(f"--resolution: {e}.") from None
+        for name in ("batch_size", "gradient_accumulation_steps", "checkpointing_steps", "sample_inference_steps",
                      "save_images_steps", "logging_steps", "num_sample_images", "eval_samples", "eval_steps", "hub_push_every",
                      "eval_nll_every", "eval_nll_images", "save_images_epochs", "save_model_epochs"):
             value = getattr(self, name)
@@ -255,9 +264,8 @@ class TrainingConfig:
         need(self.unet_preset in UNET_PRESETS,
              f"--unet_preset {self.unet_preset!r} is not one of {', '.join(sorted(UNET_PRESETS))}.")
         factor = 1 if self.unet_config else downsampling_factor(UNET_PRESETS[self.unet_preset])  # a config is checked when read
-        need(self.resolution % factor == 0,
-             f"--resolution={self.resolution} is not divisible by {factor}, the downsampling of --unet_preset "
-             f"{self.unet_preset}; use a multiple of {factor} (e.g. {max(factor, self.resolution // factor * factor)}).")
+        problem = size_problem(self.resolution, factor, where=f" (--unet_preset {self.unet_preset})")
+        need(problem is None, f"{problem}.")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False)

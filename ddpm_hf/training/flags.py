@@ -15,6 +15,7 @@ import typing
 from typing import Any, Dict, Optional, Sequence
 
 from ddpm_hf.choices import LEARNED_VARIANCE_TYPES
+from ddpm_hf.data.sizes import canonical
 from ddpm_hf.errors import UsageError
 from ddpm_hf.outputs.run_folder import (
     ROOT_LAYOUT_SCHEDULER_CONFIG,
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainingConfig):
         if f.name == "preset" or f.metadata.get("resolved"):
             continue
-        tp = _argparse_type(hints[f.name])
+        tp = f.metadata.get("parse") or _argparse_type(hints[f.name])
         choices = {"preset": sorted(RECIPES), "unet_preset": sorted(UNET_PRESETS)}.get(f.name, f.metadata.get("choices"))
         # the default is shown, not set: flags left out stay out of the namespace, so a --preset can fill them
         shown = "" if "(default:" in f.metadata["help"] else f" (default: {f.default})"
@@ -139,7 +140,7 @@ def starting_point(source: str) -> Dict[str, Any]:
         values["loss"] = "hybrid"  # what trains a learned variance
     size = unet.get("sample_size")
     if size is not None:
-        values["resolution"] = size if isinstance(size, int) else int(size[0])
+        values["resolution"] = canonical(size)
     return values
 
 

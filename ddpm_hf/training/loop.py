@@ -35,6 +35,7 @@ import torch
 from accelerate.logging import get_logger
 
 from ddpm_hf.data.datasets import BatchSource
+from ddpm_hf.data.sizes import size_of
 from ddpm_hf.devices import accelerator_available, cpu_has_bf16, deterministic_kernels, device_name
 from ddpm_hf.errors import StateError, UsageError
 from ddpm_hf.outputs.files import atomic_write_json, remove_atomically, remove_stale_temporaries
@@ -361,7 +362,7 @@ def start_step_graph(run: Run) -> Optional[StepGraph]:
         logger.info("Each training step runs eagerly: %s.", refusal)
         return None
     config = run.config
-    shape = (run.source.micro, config.channels, config.resolution, config.resolution)
+    shape = (run.source.micro, config.channels, *size_of(config.resolution))
     return StepGraph(functools.partial(device_step, run), run.source, shape, config.gradient_accumulation_steps,
                      run.device, run.generator, run.optimizer, run.ema,
                      state=lambda: step_state(run.raw_unet, run.optimizer, run.ema, run.meters),

@@ -64,6 +64,7 @@ def run_unet_config(config: TrainingConfig, checkpoint: Optional[Path] = None) -
     any more), else --unet_config's (checked against the run: C input channels, C output channels or 2C with a
     learned variance, the resolution), else the preset's. One that cannot be built (`unet_config_problem`) is refused
     here, in one line naming where it came from: before the data, and before --dry_run builds it."""
+    from ddpm_hf.data.sizes import sample_size
     from ddpm_hf.diffusion.unets import check_unet_config, resolve_unet_config, unet_config, unet_config_problem
 
     if checkpoint is not None and (checkpoint / CHECKPOINT_UNET_CONFIG).is_file():
@@ -79,7 +80,7 @@ def run_unet_config(config: TrainingConfig, checkpoint: Optional[Path] = None) -
             found = {**check_unet_config(read, config.channels, out, config.resolution, config.unet_config), **extra}
             source = f"--unet_config {config.unet_config}"
         else:
-            found = unet_config(config.unet_preset, sample_size=config.resolution, in_channels=config.channels,
+            found = unet_config(config.unet_preset, sample_size=sample_size(config.resolution), in_channels=config.channels,
                                 out_channels=out, **extra)
             source = f"--unet_preset {config.unet_preset}"
     found = class_embedding(config, found, source)

@@ -12,6 +12,7 @@ import types
 
 import torch
 
+from ddpm_hf.data.sizes import size_of
 from ddpm_hf.training.config import TrainingConfig
 from ddpm_hf.training.parts import build_model
 from ddpm_hf.training.state import Run
@@ -71,7 +72,7 @@ def step_rates(config: TrainingConfig, precisions, batch: int, rounds: int = 10,
     network matter: on one machine a bare forward and backward timed bf16 1.2x faster, and the loop was not faster at
     all."""
     runs = {precision: probe_run(config, precision) for precision in precisions}
-    shape = (batch, config.channels, config.resolution, config.resolution)
+    shape = (batch, config.channels, *size_of(config.resolution))
     batches = [torch.randint(0, 256, shape, dtype=torch.uint8) for _ in range(config.gradient_accumulation_steps)]
     labels = ([torch.randint(0, len(config.class_names), (batch,)) for _ in batches] if config.class_conditional
               else None)
