@@ -4,6 +4,7 @@ and a rerun that resumes; the one-line error without Inception weights, before a
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -202,3 +203,51 @@ def test_fid_se_rounds_below_two_are_refused_in_one_line_unless_zero(rounds):
         settings("ddpm-cifar10", fid_se_rounds=rounds)
     assert settings("ddpm-cifar10", fid_se_rounds=0)["fid_se_rounds"] == 0
     assert settings("ddpm-cifar10")["fid_se_rounds"] == 10
+
+
+@pytest.mark.parametrize("protocol, named", [
+    ("ddpm-lsun-church", r"LSUN church_outdoor train at 256x256 \(Yu et al. 2015; 126,227 images\)"),
+    ("ddpm-lsun-bedroom", r"LSUN bedroom train at 256x256 \(Yu et al. 2015; 3,033,042 images\)"),
+    ("ddpm-lsun-cat", r"LSUN cat train at 256x256 \(Yu et al. 2015; 1,657,266 images\)"),
+    ("ddpm-celebahq-256", r"CelebA-HQ at 256x256 \(Karras et al. 2018; 30,000 images\)"),
+])
+def test_a_protocol_whose_reference_set_is_absent_names_it_in_one_line_before_any_work(setup, tmp_path, protocol, named):
+    proc = run_in_process([sys.executable, "-m", "ddpm_hf.commands.evaluate", setup / "pipe", tmp_path / "eval",
+                           "--protocol", protocol])
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-2000:]
+    assert re.search(f"--protocol {protocol} compares with {named}, which ddpm_hf cannot fetch: pass --reference", lines[0])
+    assert not (tmp_path / "eval").exists()
+
+
+def _measured(fid: float) -> dict:
+    return {"fid": fid, "fid_se": 0.5, "inception_score": {"mean": 2.5, "std": 0.1},
+            "protocol": {"sampling": {"weights_sha256": "ab" * 32}, "feature_network": "stand-in"}}
+
+
+@pytest.mark.parametrize("protocol, rows", [
+    ("ddpm-cifar10", [("Ho et al. 2020, Table 1: L_simple", "3.17", "9.46 ± 0.11", "≤ 3.75"),
+                      ("Ho et al. 2020, Table 1: L, fixed isotropic Σ", "13.51", "7.67 ± 0.13", "≤ 3.70")]),
+    ("ddpm-lsun-church", [("Ho et al. 2020, Table 3: L_simple", "7.89", "–", "–")]),
+    ("ddpm-lsun-bedroom", [("Ho et al. 2020, Table 3: L_simple", "6.36", "–", "–"),
+                           ("Ho et al. 2020, Table 3: L_simple, large model", "4.90", "–", "–")]),
+    ("ddpm-lsun-cat", [("Ho et al. 2020, Table 3: L_simple", "19.75", "–", "–")]),
+    ("ddpm-celebahq-256", []),
+])
+def test_each_protocol_reports_the_papers_own_numbers_beside_ours_and_says_when_the_size_differs(protocol, rows):
+    from ddpm_hf.measuring.evaluation import build_report, report_markdown, settings
+
+    chosen = settings(protocol, reference="path/to/reference", num_images=50000)
+    metrics = {mode: _measured(10.0 + i) for i, mode in enumerate(chosen["modes"])}
+    report = build_report("pipe", chosen, metrics, None, "fp32", 0, sample_size=64)
+    table = report_markdown(report).splitlines()
+    published = [line for line in table if line.startswith("| Ho et al.") or line.startswith("| Nichol")]
+    for (source, fid, inception, nll), line in zip(rows, published):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells == [source, fid, "–", inception, "–", nll], line
+    assert len([line for line in published if line.startswith("| Ho et al.")]) == len(rows)
+    assert table[2].split("|")[2].strip() == "10.00 ± 0.50"  # ours first, legacy_tensorflow
+    size = chosen["resolution"]
+    assert f"The pipeline draws 64 images, not the protocol's {size}: its numbers are not comparable" in report_markdown(report)
+    same = build_report("pipe", chosen, metrics, None, "fp32", 0, sample_size=size)
+    assert "caution" not in same["protocol"]

@@ -25,11 +25,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("pipeline", help="a folder written by save_pretrained / a training run, or a Hub repo id "
                         "(e.g. google/ddpm-cifar10-32)")
     parser.add_argument("output_dir", help="where the samples, metrics, bound and report go")
-    parser.add_argument("--protocol", choices=list(PROTOCOLS), default="ddpm-cifar10")
+    parser.add_argument("--protocol", choices=list(PROTOCOLS), default="ddpm-cifar10", help="ddpm-cifar10 (Table 1), "
+                        "ddpm-lsun-church/bedroom/cat (Table 3, 256x256), ddpm-celebahq-256 (no published number)")
     parser.add_argument("--num_images", type=int, default=None, help="samples for FID and IS (default: the protocol's, "
                         "50,000)")
     parser.add_argument("--num_inference_steps", type=int, default=None, help="DDPM steps (default: the protocol's, 1000)")
-    parser.add_argument("--reference", default=None, help="the FID reference, as ddpm-metrics takes it (default: cifar10)")
+    parser.add_argument("--reference", default=None, help="the FID reference, as ddpm-metrics takes it (default: the "
+                        "protocol's: cifar10; the LSUN and CelebA-HQ protocols name the set to pass)")
     parser.add_argument("--reference_split", default=None, help="(default: train)")
     parser.add_argument("--nll_dataset", default=None, help="the held-out images, as ddpm-nll takes them (default: cifar10)")
     parser.add_argument("--nll_split", default=None, help="(default: test)")

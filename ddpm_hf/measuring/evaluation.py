@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
 
+from ddpm_hf.data.sizes import canonical, size_of
 from ddpm_hf.errors import UsageError
 from ddpm_hf.outputs.files import atomic_write_json, atomic_write_text
 from ddpm_hf.outputs.run_folder import (
@@ -50,6 +51,25 @@ PROTOCOLS: Dict[str, dict] = {
             {"source": "Nichol & Dhariwal 2021 (improved DDPM): L_vlb", "fid": None, "inception_score": None,
              "nll": 2.94},
         ],
+        resolution=32,
+    ),
+    # Ho et al. 2020, Table 3: FID on 50,000 samples against the training set at 256x256 (no IS or NLL given there)
+    **{f"ddpm-lsun-{category}": dict(
+        num_images=50000, num_inference_steps=1000, reference=None, reference_split="train",
+        reference_name=f"LSUN {lsun} train at 256x256 (Yu et al. 2015; {count} images)", modes=("legacy_tensorflow", "clean"),
+        nll_dataset=None, nll_split=None, nll_images=0, fid_se_rounds=FID_SE_ROUNDS, resolution=256,
+        published=[{"source": f"Ho et al. 2020, Table 3: L_simple{suffix}", "fid": fid, "inception_score": None,
+                    "nll": None} for suffix, fid in fids],
+    ) for category, lsun, count, fids in (
+        ("church", "church_outdoor", "126,227", [("", 7.89)]),
+        ("bedroom", "bedroom", "3,033,042", [("", 6.36), (", large model", 4.90)]),
+        ("cat", "cat", "1,657,266", [("", 19.75)]),
+    )},
+    # the paper shows CelebA-HQ 256 samples (Fig. 1, 10-12) but gives no number for them: a protocol without a published row
+    "ddpm-celebahq-256": dict(
+        num_images=50000, num_inference_steps=1000, reference=None, reference_split="train",
+        reference_name="CelebA-HQ at 256x256 (Karras et al. 2018; 30,000 images)", modes=("legacy_tensorflow", "clean"),
+        nll_dataset=None, nll_split=None, nll_images=0, fid_se_rounds=FID_SE_ROUNDS, resolution=256, published=[],
     ),
 }
 PAPER_NUM_IMAGES = 50000  # the count the published FIDs use
@@ -62,6 +82,12 @@ def settings(protocol: str, **overrides) -> dict:
         raise UsageError(f"--protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}.")
     chosen = {k: v for k, v in PROTOCOLS[protocol].items() if k != "published"}
     chosen.update({k: v for k, v in overrides.items() if v is not None})
+    if chosen["reference"] is None:  # a set that is not built in and cannot be fetched by name
+        raise UsageError(f"--protocol {protocol} compares with {chosen['reference_name']}, which ddpm_hf cannot fetch: "
+                         "pass --reference with those images (a folder, .parquet/.arrow files or a Hub dataset id).")
+    if chosen["nll_images"] and chosen["nll_dataset"] is None:
+        raise UsageError(f"--protocol {protocol} has no held-out set for the bound (its paper gives no NLL): pass "
+                         "--nll_dataset with one, or leave --nll_images out.")
     problems = [f"--num_images {chosen['num_images']} must be at least {IS_SPLITS} (the Inception Score's splits)"
                 if chosen["num_images"] < IS_SPLITS else "",
                 f"--num_inference_steps {chosen['num_inference_steps']} at least 1" if chosen["num_inference_steps"] < 1 else "",
@@ -131,7 +157,7 @@ def evaluate_pipeline(pipe, *, reload: Callable, pipeline_name: str, folder, cho
     if not is_main:
         return None
     report = build_report(pipeline_name, chosen, metrics, nll, dtype, seed,
-                          by_scale=None if scales == [None] else by_scale)
+                          by_scale=None if scales == [None] else by_scale, sample_size=unet_config.sample_size)
     if len(by_scale) > 1:
         from ddpm_hf.outputs.plots import plot_guidance
 
@@ -154,9 +180,10 @@ def _metric_results(metrics: dict) -> dict:
 
 
 def build_report(pipeline_name: str, chosen: dict, metrics: dict, nll: Optional[dict], dtype: str, seed: int,
-                 by_scale: Optional[Dict[float, dict]] = None) -> dict:
+                 by_scale: Optional[Dict[float, dict]] = None, sample_size=None) -> dict:
     """The numbers of this evaluation, the protocol that made them, and the published figures of the protocol.
-    `by_scale` (a class-conditional pipeline): the metrics at each guidance scale, the first of which is `metrics`."""
+    `by_scale` (a class-conditional pipeline): the metrics at each guidance scale, the first of which is `metrics`.
+    `sample_size`: the pipeline's, said beside the published figures where it is not the protocol's."""
     results = _metric_results(metrics)
     if nll is not None:
         results["nll_bits_per_dim"] = {k: nll["bits_per_dim"]["total"][k] for k in ("mean", "sem")}
@@ -175,9 +202,15 @@ def build_report(pipeline_name: str, chosen: dict, metrics: dict, nll: Optional[
                                  metrics=[evaluation_metrics_file(m, w) for w in by_scale for m in by_scale[w]],
                                  guidance_plot=GUIDANCE_PLOT if len(by_scale) > 1 else None)
         guidance = [{"guidance_scale": w, **_metric_results(measured)} for w, measured in by_scale.items()]
+    cautions = []
     if chosen["num_images"] < PAPER_NUM_IMAGES:
-        protocol["caution"] = (f"{chosen['num_images']} samples, not the paper's {PAPER_NUM_IMAGES}: FID is biased upward "
-                               "with fewer samples, so these FIDs are not comparable with the published ones.")
+        cautions.append(f"{chosen['num_images']} samples, not the paper's {PAPER_NUM_IMAGES}: FID is biased upward "
+                        "with fewer samples, so these FIDs are not comparable with the published ones.")
+    if sample_size is not None and size_of(sample_size) != size_of(chosen["resolution"]):
+        cautions.append(f"The pipeline draws {canonical(sample_size)} images, not the protocol's {chosen['resolution']}: "
+                        "its numbers are not comparable with the published ones.")
+    if cautions:
+        protocol["caution"] = " ".join(cautions)
     report = {"results": results, "protocol": protocol, "published": PROTOCOLS[chosen["protocol"]]["published"]}
     return report if guidance is None else {**report, "guidance": guidance}
 
@@ -205,7 +238,8 @@ def report_markdown(report: dict) -> str:
     for paper in report["published"]:
         is_mean, is_std = paper["inception_score"] or (None, None)
         cells = [paper["source"], *[_fmt(paper["fid"]) if m == "legacy_tensorflow" else "–" for m in modes],
-                 *[_fmt(is_mean, is_std) if m == "legacy_tensorflow" else "–" for m in modes], f"≤ {paper['nll']:.2f}"]
+                 *[_fmt(is_mean, is_std) if m == "legacy_tensorflow" else "–" for m in modes],
+                 "–" if paper["nll"] is None else f"≤ {paper['nll']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     words = (f"FID and IS: {protocol['num_images']} samples of the DDPM chain at {protocol['num_inference_steps']} steps "
              f"(network in {protocol['dtype']}, image k from seed {protocol['seed']} + k) against {protocol['reference']} "
