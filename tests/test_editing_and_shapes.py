@@ -596,3 +596,21 @@ def test_a_size_the_unet_cannot_downsample_is_refused_naming_the_valid_sizes_nea
                            "--max_train_steps", 1, "--resolution", resolution])
     assert re.search(message, one_error_line(proc)), proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_edits_and_make_what_one_makes(saved_pipeline, user_images, tmp_path):
+    import subprocess
+
+    from common import launch_two
+
+    flags = ["--mask_half", "left", "--num_inference_steps", 4, "--jump_length", 2, "--jump_n_sample", 2]
+    proc = subprocess.run(launch_two("-m", "ddpm_hf.commands.edit", saved_pipeline, user_images, tmp_path / "two", *flags),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "process 0: edited 2" in proc.stdout and "process 1: edited 1" in proc.stdout
+    assert edit(saved_pipeline, user_images, tmp_path / "one", *flags).returncode == 0
+    one, two = pngs(tmp_path / "one"), pngs(tmp_path / "two")
+    assert sorted(one) == sorted(two) and len(one) == 4  # three results and comparison.png
+    assert all(np.abs(one[k].astype(int) - two[k]).max() <= 1 for k in one)
+    assert json.loads((tmp_path / "two" / "edit.json").read_text())["complete"]
