@@ -453,6 +453,9 @@ def test_ddpm_edit_sdedit_resumes_and_refuses_changed_inputs(saved_pipeline, use
     assert re.search(r"holds edits with other settings \(inputs\); use a new output folder, or --overwrite", proc.stderr)
     assert edit(saved_pipeline, user_images, out, *flags, "--overwrite").returncode == 0
     assert (out / "000001-b.png").read_bytes() != first
+    (user_images / "c.png").unlink()  # one input fewer: its result goes with the inputs it was made from
+    assert edit(saved_pipeline, user_images, out, *flags, "--overwrite").returncode == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["000000-a.png", "000001-b.png", "comparison.png"]
 
 
 def test_ddpm_edit_takes_a_mask_per_input_from_a_folder(saved_pipeline, user_images, tmp_path):
@@ -494,6 +497,12 @@ def test_ddpm_edit_never_writes_among_the_inputs(saved_pipeline, user_images, tm
     assert proc.returncode == 1 and re.search(r"OUTPUT_DIR .* is inside IMAGES .*choose an output folder outside it",
                                               proc.stderr)
     assert not (user_images / "edited").exists()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    Image.new("RGB", (8, 8)).save(theirs / "000000-a.png")
+    proc = edit(saved_pipeline, user_images, theirs, "--strength", 0.5, "--overwrite")
+    assert proc.returncode == 1 and "holds PNGs named as ddpm-edit's results but no edit.json" in proc.stderr
+    assert sorted(p.name for p in theirs.iterdir()) == ["000000-a.png"]
     proc = edit(saved_pipeline, tmp_path / "nothing", tmp_path / "out", "--strength", 0.5)
     assert proc.returncode == 1 and "no such file or folder; give an image or a folder of images" in proc.stderr
 

@@ -12,6 +12,7 @@ edits of the old pixels. `comparison.png` shows the first rows: the input, the k
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -46,8 +47,16 @@ def input_files(images) -> List[Path]:
     return files
 
 
+_RESULT = re.compile(r"^\d{6,}-.*\.png$")
+
+
 def output_name(k: int, source: Path) -> str:
     return f"{k:06d}-{source.stem}.png"
+
+
+def edited_files(folder: Path) -> List[Path]:
+    """Every result of ours in `folder` (by its name), of these inputs or earlier ones, and the comparison figure."""
+    return [p for p in Path(folder).glob("*.png") if _RESULT.match(p.name) or p.name == COMPARISON]
 
 
 def half_mask(side: str, size: tuple) -> torch.Tensor:
@@ -149,8 +158,13 @@ def edit_command(pipe, *, pipeline_name: str, images, folder, strength: Optional
         protocol.update(class_labels=list(labels), guidance_scale=guidance_scale)
     with FolderJob(folder, EDIT_FILE, protocol, state, free=("pipeline", "complete")) as job:
         job.check("edits", "edit again from scratch", overwrite)
+        if not job.recorded() and edited_files(job.folder):  # edit.json is written before the first result
+            raise UsageError(f"{job.folder} holds PNGs named as ddpm-edit's results but no {EDIT_FILE}: they are not "
+                             "ours; choose a new output folder.")
         names = [output_name(k, p) for k, p in enumerate(sources)]
-        job.start([job.folder / n for n in names] + [job.folder / COMPARISON], overwrite, complete=False)
+        # overwriting a folder of ours (it has edit.json): the results of earlier inputs go too, so that edit.json
+        # describes exactly the files beside it; files in a folder we did not make are never removed
+        job.start(edited_files(job.folder) if overwrite and job.recorded() else (), overwrite, complete=False)
         if job.is_main:
             remove_stale_temporaries(job.folder)
         job.wait()
