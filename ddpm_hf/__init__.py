@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "DDPMPipeline": "ddpm_hf.pipelines.pipeline_ddpm",
     "denoise": "ddpm_hf.pipelines.pipeline_ddpm",
+    "repaint": "ddpm_hf.pipelines.pipeline_ddpm",
     "DenoiseStep": "ddpm_hf.pipelines.pipeline_ddpm",
     "DDPMScheduler": "ddpm_hf.diffusion.scheduler",
     "UNET_PRESETS": "ddpm_hf.diffusion.unets",

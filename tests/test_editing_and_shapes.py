@@ -623,3 +623,22 @@ def test_two_processes_share_the_edits_and_make_what_one_makes(saved_pipeline, u
     assert sorted(one) == sorted(two) and len(one) == 4  # three results and comparison.png
     assert all(np.abs(one[k].astype(int) - two[k]).max() <= 1 for k in one)
     assert json.loads((tmp_path / "two" / "edit.json").read_text())["complete"]
+
+
+def test_ddpm_edit_of_a_conditional_pipeline_edits_each_input_as_its_class(conditional_pipeline, user_images, tmp_path):
+    out = tmp_path / "out"
+    proc = edit(conditional_pipeline, user_images, out, "--strength", 0.6, "--num_inference_steps", 5,
+                "--class_labels", "1,2", "--guidance_scale", 2)
+    assert proc.returncode == 0, proc.stderr
+    pipe, x = _pipeline(conditional_pipeline), _fitted_inputs(user_images)
+    expected = pipe.edit(x, strength=0.6, seeds=[0, 1, 2], num_inference_steps=5, class_labels=[1, 2, 1],
+                         guidance_scale=2.0, output_type="np").images
+    for k, name in enumerate(("000000-a.png", "000001-b.png", "000002-c.png")):
+        assert np.array_equal(np.asarray(Image.open(out / name)), np.round(expected[k] * 255).astype(np.uint8)), name
+    unguided = pipe.edit(x, strength=0.6, seeds=[0, 1, 2], num_inference_steps=5, class_labels=[1, 2, 1],
+                         output_type="np").images
+    assert not np.allclose(expected, unguided)  # the guidance scale was applied
+    record = json.loads((out / "edit.json").read_text())
+    assert record["class_labels"] == [1, 2] and record["guidance_scale"] == 2.0
+    proc = edit(conditional_pipeline, user_images, tmp_path / "unlabelled", "--strength", 0.6)
+    assert proc.returncode != 0 and "pass --class_labels balanced" in proc.stderr
