@@ -642,3 +642,34 @@ def test_ddpm_edit_of_a_conditional_pipeline_edits_each_input_as_its_class(condi
     assert record["class_labels"] == [1, 2] and record["guidance_scale"] == 2.0
     proc = edit(conditional_pipeline, user_images, tmp_path / "unlabelled", "--strength", 0.6)
     assert proc.returncode != 0 and "pass --class_labels balanced" in proc.stderr
+
+
+def test_inpainting_takes_a_learned_variance_as_sampling_does(tmp_path):
+    """A UNet with 2C outputs and learned_range: with nothing kept and no resampling, RePaint's step is the pipeline's
+    own (the variance channels read by the scheduler), so the images are `pipe(seeds=...)`'s."""
+    torch.manual_seed(0)
+    pipe = DDPMPipeline(build_unet("cpu-tiny", sample_size=8, out_channels=6), DDPMScheduler(variance_type="learned_range"))
+    pipe.set_progress_bar_config(disable=True)
+    x, white = _edit_inputs(), Image.new("L", (8, 8), 255)
+    filled = pipe.inpaint(x, white, seeds=[2, 3, 4], num_inference_steps=8, jump_n_sample=1, output_type="pt").images
+    assert torch.equal(filled, pipe(batch_size=3, seeds=[2, 3, 4], num_inference_steps=8, output_type="pt").images)
+    half = Image.new("L", (8, 8), 0)
+    half.paste(255, (4, 0, 8, 8))
+    resampled = pipe.inpaint(x, half, num_inference_steps=8, jump_length=2, jump_n_sample=3, output_type="pt").images
+    assert (resampled[..., :4] - x[..., :4]).abs().max() < 1e-6 and torch.isfinite(resampled).all()
+
+
+def test_ddpm_edit_takes_one_mask_file_for_every_input(saved_pipeline, user_images, tmp_path):
+    mask = tmp_path / "hole.png"
+    m = np.zeros((8, 8), np.uint8)
+    m[2:6, 2:6] = 255
+    Image.fromarray(m).save(mask)
+    out = tmp_path / "out"
+    proc = edit(saved_pipeline, user_images, out, "--mask", mask, "--num_inference_steps", 4, "--jump_n_sample", 1)
+    assert proc.returncode == 0, proc.stderr
+    x, keep = _fitted_inputs(user_images), m < 128
+    for k, name in enumerate(("000000-a.png", "000001-b.png", "000002-c.png")):
+        got = np.asarray(Image.open(out / name)).astype(int)
+        kept = np.round(x[k].permute(1, 2, 0).numpy() * 255).astype(int)
+        assert np.array_equal(got[keep], kept[keep]) and not np.array_equal(got[~keep], kept[~keep]), name
+    assert json.loads((out / "edit.json").read_text())["mask"] == {"sha256": [sha256_of(mask)] * 3}
