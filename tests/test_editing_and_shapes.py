@@ -503,6 +503,10 @@ def test_ddpm_edit_never_writes_among_the_inputs(saved_pipeline, user_images, tm
     proc = edit(saved_pipeline, user_images, theirs, "--strength", 0.5, "--overwrite")
     assert proc.returncode == 1 and "holds PNGs named as ddpm-edit's results but no edit.json" in proc.stderr
     assert sorted(p.name for p in theirs.iterdir()) == ["000000-a.png"]
+    (user_images / "broken.png").write_bytes(b"not a png")
+    proc = edit(saved_pipeline, user_images, tmp_path / "out", "--strength", 0.5)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1 and "broken.png" in proc.stderr
+    assert not (tmp_path / "out").exists()
     proc = edit(saved_pipeline, tmp_path / "nothing", tmp_path / "out", "--strength", 0.5)
     assert proc.returncode == 1 and "no such file or folder; give an image or a folder of images" in proc.stderr
 

@@ -143,6 +143,8 @@ def edit_command(pipe, *, pipeline_name: str, images, folder, strength: Optional
     refuse_overlap(images, folder, mask)
     root, sources = Path(images).expanduser(), input_files(images)
     masks = mask_files(mask, sources, root) if mask is not None else None
+    for path in dict.fromkeys([*sources, *(masks or [])]):  # a bad file: one line naming it, before any work, on
+        decode_image(path.read_bytes(), str(path))          # every process alike (never one process stopping alone)
     channels, size = pipe.unet.config.in_channels, pipe._sample_size()
     protocol = {
         "pipeline": pipeline_name, "weights_sha256": state_dict_sha256(pipe.unet), "scheduler_config": dict(pipe.scheduler.config),
@@ -156,11 +158,13 @@ def edit_command(pipe, *, pipeline_name: str, images, folder, strength: Optional
                         mask={"half": mask_half} if mask_half else {"sha256": [sha256_of(p) for p in masks]})
     if labels is not None:
         protocol.update(class_labels=list(labels), guidance_scale=guidance_scale)
+    # edit.json is written before the first result, so results without it are not ours. Checked by every process
+    # before the job's first barrier (in `check`), while nothing has been written: they all refuse alike.
+    if not (Path(folder) / EDIT_FILE).is_file() and edited_files(Path(folder)):
+        raise UsageError(f"{folder} holds PNGs named as ddpm-edit's results but no {EDIT_FILE}: they are not ours; "
+                         "choose a new output folder.")
     with FolderJob(folder, EDIT_FILE, protocol, state, free=("pipeline", "complete")) as job:
         job.check("edits", "edit again from scratch", overwrite)
-        if not job.recorded() and edited_files(job.folder):  # edit.json is written before the first result
-            raise UsageError(f"{job.folder} holds PNGs named as ddpm-edit's results but no {EDIT_FILE}: they are not "
-                             "ours; choose a new output folder.")
         names = [output_name(k, p) for k, p in enumerate(sources)]
         # overwriting a folder of ours (it has edit.json): the results of earlier inputs go too, so that edit.json
         # describes exactly the files beside it; files in a folder we did not make are never removed
