@@ -117,14 +117,14 @@ def denoise(
     as a CUDA graph (chain_graph.py): the same images, fewer launches.
 
     `timesteps` (descending) is the chain itself instead of `num_inference_steps` spaced ones, for a scheduler whose
-    `set_timesteps` takes them (ours, DPM-Solver; DDIM's steps by one fixed stride and does not)."""
+    `set_timesteps` takes them (ours, DPM-Solver, ddpm_hf's DDIM; diffusers' DDIM steps by one fixed stride)."""
     if timesteps is None:
         scheduler.set_timesteps(num_inference_steps, device=noise.device)
     elif "timesteps" in inspect.signature(scheduler.set_timesteps).parameters:
         scheduler.set_timesteps(timesteps=[int(t) for t in timesteps], device=noise.device)
     else:
         raise ValueError(f"{type(scheduler).__name__} takes no explicit timesteps (it steps by one fixed stride); "
-                         "sample them with ddpm_hf's DDPMScheduler or DPMSolverMultistepScheduler.")
+                         "sample them with ddpm_hf's DDPMScheduler or DDIMScheduler, or DPMSolverMultistepScheduler.")
     if start and hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
     extra = {}

@@ -157,8 +157,77 @@ def test_quadratic_steps_of_dpm_solver_follow_the_chain(saved_pipeline, tmp_path
     assert np.abs(pngs(tmp_path / "uniform")[image_name(0, 0)].astype(int) - expected).max() > 10
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_on_its_own_chain_given_explicitly_is_diffusers_ddim_step_for_step(prediction_type, eta):
+    import diffusers
+
+    from ddpm_hf.diffusion.ddim import DDIMScheduler
+
+    ours, theirs = (cls(prediction_type=prediction_type) for cls in (DDIMScheduler, diffusers.DDIMScheduler))
+    theirs.set_timesteps(10)
+    ours.set_timesteps(timesteps=theirs.timesteps.tolist())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, generator=g)
+    for t in theirs.timesteps:
+        out, z = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+        a = ours.step(out, t, x, eta=eta, variance_noise=z)
+        b = theirs.step(out, t, x, eta=eta, variance_noise=z)
+        torch.testing.assert_close(a.prev_sample, b.prev_sample, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.pred_original_sample, b.pred_original_sample, rtol=1e-5, atol=1e-5)
+        x = b.prev_sample
+
+
+def test_ddim_on_the_quadratic_chain_is_eq_12_between_its_timesteps():
+    """The oracle: Eq. 12 in float64 from the schedule's ᾱ, each step from τ_i to τ_(i-1) of the chain (η = 0.5)."""
+    from ddpm_hf.pipelines.pipeline_ddpm import denoise
+
+    from ddpm_hf.diffusion.ddim import DDIMScheduler
+    from ddpm_hf.sampling.samplers import quadratic_timesteps
+
+    class Linear(torch.nn.Module):  # ε̂ = 0.3·x_t: a network with a closed form
+        def forward(self, x, t):
+            from types import SimpleNamespace
+
+            return SimpleNamespace(sample=0.3 * x)
+
+    chain, seeds = quadratic_timesteps(12, 1000), [0, 1]
+    scheduler = DDIMScheduler(clip_sample=False)
+    x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    got = denoise(Linear(), scheduler, x_T, 12, eta=0.5, seeds=seeds, timesteps=chain)
+    from ddpm_hf.pipelines.counter_noise import seeded_normal
+
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    ab = torch.cumprod(1 - betas, 0)
+    x = x_T.double()
+    for i, t in enumerate(chain):
+        a_t, a_s = ab[t], (ab[chain[i + 1]] if i + 1 < len(chain) else torch.tensor(1.0, dtype=torch.float64))
+        eps = 0.3 * x
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        sigma = 0.5 * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).sqrt()
+        z = seeded_normal(seeds, (1, 4, 4), i, "step", dtype=torch.float32).double()
+        x = a_s.sqrt() * x0 + (1 - a_s - sigma ** 2).sqrt() * eps + sigma * z
+    torch.testing.assert_close(got.double(), x, rtol=0, atol=1e-4)
+    assert chain[0] - chain[1] != 1000 // 12  # a chain diffusers' DDIM (t -> t - T // N) would not follow
+
+
+def test_ddpm_sample_with_ddim_follows_the_quadratic_chain(saved_pipeline, tmp_path):
+    from ddpm_hf.diffusion.ddim import DDIMScheduler
+    from ddpm_hf.sampling.samplers import quadratic_timesteps
+
+    proc = sample(saved_pipeline, tmp_path / "q", "--num_images", 1, "--num_inference_steps", 6, "--scheduler", "ddim",
+                  "--timesteps", "quadratic")
+    assert proc.returncode == 0, proc.stderr
+    pipe = _pipeline(saved_pipeline)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    expected = np.asarray(pipe(batch_size=1, seeds=[0], timesteps=quadratic_timesteps(6, 1000)).images[0])
+    assert np.array_equal(pngs(tmp_path / "q")[image_name(0, 0)], expected)
+    recorded = json.loads((tmp_path / "q" / "sampling.json").read_text())
+    assert recorded["scheduler"] == "ddim" and recorded["chain"] == quadratic_timesteps(6, 1000)
+    assert recorded["scheduler_config"]["_class_name"] == "DDIMScheduler"  # diffusers' name: the provenance as before
+
+
 @pytest.mark.parametrize("flags, message", [
-    (["--scheduler", "ddim", "--timesteps", "quadratic"], r"DDIMScheduler steps by one fixed stride: use --scheduler ddpm"),
     (["--scheduler", "ddim", "--timestep_spacing", "linspace"], r"ddim steps t -> t - 100 \(T // N\), but timestep_spacing "
      r"'linspace' at 10 steps goes 999 -> 888"),
     (["--timesteps", "quadratic", "--timestep_spacing", "trailing"], r"give one of them"),

@@ -28,7 +28,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "config says (leading for the paper's)")
     parser.add_argument("--timesteps", choices=SAMPLING_TIMESTEPS, default="uniform", help="uniform: N steps spaced "
                         "by --timestep_spacing; quadratic: the DDIM paper's CIFAR-10 chain, t_i ∝ i² up to 0.8·T "
-                        "(ddpm or dpm-solver)")
+                        "(ddpm, ddim or dpm-solver)")
     parser.add_argument("--eta", type=float, default=None, help="DDIM's eta (ddim only)")
     parser.add_argument("--seed", type=int, default=0, help="image k is drawn from seed + k")
     parser.add_argument("--dtype", choices=SAMPLING_DTYPES, default="fp32", help="the network's precision (the chain "
@@ -42,9 +42,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.timesteps != "uniform" and args.timestep_spacing is not None:
         parser.error(f"--timestep_spacing spaces uniform steps, and --timesteps {args.timesteps} is a chain of its "
                      "own: give one of them")
-    if args.timesteps != "uniform" and args.scheduler == "ddim":
-        parser.error(f"--timesteps {args.timesteps} needs a sampler that takes a list of timesteps, and diffusers' "
-                     "DDIMScheduler steps by one fixed stride: use --scheduler ddpm or dpm-solver with it")
     if args.seed < 0:
         parser.error(f"--seed {args.seed}: seeds are integers from 0 (image k is drawn from seed + k)")
 

@@ -230,7 +230,7 @@ def sample_command(pipe, *, pipeline_name: str, folder, num_images: int, batch_s
         raise UsageError(problem + ".")
     with_spacing(use_scheduler(pipe, sampler), timestep_spacing)
     chain = chain_timesteps(timesteps, num_inference_steps, pipe.scheduler)
-    problem = stride_problem(pipe.scheduler, num_inference_steps)
+    problem = None if chain is not None else stride_problem(pipe.scheduler, num_inference_steps)
     if problem:
         raise UsageError(problem + ".")
     if chain is not None and "timesteps" not in inspect.signature(pipe.scheduler.set_timesteps).parameters:

@@ -15,7 +15,9 @@ if TYPE_CHECKING:
 
 def use_scheduler(pipe, name: str):
     """Swap in the sampler `name` (of SAMPLERS), built from the pipeline's scheduler config; `ddpm` keeps it."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    from diffusers import DPMSolverMultistepScheduler
+
+    from ddpm_hf.diffusion.ddim import DDIMScheduler  # diffusers', also on an explicit chain
 
     if name == "ddpm":
         return pipe
