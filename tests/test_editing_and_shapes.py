@@ -227,9 +227,33 @@ def test_ddpm_sample_with_ddim_follows_the_quadratic_chain(saved_pipeline, tmp_p
     assert recorded["scheduler_config"]["_class_name"] == "DDIMScheduler"  # diffusers' name: the provenance as before
 
 
+@pytest.mark.parametrize("spacing, steps", [("linspace", 10), ("trailing", 7)])
+def test_ddpm_sample_with_ddim_follows_a_spacing_diffusers_ddim_step_lands_between(saved_pipeline, tmp_path, spacing,
+                                                                                      steps):
+    import diffusers
+
+    from ddpm_hf.diffusion.ddim import DDIMScheduler
+
+    proc = sample(saved_pipeline, tmp_path / "d", "--num_images", 1, "--num_inference_steps", steps, "--scheduler",
+                  "ddim", "--timestep_spacing", spacing)
+    assert proc.returncode == 0, proc.stderr
+    pipe = _pipeline(saved_pipeline)
+    spaced = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing=spacing)
+    spaced.set_timesteps(steps)
+    chain = spaced.timesteps.tolist()  # linspace at 10: 999, 888, ...; trailing at 7: 999, 856, ...
+    assert any(t - u != 1000 // steps for t, u in zip(chain, chain[1:]))
+    recorded = json.loads((tmp_path / "d" / "sampling.json").read_text())
+    assert recorded["chain"] == chain and recorded["scheduler_config"]["timestep_spacing"] == spacing
+    drawn = pngs(tmp_path / "d")[image_name(0, 0)]
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing=spacing)
+    followed = np.asarray(pipe(batch_size=1, seeds=[0], timesteps=chain).images[0])
+    assert np.array_equal(drawn, followed)  # Eq. 12 between the chain's own timesteps
+    pipe.scheduler = spaced  # diffusers' step, which goes t -> t - T // N off the chain: other images
+    assert np.abs(np.asarray(pipe(batch_size=1, seeds=[0], num_inference_steps=steps).images[0]).astype(int)
+                  - drawn).max() > 10
+
+
 @pytest.mark.parametrize("flags, message", [
-    (["--scheduler", "ddim", "--timestep_spacing", "linspace"], r"ddim steps t -> t - 100 \(T // N\), but timestep_spacing "
-     r"'linspace' at 10 steps goes 999 -> 888"),
     (["--timesteps", "quadratic", "--timestep_spacing", "trailing"], r"give one of them"),
 ])
 def test_spacing_flags_that_cannot_be_followed_are_refused_in_one_line(saved_pipeline, tmp_path, flags, message):

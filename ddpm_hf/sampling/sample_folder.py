@@ -27,7 +27,7 @@ from ddpm_hf.sampling.samplers import (
     cast_network,
     chain_timesteps,
     draw_share,
-    stride_problem,
+    uneven_ddim_chain,
     use_scheduler,
     with_spacing,
 )
@@ -230,9 +230,8 @@ def sample_command(pipe, *, pipeline_name: str, folder, num_images: int, batch_s
         raise UsageError(problem + ".")
     with_spacing(use_scheduler(pipe, sampler), timestep_spacing)
     chain = chain_timesteps(timesteps, num_inference_steps, pipe.scheduler)
-    problem = None if chain is not None else stride_problem(pipe.scheduler, num_inference_steps)
-    if problem:
-        raise UsageError(problem + ".")
+    if chain is None:  # a spacing diffusers' DDIM step would not follow: its chain, followed by Eq. 12 (recorded)
+        chain = uneven_ddim_chain(pipe.scheduler, num_inference_steps)
     if chain is not None and "timesteps" not in inspect.signature(pipe.scheduler.set_timesteps).parameters:
         raise UsageError(f"--timesteps {timesteps} needs a sampler that takes a list of timesteps, and --scheduler "
                          f"{sampler} steps by one fixed stride; use --scheduler ddpm or dpm-solver with it.")
