@@ -507,6 +507,7 @@ def test_a_signal_while_the_run_folder_is_being_locked_leaves_it_as_it_was(tmp_p
     """What a SIGTERM at that moment raises (StopSignals raises StopRequested from its handler), inside the lock's own
     write: no folder or marker is left where there was none, and a marker found is left byte for byte."""
     from ddpm_hf.errors import StopRequested
+    from ddpm_hf.outputs.folder_lock import FolderLock
     from ddpm_hf.training.run_guard import RunFolderLock
 
     folder = tmp_path / "run"
@@ -518,7 +519,7 @@ def test_a_signal_while_the_run_folder_is_being_locked_leaves_it_as_it_was(tmp_p
     def signalled(self, record):
         raise StopRequested("stopped: SIGTERM", 15)
 
-    monkeypatch.setattr(RunFolderLock, "_write", signalled)
+    monkeypatch.setattr(FolderLock, "write", signalled)
     with pytest.raises(StopRequested):
         RunFolderLock(folder).acquire()
     assert every_file(folder) == before if had_marker else not folder.exists()

@@ -12,14 +12,12 @@ together into one folder cannot both write, and both report success.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import time
 from pathlib import Path
 from typing import Any, Collection, Iterable, List, Optional, Sequence, Tuple
 
 from ddpm_hf.errors import StateError, UsageError
 from ddpm_hf.outputs.files import atomic_write_json
+from ddpm_hf.outputs.folder_lock import FolderLock, holder_record, holder_text
 
 JOB_LOCK = ".ddpm_hf-job"  # hidden: never read as an image, never published; records the process holding it
 
@@ -82,9 +80,8 @@ class FolderJob:
         self.rank, self.world = (state.process_index, state.num_processes) if state else (0, 1)
         self.is_main = state.is_main_process if state else True
         self.shows_progress = state.is_local_main_process if state else True
-        self._lock_fd: Optional[int] = None
-        self._made: List[Path] = []  # what taking the lock created (the folder, the lock file)
-        self._found, self._started = b"", False  # the lock file's bytes before; a refused job puts them back
+        self._folder_lock = FolderLock(self.folder, JOB_LOCK)
+        self._started = False  # until then a refused job leaves the folder as it found it
 
     def __enter__(self) -> "FolderJob":
         return self
@@ -106,51 +103,18 @@ class FolderJob:
 
     def _lock(self) -> Optional[str]:
         """Take the folder's lock; the line refusing this run when another process holds it."""
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock, the provenance checks still hold
-            return None
-        try:
-            self._made = [p for p in (self.folder, self.folder / JOB_LOCK) if not p.exists()]
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.folder / JOB_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise OSError(f"Cannot write to {self.folder} ({e.strerror or e}); choose a folder you can write to.") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            try:
-                holder = json.loads(os.pread(fd, 1 << 12, 0) or b"{}")
-            except ValueError:
-                holder = {}
-            os.close(fd)
-            return (f"{self.folder} is in use: another run (process {holder.get('pid', '?')} on {holder.get('host', '?')}, "
-                    f"since {holder.get('since', '?')}) is writing into it; wait for it to end, or choose another "
-                    "output folder.")
-        self._found = os.pread(fd, 1 << 12, 0)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
-        self._lock_fd = fd
+        holder = self._folder_lock.acquire()
+        if holder is not None:
+            return (f"{self.folder} is in use: another run ({holder_text(holder)}) is writing into it; wait for it to "
+                    "end, or choose another output folder.")
+        if self._folder_lock.fd is not None:
+            self._folder_lock.write(holder_record())
         return None
 
     def release(self) -> None:
         """Unlock; a job refused before it started leaves the folder as it found it (no lock file or folder of its
         own making, an earlier lock file's bytes as they were)."""
-        if self._lock_fd is None:
-            return
-        import fcntl
-
-        if not self._started and (self.folder / JOB_LOCK) in self._made:
-            (self.folder / JOB_LOCK).unlink(missing_ok=True)
-        elif not self._started:
-            os.ftruncate(self._lock_fd, 0)
-            os.pwrite(self._lock_fd, self._found, 0)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-        os.close(self._lock_fd)
-        self._lock_fd = None
-        if not self._started and self.folder in self._made and not any(self.folder.iterdir()):
-            self.folder.rmdir()
+        self._folder_lock.release(abandon=not self._started)
 
     def start(self, results: Iterable[Path] = (), overwrite: bool = False, **recorded: Any) -> None:
         """On the main process: make the folder, remove the earlier `results` when overwriting, record the protocol

@@ -1,10 +1,10 @@
 """What guards a training run: its folder (one run at a time, and a new run only where it overwrites nothing but an
 earlier run of ours), and its end (a signal stops it at a step boundary, with a checkpoint).
 
-The folder's hidden marker file (`run_folder.RUN_MARKER`) is locked (an OS file lock, `fcntl.flock`) for the whole
-run and records the process holding it. The OS releases a lock when its process dies, however it dies, so a lock is
-never stale: a run that finds the marker unlocked but saying "running" knows the earlier run was killed, says so, and
-takes over. The marker stays after the run: it tells a folder we wrote from a folder of the user's.
+The folder's hidden marker file (`run_folder.RUN_MARKER`) is locked for the whole run (`outputs.folder_lock`, an OS
+file lock) and records the process holding it. The OS releases a lock when its process dies, however it dies, so a
+lock is never stale: a run that finds the marker unlocked but saying "running" knows the earlier run was killed, says
+so, and takes over. The marker stays after the run: it tells a folder we wrote from a folder of the user's.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Callable, Dict, List, Optional
 
 from ddpm_hf.errors import StateError, StopRequested, UsageError
 from ddpm_hf.outputs.files import refuse_links
+from ddpm_hf.outputs.folder_lock import FolderLock, holder_record, holder_text
 from ddpm_hf.outputs.run_folder import (
     BEST_CHECKPOINT,
     CHECKPOINT_FILES,
@@ -43,74 +43,34 @@ _HELD: Dict[Path, "RunFolderLock"] = {}  # the locks this process holds, by fold
 
 
 class RunFolderLock:
-    """The lock of one run folder, held from `acquire` to `release` (also released when the process dies)."""
+    """The lock of one run folder (its `RUN_MARKER`, an `outputs.folder_lock.FolderLock`), held from `acquire` to
+    `release` (also released when the process dies); the marker says whether the run is running or ended."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.path = self.folder / RUN_MARKER
-        self._fd: Optional[int] = None
+        self.lock = FolderLock(self.folder, RUN_MARKER, named=f"--output_dir {self.folder}")
         self.had_marker = False
-        self._found = b""
-        self._wrote = False  # whether this lock wrote the marker (a refused run puts back what it found)
-        self.made_folder = False
-
-    def _read(self) -> dict:
-        try:
-            return json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
-            return {}
-
-    def _write(self, record: dict) -> None:
-        data = json.dumps(record).encode()
-        self._wrote = True
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, data, 0)
-        os.fsync(self._fd)
 
     def acquire(self, warn: Callable[[str], None] = lambda message: None) -> "RunFolderLock":
         """Make the folder if needed and lock it; refuse, in one line naming the holder, a folder another run holds."""
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock, the folder checks still hold
-            return self
         refuse_links(self.folder, "training")  # before anything is written there
         earlier_here = _HELD.get(self.path.resolve())
         if earlier_here is not None:  # a run of this very process that was never ended (set up, then dropped)
             earlier_here.release()
+        self.had_marker = self.path.is_file()
+        holder = self.lock.acquire()
+        if holder is not None:
+            raise StateError(f"{self.folder} is in use by another training run ({holder_text(holder)}); wait for it to "
+                             "end, or choose another --output_dir.")
+        if self.lock.fd is None:  # not POSIX: no lock, the folder checks still hold
+            return self
         try:
-            self.made_folder = not self.folder.exists()
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self.had_marker = self.path.is_file()
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise OSError(f"Cannot write to --output_dir {self.folder} ({e.strerror or e}); choose a folder you can "
-                          "write to.") from None
-        except BaseException:  # a signal while making the folder or the marker: neither is left behind
-            if self._fd is not None:
-                self.release(abandon=True)
-            elif self.made_folder and self.folder.is_dir() and not any(self.folder.iterdir()):
-                self.folder.rmdir()
-            raise
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = self._read()
-            os.close(self._fd)
-            self._fd = None
-            raise StateError(f"{self.folder} is in use by another training run (process {holder.get('pid', '?')} on "
-                               f"{holder.get('host', '?')}, since {holder.get('since', '?')}); wait for it to end, or "
-                               "choose another --output_dir.") from None
-        except BaseException:  # a signal while taking the lock (StopSignals raises from its handler)
-            self.release(abandon=True)
-            raise
-        try:
-            earlier = self._read()
-            self._found = os.pread(self._fd, 1 << 16, 0)  # the marker as found: what a refused run puts back
+            earlier = self.lock.read()
             if earlier.get("state") == "running":
                 warn(f"{self.folder}: the run of process {earlier.get('pid', '?')} on {earlier.get('host', '?')} (since "
                      f"{earlier.get('since', '?')}) stopped without ending (killed?); this run takes the folder over.")
-            self._write({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                         "state": "running"})
+            self.lock.write(holder_record(state="running"))
             _HELD[self.path.resolve()] = self
         except BaseException:  # a signal while taking the folder over: it is left as it was found
             self.release(abandon=True)
@@ -119,26 +79,13 @@ class RunFolderLock:
 
     def release(self, abandon: bool = False) -> None:
         """Unlock; `abandon`: the run never started (it was refused), so leave the folder as it was found: no marker
-        where there was none, no folder where there was none."""
-        if self._fd is None:
+        where there was none, no folder where there was none, a marker found byte for byte."""
+        if self.lock.fd is None:
             return
-        import fcntl
-
-        if abandon and self.had_marker and self._wrote:  # a refused run leaves the marker as it found it, byte for byte
-            os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, self._found, 0)
-            os.fsync(self._fd)
-        elif not abandon:
-            record = self._read()
-            self._write({**record, "state": "ended", "ended": time.strftime("%Y-%m-%d %H:%M:%S")})
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)
-        self._fd = None
+        if not abandon:
+            self.lock.write({**self.lock.read(), "state": "ended", "ended": time.strftime("%Y-%m-%d %H:%M:%S")})
+        self.lock.release(abandon)
         _HELD.pop(self.path.resolve(), None)
-        if abandon and not self.had_marker:
-            self.path.unlink(missing_ok=True)
-            if self.made_folder and not any(self.folder.iterdir()):
-                self.folder.rmdir()
 
 
 def folder_entries(folder: Path) -> List[str]:
