@@ -385,6 +385,40 @@ def test_ddpm_nll_of_a_conditional_pipeline_is_the_bound_given_each_label_and_a_
     assert remeasured == pytest.approx(changed["total"].mean().item(), rel=1e-6)  # the network is float32: batches of 3 and 4 round apart
 
 
+@pytest.mark.slow
+def test_nll_during_a_conditional_run_is_the_bound_of_each_held_out_image_given_its_class(tmp_path):
+    from ddpm_hf.data.datasets import images_of, load_image_dataset
+    from ddpm_hf.diffusion.likelihood import bits_per_dim, image_seeds
+    from ddpm_hf.training.loop import train
+
+    config = cond(tmp_path / "run", max_train_steps=2, num_train_timesteps=10, eval_nll_every=2, eval_nll_images=5)
+    out = train(config)
+    nll = json.loads((out / "train_summary.json").read_text())["nll"][-1]
+    assert nll["step"] == 2 and nll["images"] == 5 and nll["given"].startswith("each image's class label")
+    pipe = DDPMPipeline.from_pretrained(out)  # the EMA weights measured at step 2
+    test = load_image_dataset("digits", None, "test").select(range(5))  # the built-in digits' held-out split
+    images, labels = images_of(test, 1, config.resolution), list(test["label"])
+    own = bits_per_dim(Bound(pipe.unet, labels), pipe.scheduler, images, seeds=image_seeds(range(5), config.seed))
+    for term in ("total", "prior", "kl", "decoder"):  # float32 network: the run measured in other batches
+        assert nll[term]["mean"] == pytest.approx(own[term].mean().item(), rel=1e-6, abs=1e-9)
+    no_class = bits_per_dim(Bound(pipe.unet, [10] * 5), pipe.scheduler, images, seeds=image_seeds(range(5), config.seed))
+    assert abs(no_class["total"].mean().item() - nll["total"]["mean"]) > 1e-6  # each image's label is read
+    assert "held-out images, given each image's class label" in (out / "README.md").read_text()
+
+
+def test_nll_during_a_conditional_run_refuses_held_out_images_of_other_classes_before_training(tmp_path):
+    from ddpm_hf.errors import UsageError
+    from ddpm_hf.training.loop import train
+
+    other = parquet_with_labels(tmp_path / "held_out.parquet", [0, 1] * 3, class_label=True)  # classes a, b
+    with pytest.raises(UsageError, match=r"^The classes of column 'label' \(a, b\) are not the run's \(0, 1, 2, .*9\), "
+                                         r"so its labels would name other classes; measure data labelled as the run "
+                                         r"was trained\.$"):
+        train(cond(tmp_path / "run", max_train_steps=2, eval_nll_every=1, eval_nll_images=4,
+                   eval_nll_dataset=str(other)))
+    assert not (tmp_path / "run" / "checkpoint-1").exists()
+
+
 # ---------------------------------------------------------------- labels refused in one line, before any work
 
 

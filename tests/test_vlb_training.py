@@ -203,7 +203,7 @@ def test_nll_during_training_on_the_built_in_digits_uses_their_held_out_split(tm
 
     config = resolve_config({**TINY, "output_dir": str(tmp_path), "eval_nll_every": 2, "eval_nll_images": 3})
     test = build_image_bank(load_image_dataset("digits", split="test"), "image", 1, config.resolution, progress=False)
-    assert torch.equal(load_held_out_images(config), test.images[:3])
+    assert torch.equal(load_held_out_images(config).images, test.images[:3])
 
 
 # ---------------------------------------------------------------- ddpm-nll

@@ -304,6 +304,15 @@ def find_label_column(features, requested: Optional[str] = None) -> str:
                      f"{names}); name the column with --label_column.")
 
 
+def check_same_classes(names: List[str], known: List[str], column: str, whose: str = "pipeline") -> None:
+    """Refuse, in one line, labels of `column` (classes `names`) that name other classes than the model's `known` (in
+    label order; the data may hold only the first of them)."""
+    if names != known[: len(names)]:
+        raise UsageError(f"The classes of column {column!r} ({', '.join(names)}) are not the {whose}'s "
+                         f"({', '.join(known)}), so its labels would name other classes; measure data labelled as the "
+                         f"{whose} was trained.")
+
+
 def class_names_of(ds, column: str) -> List[str]:
     """The class names of the label column `column` (a ClassLabel's names; an integer column's 0..max), after checking
     every label is one of them: a label outside the classes (HF's -1, "no label", included) is one line naming it."""

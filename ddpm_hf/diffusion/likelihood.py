@@ -189,6 +189,10 @@ def image_seeds(ids: Sequence[int], seed: int) -> List[int]:
 TERMS = ("total", "prior", "kl", "decoder")
 
 
+# what a bound with `labels` is conditioned on, as its records say it (ddpm-nll's protocol, --eval_nll_every's entries)
+GIVEN_CLASS = "each image's class label (the conditional model, guidance scale 1)"
+
+
 def bits_per_dim_of_share(unet, scheduler: DDPMScheduler, images: torch.Tensor, ids: Sequence[int], seed: int,
                           batch_size: int, clip_denoised: bool = True, progress: Callable = lambda it: it,
                           labels: Optional[torch.Tensor] = None):

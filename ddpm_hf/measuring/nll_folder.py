@@ -24,7 +24,7 @@ import torch
 
 from ddpm_hf.data.datasets import first_rows, image_fit_note, images_of
 from ddpm_hf.data.fingerprints import image_sha256, images_sha256, source_fingerprint
-from ddpm_hf.diffusion.likelihood import TERMS, bits_per_dim_of_share, summarize
+from ddpm_hf.diffusion.likelihood import GIVEN_CLASS, TERMS, bits_per_dim_of_share, summarize
 from ddpm_hf.errors import StateError, UsageError
 from ddpm_hf.outputs.files import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 from ddpm_hf.outputs.folder_jobs import FolderJob
@@ -108,7 +108,7 @@ def measure(pipe, *, pipeline_name: str, folder, dataset: str, num_images: int, 
         "dtype": dtype,
     }
     if conditional:  # recorded only there: an unconditional folder's protocol stays as it was
-        protocol.update(given="each image's class label (the conditional model, guidance scale 1)",
+        protocol.update(given=GIVEN_CLASS,
                         label_column=label_column)
     cast_network(unet, dtype)
     with FolderJob(folder, PROTOCOL_FILE, protocol, state) as job:
@@ -150,15 +150,12 @@ def measure(pipe, *, pipeline_name: str, folder, dataset: str, num_images: int, 
 def held_out_labels(rows, label_column: Optional[str], pipe) -> torch.Tensor:
     """The class labels of the measured images (`find_label_column`, `class_names_of`): refused in one line where the
     data's classes are not the pipeline's."""
-    from ddpm_hf.data.datasets import class_names_of, find_label_column
+    from ddpm_hf.data.datasets import check_same_classes, class_names_of, find_label_column
     from ddpm_hf.pipelines.guidance import num_classes
 
     column = find_label_column(rows.features, label_column)
-    names = class_names_of(rows, column)
-    known = pipe.class_names or [str(k) for k in range(num_classes(pipe.unet))]
-    if names != known[: len(names)]:
-        raise UsageError(f"The classes of column {column!r} ({', '.join(names)}) are not the pipeline's ({', '.join(known)}), "
-                         "so its labels would name other classes; measure data labelled as the pipeline was trained.")
+    check_same_classes(class_names_of(rows, column), pipe.class_names or [str(k) for k in range(num_classes(pipe.unet))],
+                       column)
     return torch.as_tensor(np.asarray(rows.with_format(None)[column]), dtype=torch.int64)
 
 

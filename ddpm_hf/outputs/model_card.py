@@ -75,7 +75,8 @@ def _nll(output_dir: Path) -> Optional[Tuple[dict, str, Optional[str]]]:
     history = json.loads(summary_path.read_text()).get("nll") if summary_path.is_file() else None
     if history:
         last = history[-1]
-        return last, f"during training, at step {last['step']}, on {last['images']} held-out images", None
+        given = f", given {last['given']}" if last.get("given") else ""
+        return last, f"during training, at step {last['step']}, on {last['images']} held-out images{given}", None
     return None
 
 

@@ -194,9 +194,6 @@ class TrainingConfig:
         if self.class_conditional and self.streaming:
             raise UsageError("--class_conditional reads the labels of a dataset held in memory, and --streaming decodes "
                              "on the fly; drop --streaming (the images are decoded once), or train unconditionally.")
-        if self.class_conditional and self.eval_nll_every:
-            raise UsageError("--eval_nll_every measures an unconditional bound and takes no labels yet; drop it with "
-                             "--class_conditional (ddpm-nll measures the saved pipeline).")
         if self.keep_best and not self.eval_every:
             raise UsageError("--keep_best needs --eval_every N (the FID it keeps the best checkpoint by).")
         for name in ("sample_inference_steps", "eval_steps"):

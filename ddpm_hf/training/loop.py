@@ -223,7 +223,7 @@ def build_run(config: TrainingConfig, accelerator, lock, checkpoint: Optional[Pa
     """`setup` once the output folder is locked and the start point known: the data, the evaluation reference, the
     model; the Run whole."""
     world = accelerator.num_processes
-    nll_images = load_held_out_images(config) if config.eval_nll_every else None
+    held_out = load_held_out_images(config) if config.eval_nll_every else None
     micro = config.micro_batch(world)
     source = BatchSource(config, micro, accelerator.process_index, world,
                          progress=accelerator.is_local_main_process, device=accelerator.device)
@@ -241,7 +241,7 @@ def build_run(config: TrainingConfig, accelerator, lock, checkpoint: Optional[Pa
                                    f"--num_epochs {config.num_epochs} of {source.steps_per_epoch} steps")
     reference = evaluation_reference(config, feature_network, accelerator) if config.eval_every else None
     return Run(config=config, accelerator=accelerator, source=source, total_steps=total_steps, pusher=pusher,
-               feature_network=feature_network, reference=reference, nll_images=nll_images, checkpoint=checkpoint,
+               feature_network=feature_network, reference=reference, held_out=held_out, checkpoint=checkpoint,
                config_changes=changes, lock=lock, precision_choice=precision_choice, started=started,
                **build_model(config, accelerator, total_steps, checkpoint))
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 import torch
 
-from ddpm_hf.data.datasets import BatchSource
+from ddpm_hf.data.datasets import BatchSource, ImageBank
 from ddpm_hf.diffusion.ema import EMA
 from ddpm_hf.diffusion.losses import DiffusionLoss
 from ddpm_hf.diffusion.scheduler import DDPMScheduler
@@ -144,7 +144,7 @@ class Run:
     pusher: Optional[Any] = None  # outputs.hub.HubPusher (which the card, and so the training modules, come after)
     feature_network: Optional[FeatureNetwork] = None
     reference: Optional[tuple] = None  # the evaluation reference statistics (mean, covariance)
-    nll_images: Optional[torch.Tensor] = None  # uint8 held-out images for --eval_nll_every
+    held_out: Optional[ImageBank] = None  # the held-out images (and labels) of --eval_nll_every
     checkpoint: Optional[Path] = None  # the verified checkpoint to resume from
     config_changes: Dict[str, list] = field(default_factory=dict)  # settings that differ from the checkpoint's
     lock: Optional[RunFolderLock] = None  # the output folder's RunFolderLock, held by the main process for the whole run

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import torch
 from accelerate.logging import get_logger
@@ -21,6 +21,9 @@ from ddpm_hf.sampling.samplers import cast_network, draw_share, pipeline_for
 from ddpm_hf.seeding import EVAL_SEED_TAG, GRID_SEED_TAG, mix_seed
 from ddpm_hf.training.config import TrainingConfig
 from ddpm_hf.training.state import Run, TrainState
+
+if TYPE_CHECKING:
+    from ddpm_hf.data.datasets import ImageBank
 
 logger = get_logger(__name__)  # Accelerate's: logs on the main process only
 
@@ -164,10 +167,19 @@ def log_sample_quality(run: Run, state: TrainState) -> bool:
 # ---------------------------------------------------------------- bits/dim during training
 
 
-def load_held_out_images(config: TrainingConfig) -> torch.Tensor:
-    """The first --eval_nll_images images of the held-out set, uint8 at the training resolution and channels.
-    Refuses a set that is the training data itself."""
-    from ddpm_hf.data.datasets import BUILTIN_DATASETS, build_image_bank, find_image_column, load_image_dataset
+def load_held_out_images(config: TrainingConfig) -> "ImageBank":
+    """The first --eval_nll_images images of the held-out set, uint8 at the training resolution and channels; of a
+    --class_conditional run, with their labels (classes checked to be the run's). Refuses a set that is the training
+    data itself."""
+    from ddpm_hf.data.datasets import (
+        BUILTIN_DATASETS,
+        build_image_bank,
+        check_same_classes,
+        class_names_of,
+        find_image_column,
+        find_label_column,
+        load_image_dataset,
+    )
 
     name = config.eval_nll_dataset or config.dataset
     local = name not in BUILTIN_DATASETS and Path(name).expanduser().exists()
@@ -179,25 +191,32 @@ def load_held_out_images(config: TrainingConfig) -> torch.Tensor:
     split = None if local else config.eval_nll_split  # local data is one set, used whole
     ds = load_image_dataset(name, config.dataset_config if name == config.dataset else None, split)
     ds = ds.select(range(min(config.eval_nll_images, len(ds))))
-    bank = build_image_bank(ds, find_image_column(ds.features, config.image_column if name == config.dataset else None),
-                            config.channels, config.resolution, config.center_crop, config.on_bad_image, progress=False)
-    return bank.images
+    label_column = None
+    if config.class_conditional:  # the bound of -log p(x_0 | c): each image given its own class
+        label_column = find_label_column(ds.features, config.label_column if name == config.dataset else None)
+        check_same_classes(class_names_of(ds, label_column), config.class_names, label_column, whose="run")
+    return build_image_bank(ds, find_image_column(ds.features, config.image_column if name == config.dataset else None),
+                            config.channels, config.resolution, config.center_crop, config.on_bad_image, progress=False,
+                            label_column=label_column)
 
 
 def evaluate_nll(run: Run, state: TrainState) -> None:
     """The EMA model's bound in bits/dim on the held-out images, each process its share (image k's noise from
     (seed, k)); mean and standard error of each term into the state, the trackers and the log."""
-    from ddpm_hf.diffusion.likelihood import TERMS, bits_per_dim_of_share, summarize
+    from ddpm_hf.diffusion.likelihood import GIVEN_CLASS, TERMS, bits_per_dim_of_share, summarize
 
     config, accelerator = run.config, run.accelerator
-    ids = process_share(len(run.nll_images), accelerator.process_index, accelerator.num_processes)
+    held_out = run.held_out
+    ids = process_share(len(held_out), accelerator.process_index, accelerator.num_processes)
     rows = [(k, {term: terms[term][i].item() for term in TERMS})
-            for ks, terms in bits_per_dim_of_share(evaluated_network(run), run.scheduler, run.nll_images, ids, config.seed,
-                                                   run.config.micro_batch(run.accelerator.num_processes))
+            for ks, terms in bits_per_dim_of_share(evaluated_network(run), run.scheduler, held_out.images, ids,
+                                                   config.seed, run.config.micro_batch(run.accelerator.num_processes),
+                                                   labels=held_out.labels)
             for i, k in enumerate(ks)]
     measured = gather_by_index(rows)
     summary = summarize({term: torch.tensor([r[term] for r in measured], dtype=torch.float64) for term in TERMS})
-    state.nll.append({"step": state.step, "images": len(measured), **summary})
+    given = {} if held_out.labels is None else {"given": GIVEN_CLASS}  # recorded only there, as ddpm-nll does
+    state.nll.append({"step": state.step, "images": len(measured), **given, **summary})
     accelerator.log({f"eval/bpd_{term}": summary[term]["mean"] for term in TERMS}, step=state.step)
     logger.info("Step %d: NLL bound %.4f ± %.4f bits/dim on %d held-out images, network in %s (prior %.4f, KL %.4f, "
                 "decoder %.4f)", state.step, summary["total"]["mean"], summary["total"]["sem"], len(measured),
