@@ -476,7 +476,6 @@ def test_an_integer_label_column_is_taken_with_its_classes(tmp_path):
     (["--label_column", "label"], "--label_column is for a class-conditional run; add --class_conditional"),
     (["--label_dropout", "0.2"], "--label_dropout is for a class-conditional run; add --class_conditional"),
     (["--class_conditional", "--label_dropout", "1"], "--label_dropout=1.0 must be in \\[0, 1\\)"),
-    (["--class_conditional", "--streaming"], "--class_conditional reads the labels of a dataset held in memory"),
 ])
 def test_label_flags_that_would_do_nothing_or_cannot_work_are_refused(tmp_path, flags, said):
     from ddpm_hf.errors import UsageError
@@ -484,6 +483,92 @@ def test_label_flags_that_would_do_nothing_or_cannot_work_are_refused(tmp_path, 
 
     with pytest.raises(UsageError, match=said):
         parse_args([*cli_args({**TINY, "output_dir": tmp_path / "run"}), *flags])
+
+
+# ---------------------------------------------------------------- --streaming with labels
+
+
+SHADES = [f"shade{k}" for k in range(4)]
+
+
+def shaded_classes(path, labels):
+    """A parquet file of 8x8 images whose shade is their class (60·label; -1, "no label", is black), ClassLabel SHADES."""
+    import datasets
+    from PIL import Image
+
+    images = [Image.fromarray(np.full((8, 8), 60 * max(label, 0), dtype=np.uint8)) for label in labels]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=SHADES)})
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(str(path))
+    return path
+
+
+def streamed_source(tmp_path, data, rank=0, world=2, **overrides):
+    import dataclasses
+
+    from ddpm_hf.data.datasets import BatchSource, training_classes
+
+    config = cond(tmp_path / "run", dataset=str(data), streaming=True, max_train_samples=None, **overrides)
+    config = dataclasses.replace(config, class_names=training_classes(config))
+    return config, BatchSource(config, 3, rank, world, progress=False)
+
+
+@pytest.mark.slow  # datasets 5.2 sleeps 5 s each time a stream's reader ends (its SLEEP_TIME_ON_THREADS_SHUTDOWN)
+def test_a_streamed_conditional_dataset_gives_each_micro_batch_its_own_labels(tmp_path):
+    data = shaded_classes(tmp_path / "data.parquet", [k % 4 for k in range(20)])
+    for rank in (0, 1):
+        config, source = streamed_source(tmp_path, data, rank)
+        assert config.class_names == SHADES  # what the stream's ClassLabel declares
+        seen = []
+        for step in range(5):  # past the end of the stream's first epoch (3 micro-batches of 3 on each of 2 ranks)
+            images, labels = source.get(step, 0), source.labels(step, 0)
+            assert labels.dtype == torch.int64 and torch.equal(labels, images[:, 0, 0, 0].long() // 60)
+            seen += labels.tolist()
+        assert len(set(seen)) > 1  # shuffled classes, not one
+    _, skipped = streamed_source(tmp_path, data)  # a resume: the stream fast-forwarded past steps 0-1
+    skipped.fast_forward(2)
+    _, again = streamed_source(tmp_path, data)
+    for step in range(3):
+        images, labels = again.get(step, 0), again.labels(step, 0)
+    assert torch.equal(skipped.get(2, 0), images) and torch.equal(skipped.labels(2, 0), labels)
+
+
+@pytest.mark.slow  # two streams read to their end: 5 s each (datasets 5.2)
+def test_a_streamed_label_outside_the_classes_stops_or_is_skipped_as_a_bad_image(tmp_path):
+    from ddpm_hf.data.datasets import BadImageError
+
+    data = shaded_classes(tmp_path / "data.parquet", [0, 1, -1, 2, 3, 1, 0])
+    _, source = streamed_source(tmp_path, data, world=1)
+    with pytest.raises(BadImageError, match=r"^The label of image \d+ in column 'label' is -1, outside the classes 0\.\.3\. "
+                                            r"Fix or remove it, or pass --on_bad_image skip to leave bad images out\.$"):
+        [source.get(step, 0) for step in range(2)]
+    _, source = streamed_source(tmp_path, data, world=1, on_bad_image="skip")
+    labels = [source.labels(step, 0) for step in range(2) if source.get(step, 0) is not None]
+    assert sorted(torch.cat(labels).tolist()) == [0, 0, 1, 1, 2, 3]  # the six labelled images, the black one left out
+
+
+def test_streaming_with_an_undeclared_label_column_is_refused_in_one_line(tmp_path):
+    from ddpm_hf.data.datasets import training_classes
+    from ddpm_hf.errors import UsageError
+
+    data = parquet_with_labels(tmp_path / "data.parquet", [0, 2, 1, 2] * 4)  # integers: classes known only at the end
+    config = cond(tmp_path / "run", dataset=str(data), streaming=True, max_train_samples=None, label_column="label")
+    with pytest.raises(UsageError, match=r"^--streaming with --class_conditional needs the classes declared before the "
+                                         r"stream is read, and column 'label' holds int64 values, not a ClassLabel; "
+                                         r"drop --streaming"):
+        training_classes(config)
+
+
+@pytest.mark.slow
+def test_a_streamed_conditional_run_trains_and_saves_the_streams_classes(tmp_path):
+    from ddpm_hf.training.loop import train
+
+    data = shaded_classes(tmp_path / "data.parquet", [k % 4 for k in range(24)])
+    out = train(cond(tmp_path / "run", dataset=str(data), streaming=True, max_train_samples=None, max_train_steps=3,
+                     batch_size=4, checkpointing_steps=3))
+    pipe = DDPMPipeline.from_pretrained(out)
+    assert pipe.class_names == SHADES and pipe.unet.config.num_class_embeds == 5
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["history"]] == [1, 2, 3]
 
 
 # ---------------------------------------------------------------- the digits: samples of the class asked for

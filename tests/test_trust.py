@@ -59,7 +59,8 @@ def test_16_bit_and_float_images_convert_by_their_real_range_in_the_bank_and_the
     for image in bank:
         assert np.abs(image[0].numpy().astype(int) - expected).max() <= 1
     assert bank.float().mean() > 100  # not clipped to white: the mean of a ramp is mid-grey
-    streamed = torch.cat(list(stream_batches(load_image_dataset(str(folder), streaming=True), "image", 2, 1, 16, True, "stop", 0, 1, 0, 0)))
+    streamed = torch.cat([images for images, _ in stream_batches(load_image_dataset(str(folder), streaming=True), "image",
+                                                                 2, 1, 16, True, "stop", 0, 1, 0, 0)])
     assert sorted(streamed.float().mean((1, 2, 3)).tolist()) == pytest.approx(sorted(bank.float().mean((1, 2, 3)).tolist()), abs=0.5)
     Image.fromarray(np.full((16, 16), 70000, dtype=np.int32), mode="I").save(tmp_path / "too_deep.tif")
     with pytest.raises(BadImageError, match=r"a 32-bit integer image with values in \[70000, 70000\], outside 0..65535"):

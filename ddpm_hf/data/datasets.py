@@ -17,7 +17,7 @@ import socket
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, List, Optional
+from typing import TYPE_CHECKING, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -519,9 +519,12 @@ def image_fit_note(rows, channels: int, resolution, image_column: Optional[str] 
 
 
 def stream_batches(ds, column: str, batch_size: int, channels: int, resolution, center_crop: bool,
-                   on_bad_image: str, rank: int, world_size: int, seed: int, epoch: int) -> Iterator[torch.Tensor]:
-    """uint8 batches [B, C, H, W] from a streaming dataset: this rank's shard of epoch `epoch`, shuffled
-    through a buffer; bad images are skipped (counted in the log) or stop the run as with ImageBank."""
+                   on_bad_image: str, rank: int, world_size: int, seed: int, epoch: int,
+                   label_column: Optional[str] = None, num_classes: int = 0
+                   ) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """(uint8 images [B, C, H, W], int64 labels [B] of `label_column`, or None) from a streaming dataset: this rank's
+    shard of epoch `epoch`, shuffled through a buffer. A bad image, or a label outside 0..num_classes-1 (a stream's
+    labels are read as they come), is skipped (counted in the log) or stops the run as with ImageBank."""
     from datasets.distributed import split_dataset_by_node
 
     ds = _undecoded(ds, column)
@@ -529,18 +532,28 @@ def stream_batches(ds, column: str, batch_size: int, channels: int, resolution, 
     ds = ds.shuffle(seed=seed, buffer_size=1000)
     ds.set_epoch(epoch)
     batch: List[np.ndarray] = []
+    labels: List[int] = []
     for index, row in enumerate(ds):
         where = _where(row, column, index)
         try:
-            batch.append(to_uint8_array(decode_image(row[column], where), channels, resolution, center_crop))
+            if label_column is not None:
+                label = row[label_column]
+                if not isinstance(label, (int, np.integer)) or not 0 <= label < num_classes:
+                    raise BadImageError(f"The label of {where} in column {label_column!r} is {label!r}, outside the "
+                                        f"classes 0..{num_classes - 1}")
+            image = to_uint8_array(decode_image(row[column], where), channels, resolution, center_crop)
         except BadImageError as e:
             if on_bad_image == "stop":
                 raise stop_on_bad_image(e) from e
             logger.warning("Skipping %s", e)
             continue
+        batch.append(image)
+        if label_column is not None:
+            labels.append(int(label))
         if len(batch) == batch_size:
-            yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
-            batch = []
+            images = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
+            yield images, (torch.tensor(labels, dtype=torch.int64) if label_column is not None else None)
+            batch, labels = [], []
 
 
 def to_model_range(batch: torch.Tensor, random_flip: bool = False, generator: Optional[torch.Generator] = None,
@@ -573,7 +586,24 @@ def training_classes(config: "TrainingConfig") -> List[str]:
     if ds.features is None:
         raise UsageError(f"The dataset {config.dataset!r} does not declare its columns; name the label column with "
                          "--label_column.")
-    return class_names_of(ds, find_label_column(ds.features, config.label_column))
+    column = find_label_column(ds.features, config.label_column)
+    if config.streaming:
+        return declared_class_names(ds.features, column)
+    return class_names_of(ds, column)
+
+
+def declared_class_names(features, column: str) -> List[str]:
+    """The class names a --streaming dataset's label column declares: a stream is read as it trains, so its classes
+    must be known before (a ClassLabel); its labels are checked as they come (`stream_batches`)."""
+    import datasets
+
+    feature = features[column]
+    if not isinstance(feature, datasets.ClassLabel):
+        kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
+        raise UsageError(f"--streaming with --class_conditional needs the classes declared before the stream is read, "
+                         f"and column {column!r} holds {kind} values, not a ClassLabel; drop --streaming (the labels "
+                         "are then read whole), or give the dataset a ClassLabel column.")
+    return list(feature.names)
 
 
 def training_set(config: "TrainingConfig", per_step: Optional[int] = None):
@@ -614,6 +644,7 @@ class BatchSource:
             self.steps_per_epoch = None
             self._stream: Optional[Iterator] = None
             self._stream_epoch = -1
+            self._streamed_labels: dict = {}  # (step, j) -> the labels of micro-batch get(step, j), until read
         else:
             self.bank = build_image_bank(ds, self.column, config.channels, config.resolution, config.center_crop,
                                          config.on_bad_image, progress, label_column=self.label_column)
@@ -642,7 +673,11 @@ class BatchSource:
 
     def labels(self, step: int, j: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The class labels (int64) of the micro-batch `get(step, j)`, on the device; into `out` where given."""
-        labels = self.bank.labels.index_select(0, self._rows(step, j))
+        if self.bank is not None:
+            labels = self.bank.labels.index_select(0, self._rows(step, j))
+        else:  # a stream yields each micro-batch's labels with its images: `get(step, j)` read them
+            labels = self._streamed_labels.pop((step, j))
+            labels = labels.pin_memory() if self.pinned else labels
         return labels.to(self.device, non_blocking=True) if out is None else out.copy_(labels, non_blocking=True)
 
     def get(self, step: int, j: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -656,17 +691,20 @@ class BatchSource:
             batch = torch.empty((self.micro, *self.bank.images.shape[1:]), dtype=torch.uint8, pin_memory=self.pinned)
             torch.index_select(self.bank.images, 0, rows, out=batch)
         else:
-            batch = self._next_streamed()
+            batch, labels = self._next_streamed()
+            if labels is not None:
+                self._streamed_labels[(step, j)] = labels
             batch = batch.pin_memory() if self.pinned else batch
         return batch.to(self.device, non_blocking=True) if out is None else out.copy_(batch, non_blocking=True)
 
-    def _next_streamed(self) -> torch.Tensor:
+    def _next_streamed(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         while True:
             if self._stream is None:
                 self._stream_epoch += 1
                 c = self.config
                 self._stream = stream_batches(self.ds, self.column, self.micro, c.channels, c.resolution, c.center_crop,
-                                              c.on_bad_image, self.rank, self.world, c.seed, self._stream_epoch)
+                                              c.on_bad_image, self.rank, self.world, c.seed, self._stream_epoch,
+                                              self.label_column, len(c.class_names or ()))
             batch = next(self._stream, None)
             if batch is not None:
                 return batch

@@ -191,9 +191,6 @@ class TrainingConfig:
         self._validate_ranges()
         if self.channels not in (1, 3):
             raise UsageError(f"--channels={self.channels} is not supported; use 1 or 3.")
-        if self.class_conditional and self.streaming:
-            raise UsageError("--class_conditional reads the labels of a dataset held in memory, and --streaming decodes "
-                             "on the fly; drop --streaming (the images are decoded once), or train unconditionally.")
         if self.keep_best and not self.eval_every:
             raise UsageError("--keep_best needs --eval_every N (the FID it keeps the best checkpoint by).")
         for name in ("sample_inference_steps", "eval_steps"):
