@@ -326,6 +326,26 @@ def visualize_cli(*args):
     return run_in_process([sys.executable, "-m", "ddpm_hf.commands.visualize", *map(str, args)])
 
 
+def test_the_interpolation_of_a_conditional_pipeline_is_decoded_by_its_unconditional_model(tmp_path):
+    from PIL import Image
+
+    from ddpm_hf.sampling.figures import interpolate, interpolation_figure, visualize
+
+    pipe = conditional_pipeline()
+    torch.manual_seed(1)
+    images = (torch.rand(2, 1, 8, 8) * 255).to(torch.uint8)
+    entries = visualize(pipe, tmp_path, figures=["interpolate"], seeds=[0], num_inference_steps=5, images=images,
+                        depths=(0.0, 0.6), columns=5, seed=2, class_labels=[1], guidance_scale=3.0)
+    assert entries["interpolate.png"]["decoded_by"].startswith("the unconditional model")
+    a, b = images.float() / 127.5 - 1
+    w = [0.0, 0.5, 1.0]  # columns 5: A, three mixes, B
+    for label, same in ((len(CLASSES), True), (1, False)):  # "no class", the test's own binding; and a class
+        rows = interpolate(pipe, a, b, (0.0, 0.6), w, 5, seed=2, network=Bound(pipe.unet, [label] * 3))
+        expected = np.asarray(interpolation_figure(rows, a, b))
+        drawn = np.asarray(Image.open(tmp_path / "interpolate.png"))
+        assert np.array_equal(drawn, expected) == same, label
+
+
 @pytest.mark.slow
 def test_ddpm_visualize_draws_each_seed_of_its_class_and_records_the_labels(tmp_path):
     conditional_pipeline().save_pretrained(tmp_path / "pipe")
@@ -335,7 +355,7 @@ def test_ddpm_visualize_draws_each_seed_of_its_class_and_records_the_labels(tmp_
     assert done.returncode == 0, done.stderr[-2000:]
     figures = json.loads((tmp_path / "balanced" / "figures.json").read_text())
     assert figures["progressive.png"]["class_labels"] == [0, 1, 2] and figures["progressive.png"]["guidance_scale"] == 2
-    assert "interpolate.png" not in figures and "forward.png" in figures  # interpolate takes no labels yet
+    assert "forward.png" in figures and figures["interpolate.png"]["decoded_by"].startswith("the unconditional model")
     other = visualize_cli(tmp_path / "pipe", tmp_path / "ones", *common, "--class_labels", "1", "--guidance_scale", 2)
     assert other.returncode == 0, other.stderr[-2000:]
     assert (tmp_path / "ones" / "progressive.png").read_bytes() != (tmp_path / "balanced" / "progressive.png").read_bytes()

@@ -75,8 +75,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ddpm_hf.sampling.sample_folder import class_labels_of, label_of
 
     labels = class_labels_of(args.class_labels, num_classes(pipe.unet))
-    if labels is not None and args.figures is None:  # interpolate takes no labels yet
-        figures = [f for f in figures if f != "interpolate"]
     use_scheduler(pipe, args.scheduler)
     images = None if rows is None else images_of(rows, pipe.unet.config.in_channels, pipe.unet.config.sample_size,
                                                  args.image_column)

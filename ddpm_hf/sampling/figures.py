@@ -25,6 +25,7 @@ from ddpm_hf.outputs.files import atomic_save_image, atomic_write_bytes, atomic_
 from ddpm_hf.outputs.plots import image_grid
 from ddpm_hf.outputs.run_folder import DENOISING_STEM, FIGURES_RECORD, PROGRESSIVE
 from ddpm_hf.outputs.weights import state_dict_sha256
+from ddpm_hf.pipelines.guidance import GuidedNetwork, null_label, num_classes
 from ddpm_hf.pipelines.pipeline_ddpm import denoise, to_output
 from ddpm_hf.sampling.samplers import cast_network
 
@@ -210,20 +211,22 @@ def diffuse(scheduler, images: torch.Tensor, depth: float, num_inference_steps: 
 
 
 def decode(pipe, latents: torch.Tensor, begin: int, num_inference_steps: int, seed: int = 0,
-           eta: Optional[float] = None) -> torch.Tensor:
+           eta: Optional[float] = None, network=None) -> torch.Tensor:
     """The pipeline's reverse chain from step `begin` (x_t = `latents`) to x_0, each image's noise from its own
-    generator seeded `seed` (the same noise for every image, as Fig. 8 fixes it); in [-1, 1]."""
+    generator seeded `seed` (the same noise for every image, as Fig. 8 fixes it); in [-1, 1]. `network`: what
+    predicts the noise, where not the pipeline's UNet itself (a class-conditional one bound to labels)."""
     device = pipe._execution_device
     x = latents.to(device, torch.float32)  # the chain in float32, as the pipeline runs it
     if begin < num_inference_steps:
         generators = [torch.Generator(device).manual_seed(seed) for _ in range(x.shape[0])]
         with torch.no_grad():
-            x = denoise(pipe.unet, pipe.scheduler, x, num_inference_steps, generators, eta, start=begin)
+            x = denoise(pipe.unet if network is None else network, pipe.scheduler, x, num_inference_steps, generators,
+                        eta, start=begin)
     return x.float().cpu().clamp(-1, 1)
 
 
 def interpolate(pipe, image_a: torch.Tensor, image_b: torch.Tensor, depths: Sequence[float], weights: Sequence[float],
-                num_inference_steps: int, seed: int = 0, eta: Optional[float] = None) -> List[dict]:
+                num_inference_steps: int, seed: int = 0, eta: Optional[float] = None, network=None) -> List[dict]:
     """Fig. 8 and 9: two model-range images [C, H, W] diffused to depth λ (`diffuse`: the same ε), their latents
     mixed as (1 - w)·x_t + w·x'_t for each w of `weights`, each mix decoded by the reverse chain from t (`decode`).
     One row per λ of `depths`: {"depth", "t", "images" [len(weights), C, H, W] in [-1, 1]}. λ = 0 mixes the
@@ -233,7 +236,8 @@ def interpolate(pipe, image_a: torch.Tensor, image_b: torch.Tensor, depths: Sequ
     for depth in depths:
         latents, begin, t = diffuse(pipe.scheduler, torch.stack([image_a, image_b]), depth, num_inference_steps, seed)
         mixed = (1 - w) * latents[0] + w * latents[1]
-        rows.append({"depth": float(depth), "t": t, "images": decode(pipe, mixed, begin, num_inference_steps, seed, eta)})
+        rows.append({"depth": float(depth), "t": t,
+                     "images": decode(pipe, mixed, begin, num_inference_steps, seed, eta, network)})
     return rows
 
 
@@ -297,7 +301,8 @@ def visualize(pipe, folder, *, figures: Sequence[str], seeds: Sequence[int], num
     """Write `figures` (of FIGURES) into `folder` and record them in figures.json; `images` (uint8 [N, C, H, W], at
     least two for `interpolate`) are the real images of `forward` and `interpolate`. The network runs in `dtype`
     (SAMPLING_DTYPES). A class-conditional pipeline draws seed i of class `class_labels`[i] with guidance
-    `guidance_scale` (progressive and denoise; interpolate takes no labels yet). Returns the new entries."""
+    `guidance_scale` (progressive and denoise); its interpolation is decoded by its unconditional model (the "no class"
+    label), as Fig. 8's model is unconditional: a mix of two images has no one class. Returns the new entries."""
     unknown = [f for f in figures if f not in FIGURES]
     if unknown:
         raise UsageError(f"figure {unknown[0]!r} is not one of {', '.join(FIGURES)}.")
@@ -305,8 +310,6 @@ def visualize(pipe, folder, *, figures: Sequence[str], seeds: Sequence[int], num
         raise UsageError("the forward and interpolate figures need real images: pass --dataset (a dataset or a folder).")
     if "interpolate" in figures and images.shape[0] < 2:
         raise UsageError("interpolate needs two images; pass --num_images 2 or more.")
-    if "interpolate" in figures and class_labels is not None:
-        raise UsageError("interpolate of a class-conditional pipeline takes no labels yet; leave it out of --figures.")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     about = {"weights_sha256": state_dict_sha256(pipe.unet), **(about or {}), "dtype": dtype}
@@ -321,12 +324,16 @@ def visualize(pipe, folder, *, figures: Sequence[str], seeds: Sequence[int], num
         entries.update(forward_figures(pipe.scheduler, real, folder, columns, frames, seed, fmt, about))
     if "interpolate" in figures:
         w = [float(x) for x in np.linspace(0, 1, max(2, columns - 2))]
-        rows = interpolate(pipe, real[0], real[1], depths, w, num_inference_steps, seed, eta)
+        network, decoded_by = None, {}
+        if num_classes(pipe.unet) is not None:
+            network = GuidedNetwork(pipe.unet, torch.full((len(w),), null_label(pipe.unet)), 0.0)
+            decoded_by = {"decoded_by": "the unconditional model: the class label \"no class\" (guidance scale 0)"}
+        rows = interpolate(pipe, real[0], real[1], depths, w, num_inference_steps, seed, eta, network)
         path = save_png(interpolation_figure(rows, real[0], real[1]), folder / "interpolate.png")
         entries[path.name] = {**about, "figure": "interpolation in the diffused space (Ho et al. 2020, Fig. 8, 9): per "
                               "depth a row of image A, the decoded mixes (1 - w) x_t + w x'_t, image B",
                               "depths": [float(d) for d in depths], "timesteps": [row["t"] for row in rows],
                               "weights": w, "noise_seed": seed, "scheduler": type(pipe.scheduler).__name__,
-                              "num_inference_steps": num_inference_steps, "eta": eta}
+                              "num_inference_steps": num_inference_steps, "eta": eta, **decoded_by}
     record_figures(folder, entries)
     return entries
