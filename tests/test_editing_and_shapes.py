@@ -178,6 +178,48 @@ def test_ddim_on_its_own_chain_given_explicitly_is_diffusers_ddim_step_for_step(
         x = b.prev_sample
 
 
+@pytest.mark.parametrize("config", [dict(thresholding=True, clip_sample=False, sample_max_value=1.5),
+                                    dict(clip_sample=True, clip_sample_range=0.5)], ids=["thresholding", "clipping"])
+def test_ddim_on_an_explicit_chain_thresholds_and_clips_as_diffusers_does(config):
+    import diffusers
+
+    from ddpm_hf.diffusion.ddim import DDIMScheduler
+
+    ours, theirs = (cls(prediction_type="epsilon", **config) for cls in (DDIMScheduler, diffusers.DDIMScheduler))
+    theirs.set_timesteps(10)
+    ours.set_timesteps(timesteps=theirs.timesteps.tolist())
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 4, 4, generator=g) * 3
+    for t in theirs.timesteps:
+        out = torch.randn(2, 3, 4, 4, generator=g) * 3
+        for clipped in (False, True):
+            a = ours.step(out, t, x, use_clipped_model_output=clipped)
+            b = theirs.step(out, t, x, use_clipped_model_output=clipped)
+            torch.testing.assert_close(a.prev_sample, b.prev_sample, rtol=1e-5, atol=1e-5)
+        x = b.prev_sample
+
+
+def test_ddim_spaced_so_that_diffusers_step_would_leave_the_chain_follows_it_as_an_explicit_chain():
+    import diffusers
+
+    from ddpm_hf.diffusion.ddim import DDIMScheduler, followed_chain
+
+    even = DDIMScheduler(timestep_spacing="leading")
+    even.set_timesteps(10)
+    assert even.chain is None and followed_chain(even, 10) is None  # diffusers' own step, which follows it
+    spaced = DDIMScheduler(timestep_spacing="linspace")
+    spaced.set_timesteps(10)
+    theirs = diffusers.DDIMScheduler(timestep_spacing="linspace")
+    theirs.set_timesteps(10)
+    assert spaced.chain == theirs.timesteps.tolist() == followed_chain(spaced, 10)  # 999, 888, ...
+    explicit = DDIMScheduler()
+    explicit.set_timesteps(timesteps=spaced.chain)
+    x, out = torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4)
+    for t in spaced.timesteps[:3]:
+        assert torch.equal(spaced.step(out, t, x).prev_sample, explicit.step(out, t, x).prev_sample)
+    assert not torch.allclose(spaced.step(out, 999, x).prev_sample, theirs.step(out, 999, x).prev_sample)
+
+
 def test_ddim_on_the_quadratic_chain_is_eq_12_between_its_timesteps():
     """The oracle: Eq. 12 in float64 from the schedule's ᾱ, each step from τ_i to τ_(i-1) of the chain (η = 0.5)."""
     from ddpm_hf.pipelines.pipeline_ddpm import denoise

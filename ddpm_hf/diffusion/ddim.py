@@ -1,9 +1,10 @@
 """DDIM (Song et al. 2021) on any chain of timesteps: diffusers' `DDIMScheduler`, which also takes `timesteps=`.
 
 diffusers' DDIM step always goes t -> t - T // N, whatever its chain says; a chain that does not step by exactly that
-(the DDIM paper's quadratic one, App. D.2) would land between its timesteps at every step. This subclass (same name and
-config, so a folder's provenance and a saved pipeline read as diffusers') keeps diffusers' own step on the chains it
-spaces itself, and on an explicit chain takes Eq. 12 from each timestep τ_i to the next one of the chain.
+(the DDIM paper's quadratic one, App. D.2; `linspace` spacing; `trailing` where N does not divide T) would land between
+its timesteps at every step. This subclass (same name and config, so a folder's provenance and a saved pipeline read as
+diffusers') keeps diffusers' own step on the chains it spaces evenly by T // N, and on any other chain, explicit or
+spaced, takes Eq. 12 from each timestep τ_i to the next one of the chain.
 """
 
 from __future__ import annotations
@@ -18,16 +19,22 @@ from ddpm_hf.diffusion.scheduler import PARAMETERIZATIONS
 
 
 class DDIMScheduler(diffusers.DDIMScheduler):
-    """diffusers' DDIMScheduler; `set_timesteps(timesteps=[...])` (descending) makes each step go to the chain's next
-    timestep (x_0 after the last)."""
+    """diffusers' DDIMScheduler; on a chain diffusers' step would not follow (`set_timesteps(timesteps=[...])`,
+    descending, or a spacing not evenly T // N) each step goes to the chain's next timestep (x_0 after the last), and
+    `chain` holds it."""
 
-    chain: Optional[List[int]] = None
+    chain: Optional[List[int]] = None  # the chain followed by Eq. 12; None: diffusers' own step
+
 
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None,
                       timesteps: Optional[Sequence[int]] = None) -> None:
         if timesteps is None:
             self.chain = None
-            return super().set_timesteps(num_inference_steps, device)
+            super().set_timesteps(num_inference_steps, device)
+            spaced, stride = self.timesteps.tolist(), self.config.num_train_timesteps // num_inference_steps
+            if all(t - following == stride for t, following in zip(spaced, spaced[1:])):
+                return  # diffusers' own step follows this chain
+            timesteps = spaced  # a spacing diffusers' step would leave: followed as an explicit chain
         chain = [int(t) for t in timesteps]
         T = self.config.num_train_timesteps
         if not chain or any(a <= b for a, b in zip(chain, chain[1:])) or chain[0] >= T or chain[-1] < 0:
@@ -41,8 +48,6 @@ class DDIMScheduler(diffusers.DDIMScheduler):
         if self.chain is None:
             return super().step(model_output, timestep, sample, eta, use_clipped_model_output, generator,
                                 variance_noise, return_dict)
-        if self.config.thresholding:
-            raise ValueError("dynamic thresholding is not taken on an explicit chain; sample it without thresholding.")
         t = int(timestep)
         i = self.chain.index(t)
         s = self.chain[i + 1] if i + 1 < len(self.chain) else -1
@@ -53,10 +58,12 @@ class DDIMScheduler(diffusers.DDIMScheduler):
         # 2. x̂_0 from what the network predicts (the one table of prediction types), and ε̂ from the same output
         x0 = PARAMETERIZATIONS[self.config.prediction_type].x0(model_output, sample, a, sd)
         eps = model_output if self.config.prediction_type == "epsilon" else (sample - a * x0) / sd
-        if self.config.clip_sample:
+        if self.config.thresholding:  # as diffusers' step: its dynamic thresholding, else clipping
+            x0 = self._threshold_sample(x0)
+        elif self.config.clip_sample:
             x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
-            if use_clipped_model_output:
-                eps = (sample - a * x0) / sd
+        if use_clipped_model_output:
+            eps = (sample - a * x0) / sd
         # 3. σ_τi(η) of Eq. 16, between the chain's two timesteps
         sigma = eta * self._get_variance(t, s) ** 0.5
         # 4. Eq. 12: x_τi-1 = √ᾱ_τi-1 x̂_0 + √(1 - ᾱ_τi-1 - σ²) ε̂ + σ z
@@ -73,3 +80,13 @@ class DDIMScheduler(diffusers.DDIMScheduler):
         if not return_dict:
             return prev, x0
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+
+def followed_chain(scheduler, num_inference_steps: int) -> Optional[List[int]]:
+    """The chain ddpm_hf's DDIMScheduler follows by Eq. 12 at `num_inference_steps` as its config spaces them (what
+    a protocol records), or None: diffusers' own step, or another sampler."""
+    if not isinstance(scheduler, DDIMScheduler):
+        return None
+    probe = DDIMScheduler.from_config(scheduler.config)
+    probe.set_timesteps(num_inference_steps)
+    return probe.chain

@@ -108,8 +108,7 @@ def measure(pipe, *, pipeline_name: str, folder, dataset: str, num_images: int, 
         "dtype": dtype,
     }
     if conditional:  # recorded only there: an unconditional folder's protocol stays as it was
-        protocol.update(given=GIVEN_CLASS,
-                        label_column=label_column)
+        protocol.update(given=GIVEN_CLASS, label_column=label_column)
     cast_network(unet, dtype)
     with FolderJob(folder, PROTOCOL_FILE, protocol, state) as job:
         job.check("a bits/dim measurement", "measure again from scratch", overwrite)  # before any image is decoded

@@ -27,7 +27,6 @@ from ddpm_hf.sampling.samplers import (
     cast_network,
     chain_timesteps,
     draw_share,
-    uneven_ddim_chain,
     use_scheduler,
     with_spacing,
 )
@@ -231,7 +230,9 @@ def sample_command(pipe, *, pipeline_name: str, folder, num_images: int, batch_s
     with_spacing(use_scheduler(pipe, sampler), timestep_spacing)
     chain = chain_timesteps(timesteps, num_inference_steps, pipe.scheduler)
     if chain is None:  # a spacing diffusers' DDIM step would not follow: its chain, followed by Eq. 12 (recorded)
-        chain = uneven_ddim_chain(pipe.scheduler, num_inference_steps)
+        from ddpm_hf.diffusion.ddim import followed_chain
+
+        chain = followed_chain(pipe.scheduler, num_inference_steps)
     if chain is not None and "timesteps" not in inspect.signature(pipe.scheduler.set_timesteps).parameters:
         raise UsageError(f"--timesteps {timesteps} needs a sampler that takes a list of timesteps, and --scheduler "
                          f"{sampler} steps by one fixed stride; use --scheduler ddpm or dpm-solver with it.")

@@ -63,23 +63,6 @@ def with_spacing(pipe, spacing: Optional[str]):
     return pipe
 
 
-def uneven_ddim_chain(scheduler, num_inference_steps: int) -> Optional[List[int]]:
-    """The chain diffusers' DDIMScheduler spaces at this spacing and step count where its own step would not follow it,
-    else None: that step goes t -> t - T // N whatever the next timestep is, so a spacing that does not step by exactly
-    that (linspace, trailing where N does not divide T) lands between the chain's timesteps at every step. Given to
-    ddpm_hf's DDIMScheduler as an explicit chain, it is followed by Eq. 12 instead."""
-    from diffusers import DDIMScheduler
-
-    if not isinstance(scheduler, DDIMScheduler):
-        return None
-    probe = DDIMScheduler.from_config(scheduler.config)
-    probe.set_timesteps(num_inference_steps)
-    chain, stride = probe.timesteps.tolist(), probe.config.num_train_timesteps // num_inference_steps
-    if all(t - following == stride for t, following in zip(chain, chain[1:])):
-        return None
-    return [int(t) for t in chain]
-
-
 def network_dtype(name: str, device, flag: str = "--dtype") -> "torch.dtype":
     """`flag` (SAMPLING_DTYPES) as a torch dtype for a network on `device`; fp16 is refused on a CPU."""
     import torch

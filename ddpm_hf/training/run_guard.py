@@ -68,8 +68,8 @@ class RunFolderLock:
         try:
             earlier = self.lock.read()
             if earlier.get("state") == "running":
-                warn(f"{self.folder}: the run of process {earlier.get('pid', '?')} on {earlier.get('host', '?')} (since "
-                     f"{earlier.get('since', '?')}) stopped without ending (killed?); this run takes the folder over.")
+                warn(f"{self.folder}: the run of {holder_text(earlier)}, stopped without ending (killed?); this run "
+                     "takes the folder over.")
             self.lock.write(holder_record(state="running"))
             _HELD[self.path.resolve()] = self
         except BaseException:  # a signal while taking the folder over: it is left as it was found

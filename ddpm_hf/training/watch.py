@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional
+from typing import List, Optional
 
 import torch
 from accelerate.logging import get_logger
 
+from ddpm_hf.data.datasets import ImageBank
 from ddpm_hf.errors import UsageError
 from ddpm_hf.outputs.files import atomic_save_image
 from ddpm_hf.outputs.folder_jobs import gather_by_index, process_share
@@ -21,9 +22,6 @@ from ddpm_hf.sampling.samplers import cast_network, draw_share, pipeline_for
 from ddpm_hf.seeding import EVAL_SEED_TAG, GRID_SEED_TAG, mix_seed
 from ddpm_hf.training.config import TrainingConfig
 from ddpm_hf.training.state import Run, TrainState
-
-if TYPE_CHECKING:
-    from ddpm_hf.data.datasets import ImageBank
 
 logger = get_logger(__name__)  # Accelerate's: logs on the main process only
 
@@ -167,7 +165,7 @@ def log_sample_quality(run: Run, state: TrainState) -> bool:
 # ---------------------------------------------------------------- bits/dim during training
 
 
-def load_held_out_images(config: TrainingConfig) -> "ImageBank":
+def load_held_out_images(config: TrainingConfig) -> ImageBank:
     """The first --eval_nll_images images of the held-out set, uint8 at the training resolution and channels; of a
     --class_conditional run, with their labels (classes checked to be the run's). Refuses a set that is the training
     data itself."""
