@@ -145,6 +145,11 @@ def denoise(
                              "generator= instead of seeds=.")
     elif "generator" in step_params:
         extra["generator"] = generator
+    if epsilon_from_clipped_x0(scheduler):
+        # note: guidance amplifies ε while the step clips only x̂_0; a step that keeps the unclipped ε walks its
+        # direction term away from its x̂_0 and draws scribbles at w = 3. ε re-derived from the clipped x̂_0 keeps
+        # the two in agreement, as GLIDE and improved-diffusion always do (diffusers' default is False)
+        extra["use_clipped_model_output"] = True
     if eta is not None:
         if "eta" not in step_params:
             raise ValueError(f"eta={eta} was given but {type(scheduler).__name__}.step takes no eta; use DDIMScheduler.")
@@ -163,6 +168,17 @@ def denoise(
             callback(DenoiseStep(i, t, x, model_output, out.prev_sample, getattr(out, "pred_original_sample", None)))
         x = out.prev_sample
     return x
+
+
+def clips_x0(scheduler) -> bool:
+    """Whether the scheduler's step clips (or thresholds) its x̂_0: then `denoise` steps with the ε of the clipped
+    x̂_0 where the step can (DDIM's `use_clipped_model_output`), and a protocol records it."""
+    return bool(scheduler.config.get("clip_sample") or scheduler.config.get("thresholding"))
+
+
+def epsilon_from_clipped_x0(scheduler) -> bool:
+    """Whether `denoise` steps this scheduler with ε re-derived from its clipped x̂_0 (recorded in protocols)."""
+    return "use_clipped_model_output" in inspect.signature(scheduler.step).parameters and clips_x0(scheduler)
 
 
 def repaint_moves(num_inference_steps: int, jump_length: int, jump_n_sample: int) -> List[int]:

@@ -339,7 +339,7 @@ def draw(pipe_dir, folder, **kw):
 
 @pytest.mark.parametrize("change, named", [
     (dict(num_inference_steps=5), "num_inference_steps"),
-    (dict(sampler="ddim", eta=0.0), "eta, scheduler, scheduler_config"),
+    (dict(sampler="ddim", eta=0.0), "epsilon_from_clipped_x0, eta, scheduler, scheduler_config"),
     (dict(other_weights=True), "weights_sha256"),
     (dict(seed=5), "seed"),
 ])

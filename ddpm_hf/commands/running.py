@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from ddpm_hf import cpu_threads
 from ddpm_hf.commands.parsing import DEBUG_ENV, emit_error
 from ddpm_hf.errors import StopRequested, first_line, is_out_of_memory, is_user_error
 
@@ -30,6 +31,11 @@ def command(main=None, *, memory_hint: str = MEMORY_HINT):
     def wrapper(argv: Optional[Sequence[str]] = None) -> int:
         argv = list(sys.argv[1:] if argv is None else argv)
         debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+        problem = cpu_threads.threads_problem(os.environ)
+        if problem:
+            emit_error(problem)
+            return 2
+        cpu_threads.apply()  # first: the OpenMP runtime reads its policy once, when torch loads it
         try:
             return main([a for a in argv if a != "--debug"])
         except StopRequested as e:

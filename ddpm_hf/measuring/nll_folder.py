@@ -110,7 +110,7 @@ def measure(pipe, *, pipeline_name: str, folder, dataset: str, num_images: int, 
     if conditional:  # recorded only there: an unconditional folder's protocol stays as it was
         protocol.update(given=GIVEN_CLASS, label_column=label_column)
     cast_network(unet, dtype)
-    with FolderJob(folder, PROTOCOL_FILE, protocol, state) as job:
+    with FolderJob(folder, PROTOCOL_FILE, protocol, state, results=lambda f: (f / "images").glob("*.npz")) as job:
         job.check("a bits/dim measurement", "measure again from scratch", overwrite)  # before any image is decoded
         rows = first_rows(dataset, split, num_images, dataset_config)
         note = image_fit_note(rows, unet.config.in_channels, unet.config.sample_size, image_column)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Collection, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Iterable, List, Optional, Sequence, Tuple
 
 from ddpm_hf.errors import StateError, UsageError
 from ddpm_hf.outputs.files import atomic_write_json
@@ -75,8 +75,12 @@ class FolderJob:
     `bar` (progress), `finish` (all wait; True on the main process, which then writes the summary)."""
 
     def __init__(self, folder, protocol_file: str, protocol: dict, state=None,
-                 free: Sequence[str] = ("pipeline", "num_images")):
+                 free: Sequence[str] = ("pipeline", "num_images"),
+                 results: Callable[[Path], Iterable[Path]] = lambda folder: (),
+                 results_are: str = "files named as this command's results"):
         self.folder, self.protocol_file, self.protocol, self.state, self.free = Path(folder), protocol_file, protocol, state, free
+        self.results = results  # the files named as this job's results in a folder: ours only beside our protocol
+        self.results_are = results_are  # how a refusal calls them
         self.rank, self.world = (state.process_index, state.num_processes) if state else (0, 1)
         self.is_main = state.is_main_process if state else True
         self.shows_progress = state.is_local_main_process if state else True
@@ -99,7 +103,20 @@ class FolderJob:
             refused = broadcast_object_list([refused], from_process=0)[0]
         if refused:
             raise StateError(refused)
+        self._refuse_foreign_results()
         check_provenance(self.folder, self.protocol_file, self.protocol, what, redo, overwrite, self.free)
+
+    def _refuse_foreign_results(self) -> None:
+        """Files named as our results in a folder without our protocol are not ours (the protocol is written before the
+        first result): refused by name, never replaced or removed. Checked under the lock, so a folder another job of
+        ours is still filling is said to be in use instead."""
+        if (self.folder / self.protocol_file).is_file() or not self.folder.is_dir():
+            return
+        foreign = sorted(p.name for p in self.results(self.folder))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise UsageError(f"{self.folder} holds {self.results_are} but no {self.protocol_file} ({shown}): they are not "
+                             "ours, and are never replaced; choose a new output folder.")
 
     def _lock(self) -> Optional[str]:
         """Take the folder's lock; the line refusing this run when another process holds it."""

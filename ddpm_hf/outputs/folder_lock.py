@@ -1,6 +1,12 @@
-"""One writer per folder: an OS lock (`fcntl.flock`) on a hidden file of the folder, which records the process holding
-it. The OS releases a lock when its process dies, however it dies, so a lock is never stale. A training run's folder
-(`RUN_MARKER`, training.run_guard) and a folder job's (`JOB_LOCK`, folder_jobs) are both taken with it.
+"""One writer per folder: an OS lock (`fcntl.flock`) on the folder itself, and a hidden file of the folder recording the
+process holding it. The OS releases a lock when its process dies, however it dies, so a lock is never stale. A
+training run's folder (`RUN_MARKER`, training.run_guard) and a folder job's (`JOB_LOCK`, folder_jobs) are both taken
+with it: it is the one guarded way into every folder ddpm_hf writes.
+
+The lock is on the folder, not on the file: a file can be deleted or swapped from under its lock (a second writer would
+then lock a new file and run beside the first), a folder open in a process cannot. Links in the folder are refused
+before anything is written (a link would take a write outside it), and the record file is opened without following
+one.
 
 Taking a lock may create the folder and the file; a writer refused or stopped before it started
 (`release(abandon=True)`) leaves the folder as it found it: no folder or file of its own making, and a file it found
@@ -16,6 +22,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from ddpm_hf.outputs.files import refuse_links
+
 
 def holder_record(**more) -> dict:
     """What a lock file records of the process that holds it."""
@@ -30,11 +38,13 @@ def holder_text(holder: dict) -> str:
 class FolderLock:
     """The lock of `folder`/`name`; `named` is how a message names the folder (a flag and its value, say)."""
 
-    def __init__(self, folder, name: str, named: Optional[str] = None):
+    def __init__(self, folder, name: str, named: Optional[str] = None, what: str = "this command"):
         self.folder = Path(folder)
         self.path = self.folder / name
         self.named = named or str(self.folder)
+        self.what = what
         self.fd: Optional[int] = None
+        self.folder_fd: Optional[int] = None  # the folder itself, open and locked while held
         self.made_folders: List[Path] = []  # the folders taking the lock made, deepest first
         self.made_file = False
         self.found = b""  # the file's bytes as found: what an abandoned writer puts back
@@ -47,42 +57,75 @@ class FolderLock:
             import fcntl
         except ImportError:  # not POSIX: no lock; the callers' folder checks still hold
             return None
+        refuse_links(self.folder, self.what)  # before anything is made or written there
         try:
             self.made_folders = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
             self.folder.mkdir(parents=True, exist_ok=True)
-            self.made_file = not self.path.is_file()
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            holder = self._lock_folder(fcntl)
+            if holder is not None:
+                self._remove_made()
+                return holder
+            self.made_file = not os.path.lexists(self.path)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as e:
+            self._unlock_folder(fcntl)
             self._remove_made()
             message = f"Cannot write to {self.named} ({e.strerror or e}); choose a folder you can write to."
             raise OSError(message) from None
         except BaseException:  # a signal while making the folder or the file: neither is left behind
-            self.release(abandon=True) if self.fd is not None else self._remove_made()
+            self.release(abandon=True) if self.fd is not None else (self._unlock_folder(fcntl), self._remove_made())
             raise
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = self.read()
-            os.close(self.fd)
-            self.fd = None
-            return holder
-        except BaseException:  # a signal while taking the lock (StopSignals raises from its handler)
-            self.release(abandon=True)
-            raise
-        self.found = os.pread(self.fd, 1 << 16, 0)
+        self.found = _read_all(self.fd)
         return None
+
+    def _lock_folder(self, fcntl) -> Optional[dict]:
+        """Lock the folder itself (flock belongs to an open file: two locks of one process contend as two processes
+        do); the holder's record (what the file says, {} where nothing) when another holds it."""
+        fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return self.read()
+        except BaseException:  # a signal while taking the lock (StopSignals raises from its handler)
+            os.close(fd)
+            raise
+        self.folder_fd = fd
+        return None
+
+    def _unlock_folder(self, fcntl) -> None:
+        if self.folder_fd is not None:
+            fcntl.flock(self.folder_fd, fcntl.LOCK_UN)
+            os.close(self.folder_fd)
+            self.folder_fd = None
 
     def read(self) -> dict:
         """What the file records now ({} where it records nothing readable)."""
         try:
-            return json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
             return {}
+        try:
+            return json.loads(_read_all(fd).decode() or "{}")
+        except ValueError:
+            return {}
+        finally:
+            os.close(fd)
 
     def write(self, record: dict) -> None:
         """Replace what the held file records (fsynced: the record of a run killed right after is this one)."""
         self.wrote = True
+        if not self._still_in_place():  # deleted or replaced while held: the record goes back in its place
+            os.close(self.fd)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         self._put(json.dumps(record).encode())
+
+    def _still_in_place(self) -> bool:
+        try:
+            here, held = os.lstat(self.path), os.fstat(self.fd)
+        except OSError:
+            return False
+        return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
 
     def _put(self, data: bytes) -> None:
         os.ftruncate(self.fd, 0)
@@ -99,9 +142,9 @@ class FolderLock:
             self.path.unlink(missing_ok=True)
         elif abandon and self.wrote:  # a file found is left as it was, byte for byte
             self._put(self.found)
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
         self.fd = None
+        self._unlock_folder(fcntl)
         if abandon:
             self._remove_made()
 
@@ -111,3 +154,14 @@ class FolderLock:
                 break
             folder.rmdir()
         self.made_folders = []
+
+
+def _read_all(fd: int) -> bytes:
+    """Every byte of an open file, from its start."""
+    chunks, offset = [], 0
+    while True:
+        chunk = os.pread(fd, 1 << 20, offset)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)

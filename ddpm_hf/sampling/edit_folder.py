@@ -110,7 +110,8 @@ def edit_problem(strength: Optional[float], mask, mask_half: Optional[str], **co
 
 
 def refuse_overlap(images: Path, output_dir: Path, mask: Optional[str]) -> None:
-    """The results never go into the user's inputs (nor a rerun read them as inputs)."""
+    """Inputs are never outputs: the results never go among the user's inputs (nor a rerun read them as inputs), and
+    no input lies in OUTPUT_DIR, where --overwrite would remove it before reading it."""
     out = os.path.realpath(output_dir)
     for given, what in ((images, "IMAGES"), (mask, "--mask")):
         if given is None:
@@ -119,6 +120,10 @@ def refuse_overlap(images: Path, output_dir: Path, mask: Optional[str]) -> None:
         if out == src or out.startswith(src.rstrip(os.sep) + os.sep):
             raise UsageError(f"OUTPUT_DIR {output_dir} is inside {what} {given}: the results would be written among "
                              "the inputs; choose an output folder outside it.")
+        if src.startswith(out.rstrip(os.sep) + os.sep):
+            raise UsageError(f"{what} {given} is inside OUTPUT_DIR {output_dir}: an input would be among the results "
+                             "(and --overwrite would remove it); copy it out of that folder, or choose another output "
+                             "folder.")
 
 
 def comparison_figure(rows: Sequence[Sequence[torch.Tensor]]):
@@ -158,12 +163,8 @@ def edit_command(pipe, *, pipeline_name: str, images, folder, strength: Optional
                         mask={"half": mask_half} if mask_half else {"sha256": [sha256_of(p) for p in masks]})
     if labels is not None:
         protocol.update(class_labels=list(labels), guidance_scale=guidance_scale)
-    # edit.json is written before the first result, so results without it are not ours. Checked by every process
-    # before the job's first barrier (in `check`), while nothing has been written: they all refuse alike.
-    if not (Path(folder) / EDIT_FILE).is_file() and edited_files(Path(folder)):
-        raise UsageError(f"{folder} holds PNGs named as ddpm-edit's results but no {EDIT_FILE}: they are not ours; "
-                         "choose a new output folder.")
-    with FolderJob(folder, EDIT_FILE, protocol, state, free=("pipeline", "complete")) as job:
+    with FolderJob(folder, EDIT_FILE, protocol, state, free=("pipeline", "complete"), results=edited_files,
+                   results_are="PNGs named as ddpm-edit's results") as job:
         job.check("edits", "edit again from scratch", overwrite)
         names = [output_name(k, p) for k, p in enumerate(sources)]
         # overwriting a folder of ours (it has edit.json): the results of earlier inputs go too, so that edit.json

@@ -26,7 +26,7 @@ from ddpm_hf.outputs.plots import image_grid
 from ddpm_hf.outputs.run_folder import DENOISING_STEM, FIGURES_RECORD, PROGRESSIVE
 from ddpm_hf.outputs.weights import state_dict_sha256
 from ddpm_hf.pipelines.guidance import GuidedNetwork, null_label, num_classes
-from ddpm_hf.pipelines.pipeline_ddpm import denoise, to_output
+from ddpm_hf.pipelines.pipeline_ddpm import denoise, epsilon_from_clipped_x0, to_output
 from ddpm_hf.sampling.samplers import cast_network
 
 FRAME_MS = 80  # each animation frame; the last one is held for HOLD_MS
@@ -270,7 +270,8 @@ def chain_figures(pipe, folder: Path, seeds: Sequence[int], num_inference_steps:
     figures.json entries."""
     chain = record_chain(pipe, seeds, num_inference_steps, [frames, columns], eta, class_labels, guidance_scale)
     common = {"scheduler": type(pipe.scheduler).__name__, "num_inference_steps": num_inference_steps, "eta": eta,
-              **(about or {}), **({} if class_labels is None else {"guidance_scale": guidance_scale})}
+              **(about or {}), **({} if class_labels is None else {"guidance_scale": guidance_scale}),
+              **({"epsilon_from_clipped_x0": True} if epsilon_from_clipped_x0(pipe.scheduler) else {})}
     entries = {}
     if "progressive" in which:
         figure, shown = progressive_figure(chain, columns, progressive_seeds)

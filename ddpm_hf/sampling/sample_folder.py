@@ -23,6 +23,7 @@ from ddpm_hf.outputs.folder_jobs import FolderJob, handles, process_share
 from ddpm_hf.outputs.run_folder import TRAINING_CONFIG
 from ddpm_hf.outputs.weights import state_dict_sha256
 from ddpm_hf.pipelines.counter_noise import NOISE
+from ddpm_hf.pipelines.pipeline_ddpm import epsilon_from_clipped_x0
 from ddpm_hf.sampling.samplers import (
     cast_network,
     chain_timesteps,
@@ -77,6 +78,11 @@ def class_labels_of(text: str, num_classes: Optional[int]) -> Optional[List[int]
 def drawn_images(folder: Path):
     """The PNGs in `folder` that this command drew (by their names)."""
     return [path for path in Path(folder).glob("*.png") if _NAME.match(path.name)]
+
+
+def sampled_files(folder: Path) -> List[Path]:
+    """Every file in `folder` named as one of this command's results: its PNGs and its npz."""
+    return drawn_images(folder) + [p for p in (Path(folder) / SAMPLES_NPZ,) if p.exists()]
 
 
 def complete_images(folder: Path, seed: int, labels: Optional[Sequence[int]] = None) -> set:
@@ -197,15 +203,21 @@ def sample_to_folder(
     kept = mine - len(process_share(num_images, rank, world_size, skip=done))
     pipe.set_progress_bar_config(disable=True)
     start = time.perf_counter()
-    bar = tqdm(total=mine, initial=kept, disable=not progress, unit="img", desc="Sampling")
+    # the bar counts image-steps (each image's chain steps), so it moves within a batch of 1000-step chains
+    steps = len(timesteps) if timesteps is not None else num_inference_steps
+    bar = tqdm(total=mine * steps, initial=kept * steps, disable=not progress, unit="step", desc="Sampling",
+               unit_scale=True, postfix=f"{kept}/{mine} img")
     guided = {} if labels is None else {"label_of": lambda k: label_of(k, labels), "guidance_scale": guidance_scale}
     if timesteps is not None:
         guided["timesteps"] = list(timesteps)
+    saved = kept
     for ks, images in draw_share(pipe, num_images, lambda k: seed + k, rank, world_size, batch_size, skip=done,
-                                 num_inference_steps=num_inference_steps, output_type="pil", eta=eta, **guided):
+                                 step_progress=bar.update, num_inference_steps=num_inference_steps, output_type="pil",
+                                 eta=eta, **guided):
         for k, image in zip(ks, images):
             atomic_save_image(image, folder / image_name(k, seed, labels))
-        bar.update(len(ks))
+        saved += len(ks)
+        bar.set_postfix_str(f"{saved}/{mine} img")
     bar.close()
     seconds = time.perf_counter() - start
     written = mine - kept
@@ -246,8 +258,11 @@ def sample_command(pipe, *, pipeline_name: str, folder, num_images: int, batch_s
                         if pipe.class_names else None, guidance_scale=guidance_scale)
     if chain is not None:  # recorded only where used: a folder drawn before these flags keeps its protocol
         protocol.update(timesteps=timesteps, chain=chain)
+    if epsilon_from_clipped_x0(pipe.scheduler):  # recorded only where used (DDIM): its images are not the old ones
+        protocol.update(epsilon_from_clipped_x0=True)
     cast_network(pipe.unet, dtype)
-    with FolderJob(folder, SAMPLING_FILE, protocol, state, free=("pipeline", "num_images", "complete", "npz")) as job:
+    with FolderJob(folder, SAMPLING_FILE, protocol, state, free=("pipeline", "num_images", "complete", "npz"),
+                   results=sampled_files) as job:
         job.check("images drawn", "draw again from scratch", overwrite)
         npz_record, npz_path = job.recorded().get("npz"), job.folder / SAMPLES_NPZ
         if npz_record and (overwrite or not (npz_path.is_file() and sha256_of(npz_path) == npz_record.get("sha256"))):

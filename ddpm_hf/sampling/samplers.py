@@ -3,6 +3,7 @@ share of images drawn one seed per image."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Collection, Iterator, List, Optional, Tuple
 
 from ddpm_hf.choices import SAMPLERS, SAMPLING_DTYPES, SAMPLING_TIMESTEPS
@@ -24,7 +25,12 @@ def use_scheduler(pipe, name: str):
     elif name == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     elif name == "dpm-solver":
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+        config = pipe.scheduler.config
+        # DPM-Solver++ steps with its x̂_0 (data prediction): clipped where the pipeline clips (its dynamic threshold
+        # with a ceiling of the clip range is the clip), else guidance drives x̂_0 out of range and the class is lost
+        clip = ({"thresholding": True, "sample_max_value": config.get("clip_sample_range", 1.0)}
+                if config.get("clip_sample") and not config.get("thresholding") else {})
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", **clip)
     else:
         raise UsageError(f"--scheduler {name!r} is not one of {', '.join(SAMPLERS)}.")
     return pipe
@@ -95,13 +101,42 @@ def pipeline_for(unet, scheduler_config, sampler: str = "ddpm", class_names: Opt
 
 def draw_share(pipe, num_images: int, seed_of: Callable[[int], int], rank: int = 0, world_size: int = 1,
                batch_size: int = 64, skip: Collection[int] = (), label_of: Optional[Callable[[int], int]] = None,
-               **call: Any) -> Iterator[Tuple[List[int], Any]]:
+               step_progress: Optional[Callable[[int], None]] = None, **call: Any) -> Iterator[Tuple[List[int], Any]]:
     """This process's share of images 0..num_images-1 (`process_share`), image k drawn with the counter-based noise
     of seed `seed_of(k)` (`pipe(seeds=...)`) and, for a class-conditional pipeline, the class `label_of(k)`, in
     batches of `batch_size`: yields (ks, images). Image k is the same whatever the batch size, the number of processes
-    or the device. `call` goes to the pipeline (num_inference_steps, output_type, eta, guidance_scale)."""
+    or the device. `call` goes to the pipeline (num_inference_steps, output_type, eta, guidance_scale);
+    `step_progress(n)` is called after each chain step of a batch of n images."""
+    from ddpm_hf import cpu_threads
+
     todo = process_share(num_images, rank, world_size, skip)
+    threads = cpu_threads.governor(pipe.device)
     for i in range(0, len(todo), batch_size):
         ks = todo[i : i + batch_size]
         labels = {} if label_of is None else {"class_labels": [label_of(k) for k in ks]}
-        yield ks, pipe(batch_size=len(ks), seeds=[seed_of(k) for k in ks], **labels, **call).images
+        ticks = [f for f in (threads and threads.tick, step_progress and (lambda n=len(ks): step_progress(n))) if f]
+        with chain_steps_shown(pipe, (lambda: [f() for f in ticks]) if ticks else None):
+            images = pipe(batch_size=len(ks), seeds=[seed_of(k) for k in ks], **labels, **call).images
+        yield ks, images
+
+
+@contextmanager
+def chain_steps_shown(pipe, tick: Optional[Callable[[], None]]):
+    """While inside, `tick()` after every step of the pipeline's reverse chain (through the pipeline's own
+    `progress_bar` hook, which the chain and its CUDA-graph replay both run through): a bar over the chain's steps
+    moves while one batch of 1000 steps runs, where a bar over images would sit at 0 for minutes; and the CPU's thread
+    count follows the load (`cpu_threads.ThreadGovernor`) step by step."""
+    if tick is None:
+        yield
+        return
+
+    def ticking(iterable):
+        for item in iterable:
+            yield item
+            tick()
+
+    pipe.progress_bar = ticking  # the instance's, shadowing diffusers' method for this call only
+    try:
+        yield
+    finally:
+        del pipe.progress_bar

@@ -34,6 +34,7 @@ from typing import Dict, Optional
 import torch
 from accelerate.logging import get_logger
 
+from ddpm_hf import cpu_threads
 from ddpm_hf.data.datasets import BatchSource
 from ddpm_hf.data.sizes import size_of
 from ddpm_hf.devices import accelerator_available, cpu_has_bf16, deterministic_kernels, device_name
@@ -340,9 +341,14 @@ def run_loop(run: Run, state: TrainState, signals: Optional[StopSignals] = None)
                disable=not run.accelerator.is_local_main_process)
     graph = start_step_graph(run)
     clock = Clock(state.step)
+    threads = cpu_threads.governor(run.device)
+    if threads is not None:
+        logger.info("%s.", cpu_threads.describe())
     try:
         for step in range(state.step, run.total_steps):
             run_step(run, step, graph)
+            if threads is not None:
+                threads.tick()
             state.step = step + 1
             bar.update(1)
             periodic_work(run, state, bar, clock)

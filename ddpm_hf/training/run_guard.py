@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from ddpm_hf.errors import StateError, StopRequested, UsageError
-from ddpm_hf.outputs.files import refuse_links
 from ddpm_hf.outputs.folder_lock import FolderLock, holder_record, holder_text
 from ddpm_hf.outputs.run_folder import (
     BEST_CHECKPOINT,
@@ -49,12 +48,11 @@ class RunFolderLock:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.path = self.folder / RUN_MARKER
-        self.lock = FolderLock(self.folder, RUN_MARKER, named=f"--output_dir {self.folder}")
+        self.lock = FolderLock(self.folder, RUN_MARKER, named=f"--output_dir {self.folder}", what="training")
         self.had_marker = False
 
     def acquire(self, warn: Callable[[str], None] = lambda message: None) -> "RunFolderLock":
         """Make the folder if needed and lock it; refuse, in one line naming the holder, a folder another run holds."""
-        refuse_links(self.folder, "training")  # before anything is written there
         earlier_here = _HELD.get(self.path.resolve())
         if earlier_here is not None:  # a run of this very process that was never ended (set up, then dropped)
             earlier_here.release()

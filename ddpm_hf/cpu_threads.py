@@ -1,0 +1,147 @@
+"""How a command uses the CPU's cores: all of them while they pay, one thread while other programs make them wait.
+
+Why: torch runs each op of a step over its OpenMP threads, which meet at a barrier after every op. On an idle machine
+that pays (the quick-start step runs about 1.5x faster on 2 cores than on one). With another program busy on one of
+the cores, every barrier waits for the thread the OS has set aside, thousands of times a step: the step ran 2.7x
+slower than on one thread (benchmarks/bench_threads.py). No fixed setting is right for both (one thread loses a third
+when idle; OMP_WAIT_POLICY=PASSIVE loses more, its sleeping workers waking at every op), so a `ThreadGovernor`
+follows the load: it times a few steps with all threads and with one, keeps the faster, and times both again now and
+then, sooner when the steps slow down.
+
+The thread count changes a CPU's float sums in the last bits, so a run whose count changed is not bit for bit the run
+whose count did not. What the user sets is kept, and fixes the count: `DDPM_HF_CPU_THREADS=N` (N threads, as
+OMP_NUM_THREADS), `DDPM_HF_CPU_THREADS=torch` (torch's own count, not followed), or an OMP_NUM_THREADS of their own.
+`apply()` runs first thing in every command (`commands.running.command`), before torch loads its OpenMP runtime.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable, List, MutableMapping, Optional
+
+CPU_THREADS_ENV = "DDPM_HF_CPU_THREADS"  # unset: follow the load; "torch": torch's count, fixed; N: N threads, fixed
+
+
+def threads_problem(environ: MutableMapping[str, str]) -> Optional[str]:
+    """The one line refusing a DDPM_HF_CPU_THREADS that is neither 'torch' nor a positive count; None when fine."""
+    choice = environ.get(CPU_THREADS_ENV, "").strip()
+    if choice in ("", "torch") or (choice.isdigit() and int(choice) > 0):
+        return None
+    return (f"{CPU_THREADS_ENV}={choice!r} is not a choice; set it to a number of threads (e.g. 1), to 'torch' for "
+            "torch's own count, or unset it to follow the load.")
+
+
+def apply(environ: MutableMapping[str, str] = os.environ) -> None:
+    """A count the user fixed with DDPM_HF_CPU_THREADS=N goes where every OpenMP runtime reads it (OMP_NUM_THREADS,
+    before torch loads: the processes the command starts inherit it), and to torch where it is loaded already."""
+    choice = environ.get(CPU_THREADS_ENV, "").strip()
+    if choice.isdigit() and int(choice) > 0:
+        environ["OMP_NUM_THREADS"] = choice
+        import sys
+
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.set_num_threads(int(choice))
+
+
+def follows_load(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Whether the thread count is ours to choose: the user fixed none (DDPM_HF_CPU_THREADS, OMP_NUM_THREADS)."""
+    return CPU_THREADS_ENV not in environ and "OMP_NUM_THREADS" not in environ
+
+
+class ThreadGovernor:
+    """Chooses between `most` threads and one by timing the work between `tick()`s (a training step, a chain step).
+
+    A trial times `probe` units with each count (the first unit after a switch is not counted: it warms the pool), then
+    keeps the faster for `hold` units; a trial that keeps the same count doubles the hold (up to `hold_max`), and a hold
+    ends early when its recent units run `slower` times the trial's time (load came or went)."""
+
+    def __init__(self, most: int, set_threads: Callable[[int], None], probe: int = 5, hold: int = 50,
+                 hold_max: int = 1600, slower: float = 1.5, clock: Callable[[], float] = time.perf_counter):
+        self.most, self.set_threads, self.probe, self.clock = most, set_threads, probe, clock
+        self.hold_min, self.hold_max, self.slower = hold, hold_max, slower
+        self.hold = hold
+        self.threads = most
+        self.trial: List[int] = [most, 1]  # the counts still to time in this trial
+        self.timed: dict = {}
+        self.times: List[float] = []
+        self.warm = False  # whether the first unit at this count has run
+        self.expected: Optional[float] = None  # the chosen count's time per unit in its trial
+        self.held = 0
+        self.last: Optional[float] = None
+        self.choices: List[int] = []  # every count chosen, in order (what a benchmark or a log shows)
+        self._switch(most)
+
+    def _switch(self, threads: int) -> None:
+        self.threads, self.times, self.warm = threads, [], False
+        self.set_threads(threads)
+
+    def tick(self) -> None:
+        now = self.clock()
+        last, self.last = self.last, now
+        if last is None:
+            return
+        seconds = now - last
+        if not self.warm:  # the first unit at a new count warms its pool: not timed
+            self.warm = True
+            return
+        self.times.append(seconds)
+        if self.trial:
+            if len(self.times) >= self.probe:
+                self.timed[self.threads] = statistics.median(self.times)
+                self.trial.pop(0)
+                if self.trial:
+                    self._switch(self.trial[0])
+                else:
+                    self._choose()
+            return
+        self.held += 1
+        recent = self.times[-self.probe:]
+        drifted = len(recent) == self.probe and statistics.median(recent) > self.slower * self.expected
+        if self.held >= self.hold or drifted:
+            self.hold = self.hold_min if drifted else self.hold
+            self.trial, self.timed = [self.most, 1], {}
+            self._switch(self.most)
+
+    def _choose(self) -> None:
+        best = min(self.timed, key=self.timed.get)
+        same = bool(self.choices) and self.choices[-1] == best
+        self.hold = min(self.hold * 2, self.hold_max) if same else self.hold_min
+        self.choices.append(best)
+        self.expected, self.held = self.timed[best], 0
+        if best != self.threads:
+            self._switch(best)
+            self.warm = True  # the pool of `best` ran moments ago, in the trial
+        else:
+            self.times = []
+
+
+_GOVERNOR: Optional[ThreadGovernor] = None
+
+
+def governor(device) -> Optional[ThreadGovernor]:
+    """This process's governor for work on `device`: None on other devices, where the user fixed the count, or with
+    one thread to begin with."""
+    global _GOVERNOR
+    import torch
+
+    if torch.device(device).type != "cpu" or not follows_load():
+        return None
+    if _GOVERNOR is None:
+        most = torch.get_num_threads()
+        if most < 2:
+            return None
+        _GOVERNOR = ThreadGovernor(most, torch.set_num_threads)
+    return _GOVERNOR
+
+
+def describe(environ: MutableMapping[str, str] = os.environ) -> str:
+    """How the CPU threads are chosen, for a log line."""
+    choice = environ.get(CPU_THREADS_ENV, "").strip()
+    if choice:
+        return f"CPU threads: fixed by {CPU_THREADS_ENV}={choice}"
+    if "OMP_NUM_THREADS" in environ:
+        return f"CPU threads: fixed by OMP_NUM_THREADS={environ['OMP_NUM_THREADS']}"
+    return "CPU threads: all cores while they pay, one while other programs are busy (DDPM_HF_CPU_THREADS=N fixes N)"
