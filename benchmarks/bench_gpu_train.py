@@ -38,7 +38,7 @@ VARIANTS = {  # name: settings of train_ddpm.py
 def measure(args, settings: dict, out: Path) -> dict:
     import torch
 
-    from ddpm_hf.training.flags import resolve_config
+    from ddpm_hf.recipes.resolve import resolve_config
     from ddpm_hf.training.loop import release, resume, run_step, setup, start_step_graph
     from ddpm_hf.training.step_graph import graph_refusal
 

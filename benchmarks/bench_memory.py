@@ -23,7 +23,7 @@ def child(args) -> dict:
     import torch
     from accelerate import Accelerator
 
-    from ddpm_hf.training.flags import resolve_config
+    from ddpm_hf.recipes.resolve import resolve_config
     from ddpm_hf.training.parts import build_model
 
     torch.manual_seed(0)

@@ -22,10 +22,10 @@ import torch
 from PIL import Image
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
-from ddpm_hf.outputs.hub import HubPusher, snapshot
-from ddpm_hf.outputs.model_card import write_model_card
-from ddpm_hf.outputs.weights import save_pipeline
-from ddpm_hf.training.flags import resolve_config
+from ddpm_hf.publishing.hub import HubPusher, snapshot
+from ddpm_hf.publishing.model_card import write_model_card
+from ddpm_hf.saved.weights import save_pipeline
+from ddpm_hf.recipes.resolve import resolve_config
 
 HUB_SERVER = Path(__file__).resolve().parents[1] / "tests" / "hub_server.py"
 

@@ -130,7 +130,7 @@ def run_reference(args) -> dict:
 
 
 def run_ours(args, steps: int, out: Path) -> dict:
-    from ddpm_hf.training.flags import resolve_config
+    from ddpm_hf.recipes.resolve import resolve_config
     from ddpm_hf.training.loop import train
 
     mixed_precision, channels_last = VARIANTS[args.variant]

@@ -33,7 +33,7 @@ SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
 
 
 def prepare_data(kind: str, folder: Path) -> tuple:
-    """(training dataset argument, held-out dataset argument) for train_ddpm.py / ddpm_hf.data.datasets."""
+    """(training dataset argument, held-out dataset argument) for train_ddpm.py / ddpm_hf.data.sources."""
     if kind == "mnist":
         return str(SHARED_MNIST / "train.parquet"), str(SHARED_MNIST / "test.parquet")
     from PIL import Image
@@ -48,7 +48,9 @@ def prepare_data(kind: str, folder: Path) -> tuple:
 
 
 def uint8_images(dataset: str, n: int, resolution: int) -> torch.Tensor:
-    from ddpm_hf.data.datasets import build_image_bank, find_image_column, load_image_dataset
+    from ddpm_hf.data.columns import find_image_column
+    from ddpm_hf.data.decoding import build_image_bank
+    from ddpm_hf.data.sources import load_image_dataset
 
     ds = load_image_dataset(dataset)
     ds = ds.select(range(min(n, len(ds))))
@@ -114,7 +116,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from ddpm_hf import DDPMPipeline, DDPMScheduler
-    from ddpm_hf.diffusion.likelihood import TERMS, bits_per_dim_of_share, summarize
+    from ddpm_hf.diffusion.likelihood import summarize, TERMS
+    from ddpm_hf.measuring.bound import bits_per_dim_of_share
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

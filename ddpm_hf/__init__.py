@@ -17,7 +17,7 @@ _LAZY = {
     "UNET_PRESETS": "ddpm_hf.diffusion.unets",
     "build_unet": "ddpm_hf.diffusion.unets",
     "unet_config": "ddpm_hf.diffusion.unets",
-    "bits_per_dim": "ddpm_hf.diffusion.likelihood",
+    "bits_per_dim": "ddpm_hf.measuring.bound",
     "visualize": "ddpm_hf.sampling.figures",
 }
 

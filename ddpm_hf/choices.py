@@ -36,3 +36,16 @@ ANIMATION_FORMATS = ("auto", "gif", "webp")
 FEATURE_NETWORKS = ("inception", "dinov2")
 # ddpm-edit --mask_half: the half of each image that RePaint fills
 MASK_HALVES = ("top", "bottom", "left", "right")
+# the training sets that ship with ddpm_hf (scikit-learn's digits), and short names for common image sets on the Hub
+BUILTIN_DATASETS = ("digits",)
+# Short names for common unconditional image sets on the Hub.
+DATASET_ALIASES = {
+    "cifar10": "uoft-cs/cifar10",
+    "cifar100": "uoft-cs/cifar100",
+    "mnist": "ylecun/mnist",
+    "fashion_mnist": "zalando-datasets/fashion_mnist",
+    "celeba-hq": "korexyz/celeba-hq-256x256",
+    "butterflies": "huggan/smithsonian_butterflies_subset",
+    "flowers": "huggan/flowers-102-categories",
+    "pokemon": "huggan/pokemon",
+}

@@ -54,25 +54,32 @@ def follows_load(environ: MutableMapping[str, str] = os.environ) -> bool:
 class ThreadGovernor:
     """Chooses between `most` threads and one by timing the work between `tick()`s (a training step, a chain step).
 
-    A trial times `probe` units with each count (the first unit after a switch is not counted: it warms the pool), then
-    keeps the faster for `hold` units; a trial that keeps the same count doubles the hold (up to `hold_max`), and a hold
-    ends early when its recent units run `slower` times the trial's time (load came or went)."""
+    A trial times the count in use, then the other: `probe` units each (the first unit after a switch warms the pool
+    and is not counted), the other given up after two units where it is already `worse` times slower. The faster is
+    kept for `hold` units; a trial that keeps the same count doubles the hold (up to `hold_max`), so a settled machine
+    spends little on trials; a hold ends early when its recent units run `slower` times its trial's time (load came)."""
 
-    def __init__(self, most: int, set_threads: Callable[[int], None], probe: int = 5, hold: int = 50,
-                 hold_max: int = 1600, slower: float = 1.5, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, most: int, set_threads: Callable[[int], None], probe: int = 3, hold: int = 200,
+                 hold_max: int = 1600, slower: float = 2.0, worse: float = 1.3,
+                 clock: Callable[[], float] = time.perf_counter):
         self.most, self.set_threads, self.probe, self.clock = most, set_threads, probe, clock
-        self.hold_min, self.hold_max, self.slower = hold, hold_max, slower
+        self.hold_min, self.hold_max, self.slower, self.worse = hold, hold_max, slower, worse
         self.hold = hold
         self.threads = most
-        self.trial: List[int] = [most, 1]  # the counts still to time in this trial
+        self.set_threads(most)
+        self.trial: List[int] = []
         self.timed: dict = {}
         self.times: List[float] = []
-        self.warm = False  # whether the first unit at this count has run
+        self.warm = True
         self.expected: Optional[float] = None  # the chosen count's time per unit in its trial
         self.held = 0
         self.last: Optional[float] = None
         self.choices: List[int] = []  # every count chosen, in order (what a benchmark or a log shows)
-        self._switch(most)
+        self._start_trial()
+
+    def _start_trial(self) -> None:
+        other = 1 if self.threads != 1 else self.most
+        self.trial, self.timed, self.times = [self.threads, other], {}, []  # the count in use first: no switch
 
     def _switch(self, threads: int) -> None:
         self.threads, self.times, self.warm = threads, [], False
@@ -83,27 +90,33 @@ class ThreadGovernor:
         last, self.last = self.last, now
         if last is None:
             return
-        seconds = now - last
         if not self.warm:  # the first unit at a new count warms its pool: not timed
             self.warm = True
             return
-        self.times.append(seconds)
+        self.times.append(now - last)
         if self.trial:
-            if len(self.times) >= self.probe:
-                self.timed[self.threads] = statistics.median(self.times)
-                self.trial.pop(0)
-                if self.trial:
-                    self._switch(self.trial[0])
-                else:
-                    self._choose()
+            self._trial_unit()
             return
         self.held += 1
-        recent = self.times[-self.probe:]
-        drifted = len(recent) == self.probe and statistics.median(recent) > self.slower * self.expected
+        recent = self.times[-5:]
+        drifted = len(recent) == 5 and statistics.median(recent) > self.slower * self.expected
         if self.held >= self.hold or drifted:
-            self.hold = self.hold_min if drifted else self.hold
-            self.trial, self.timed = [self.most, 1], {}
-            self._switch(self.most)
+            if drifted:
+                self.hold = self.hold_min
+            self._start_trial()
+
+    def _trial_unit(self) -> None:
+        median = statistics.median(self.times)
+        baseline = self.timed.get(self.trial[0]) if len(self.timed) else None
+        given_up = baseline is not None and len(self.times) >= 2 and median > self.worse * baseline
+        if len(self.times) < self.probe and not given_up:
+            return
+        self.timed[self.threads] = median
+        if len(self.timed) < 2:
+            self._switch(self.trial[1])
+            return
+        self.trial = []
+        self._choose()
 
     def _choose(self) -> None:
         best = min(self.timed, key=self.timed.get)
@@ -113,9 +126,8 @@ class ThreadGovernor:
         self.expected, self.held = self.timed[best], 0
         if best != self.threads:
             self._switch(best)
-            self.warm = True  # the pool of `best` ran moments ago, in the trial
-        else:
-            self.times = []
+            self.warm = True  # its pool ran moments ago, in the trial
+        self.times = []
 
 
 _GOVERNOR: Optional[ThreadGovernor] = None

@@ -34,16 +34,6 @@ LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 PIPELINE_SETTINGS = ("class_names",)
 
 
-def names_a_local_path(name) -> bool:
-    """Whether `name` can only mean a local path: it starts with ./ ../ / or ~, ends with a slash, has more than the one
-    slash of `namespace/name`, or its first part is a folder here (as `runs/digits` is in a checkout that has `runs/`).
-    A Hub id otherwise."""
-    text = os.fspath(name).replace("\\", "/")
-    first = text.split("/")[0]
-    return (text.startswith((".", "/", "~")) or text.endswith("/") or text.count("/") > 1
-            or ("/" in text and bool(first) and os.path.isdir(first)))
-
-
 def uses_learned_variance(scheduler: SchedulerMixin) -> bool:
     """Whether `scheduler.step` reads a model's variance channels: DDPM's scheduler with a learned variance type.
     Other samplers (DDIM, DPM-Solver, ...) are given the first C channels only."""
@@ -346,7 +336,14 @@ class DDPMPipeline(DiffusionPipeline):
         """Load a saved pipeline: a folder, a Hub repo id, or a cached repo id with `HF_HUB_OFFLINE=1`.
         Repos laid out like `google/ddpm-cifar10-32` (weights and configs at the root) load too."""
         explicit_scheduler = "scheduler" in kwargs
-        if not os.path.exists(os.path.expanduser(os.fspath(pretrained_model_name_or_path))) and names_a_local_path(pretrained_model_name_or_path):
+        missing = not os.path.exists(os.path.expanduser(os.fspath(pretrained_model_name_or_path)))
+        if missing and importlib.util.find_spec("ddpm_hf") is not None:  # on the Hub, without ddpm_hf, diffusers says it
+            from ddpm_hf.paths import names_a_local_path
+
+            missing = names_a_local_path(pretrained_model_name_or_path)
+        else:
+            missing = False
+        if missing:
             raise OSError(f"{pretrained_model_name_or_path}: no such file or folder; give the folder a training run or "
                           "save_pretrained wrote (or a Hub repo id).")
         try:

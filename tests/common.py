@@ -19,7 +19,7 @@ TINY = dict(
 
 
 def tiny_config(tmp_path, **overrides):
-    from ddpm_hf.training.flags import resolve_config
+    from ddpm_hf.recipes.resolve import resolve_config
 
     return resolve_config({**TINY, "output_dir": str(tmp_path), **overrides})
 

@@ -55,7 +55,7 @@ def finished_run(tmp_path_factory):
     from accelerate.state import AcceleratorState
     from common import TINY
 
-    from ddpm_hf.training.flags import resolve_config
+    from ddpm_hf.recipes.resolve import resolve_config
     from ddpm_hf.training.loop import train
 
     AcceleratorState._reset_state(reset_partial_state=True)

@@ -16,7 +16,7 @@ from ddpm_hf.pipelines.counter_noise import seed_keys, seeded_normal
 from ddpm_hf.pipelines.cuda_graphs import Replayed
 
 from ddpm_hf import DDPMScheduler, build_unet, denoise
-from ddpm_hf.diffusion.likelihood import bound_terms
+from ddpm_hf.measuring.bound import bound_terms
 
 SEEDS = [3, 14, 15, 92]
 STEPS = 12

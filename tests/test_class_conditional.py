@@ -124,7 +124,7 @@ def test_a_saved_conditional_pipeline_keeps_its_class_names_and_loads_in_plain_d
     plain = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "pipe")  # diffusers' own DDPMPipeline
     assert plain.unet.config.num_class_embeds == len(CLASSES) + 1
     # our loader's own-code check reads class_names (a list of two names here) as a setting, not a [library, class]
-    from ddpm_hf.outputs.weights import own_code
+    from ddpm_hf.saved.weights import own_code
 
     assert own_code({**index, "class_names": ["os", "system"]}) is None
 
@@ -367,7 +367,7 @@ def labelled_digits(path, labels):
     """A parquet file of a few digits with the test pipeline's classes as its ClassLabel."""
     import datasets
 
-    from ddpm_hf.data.datasets import load_image_dataset
+    from ddpm_hf.data.sources import load_image_dataset
 
     digits = load_image_dataset("digits", None, "test").select(range(len(labels)))
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
@@ -378,7 +378,7 @@ def labelled_digits(path, labels):
 
 @pytest.mark.slow
 def test_ddpm_nll_of_a_conditional_pipeline_is_the_bound_given_each_label_and_a_changed_label_is_measured_again(tmp_path):
-    from ddpm_hf.diffusion.likelihood import bits_per_dim, image_seeds
+    from ddpm_hf.measuring.bound import bits_per_dim, image_seeds
 
     pipe = DDPMPipeline(conditional_unet(), DDPMScheduler(num_train_timesteps=20), class_names=CLASSES)
     pipe.save_pretrained(tmp_path / "pipe")
@@ -389,7 +389,8 @@ def test_ddpm_nll_of_a_conditional_pipeline_is_the_bound_given_each_label_and_a_
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "nll" / "nll.json").read_text())
     assert summary["protocol"]["given"].startswith("each image's class label")
-    from ddpm_hf.data.datasets import images_of, load_image_dataset
+    from ddpm_hf.data.decoding import images_of
+    from ddpm_hf.data.sources import load_image_dataset
 
     images = images_of(load_image_dataset(str(data), None, "train"), 1, 8)
     own = bits_per_dim(Bound(pipe.unet, labels), pipe.scheduler, images, seeds=image_seeds(range(4), 0))
@@ -407,8 +408,9 @@ def test_ddpm_nll_of_a_conditional_pipeline_is_the_bound_given_each_label_and_a_
 
 @pytest.mark.slow
 def test_nll_during_a_conditional_run_is_the_bound_of_each_held_out_image_given_its_class(tmp_path):
-    from ddpm_hf.data.datasets import images_of, load_image_dataset
-    from ddpm_hf.diffusion.likelihood import bits_per_dim, image_seeds
+    from ddpm_hf.data.decoding import images_of
+    from ddpm_hf.data.sources import load_image_dataset
+    from ddpm_hf.measuring.bound import bits_per_dim, image_seeds
     from ddpm_hf.training.loop import train
 
     config = cond(tmp_path / "run", max_train_steps=2, num_train_timesteps=10, eval_nll_every=2, eval_nll_images=5)
@@ -472,7 +474,7 @@ def parquet_with_labels(path, labels, dtype="int64", class_label=False):
      "error: --label_column 'labels' is not a column of this dataset; its columns are ['image', 'label', 'kind']."),
 ], ids=["outside the classes", "not integers", "no label column", "no such column"])
 def test_bad_labels_are_one_line_before_any_work(tmp_path, make, flags, said):
-    from ddpm_hf.data.datasets import load_image_dataset
+    from ddpm_hf.data.sources import load_image_dataset
 
     data = make(tmp_path / "data.parquet")
     load_image_dataset(str(data), None, "train")  # the datasets cache built here: its bar is not the command's
@@ -484,7 +486,7 @@ def test_bad_labels_are_one_line_before_any_work(tmp_path, make, flags, said):
 
 
 def test_an_integer_label_column_is_taken_with_its_classes(tmp_path):
-    from ddpm_hf.data.datasets import training_classes
+    from ddpm_hf.training.batches import training_classes
 
     data = parquet_with_labels(tmp_path / "data.parquet", [0, 2, 1, 2] * 4)
     config = tiny_config(tmp_path / "run", dataset=str(data), max_train_samples=None, class_conditional=True,
@@ -499,7 +501,7 @@ def test_an_integer_label_column_is_taken_with_its_classes(tmp_path):
 ])
 def test_label_flags_that_would_do_nothing_or_cannot_work_are_refused(tmp_path, flags, said):
     from ddpm_hf.errors import UsageError
-    from ddpm_hf.training.flags import parse_args
+    from ddpm_hf.commands.train_flags import parse_args
 
     with pytest.raises(UsageError, match=said):
         parse_args([*cli_args({**TINY, "output_dir": tmp_path / "run"}), *flags])
@@ -525,7 +527,7 @@ def shaded_classes(path, labels):
 def streamed_source(tmp_path, data, rank=0, world=2, **overrides):
     import dataclasses
 
-    from ddpm_hf.data.datasets import BatchSource, training_classes
+    from ddpm_hf.training.batches import BatchSource, training_classes
 
     config = cond(tmp_path / "run", dataset=str(data), streaming=True, max_train_samples=None, **overrides)
     config = dataclasses.replace(config, class_names=training_classes(config))
@@ -554,7 +556,7 @@ def test_a_streamed_conditional_dataset_gives_each_micro_batch_its_own_labels(tm
 
 @pytest.mark.slow  # two streams read to their end: 5 s each (datasets 5.2)
 def test_a_streamed_label_outside_the_classes_stops_or_is_skipped_as_a_bad_image(tmp_path):
-    from ddpm_hf.data.datasets import BadImageError
+    from ddpm_hf.data.decoding import BadImageError
 
     data = shaded_classes(tmp_path / "data.parquet", [0, 1, -1, 2, 3, 1, 0])
     _, source = streamed_source(tmp_path, data, world=1)
@@ -567,7 +569,7 @@ def test_a_streamed_label_outside_the_classes_stops_or_is_skipped_as_a_bad_image
 
 
 def test_streaming_with_an_undeclared_label_column_is_refused_in_one_line(tmp_path):
-    from ddpm_hf.data.datasets import training_classes
+    from ddpm_hf.training.batches import training_classes
     from ddpm_hf.errors import UsageError
 
     data = parquet_with_labels(tmp_path / "data.parquet", [0, 2, 1, 2] * 4)  # integers: classes known only at the end
@@ -599,7 +601,8 @@ def digit_classifier():
     right on about 95% of the held-out digits."""
     from sklearn.linear_model import LogisticRegression
 
-    from ddpm_hf.data.datasets import images_of, load_image_dataset
+    from ddpm_hf.data.decoding import images_of
+    from ddpm_hf.data.sources import load_image_dataset
 
     train, test = (load_image_dataset("digits", None, split) for split in ("train", "test"))
     x = images_of(train, 1, 16).flatten(1).float().numpy() / 255
@@ -615,7 +618,7 @@ def digits_conditional(tmp_path_factory):
     once for this module."""
     from accelerate.state import AcceleratorState
 
-    from ddpm_hf.training.flags import resolve_config
+    from ddpm_hf.recipes.resolve import resolve_config
     from ddpm_hf.training.loop import train
 
     AcceleratorState._reset_state(reset_partial_state=True)

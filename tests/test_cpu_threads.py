@@ -3,7 +3,6 @@ follows a load that comes and goes, and a count the user fixed is kept (or refus
 
 import sys
 
-import pytest
 from common import run_in_process
 
 from ddpm_hf import cpu_threads

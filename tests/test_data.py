@@ -12,15 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_hf.data.datasets import (
-    BadImageError,
-    DatasetUnavailableError,
-    build_image_bank,
-    find_image_column,
-    load_image_dataset,
-    to_model_range,
-    to_uint8_array,
-)
+from ddpm_hf.data.columns import find_image_column
+from ddpm_hf.data.decoding import BadImageError, build_image_bank, to_uint8_array
+from ddpm_hf.data.sources import DatasetUnavailableError, load_image_dataset
+from ddpm_hf.diffusion.pixels import to_model_range
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,7 +137,7 @@ def test_mnist_parquet_like_the_hub(shared_dir):
 
 @pytest.mark.slow
 def test_uncached_hub_dataset_fails_at_once_offline(tmp_path):
-    code = "from ddpm_hf.data.datasets import load_image_dataset; load_image_dataset('someone/not-cached-anywhere')"
+    code = "from ddpm_hf.data.sources import load_image_dataset; load_image_dataset('someone/not-cached-anywhere')"
     env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
@@ -159,8 +154,8 @@ def test_folder_without_images_is_a_clear_error(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory and copies to a GPU need CUDA")
 @pytest.mark.parametrize("on_gpu", [True, False], ids=["bank on the GPU", "bank in pinned host memory"])
 def test_a_gpu_run_gets_the_cpu_runs_batches_on_the_gpu(monkeypatch, on_gpu):
-    from ddpm_hf.data import datasets as data
-    from ddpm_hf.training.flags import resolve_config
+    from ddpm_hf.training import batches as data
+    from ddpm_hf.recipes.resolve import resolve_config
 
     monkeypatch.setattr(data, "_fits_on", lambda device, nbytes: on_gpu)
     config = resolve_config(dict(dataset="digits", max_train_samples=40, channels=1, resolution=8, batch_size=8,

@@ -15,7 +15,7 @@ from PIL import Image
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
 from ddpm_hf.outputs.files import sha256_of
-from ddpm_hf.sampling.sample_folder import SAMPLES_NPZ, image_name
+from ddpm_hf.sampling.sample_folder import image_name, SAMPLES_NPZ
 
 STEPS = 4
 
@@ -657,8 +657,9 @@ def test_rePaint_completes_half_masked_digits_as_their_own_class_more_often_than
     on the real digits (95% on the held-out ones whole) judges the completed images against the originals' classes."""
     from test_class_conditional import CLASSIFIED_STEPS, digit_classifier
 
-    from ddpm_hf.data.datasets import images_of, load_image_dataset
-    from ddpm_hf.training.flags import resolve_config
+    from ddpm_hf.data.decoding import images_of
+    from ddpm_hf.data.sources import load_image_dataset
+    from ddpm_hf.recipes.resolve import resolve_config
     from ddpm_hf.training.loop import train
 
     out = train(resolve_config({"preset": "digits-cpu", "output_dir": str(tmp_path / "run"),
@@ -685,7 +686,7 @@ def test_rePaint_completes_half_masked_digits_as_their_own_class_more_often_than
 
 
 def test_resolution_takes_n_or_hxw_and_keeps_one_form():
-    from ddpm_hf.data.sizes import canonical, resolution, sample_size, size_of
+    from ddpm_hf.sizes import canonical, resolution, sample_size, size_of
 
     assert resolution("32x64") == "32x64" and resolution("32x32") == 32 and resolution("16") == 16
     assert size_of("32x64") == (32, 64) and size_of(16) == (16, 16) and size_of([8, 24]) == (8, 24)
@@ -696,7 +697,7 @@ def test_resolution_takes_n_or_hxw_and_keeps_one_form():
 
 def test_a_non_square_image_is_resized_to_cover_and_center_cropped():
     """The oracle: PIL's own resize to the covering size, then the middle cut out by hand."""
-    from ddpm_hf.data.datasets import to_uint8_array
+    from ddpm_hf.data.decoding import to_uint8_array
 
     rng = np.random.default_rng(1)
     image = Image.fromarray(rng.integers(0, 256, (30, 20), dtype=np.uint8))  # 20 wide, 30 high

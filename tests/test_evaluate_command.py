@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from common import run_in_process
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
-from ddpm_hf.data.datasets import build_image_bank, load_image_dataset
-from ddpm_hf.diffusion.likelihood import bits_per_dim_of_share
-from ddpm_hf.measuring.folder_metrics import evaluate_folder, inception_network
+from ddpm_hf.data.decoding import build_image_bank
+from ddpm_hf.data.sources import load_image_dataset
+from ddpm_hf.measuring.bound import bits_per_dim_of_share
+from ddpm_hf.measuring.folder_metrics import measure_folder, inception_network
 
 
 class StandInLayers(torch.nn.Module):
@@ -86,7 +87,7 @@ def test_evaluate_resumes_after_a_kill_and_reports_what_the_single_commands_meas
 
     network = inception_network(setup / "stand-in.pt", "cpu")  # the oracle: ddpm-metrics' own path on the folder
     for mode in ("legacy_tensorflow", "clean"):
-        direct = evaluate_folder(out / "eval_samples", str(setup / "reference"), network, mode=mode, cache_dir=setup / "cache", resolution=8,
+        direct = measure_folder(out / "eval_samples", str(setup / "reference"), network, mode=mode, cache_dir=setup / "cache", resolution=8,
                                  channels=1, output=tmp_path / f"direct-{mode}.json")
         assert report["results"][f"fid_{mode}"] == pytest.approx(direct["fid"], rel=1e-9)
         assert report["results"][f"inception_score_{mode}"]["mean"] == pytest.approx(direct["inception_score"]["mean"])

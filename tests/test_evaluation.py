@@ -16,7 +16,7 @@ from PIL import Image
 from ddpm_hf.measuring.folder_metrics import (
     FeatureNetwork,
     InceptionWeightsMissing,
-    evaluate_folder,
+    measure_folder,
     folder_features,
     inception_network,
     resolve_inception_weights,
@@ -36,7 +36,7 @@ def write_images(folder: Path, n: int, seed: int, shift: int = 0):
 def test_fid_of_a_folder_against_itself_is_zero_and_protocol_is_recorded(tmp_path):
     samples = write_images(tmp_path / "s", 40, seed=0)
     (samples / "sampling.json").write_text(json.dumps({"scheduler": "ddpm", "num_inference_steps": 1000}))
-    result = evaluate_folder(samples, str(samples), stand_in_network(), cache_dir=tmp_path / "cache")
+    result = measure_folder(samples, str(samples), stand_in_network(), cache_dir=tmp_path / "cache")
     assert abs(result["fid"]) < 1e-6
     assert abs(result["kid"]) < 0.05
     saved = json.loads((samples / "metrics.json").read_text())
@@ -55,7 +55,7 @@ def test_folder_fid_equals_fid_of_the_folder_features(tmp_path):
     net = stand_in_network()
     fa, fb = folder_features(a, net), folder_features(b, net)
     assert fa.shape == (30, 26)
-    result = evaluate_folder(a, str(b), net, cache_dir=tmp_path / "cache", kid=False, isc=False)
+    result = measure_folder(a, str(b), net, cache_dir=tmp_path / "cache", kid=False, isc=False)
     assert result["fid"] == pytest.approx(fid_from_features(fa[:, :16], fb[:, :16]), rel=1e-9)
     assert result["fid"] > 0.01
 
@@ -64,14 +64,14 @@ def test_folder_fid_equals_fid_of_the_folder_features(tmp_path):
 def test_dataset_reference_is_exported_once_and_its_statistics_cached(tmp_path):
     samples = write_images(tmp_path / "s", 20, seed=3)
     net = stand_in_network()
-    first = evaluate_folder(samples, "digits", net, cache_dir=tmp_path / "cache", resolution=8, channels=1, kid=False)
+    first = measure_folder(samples, "digits", net, cache_dir=tmp_path / "cache", resolution=8, channels=1, kid=False)
     stats = Path(first["protocol"]["reference"]["cache"])
     assert stats.is_file() and stats.parent == tmp_path / "cache" / "stats"
     assert "digits-train-8px-clean-stand-in" in stats.name
     assert len(list(list((tmp_path / "cache" / "reference-images").iterdir())[0].glob("*.png"))) == 1500
     assert first["protocol"]["num_reference"] == 1500  # the train split
     before = stats.stat().st_mtime_ns
-    again = evaluate_folder(samples, "digits", net, cache_dir=tmp_path / "cache", resolution=8, channels=1, kid=False)
+    again = measure_folder(samples, "digits", net, cache_dir=tmp_path / "cache", resolution=8, channels=1, kid=False)
     assert again["fid"] == first["fid"] and stats.stat().st_mtime_ns == before
 
 
@@ -104,7 +104,7 @@ def test_real_inception_network(tmp_path):
     net = inception_network(_inception_weights(), "cpu")
     feats = folder_features(samples, net)
     assert feats.shape == (20, 2048 + 1008)
-    result = evaluate_folder(samples, str(samples), net, cache_dir=tmp_path / "cache", kid=False)
+    result = measure_folder(samples, str(samples), net, cache_dir=tmp_path / "cache", kid=False)
     assert abs(result["fid"]) < 1e-4
     assert result["inception_score"]["mean"] >= 1.0
 
@@ -133,7 +133,7 @@ def test_cleanfid_precomputed_statistics_reference(tmp_path, monkeypatch):
     samples = write_images(tmp_path / "s", 30, seed=6)
     stand_in = stand_in_network()
     with pytest.raises(ValueError, match=r"clean-fid's statistics are Inception-v3 features"):
-        evaluate_folder(samples, "cleanfid:cifar10:train:32", stand_in, cache_dir=tmp_path / "cache")
+        measure_folder(samples, "cleanfid:cifar10:train:32", stand_in, cache_dir=tmp_path / "cache")
     # a 2048-feature network named as Inception stands in for it; its own statistics play clean-fid's file
     proj = torch.randn(3 * 8 * 8, 2048, generator=torch.Generator().manual_seed(1))
     double = FeatureNetwork(lambda x: torch.nn.functional.adaptive_avg_pool2d(x / 255, 8).flatten(1) @ proj,
@@ -144,11 +144,11 @@ def test_cleanfid_precomputed_statistics_reference(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ev.urllib.request, "urlopen", offline)
     with pytest.raises(FileNotFoundError, match=r"cifar10_clean_train_32.npz are not in .* cannot be downloaded"):
-        evaluate_folder(samples, "cleanfid:cifar10:train:32", double, cache_dir=tmp_path / "cache", kid=False)
+        measure_folder(samples, "cleanfid:cifar10:train:32", double, cache_dir=tmp_path / "cache", kid=False)
     mu, sigma = feature_statistics(folder_features(samples, double))
     (tmp_path / "cache" / "cleanfid-stats").mkdir(parents=True, exist_ok=True)
     np.savez(tmp_path / "cache" / "cleanfid-stats" / "cifar10_clean_train_32.npz", mu=mu, sigma=sigma)
-    result = evaluate_folder(samples, "cleanfid:cifar10:train:32", double, cache_dir=tmp_path / "cache", kid=False, isc=False)
+    result = measure_folder(samples, "cleanfid:cifar10:train:32", double, cache_dir=tmp_path / "cache", kid=False, isc=False)
     # 30 samples of 2048 features: a singular covariance, so sqrtm leaves ~1e-3 where the exact value is 0
     assert abs(result["fid"]) < 1e-2
     assert result["protocol"]["reference"]["kind"] == "clean-fid precomputed statistics"
@@ -161,7 +161,7 @@ def test_fid_matches_cleanfid_compute_fid_with_custom_feat_extractor(tmp_path):
     a, b = write_images(tmp_path / "a", 24, seed=7), write_images(tmp_path / "b", 24, seed=8, shift=20)
     net = stand_in_network()
     features_only = FeatureNetwork(lambda x: net(x)[:, :16], net.name, net.weights_sha256, 16)
-    ours = evaluate_folder(a, str(b), net, cache_dir=tmp_path / "cache", kid=False, isc=False)["fid"]
+    ours = measure_folder(a, str(b), net, cache_dir=tmp_path / "cache", kid=False, isc=False)["fid"]
     theirs = cleanfid.compute_fid(str(a), str(b), mode="clean", custom_feat_extractor=features_only, num_workers=0,
                                   batch_size=8, device=torch.device("cpu"), verbose=False)
     assert ours == pytest.approx(theirs, rel=1e-5)  # clean-fid averages float32 features in float32

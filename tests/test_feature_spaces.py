@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from ddpm_hf.commands.metrics import main as metrics_main
-from ddpm_hf.measuring.folder_metrics import FeatureWeightsMissing, dinov2_network, evaluate_folder
+from ddpm_hf.measuring.folder_metrics import FeatureWeightsMissing, dinov2_network, measure_folder
 from ddpm_hf.measuring.metrics import improved_precision_recall
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -63,7 +63,7 @@ def frechet_float64(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_fd_dinov2_of_a_set_with_itself_is_zero_and_named_in_the_protocol(tmp_path, tiny_dinov2):
     samples = write_images(tmp_path / "s", 40, seed=0)
-    result = evaluate_folder(samples, str(samples), dinov2_network(str(tiny_dinov2)), cache_dir=tmp_path / "cache",
+    result = measure_folder(samples, str(samples), dinov2_network(str(tiny_dinov2)), cache_dir=tmp_path / "cache",
                              isc=True, precision_recall=True)
     assert abs(result["fd_dinov2"]) < 1e-6 and "fid" not in result and "inception_score" not in result
     assert result["precision"] == 1.0 and result["recall"] == 1.0
@@ -77,7 +77,7 @@ def test_fd_dinov2_of_a_set_with_itself_is_zero_and_named_in_the_protocol(tmp_pa
 def test_fd_dinov2_equals_the_frechet_distance_of_independently_computed_features(tmp_path, tiny_dinov2):
     a = write_images(tmp_path / "a", 48, seed=1)
     b = write_images(tmp_path / "b", 48, seed=2, shift=40, size=20)  # another size: the processor resizes both
-    result = evaluate_folder(a, str(b), dinov2_network(str(tiny_dinov2)), cache_dir=tmp_path / "cache", kid=False)
+    result = measure_folder(a, str(b), dinov2_network(str(tiny_dinov2)), cache_dir=tmp_path / "cache", kid=False)
     expected = frechet_float64(independent_features(tiny_dinov2, a), independent_features(tiny_dinov2, b))
     assert expected > 0.01
     assert result["fd_dinov2"] == pytest.approx(expected, rel=1e-3)
@@ -87,11 +87,11 @@ def test_fd_dinov2_equals_the_frechet_distance_of_independently_computed_feature
 def test_dinov2_reference_statistics_are_cached_under_the_networks_name(tmp_path, tiny_dinov2):
     samples = write_images(tmp_path / "s", 20, seed=0, size=8)
     network = dinov2_network(str(tiny_dinov2))
-    first = evaluate_folder(samples, "digits", network, cache_dir=tmp_path / "cache", resolution=8, kid=False)
+    first = measure_folder(samples, "digits", network, cache_dir=tmp_path / "cache", resolution=8, kid=False)
     cached = sorted(p.name for p in (tmp_path / "cache" / "stats").iterdir())
     assert len(cached) == 1 and cached[0].startswith("digits-train-8px-clean-dinov2-") and "inception" not in cached[0]
     assert cached[0].endswith(f"{network.weights_sha256[:12]}.npy")
-    again = evaluate_folder(samples, "digits", network, cache_dir=tmp_path / "cache", resolution=8, kid=False)
+    again = measure_folder(samples, "digits", network, cache_dir=tmp_path / "cache", resolution=8, kid=False)
     assert again["fd_dinov2"] == first["fd_dinov2"] and again["protocol"]["num_reference"] == 1500
 
 
@@ -176,7 +176,7 @@ def test_precision_recall_needs_more_rows_than_k():
 def test_precision_recall_against_clean_fid_statistics_is_refused_before_any_work(tmp_path, tiny_dinov2):
     samples = write_images(tmp_path / "s", 4, seed=0)
     with pytest.raises(ValueError, match="--precision_recall needs the reference's features"):
-        evaluate_folder(samples, "cleanfid:cifar10:train:32", dinov2_network(str(tiny_dinov2)), precision_recall=True,
+        measure_folder(samples, "cleanfid:cifar10:train:32", dinov2_network(str(tiny_dinov2)), precision_recall=True,
                         cache_dir=tmp_path)
 
 
@@ -185,7 +185,7 @@ def test_precision_recall_against_clean_fid_statistics_is_refused_before_any_wor
 
 @pytest.mark.slow
 def test_eval_every_measures_fd_dinov2_and_keeps_the_best_by_it(tmp_path, tiny_dinov2):
-    from ddpm_hf.training.flags import resolve_config
+    from ddpm_hf.recipes.resolve import resolve_config
     from ddpm_hf.training.loop import train
 
     out = tmp_path / "run"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from common import REPO, TINY, cli_args, run_in_process
 
-from ddpm_hf.outputs.model_card import build_model_card
+from ddpm_hf.publishing.model_card import build_model_card
 
 
 def help_of(*cmd) -> str:
@@ -89,3 +89,57 @@ def test_the_bound_plot_title_says_what_its_total_holds(tmp_path, monkeypatch):
     monkeypatch.setattr(plots, "atomic_save_figure", lambda fig, path: titles.append(fig.axes[0].get_title()))
     plots.plot_bound_terms(np.array([1.0, 0.5, 0.5]), tmp_path / "p.png", prior=0.25)
     assert titles == ["Terms of the bound per t: they sum to 2.0000 bits/dim; with L_T = 0.2500, the bound is 2.2500"]
+
+
+def bar_updates(monkeypatch, desc: str) -> list:
+    """Every update of a tqdm bar labelled `desc`, as (n after it, total), recorded as it happens."""
+    from tqdm import std
+
+    seen, update = [], std.tqdm.update
+
+    def recorded(self, n=1):
+        result = update(self, n)
+        if self.desc == desc:
+            seen.append((self.n, self.total))
+        return result
+
+    monkeypatch.setattr(std.tqdm, "update", recorded)
+    return seen
+
+
+def test_ddpm_samples_bar_moves_at_every_step_of_one_batchs_chain(saved_pipeline, tmp_path, monkeypatch):
+    """#46: a batch of 1000 steps sat at 0/64 for minutes; the bar now counts image-steps."""
+    seen = bar_updates(monkeypatch, "Sampling")
+    proc = run_in_process([sys.executable, "-m", "ddpm_hf.commands.sample", saved_pipeline, tmp_path / "out",
+                           "--num_images", "3", "--batch_size", "3", "--num_inference_steps", "20"])
+    assert proc.returncode == 0, proc.stderr
+    assert seen == [(3 * (i + 1), 60) for i in range(20)]  # one chain, every step seen
+
+
+@pytest.mark.parametrize("edit", [["--strength", "0.5"], ["--mask_half", "bottom", "--jump_length", "2",
+                                                          "--jump_n_sample", "2"]], ids=["SDEdit", "RePaint"])
+def test_ddpm_edits_bar_moves_at_every_step_of_one_batchs_chain(saved_pipeline, tmp_path, monkeypatch, edit):
+    from PIL import Image
+
+    (tmp_path / "in").mkdir()
+    for k in range(2):
+        Image.new("RGB", (8, 8), (60 * k, 0, 0)).save(tmp_path / "in" / f"{k}.png")
+    desc = "Editing" if edit[0] == "--strength" else "Inpainting"
+    seen = bar_updates(monkeypatch, desc)
+    proc = run_in_process([sys.executable, "-m", "ddpm_hf.commands.edit", saved_pipeline, tmp_path / "in",
+                           tmp_path / "out", "--num_inference_steps", "10", *edit])
+    assert proc.returncode == 0, proc.stderr
+    total = seen[-1][1]
+    assert len(seen) == total // 2 > 4 and seen[-1][0] == total  # a step (or a RePaint move) at a time, to the end
+
+
+def test_ddpm_nlls_bar_moves_at_every_term_of_one_batch(tmp_path, monkeypatch):
+    from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
+
+    gray = tmp_path / "gray"  # the digits are grayscale
+    DDPMPipeline(build_unet("cpu-tiny", sample_size=8, in_channels=1), DDPMScheduler()).save_pretrained(gray)
+    seen = bar_updates(monkeypatch, "Bits/dim")
+    proc = run_in_process([sys.executable, "-m", "ddpm_hf.commands.nll", gray, tmp_path / "nll",
+                           "--dataset", "digits", "--split", "test", "--num_images", "2"])
+    assert proc.returncode == 0, proc.stderr
+    assert len(seen) == 1000 and seen[-1] == (2000, 2000)  # T = 1000 terms of one batch of 2

@@ -20,9 +20,9 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from ddpm_hf.outputs.hub import HubError, HubPusher, files_to_upload, push_output_folder
-from ddpm_hf.outputs.model_card import TAGS, reproduce_command
-from ddpm_hf.training.flags import resolve_config
+from ddpm_hf.publishing.hub import HubError, HubPusher, files_to_upload, push_output_folder
+from ddpm_hf.publishing.model_card import reproduce_command, TAGS
+from ddpm_hf.recipes.resolve import resolve_config
 from ddpm_hf.training.loop import train
 
 sys.path.insert(0, str(Path(__file__).parent))

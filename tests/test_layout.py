@@ -88,7 +88,7 @@ def test_running_out_of_memory_is_one_line_naming_the_batch_size_flag(capsys, er
     from ddpm_hf.commands import train
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("ddpm_hf.training.flags.parse_args", lambda argv: (_ for _ in ()).throw(error))
+        mp.setattr("ddpm_hf.commands.train_flags.parse_args", lambda argv: (_ for _ in ()).throw(error))
         assert train.main([]) == 1
     said = capsys.readouterr().err.strip()
     assert said.startswith("error: out of memory (") and "--gradient_accumulation_steps" in said
@@ -137,13 +137,13 @@ def test_the_built_wheel_holds_and_imports_every_module(tmp_path):
 
 def _job_functions():
     from ddpm_hf.measuring.evaluation import evaluate_pipeline
-    from ddpm_hf.measuring.folder_metrics import evaluate_folder
+    from ddpm_hf.measuring.folder_metrics import measure_folder
     from ddpm_hf.measuring.nll_folder import measure
-    from ddpm_hf.outputs.hub import push_output_folder
+    from ddpm_hf.publishing.hub import push_output_folder
     from ddpm_hf.sampling.figures import visualize
     from ddpm_hf.sampling.sample_folder import sample_command, sample_to_folder
 
-    return [sample_command, sample_to_folder, measure, evaluate_pipeline, evaluate_folder, visualize, push_output_folder]
+    return [sample_command, sample_to_folder, measure, evaluate_pipeline, measure_folder, visualize, push_output_folder]
 
 
 @pytest.mark.parametrize("job", _job_functions(), ids=lambda f: f.__name__)

@@ -11,14 +11,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from ddpm_hf import DDPMScheduler, build_unet
 from ddpm_hf.choices import LEARNED_VARIANCE_TYPES
-from ddpm_hf.diffusion.likelihood import (
-    bits_per_dim,
-    bits_per_dim_of_share,
-    discretized_gaussian_log_likelihood,
-    normal_kl,
-    prior_bpd,
-    vb_terms_bpd,
-)
+from ddpm_hf.diffusion.likelihood import discretized_gaussian_log_likelihood, normal_kl, prior_bpd, vb_terms_bpd
+from ddpm_hf.measuring.bound import bits_per_dim, bits_per_dim_of_share
 from ddpm_hf.diffusion.losses import DiffusionLoss
 from ddpm_hf.diffusion.timestep_samplers import LossSecondMomentSampler, UniformSampler, make_timestep_sampler
 

@@ -10,8 +10,9 @@ import markdown
 import pytest
 from huggingface_hub import ModelCard
 
-from ddpm_hf.outputs.model_card import TAGS, write_model_card
-from ddpm_hf.training.flags import parse_args, resolve_config
+from ddpm_hf.publishing.model_card import TAGS, write_model_card
+from ddpm_hf.commands.train_flags import parse_args
+from ddpm_hf.recipes.resolve import resolve_config
 from ddpm_hf.training.loop import train
 
 sys.path.insert(0, str(Path(__file__).parent))

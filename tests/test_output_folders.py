@@ -173,3 +173,70 @@ def test_ddpm_edit_refuses_a_mask_inside_the_output_folder(saved_pipeline, tmp_p
     proc = run_in_process([sys.executable, "-m", "ddpm_hf.commands.edit", saved_pipeline, inputs, out, "--mask", mask,
                            "--num_inference_steps", "2", "--overwrite"])
     assert "--mask" in one_error_line(proc) and snapshot(out) == before
+
+
+# ---------------------------------------------------------------- every check before any work
+
+
+@pytest.mark.parametrize("flags,said", [
+    (["--num_inference_steps", "5000"], "has T = 1000 timesteps, so its chain takes 1 to 1000 steps"),
+    (["--class_labels", "balanced", "--guidance_scale", "inf"], "--guidance_scale inf: give a scale from 0 to 100"),
+    (["--class_labels", "balanced", "--guidance_scale", "1e30"], "--guidance_scale 1e+30: give a scale from 0 to 100"),
+])
+def test_ddpm_sample_refuses_what_cannot_run_before_loading_or_writing(saved_pipeline, tmp_path, flags, said):
+    proc = run_in_process([sys.executable, "-m", "ddpm_hf.commands.sample", saved_pipeline, tmp_path / "out",
+                           "--num_images", "2", *flags])
+    assert said in one_error_line(proc) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags,said", [
+    (["--strength", "0.5", "--num_inference_steps", "1"], "runs no step (it would return the inputs)"),
+    (["--mask", "BLACK"], "selects nothing to fill"),
+    (["--strength", "0.5", "--num_inference_steps", "5000"], "has T = 1000 timesteps"),
+])
+def test_ddpm_edit_refuses_an_edit_that_does_nothing_or_cannot_run_before_writing(saved_pipeline, tmp_path, flags,
+                                                                                   said):
+    inputs = tmp_path / "inputs"
+    an_image(inputs / "x0.png")
+    black = an_image(tmp_path / "black.png", 0)
+    flags = [str(black) if f == "BLACK" else f for f in flags]
+    proc = run_in_process([sys.executable, "-m", "ddpm_hf.commands.edit", saved_pipeline, inputs, tmp_path / "out",
+                           *flags])
+    assert said in one_error_line(proc) and not (tmp_path / "out").exists()
+
+
+def test_an_input_that_does_not_decode_is_named_without_pythons_object_text(saved_pipeline, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "broken.png").write_bytes(b"not a png at all")
+    proc = run_in_process([sys.executable, "-m", "ddpm_hf.commands.edit", saved_pipeline, inputs, tmp_path / "out",
+                           "--strength", "0.5", "--num_inference_steps", "2"])
+    line = one_error_line(proc)
+    assert "broken.png: cannot decode image" in line and "BytesIO" not in line and "0x" not in line
+
+
+def test_an_absurd_resolution_is_one_line_naming_the_largest_side(tmp_path):
+    proc = run_in_process([sys.executable, "train_ddpm.py", *cli_args({**TINY, "output_dir": str(tmp_path / "run")}),
+                           "--resolution", "99999x99999"])
+    assert "a side of more than 4096 pixels" in one_error_line(proc) and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv,said", [
+    (["ddpm_hf.commands.sample", "runs/no/such/run", "OUT", "--num_images", "1"], "no such file or folder"),
+    (["ddpm_hf.commands.visualize", "NOT_A_PIPELINE", "OUT"], "holds no pipeline (no model_index.json)"),
+    (["ddpm_hf.commands.nll", "PIPE", "OUT", "--dataset", "digitz", "--num_images", "2"], "did you mean --dataset digits?"),
+    (["ddpm_hf.commands.nll", "PIPE", "OUT", "--dataset", "./no/such/images", "--num_images", "2"],
+     "--dataset ./no/such/images: no such file or folder"),
+])
+def test_a_bad_path_or_dataset_name_is_answered_before_torch_is_imported(saved_pipeline, tmp_path, argv, said):
+    """#46: a pipeline path that did not exist took 27.6 s under load, a dataset name 34 s: torch came first."""
+    (tmp_path / "NOT_A_PIPELINE").mkdir()
+    argv = [str(saved_pipeline) if a == "PIPE" else str(tmp_path / a) if a in ("OUT", "NOT_A_PIPELINE") else a
+            for a in argv]
+    code = ("import sys, importlib\n"
+            f"main = importlib.import_module({argv[0]!r}).main\n"
+            f"code = main({argv[1:]!r})\n"
+            "print('exit', code, 'torch loaded' if 'torch' in sys.modules else 'no torch')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.stdout.split() == ["exit", "1", "no", "torch"], proc.stdout + proc.stderr
+    assert said in one_error_line(subprocess.CompletedProcess([], 1, "", proc.stderr))

@@ -17,7 +17,8 @@ from diffusers import UNet2DModel
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
 from ddpm_hf.diffusion.unets import unet_config
-from ddpm_hf.training.flags import parse_args, resolve_config
+from ddpm_hf.commands.train_flags import parse_args
+from ddpm_hf.recipes.resolve import resolve_config
 from ddpm_hf.training.loop import resume, setup, train
 from ddpm_hf.training.parts import make_unet
 
@@ -92,7 +93,7 @@ def test_own_unet_config_from_a_cached_repo_id_offline(tmp_path):
      r"8; the valid sizes nearest to it are 8, 16"),
 ])
 def test_a_unet_config_that_does_not_fit_the_run_is_one_line_before_any_data(tmp_path, monkeypatch, change, flags, match):
-    from ddpm_hf.data import datasets as data
+    from ddpm_hf.training import batches as data
 
     monkeypatch.setattr(data, "build_image_bank", lambda *a, **k: pytest.fail("the data was decoded first"))
     (tmp_path / "unet.json").write_text(json.dumps({**OWN, **change}))

@@ -8,8 +8,8 @@ from common import TINY
 
 from ddpm_hf import devices
 from ddpm_hf.training import precision as training_precision
-from ddpm_hf.training.config import RECIPES
-from ddpm_hf.training.flags import resolve_config
+from ddpm_hf.recipes.config import RECIPES
+from ddpm_hf.recipes.resolve import resolve_config
 from ddpm_hf.training.loop import train
 
 

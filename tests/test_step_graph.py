@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from ddpm_hf.training import loop as training
 from ddpm_hf.training.checkpoints import load_checkpoint, save_checkpoint
-from ddpm_hf.training.config import TrainingConfig
+from ddpm_hf.recipes.config import TrainingConfig
 from ddpm_hf.training.loop import train
 from ddpm_hf.training.step_graph import StepGraph, graph_refusal
 
@@ -37,6 +37,12 @@ def results(folder):
     return state, weights, torch.load(folder / "optimizer.pt", weights_only=True)
 
 
+# An attention's key bias has an exact gradient of 0 (softmax is unchanged by adding one vector to every key): what
+# Adam does with it is float noise divided by its own size, so two runs that round otherwise differ there by the
+# learning rate's order, however close they are elsewhere (seen with torch 2.14: 1.5e-5, the rest under 1e-6)
+ZERO_GRADIENT = "to_k.bias"
+
+
 def assert_same_training(a, b, atol=0.0):
     (sa, wa, oa), (sb, wb, ob) = a, b
     assert [h["step"] for h in sa["history"]] == [h["step"] for h in sb["history"]]
@@ -45,6 +51,8 @@ def assert_same_training(a, b, atol=0.0):
     assert sa["ema"] == sb["ema"] and sa["lr_scheduler"]["last_epoch"] == sb["lr_scheduler"]["last_epoch"]
     for name in wa:
         for k in wa[name]:
+            if atol and k.endswith(ZERO_GRADIENT):  # close runs, not equal ones: noise there (see ZERO_GRADIENT)
+                continue
             torch.testing.assert_close(wa[name][k], wb[name][k], atol=atol, rtol=0, msg=f"{name}:{k}")
     for i, state in oa["state"].items():
         for k, v in state.items():

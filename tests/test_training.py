@@ -19,9 +19,11 @@ from safetensors.torch import load_file
 from ddpm_hf import DDPMPipeline
 from ddpm_hf.outputs.plots import image_grid
 from ddpm_hf.seeding import GRID_SEED_TAG, mix_seed
-from ddpm_hf.training.checkpoints import list_checkpoints, load_checkpoint
-from ddpm_hf.training.config import RECIPES, TrainingConfig
-from ddpm_hf.training.flags import parse_args, resolve_config
+from ddpm_hf.outputs.run_folder import list_checkpoints
+from ddpm_hf.training.checkpoints import load_checkpoint
+from ddpm_hf.recipes.config import RECIPES, TrainingConfig
+from ddpm_hf.commands.train_flags import parse_args
+from ddpm_hf.recipes.resolve import resolve_config
 from ddpm_hf.training.loop import NonFiniteLossError, train
 from ddpm_hf.training.parts import make_unet
 

@@ -16,8 +16,9 @@ from ddpm_hf.diffusion.scheduler import PARAMETERIZATIONS, parameterization
 from ddpm_hf.sampling.samplers import draw_share
 from ddpm_hf.training import loop as training
 from ddpm_hf.training import watch as training_watch
-from ddpm_hf.training.checkpoints import STATE_HASH, list_checkpoints
-from ddpm_hf.training.flags import resolve_config
+from ddpm_hf.outputs.run_folder import list_checkpoints
+from ddpm_hf.training.checkpoints import STATE_HASH
+from ddpm_hf.recipes.resolve import resolve_config
 from ddpm_hf.training.loop import resume, run_step, setup
 from ddpm_hf.training.state import TrainState
 

@@ -18,11 +18,12 @@ from common import TINY, launch_two, run_in_process
 from PIL import Image
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet, denoise
-from ddpm_hf.diffusion.likelihood import TERMS, bits_per_dim_of_share
+from ddpm_hf.diffusion.likelihood import TERMS
+from ddpm_hf.measuring.bound import bits_per_dim_of_share
 from ddpm_hf.measuring.nll_folder import image_file
-from ddpm_hf.outputs.model_card import write_model_card
+from ddpm_hf.publishing.model_card import write_model_card
 from ddpm_hf.sampling.samplers import use_scheduler
-from ddpm_hf.training.flags import resolve_config
+from ddpm_hf.recipes.resolve import resolve_config
 from ddpm_hf.training.loop import train
 
 
@@ -38,7 +39,8 @@ def held_out_digits(folder: Path, n: int = 8) -> Path:
 
 
 def uint8_images(folder: Path, size: int = 8) -> torch.Tensor:
-    from ddpm_hf.data.datasets import build_image_bank, load_image_dataset
+    from ddpm_hf.data.decoding import build_image_bank
+    from ddpm_hf.data.sources import load_image_dataset
 
     return build_image_bank(load_image_dataset(str(folder)), "image", 1, size, progress=False).images
 
@@ -198,7 +200,8 @@ def test_nll_during_training_refuses_the_training_data_as_held_out_before_traini
 
 
 def test_nll_during_training_on_the_built_in_digits_uses_their_held_out_split(tmp_path):
-    from ddpm_hf.data.datasets import build_image_bank, load_image_dataset
+    from ddpm_hf.data.decoding import build_image_bank
+    from ddpm_hf.data.sources import load_image_dataset
     from ddpm_hf.training.watch import load_held_out_images
 
     config = resolve_config({**TINY, "output_dir": str(tmp_path), "eval_nll_every": 2, "eval_nll_images": 3})

@@ -20,7 +20,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repo_id", default=None, help="the Hub repo id to show in the usage snippet")
     args = parser.parse_args(argv)
     from ddpm_hf.outputs.files import refuse_links
-    from ddpm_hf.outputs.model_card import write_model_card
+    from ddpm_hf.publishing.model_card import write_model_card
     from ddpm_hf.outputs.run_folder import TRAINING_CONFIG
 
     if not (Path(args.output_dir) / TRAINING_CONFIG).is_file():

@@ -45,6 +45,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     jump_length, jump_n_sample = (10 if v is None else v for v in (args.jump_length, args.jump_n_sample))
     if label_flags_problem(args):
         parser.error(label_flags_problem(args))
+    parser.check_sources(args)
     from ddpm_hf.sampling.edit_folder import edit_command, edit_problem, input_files, refuse_overlap
 
     problem = edit_problem(args.strength, args.mask, args.mask_half, num_inference_steps=args.num_inference_steps,

@@ -60,6 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.seed < 0 or args.batch_size < 1:
         parser.error(f"--seed {args.seed} must be at least 0 and --batch_size {args.batch_size} at least 1")
 
+    parser.check_sources(args)
     from ddpm_hf.devices import distributed_state
     from ddpm_hf.measuring.evaluation import check_data, evaluate_pipeline, settings
     from ddpm_hf.measuring.folder_metrics import feature_network

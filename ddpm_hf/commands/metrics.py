@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 from ddpm_hf.commands.parsing import Parser
 from ddpm_hf.commands.running import command
-from ddpm_hf.data.sizes import resolution as image_resolution
+from ddpm_hf.sizes import resolution as image_resolution
 
 
 @command
@@ -48,7 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     from ddpm_hf.devices import distributed_state
-    from ddpm_hf.measuring.folder_metrics import download_inception, evaluate_folder, feature_network
+    from ddpm_hf.measuring.folder_metrics import download_inception, measure_folder, feature_network
 
     if args.download_inception:
         try:
@@ -62,7 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = distributed_state().device
     network = feature_network(args.feature_network, device, args.inception_weights, args.dinov2_model,
                               args.cache_dir)  # first: fail before any work
-    result = evaluate_folder(args.samples, args.reference, network, mode=args.mode, cache_dir=args.cache_dir,
+    result = measure_folder(args.samples, args.reference, network, mode=args.mode, cache_dir=args.cache_dir,
                              split=args.split, resolution=args.resolution, channels=args.channels, kid=args.kid, isc=args.isc, output=args.output,
                              precision_recall=args.precision_recall, batch_size=args.batch_size, device=device)
     if "caution" in result["protocol"]:

@@ -42,6 +42,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.num_images < 1 or args.batch_size < 1:
         parser.error(f"--num_images={args.num_images} and --batch_size={args.batch_size} must be at least 1")
 
+    parser.check_sources(args)
     from ddpm_hf.devices import distributed_state
     from ddpm_hf.measuring.nll_folder import measure
     from ddpm_hf.sampling.samplers import network_dtype

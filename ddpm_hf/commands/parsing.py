@@ -19,6 +19,8 @@ from typing import Optional
 
 DEBUG_ENV = "DDPM_HF_DEBUG"
 DEBUG_HELP = f"on an error, show the traceback (also: {DEBUG_ENV}=1)"
+# classifier-free guidance beyond this saturates every image; what is asked for above it is a typo or an overflow
+MAX_GUIDANCE = 100.0
 
 
 def _first_to_say(line: str) -> bool:
@@ -48,12 +50,17 @@ def emit_error(message: str, prefix: str = "error") -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def _shows_no_default(default) -> bool:
+    """None, an off switch and a suppressed default say nothing; 0 is a default to show (`0 in (False,)` is True)."""
+    return default is None or default is False or default is argparse.SUPPRESS
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default where there is one to show (not for None, off switches or suppressed defaults)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in text or "(default:" in text:
+        if _shows_no_default(action.default) or "%(default)" in text or "(default:" in text:
             return action.help  # nothing to show, or the help says its default itself
         return f"{text} (default: %(default)s)".strip()
 
@@ -68,7 +75,7 @@ class Parser(argparse.ArgumentParser):
         self.add_argument("--debug", action="store_true", help=DEBUG_HELP)
 
     def add_argument(self, *args, **kwargs):
-        if "help" not in kwargs and kwargs.get("default") not in (None, False, argparse.SUPPRESS):
+        if "help" not in kwargs and not _shows_no_default(kwargs.get("default")):
             kwargs["help"] = "(default: %(default)s)"  # argparse shows no help line, so no default, for a flag without help
         return super().add_argument(*args, **kwargs)
 
@@ -83,7 +90,36 @@ class Parser(argparse.ArgumentParser):
             flags = [a for a in extras if a.startswith("-")]
             shown = [self._with_suggestion(a) for a in flags] or extras
             self.error("unrecognized arguments: " + " ".join(shown))
+        self.parsed(namespace)
         return namespace
+
+    def parsed(self, namespace) -> None:
+        """Called with every namespace the parser returns (a test stops a parse here, before any work)."""
+
+    # what a command reads, checked once at its boundary without loading anything, so that a path or a name that is
+    # not there is answered before torch loads: the argument's dest -> (how it is named, its check); data first, as a
+    # command that needs both says what is wrong with its data before it would load the pipeline
+    SOURCES = {"dataset": ("--dataset", "dataset"), "pipeline": ("PIPELINE", "pipeline")}
+
+    def check_sources(self, namespace) -> None:
+        """A command's inputs that can be checked without torch (a pipeline folder, a dataset name, a chain no longer
+        than the pipeline's T): called by the command after its own usage checks, before anything heavy loads."""
+        from ddpm_hf.errors import MissingError
+        from ddpm_hf.outputs.run_folder import pipeline_source_problem, steps_problem
+        from ddpm_hf.paths import dataset_name_problem
+
+        for dest, (named, kind) in self.SOURCES.items():
+            value = getattr(namespace, dest, None)
+            if not isinstance(value, str):
+                continue
+            problem = pipeline_source_problem(value) if kind == "pipeline" else dataset_name_problem(value, named)
+            if problem:
+                raise MissingError(problem)
+        steps = getattr(namespace, "num_inference_steps", None)
+        if isinstance(getattr(namespace, "pipeline", None), str) and isinstance(steps, int):
+            problem = steps_problem(namespace.pipeline, steps)
+            if problem:
+                self.error(problem)
 
     def _with_suggestion(self, arg: str) -> str:
         if not arg.startswith("--"):
@@ -103,8 +139,9 @@ def add_label_flags(parser, labels_help: str) -> None:
 
 def label_flags_problem(args) -> Optional[str]:
     """What is wrong with --class_labels and --guidance_scale as given, before the pipeline is loaded, or None."""
-    if not args.guidance_scale >= 0:
-        return f"--guidance_scale {args.guidance_scale}: give 0 or more (0 unconditional, 1 conditional)"
+    if not 0 <= args.guidance_scale <= MAX_GUIDANCE:  # NaN and inf too: a record of ours holds finite numbers only
+        return (f"--guidance_scale {args.guidance_scale}: give a scale from 0 to {MAX_GUIDANCE:g} (0 unconditional, 1 "
+                "conditional, 3 to 10 the usual guided range)")
     if args.class_labels is None and args.guidance_scale != 1.0:
         return "--guidance_scale is for a class-conditional pipeline: add --class_labels (balanced, or 0,3,7)"
     return None

@@ -24,7 +24,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--commit_message", default="Upload DDPM pipeline with ddpm_hf")
     args = parser.parse_args(argv)
 
-    from ddpm_hf.outputs.hub import push_output_folder
+    from ddpm_hf.publishing.hub import push_output_folder
 
     url, commit = push_output_folder(args.output_dir, repo_id=args.hub_model_id, token=args.hub_token,
                                      private=args.hub_private_repo, commit_message=args.commit_message)

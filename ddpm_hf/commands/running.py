@@ -80,7 +80,7 @@ def quiet_loading() -> None:
 
 def load_for_command(source: str, device):
     """The pipeline a command works on, on `device`, without diffusers' loading bars."""
-    from ddpm_hf.outputs.weights import load_pipeline
+    from ddpm_hf.saved.weights import load_pipeline
 
     quiet_loading()
     return load_pipeline(source).to(device)

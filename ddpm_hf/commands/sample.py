@@ -19,7 +19,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = Parser(description=main.__doc__, prog="ddpm-sample")
     parser.add_argument("pipeline", help="a folder written by save_pretrained / a training run, or a Hub repo id")
     parser.add_argument("output_dir", help="where the PNGs go ({k:06d}-seed{seed+k}.png)")
-    parser.add_argument("--num_images", type=int, required=True)
+    parser.add_argument("--num_images", type=int, required=True, help="how many images to draw: 0..N-1, image k "
+                        "from seed --seed + k (50000 for FID, as the paper)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--scheduler", choices=SAMPLERS, default="ddpm")
     parser.add_argument("--num_inference_steps", type=int, default=1000)
@@ -45,18 +46,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.seed < 0:
         parser.error(f"--seed {args.seed}: seeds are integers from 0 (image k is drawn from seed + k)")
 
-    from ddpm_hf.devices import distributed_state
-    from ddpm_hf.sampling.sample_folder import count_problem, sample_command
+    from ddpm_hf.sampling.counts import count_problem
 
     problem = count_problem(args.num_images, args.batch_size, args.num_inference_steps)
     if problem:  # before the pipeline is loaded and anything is written
         parser.error(problem)
+    if label_flags_problem(args):
+        parser.error(label_flags_problem(args))
+    parser.check_sources(args)
+    from ddpm_hf.devices import distributed_state
+    from ddpm_hf.sampling.sample_folder import sample_command
     from ddpm_hf.sampling.samplers import network_dtype
 
     state = distributed_state()
     network_dtype(args.dtype, state.device)  # refused before loading anything
-    if label_flags_problem(args):
-        parser.error(label_flags_problem(args))
     pipe = load_for_command(args.pipeline, state.device)
     from ddpm_hf.pipelines.guidance import num_classes
     from ddpm_hf.sampling.sample_folder import class_labels_of

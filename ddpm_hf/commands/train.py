@@ -12,7 +12,7 @@ from ddpm_hf.commands.running import command, configure_logging
                      "averages over while holding 1/N of it in memory")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`train_ddpm.py` / `ddpm-train`: train a DDPM; `--dry_run` prints the resolved config and parameter count."""
-    from ddpm_hf.training.flags import parse_args
+    from ddpm_hf.commands.train_flags import parse_args
 
     config, options = parse_args(argv)
     if options.dry_run:

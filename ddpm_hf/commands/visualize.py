@@ -62,7 +62,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if min(args.seeds) < 0:
         parser.error(f"--seeds {min(args.seeds)}: seeds are integers from 0 (seed s is the image ddpm-sample draws from s)")
 
-    from ddpm_hf.data.datasets import first_rows, images_of
+    parser.check_sources(args)
+
+    from ddpm_hf.data.decoding import images_of
+    from ddpm_hf.data.sources import first_rows
     from ddpm_hf.devices import distributed_state
     from ddpm_hf.sampling.figures import visualize
     from ddpm_hf.sampling.samplers import network_dtype, use_scheduler

@@ -15,7 +15,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from ddpm_hf.data.datasets import BUILTIN_DATASETS, local_data_files
+from ddpm_hf.choices import BUILTIN_DATASETS
+from ddpm_hf.data.sources import local_data_files
 
 
 def files_fingerprint(files: Iterable[str], root) -> dict:

@@ -12,7 +12,7 @@ import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
-from ddpm_hf.data.sizes import canonical, sample_size, size_of, size_problem
+from ddpm_hf.sizes import canonical, sample_size, size_of, size_problem
 from ddpm_hf.errors import UsageError, first_line
 
 if TYPE_CHECKING:  # diffusers loads only when a network is built: the command lines read the presets first

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
 
-from ddpm_hf.data.sizes import canonical, size_of
+from ddpm_hf.sizes import canonical, size_of
 from ddpm_hf.errors import UsageError
 from ddpm_hf.outputs.files import atomic_write_json, atomic_write_text
 from ddpm_hf.outputs.run_folder import (
@@ -104,7 +104,7 @@ def settings(protocol: str, **overrides) -> dict:
 def check_data(chosen: dict) -> None:
     """The reference and held-out data load here (a cached Hub dataset, a folder, the built-in digits), before any
     sampling: offline, one line says so now rather than after hours of sampling."""
-    from ddpm_hf.data.datasets import load_image_dataset
+    from ddpm_hf.data.sources import load_image_dataset
 
     if not chosen["reference"].startswith("cleanfid:"):
         load_image_dataset(chosen["reference"], split=chosen["reference_split"])
@@ -117,7 +117,7 @@ def evaluate_pipeline(pipe, *, reload: Callable, pipeline_name: str, folder, cho
                       notify: Callable[[str], None] = lambda message: None) -> Optional[dict]:
     """Run the stages into `folder`; returns the report on the main process (None on the others). `reload()` gives the
     pipeline again as saved, for the bound in float32: sampling cast `pipe`'s network to `dtype`."""
-    from ddpm_hf.measuring.folder_metrics import evaluate_folder
+    from ddpm_hf.measuring.folder_metrics import measure_folder
     from ddpm_hf.measuring.nll_folder import measure
     from ddpm_hf.pipelines.guidance import num_classes
     from ddpm_hf.sampling.sample_folder import sample_command
@@ -141,7 +141,7 @@ def evaluate_pipeline(pipe, *, reload: Callable, pipeline_name: str, folder, cho
         by_scale[w] = {}
         if is_main:
             for mode in chosen["modes"]:
-                by_scale[w][mode] = evaluate_folder(
+                by_scale[w][mode] = measure_folder(
                     folder / evaluation_samples_dir(w), chosen["reference"], network, mode=mode, cache_dir=cache_dir,
                     split=chosen["reference_split"], resolution=unet_config.sample_size,
                     channels=unet_config.in_channels, output=folder / evaluation_metrics_file(mode, w),

@@ -26,7 +26,7 @@ from PIL import Image
 
 from ddpm_hf.choices import FEATURE_NETWORKS, FID_MODES
 from ddpm_hf.data.fingerprints import files_fingerprint, source_fingerprint
-from ddpm_hf.data.sizes import canonical
+from ddpm_hf.sizes import canonical
 from ddpm_hf.errors import MissingError, UsageError, first_line
 from ddpm_hf.measuring.metrics import (
     feature_statistics,
@@ -39,7 +39,7 @@ from ddpm_hf.measuring.metrics import (
 from ddpm_hf.outputs.files import atomic_write_bytes, atomic_write_json, replace_dir, sha256_of, tmp_sibling
 from ddpm_hf.outputs.run_folder import metrics_file
 from ddpm_hf.paths import DINOV2_DEFAULT, INCEPTION_FILE, INCEPTION_URL, WEIGHTS_ENV, default_cache_dir
-from ddpm_hf.pipelines.pipeline_ddpm import names_a_local_path
+from ddpm_hf.paths import names_a_local_path
 from ddpm_hf.sampling.sample_folder import SAMPLING_FILE
 
 
@@ -285,7 +285,9 @@ def _data_tag(dataset: str) -> str:
 def dataset_reference(dataset: str, split: str, resolution, channels: int, cache_dir: Path,
                       max_images: Optional[int] = None) -> Path:
     """The reference images of a dataset split, exported once as PNGs into the cache (atomically)."""
-    from ddpm_hf.data.datasets import build_image_bank, find_image_column, load_image_dataset
+    from ddpm_hf.data.columns import find_image_column
+    from ddpm_hf.data.decoding import build_image_bank
+    from ddpm_hf.data.sources import load_image_dataset
 
     folder = Path(cache_dir) / "reference-images" / _safe(f"{dataset}{_data_tag(dataset)}-{split}-{resolution}px-{channels}ch-{max_images or 'all'}")
     if folder.is_dir():
@@ -392,7 +394,7 @@ def sampling_protocol(samples: Path) -> Optional[dict]:
     return protocol
 
 
-def evaluate_folder(samples, reference: str, network: FeatureNetwork, *, mode: str = "clean", cache_dir=None,
+def measure_folder(samples, reference: str, network: FeatureNetwork, *, mode: str = "clean", cache_dir=None,
                     split: str = "train", resolution: Optional[int] = None, channels: int = 3, kid: bool = True,
                     isc: bool = True, output: Optional[Path] = None, precision_recall: bool = False,
                     fd_se_rounds: int = 0, **kw) -> dict:

@@ -22,15 +22,17 @@ from typing import Callable, Dict, Optional, Sequence, Set, Tuple
 import numpy as np
 import torch
 
-from ddpm_hf.data.datasets import first_rows, image_fit_note, images_of
+from ddpm_hf.data.decoding import image_fit_note, images_of
+from ddpm_hf.data.sources import first_rows
 from ddpm_hf.data.fingerprints import image_sha256, images_sha256, source_fingerprint
-from ddpm_hf.diffusion.likelihood import GIVEN_CLASS, TERMS, bits_per_dim_of_share, summarize
+from ddpm_hf.diffusion.likelihood import GIVEN_CLASS, summarize, TERMS
+from ddpm_hf.measuring.bound import bits_per_dim_of_share
 from ddpm_hf.errors import StateError, UsageError
 from ddpm_hf.outputs.files import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 from ddpm_hf.outputs.folder_jobs import FolderJob
 from ddpm_hf.outputs.plots import plot_bound_terms
 from ddpm_hf.outputs.run_folder import NLL
-from ddpm_hf.outputs.weights import state_dict_sha256
+from ddpm_hf.saved.weights import state_dict_sha256
 from ddpm_hf.pipelines.counter_noise import NOISE
 from ddpm_hf.sampling.samplers import cast_network
 
@@ -133,12 +135,12 @@ def measure(pipe, *, pipeline_name: str, folder, dataset: str, num_images: int, 
             notify(f"{changed} of the images in {folder}/images were measured on other pixels than --dataset {dataset} "
                    "now holds at their index (the data changed); they are measured again")
         todo = job.todo(num_images, done)
-        bar = job.bar(len(todo), "Bits/dim", "img")
+        # the bar counts image-terms (each image's T terms), so that it moves within a batch's 1000 network calls
+        bar = job.bar(len(todo) * scheduler.config.num_train_timesteps, "Bits/dim", "term")
         for ks, terms in bits_per_dim_of_share(unet, scheduler, images, todo, seed, batch_size, clip_denoised,
-                                               labels=labels):
+                                               labels=labels, term_done=bar.update):
             for i, k in enumerate(ks):
                 write_image_result(image_file(job.folder, k), terms, i, hashes[k])
-            bar.update(len(ks))
         bar.close()
         if not job.finish():
             return None
@@ -149,7 +151,7 @@ def measure(pipe, *, pipeline_name: str, folder, dataset: str, num_images: int, 
 def held_out_labels(rows, label_column: Optional[str], pipe) -> torch.Tensor:
     """The class labels of the measured images (`find_label_column`, `class_names_of`): refused in one line where the
     data's classes are not the pipeline's."""
-    from ddpm_hf.data.datasets import check_same_classes, class_names_of, find_label_column
+    from ddpm_hf.data.columns import check_same_classes, class_names_of, find_label_column
     from ddpm_hf.pipelines.guidance import num_classes
 
     column = find_label_column(rows.features, label_column)

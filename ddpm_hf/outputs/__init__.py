@@ -1,2 +1,2 @@
-"""What we write: the run folder's file names, atomic and hashed writes, sound weights, the resumable folder job,
-the one-writer folder lock, plots, the model card and the Hub push."""
+"""Files and folders, knowing nothing of models: the run folder's file names, atomic and hashed writes, the one-writer
+folder lock, the resumable folder job, and pictures written as files."""

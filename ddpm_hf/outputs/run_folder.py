@@ -20,7 +20,10 @@ commands' help) takes a name from here. A run folder holds:
     logs/                                   tracker logs (TensorBoard)
 """
 
-from typing import Optional
+import hashlib
+import json
+from pathlib import Path
+from typing import List, Optional
 
 # the pipeline (save_pretrained's layout)
 MODEL_INDEX = "model_index.json"
@@ -114,3 +117,108 @@ RUN_PRODUCTS = (
     BEST_CHECKPOINT, SAMPLE_GRIDS_DIR, SAMPLE_GRID, LOGS_DIR, TRAIN_SUMMARY, LOSS_CURVE, PROGRESSIVE,
     *DENOISING_ANIMATIONS, FIGURES_RECORD,
 )
+
+
+def named_step(folder: Path) -> Optional[int]:
+    """The step a checkpoint-<step> folder's name says; None for a folder named otherwise (best_checkpoint)."""
+    suffix = Path(folder).name[len(CHECKPOINT_PREFIX):]
+    return int(suffix) if Path(folder).name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
+
+
+def checkpoint_folders(output_dir: Path) -> List[Path]:
+    """Every checkpoint-* folder in output_dir, readable or not."""
+    return sorted(f for f in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if f.is_dir())
+
+
+def list_checkpoints(output_dir: Path) -> List[tuple]:
+    """(step, folder) of every checkpoint whose state file reads and names the step of the folder's name, oldest
+    first. Others are left alone (never rotated away) and named as damaged by a resume."""
+    found = []
+    for folder in checkpoint_folders(output_dir):
+        try:
+            step = json.loads((folder / TRAINER_STATE).read_text())["step"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(step, int) and step == named_step(folder):
+            found.append((step, folder))
+    return sorted(found)
+
+
+def saved_config_files(output_dir: Path, which: str) -> List[Path]:
+    """Where the config of the run a resume continues may be, best first: in the checkpoint (`latest`: the newest
+    whose state reads; else the folder `which`), then in the output folder."""
+    folder = Path(output_dir)
+    if which == "latest":
+        newest = list_checkpoints(folder)[-1:]
+        candidates = [checkpoint / TRAINING_CONFIG for _, checkpoint in newest]
+    else:
+        candidates = [named_checkpoint(folder, which) / TRAINING_CONFIG]
+    return candidates + [folder / TRAINING_CONFIG]
+
+
+def named_checkpoint(output_dir: Path, which: str) -> Path:
+    """The folder --resume_from_checkpoint names (not `latest`): a path as it is; a bare checkpoint-<step> that is not
+    a folder here is the one inside the output folder, as diffusers' train_unconditional.py takes it."""
+    path = Path(which).expanduser()
+    if not path.is_dir() and path.name == which and which.startswith(CHECKPOINT_PREFIX):
+        return Path(output_dir) / which
+    return path
+
+
+# The card's last line: the SHA-256 of the text above it. A card that still matches it is one we wrote, which a later
+# run may write over; one that does not (edited by hand, or the user's own README.md) is the user's, and a run refuses
+# to write over it (run_guard.user_files_in_run). The record sits in the card itself, so writing the card stays one
+# atomic write. An HTML comment: the Hub does not show it.
+CARD_STAMP = "<!-- written by ddpm_hf; the SHA-256 of the text above: {} -->"
+
+
+def stamped_card(text: str) -> str:
+    body = text if text.endswith("\n") else text + "\n"
+    return body + CARD_STAMP.format(hashlib.sha256(body.encode()).hexdigest()) + "\n"
+
+
+def card_is_ours(path: Path) -> bool:
+    """Whether the card at `path` is as we wrote it: its last line the SHA-256 of the text above it."""
+    try:
+        text = Path(path).read_bytes().decode()
+    except (OSError, UnicodeDecodeError):
+        return False
+    body, _, last = text.rstrip("\n").rpartition("\n")
+    return bool(body) and last == CARD_STAMP.format(hashlib.sha256((body + "\n").encode()).hexdigest())
+
+
+
+def pipeline_source_problem(source: str) -> Optional[str]:
+    """What is wrong with a pipeline argument, known without loading anything (so a command answers before torch
+    loads): a local path that is not there, a file, or a folder that holds no pipeline. None for a pipeline folder or a
+    Hub repo id (which loading checks)."""
+    from ddpm_hf.paths import names_a_local_path
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / MODEL_INDEX).is_file():
+            return None
+        return (f"{source} holds no pipeline (no {MODEL_INDEX}); give the folder a training run or save_pretrained "
+                "wrote (a run writes its pipeline at its first checkpoint), or a Hub repo id.")
+    if path.exists():
+        return f"{source} is a file; give the folder a training run or save_pretrained wrote, or a Hub repo id."
+    if names_a_local_path(source):
+        return (f"{source}: no such file or folder; give the folder a training run or save_pretrained wrote (or a Hub "
+                "repo id).")
+    return None
+
+
+def steps_problem(source: str, num_inference_steps: int, flag: str = "--num_inference_steps") -> Optional[str]:
+    """A chain longer than the pipeline's T (read from its scheduler config in a local folder, without loading it), so
+    that the count is refused before anything loads or is written; None where it fits or the folder is not local."""
+    folder = Path(source).expanduser()
+    for name in (SCHEDULER_CONFIG, ROOT_LAYOUT_SCHEDULER_CONFIG):
+        try:
+            T = int(json.loads((folder / name).read_text())["num_train_timesteps"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if num_inference_steps > T:
+            return (f"{flag} {num_inference_steps}: the pipeline {source} has T = {T} timesteps, so its chain takes 1 "
+                    f"to {T} steps")
+        return None
+    return None

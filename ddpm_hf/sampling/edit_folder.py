@@ -19,12 +19,14 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from ddpm_hf.data.datasets import IMAGE_SUFFIXES, data_files_under, decode_image, to_uint8_array
+from ddpm_hf.data.decoding import decode_image, to_uint8_array
+from ddpm_hf.data.sources import data_files_under, IMAGE_SUFFIXES
 from ddpm_hf.errors import UsageError
 from ddpm_hf.outputs.files import atomic_save_image, remove_stale_temporaries, sha256_of
 from ddpm_hf.outputs.folder_jobs import FolderJob, handles
-from ddpm_hf.outputs.weights import state_dict_sha256
+from ddpm_hf.saved.weights import state_dict_sha256
 from ddpm_hf.pipelines.counter_noise import NOISE
+from ddpm_hf.sampling.samplers import chain_steps_shown
 
 EDIT_FILE = "edit.json"
 COMPARISON = "comparison.png"
@@ -106,6 +108,10 @@ def edit_problem(strength: Optional[float], mask, mask_half: Optional[str], **co
     for flag, value in counts.items():
         if value < (0 if flag == "seed" else 1):
             return f"--{flag} {value} must be at least {0 if flag == 'seed' else 1}"
+    steps = counts.get("num_inference_steps", 1)
+    if strength is not None and strength > 0 and int(round(strength * steps)) == 0:  # as pipe.edit counts its steps
+        return (f"--strength {strength} of --num_inference_steps {steps} runs no step (it would return the inputs); "
+                f"raise --num_inference_steps to at least {int(0.5 / strength) + 1}, or --strength")
     return None
 
 
@@ -150,6 +156,10 @@ def edit_command(pipe, *, pipeline_name: str, images, folder, strength: Optional
     masks = mask_files(mask, sources, root) if mask is not None else None
     for path in dict.fromkeys([*sources, *(masks or [])]):  # a bad file: one line naming it, before any work, on
         decode_image(path.read_bytes(), str(path))          # every process alike (never one process stopping alone)
+    for path in dict.fromkeys(masks or []):
+        if not (fitted(path, 1, pipe._sample_size()) >= 0.5).any():
+            raise UsageError(f"--mask {path} selects nothing to fill (no white pixel at the UNet's size): inpainting "
+                             "would return the input; white marks what RePaint fills.")
     channels, size = pipe.unet.config.in_channels, pipe._sample_size()
     protocol = {
         "pipeline": pipeline_name, "weights_sha256": state_dict_sha256(pipe.unet), "scheduler_config": dict(pipe.scheduler.config),
@@ -177,23 +187,32 @@ def edit_command(pipe, *, pipeline_name: str, images, folder, strength: Optional
                 (not handles(k, job.rank, job.world) or decodes(job.folder / n))}
         todo = job.todo(len(sources), done)
         pipe.set_progress_bar_config(disable=True)
-        bar = job.bar(len(todo), "Editing" if strength is not None else "Inpainting", "img")
+        # the bar counts image-steps, so that it moves within a batch's chain (RePaint's moves: steps and undos)
+        if strength is not None:
+            per_image = int(round(strength * num_inference_steps))
+        else:
+            from ddpm_hf.pipelines.pipeline_ddpm import repaint_moves
+
+            per_image = len(repaint_moves(num_inference_steps, jump_length, jump_n_sample))
+        bar = job.bar(len(todo) * per_image, "Editing" if strength is not None else "Inpainting", "step")
         for at in range(0, len(todo), batch_size):
             ks = todo[at : at + batch_size]
+            shown = chain_steps_shown(pipe, lambda n=len(ks): bar.update(n))
             x = torch.stack([fitted(sources[k], channels, size) for k in ks])
             guided = {} if labels is None else {"class_labels": [label_of(k, labels) for k in ks],
                                                 "guidance_scale": guidance_scale}
             seeds = [seed + k for k in ks]
             if strength is not None:
-                out = pipe.edit(x, strength=strength, seeds=seeds, num_inference_steps=num_inference_steps, **guided)
+                with shown:
+                    out = pipe.edit(x, strength=strength, seeds=seeds, num_inference_steps=num_inference_steps, **guided)
             else:
                 m = (half_mask(mask_half, size)[None].expand(len(ks), -1, -1, -1) if mask_half else
                      torch.stack([fitted(masks[k], 1, size) for k in ks]))
-                out = pipe.inpaint(x, m, seeds=seeds, num_inference_steps=num_inference_steps,
-                                   jump_length=jump_length, jump_n_sample=jump_n_sample, **guided)
+                with shown:
+                    out = pipe.inpaint(x, m, seeds=seeds, num_inference_steps=num_inference_steps,
+                                       jump_length=jump_length, jump_n_sample=jump_n_sample, **guided)
             for k, image in zip(ks, out.images):
                 atomic_save_image(image, job.folder / names[k])
-            bar.update(len(ks))
         bar.close()
         if job.finish():
             held = sum((job.folder / n).is_file() for n in names)

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from ddpm_hf.choices import ANIMATION_FORMATS, FIGURES
-from ddpm_hf.data.datasets import to_model_range
+from ddpm_hf.diffusion.pixels import to_model_range
 from ddpm_hf.errors import UsageError
 from ddpm_hf.outputs.files import atomic_save_image, atomic_write_bytes, atomic_write_json
 from ddpm_hf.outputs.plots import image_grid
 from ddpm_hf.outputs.run_folder import DENOISING_STEM, FIGURES_RECORD, PROGRESSIVE
-from ddpm_hf.outputs.weights import state_dict_sha256
+from ddpm_hf.saved.weights import state_dict_sha256
 from ddpm_hf.pipelines.guidance import GuidedNetwork, null_label, num_classes
 from ddpm_hf.pipelines.pipeline_ddpm import denoise, epsilon_from_clipped_x0, to_output
 from ddpm_hf.sampling.samplers import cast_network

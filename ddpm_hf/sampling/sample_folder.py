@@ -21,9 +21,10 @@ from ddpm_hf.errors import UsageError
 from ddpm_hf.outputs.files import atomic_save_image, atomic_write, sha256_of
 from ddpm_hf.outputs.folder_jobs import FolderJob, handles, process_share
 from ddpm_hf.outputs.run_folder import TRAINING_CONFIG
-from ddpm_hf.outputs.weights import state_dict_sha256
+from ddpm_hf.saved.weights import state_dict_sha256
 from ddpm_hf.pipelines.counter_noise import NOISE
 from ddpm_hf.pipelines.pipeline_ddpm import epsilon_from_clipped_x0
+from ddpm_hf.sampling.counts import count_problem
 from ddpm_hf.sampling.samplers import (
     cast_network,
     chain_timesteps,
@@ -35,8 +36,6 @@ from ddpm_hf.sampling.samplers import (
 SAMPLING_FILE = "sampling.json"
 # the folder as one file for other toolchains: arr_0 uint8 NHWC (guided-diffusion's evaluator reads it), arr_1 labels
 SAMPLES_NPZ = "samples.npz"
-# A folder of PNGs holds a few million well; FID uses 50,000. A count beyond this is a typo, told before any work.
-MAX_IMAGES = 10_000_000
 
 _NAME = re.compile(r"^(\d{6,})-seed(\d+)(?:-class(\d+))?\.png$")
 
@@ -154,17 +153,6 @@ def write_npz(folder: Path, num_images: int, seed: int, labels: Optional[Sequenc
     atomic_write(path, write)
     return {"file": SAMPLES_NPZ, "sha256": sha256_of(path), "num_images": num_images,
             "arrays": "arr_0: uint8 NHWC, image k at index k" + ("; arr_1: image k's class" if labels is not None else "")}
-
-
-def count_problem(num_images: int, batch_size: int, num_inference_steps: int) -> Optional[str]:
-    """What is wrong with the counts of a sampling run, or None: checked before the pipeline is loaded."""
-    if num_images < 1 or batch_size < 1 or num_inference_steps < 1:
-        return (f"--num_images {num_images}, --batch_size {batch_size} and --num_inference_steps {num_inference_steps} "
-                "must each be at least 1")
-    if num_images > MAX_IMAGES:
-        return (f"--num_images {num_images} is more than one folder of PNGs holds well (at most {MAX_IMAGES:,}; FID "
-                "uses 50,000): draw into several folders with --seed apart by the count")
-    return None
 
 
 def sample_to_folder(

@@ -1,2 +1,2 @@
-"""The training run: its config and flags, the loop and its steps, what it holds, what watches it, the CUDA-graph
-step, checkpoints and the guard on its folder."""
+"""The training run: the loop and its steps, the batch feed, what it holds, what watches it, the CUDA-graph step,
+checkpoints, the precision probe and the guard on its folder."""

@@ -16,17 +16,20 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 from ddpm_hf.errors import MissingError, StateError, UsageError, first_line
 from ddpm_hf.outputs.files import remove_atomically, replace_dir, sha256_of, tmp_sibling, what_to_do
 from ddpm_hf.outputs.run_folder import (
     CHECKPOINT_EMA,
+    checkpoint_folders,
     CHECKPOINT_OPTIMIZER,
     CHECKPOINT_PREFIX,
     CHECKPOINT_UNET,
+    list_checkpoints,
+    named_checkpoint,
+    named_step,
     TRAINER_STATE,
-    TRAINING_CONFIG,
 )
 
 REQUIRED_FILES = (CHECKPOINT_UNET, CHECKPOINT_EMA, CHECKPOINT_OPTIMIZER)
@@ -49,12 +52,6 @@ def state_sha256(state: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def _named_step(folder: Path) -> Optional[int]:
-    """The step a checkpoint-<step> folder's name says; None for a folder named otherwise (best_checkpoint)."""
-    suffix = Path(folder).name[len(CHECKPOINT_PREFIX):]
-    return int(suffix) if Path(folder).name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
-
-
 def _contiguous(state):
     return {k: v.detach().contiguous() for k, v in state.items()}
 
@@ -70,7 +67,7 @@ def save_checkpoint(output_dir: Path, step: int, unet, ema_model, optimizer, tra
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    from ddpm_hf.outputs.weights import refuse_unsound_weights
+    from ddpm_hf.saved.weights import refuse_unsound_weights
 
     final = Path(output_dir) / (name or checkpoint_name(step))
     refuse_unsound_weights({"UNet": unet, "EMA": ema_model}, final.name, step=step,
@@ -122,7 +119,7 @@ def checkpoint_problem(folder: Path, required: Sequence[str] = ()) -> Optional[s
         return f"{TRAINER_STATE} does not match its SHA-256 (it was changed after it was written)"
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         return f"{TRAINER_STATE} holds step {step!r}, not a step count"
-    named = _named_step(folder)
+    named = named_step(folder)
     if named is not None and named != step:
         return f"{TRAINER_STATE} says step {step}, but the folder is {Path(folder).name}"
     missing = [key for key in required if key not in state]
@@ -136,25 +133,6 @@ def checkpoint_problem(folder: Path, required: Sequence[str] = ()) -> Optional[s
         if name in files and sha256_of(path) != files[name]:
             return f"{name} does not match its SHA-256"
     return None
-
-
-def checkpoint_folders(output_dir: Path) -> List[Path]:
-    """Every checkpoint-* folder in output_dir, readable or not."""
-    return sorted(f for f in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if f.is_dir())
-
-
-def list_checkpoints(output_dir: Path) -> List[tuple]:
-    """(step, folder) of every checkpoint whose state file reads and names the step of the folder's name, oldest
-    first. Others are left alone (never rotated away) and named as damaged by a resume."""
-    found = []
-    for folder in checkpoint_folders(output_dir):
-        try:
-            step = json.loads((folder / TRAINER_STATE).read_text())["step"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if isinstance(step, int) and step == _named_step(folder):
-            found.append((step, folder))
-    return sorted(found)
 
 
 def resolve_checkpoint(output_dir: Path, which: Optional[str], warn: Callable[[str], None] = lambda message: None
@@ -179,7 +157,7 @@ def resolve_checkpoint(output_dir: Path, which: Optional[str], warn: Callable[[s
             raise CheckpointError(f"{output_dir} holds checkpoints but none is intact: {'; '.join(skipped)}. Move them away "
                                   "to start over, or resume from a copy with --resume_from_checkpoint PATH.")
         return None
-    path = Path(which).expanduser()
+    path = named_checkpoint(output_dir, which)
     if not (path / TRAINER_STATE).is_file():
         raise MissingError(f"--resume_from_checkpoint {which}: no {TRAINER_STATE} there; give a checkpoint-* folder or 'latest'.")
     problem = checkpoint_problem(path, REQUIRED_STATE)
@@ -234,18 +212,6 @@ def _load_optimizer_state(folder: Path, mmap: bool = False):
         raise CheckpointError(f"{folder / CHECKPOINT_OPTIMIZER} holds objects that a safe load refuses (not only tensors "
                               "and numbers), so ddpm_hf did not write it or it was changed; resume from another "
                               "checkpoint.") from None
-
-
-def saved_config_files(output_dir: Path, which: str) -> List[Path]:
-    """Where the config of the run a resume continues may be, best first: in the checkpoint (`latest`: the newest
-    whose state reads; else the folder `which`), then in the output folder."""
-    folder = Path(output_dir)
-    if which == "latest":
-        newest = list_checkpoints(folder)[-1:]
-        candidates = [checkpoint / TRAINING_CONFIG for _, checkpoint in newest]
-    else:
-        candidates = [Path(which) / TRAINING_CONFIG]
-    return candidates + [folder / TRAINING_CONFIG]
 
 
 OPTIMIZER_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")  # torch.optim's per-group switches

@@ -35,12 +35,12 @@ import torch
 from accelerate.logging import get_logger
 
 from ddpm_hf import cpu_threads
-from ddpm_hf.data.datasets import BatchSource
-from ddpm_hf.data.sizes import size_of
+from ddpm_hf.training.batches import BatchSource
+from ddpm_hf.sizes import size_of
 from ddpm_hf.devices import accelerator_available, cpu_has_bf16, deterministic_kernels, device_name
 from ddpm_hf.errors import StateError, UsageError
 from ddpm_hf.outputs.files import atomic_write_json, remove_atomically, remove_stale_temporaries
-from ddpm_hf.outputs.model_card import write_model_card
+from ddpm_hf.publishing.model_card import write_model_card
 from ddpm_hf.outputs.plots import plot_loss_curve
 from ddpm_hf.outputs.run_folder import (
     BEST_CHECKPOINT,
@@ -53,19 +53,19 @@ from ddpm_hf.outputs.run_folder import (
     TRAIN_SUMMARY,
     TRAINING_CONFIG,
 )
-from ddpm_hf.outputs.weights import refuse_unsound_weights, save_pipeline, verify_pipeline
+from ddpm_hf.saved.weights import refuse_unsound_weights, save_pipeline, verify_pipeline
 from ddpm_hf.sampling.samplers import network_dtype
+from ddpm_hf.outputs.run_folder import list_checkpoints
 from ddpm_hf.training.checkpoints import (
     checkpoint_name,
     checkpoint_to_resume,
-    list_checkpoints,
     load_checkpoint,
     plain_numbers,
     refuse_resume_past_end,
     rotate_checkpoints,
     save_checkpoint,
 )
-from ddpm_hf.training.config import TrainingConfig, checkpoint_settings, resume_changes
+from ddpm_hf.recipes.config import TrainingConfig, checkpoint_settings, resume_changes
 from ddpm_hf.training.parts import (
     apply_optimizer_changes,
     build_model,
@@ -73,7 +73,8 @@ from ddpm_hf.training.parts import (
     run_unet_config,
     unet_config_json,
 )
-from ddpm_hf.training.precision import BF16_MIN_GAIN, rates_text, resolve_mixed_precision
+from ddpm_hf.devices import BF16_MIN_GAIN, rates_text
+from ddpm_hf.training.precision import resolve_mixed_precision
 from ddpm_hf.training.run_guard import RunFolderLock, RunStopped, StopSignals, check_fresh_start, check_user_files
 from ddpm_hf.training.state import Clock, Run, TrainState
 from ddpm_hf.training.step_graph import StepGraph, graph_refusal, step_state
@@ -125,7 +126,7 @@ def setup(config: TrainingConfig, feature_network=None, hub_token: Optional[str]
     """The settings' checks, the folder's lock, the checkpoint to resume and the data's size (before anything slow);
     then the precision, the accelerator, the Hub credentials and the Inception weights (before the data is decoded and
     the model built, so that they fail in seconds); the data; then the model and everything that trains it."""
-    from ddpm_hf.data.datasets import training_set
+    from ddpm_hf.training.batches import training_set
     from ddpm_hf.devices import distributed_state
 
     started = time.perf_counter()
@@ -196,9 +197,10 @@ def accelerated_setup(config: TrainingConfig, lock, checkpoint: Optional[Path], 
     )
     if precision_choice is not None:
         rates = rates_text(precision_choice.get("images_per_s", {}))
-        logger.info("--mixed_precision auto: %s on %s%s.", config.mixed_precision, precision_choice["device"],
-                    f" (timed: {rates}; bf16 where at least {BF16_MIN_GAIN:.2f}x "
-                    "as fast)" if rates else "")
+        chosen = "fp32 (full precision)" if config.mixed_precision == "no" else f"{config.mixed_precision} (mixed precision)"
+        logger.info("--mixed_precision auto chose %s on the %s%s.", chosen, precision_choice["device"].upper(),
+                    f": timed {rates}, and bf16 is taken where at least {BF16_MIN_GAIN:.2f}x "
+                    "as fast" if rates else "")
     if config.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_bf16():
         logger.warning("This CPU has no native bf16 (AVX512-BF16 or AMX): --mixed_precision bf16 is emulated here and "
                        "slower than fp32; pass --mixed_precision no.")
@@ -206,7 +208,7 @@ def accelerated_setup(config: TrainingConfig, lock, checkpoint: Optional[Path], 
         network_dtype(config.eval_dtype, accelerator.device, flag="--eval_dtype")  # fp16 on a CPU: refused here
     pusher = None
     if config.push_to_hub and accelerator.is_main_process:  # before anything is written
-        from ddpm_hf.outputs.hub import HubPusher
+        from ddpm_hf.publishing.hub import HubPusher
 
         pusher = HubPusher(config.hub_model_id or Path(config.output_dir).resolve().name, hub_token,
                            config.hub_private_repo, config.output_dir)
@@ -282,8 +284,8 @@ def resume(run: Run) -> TrainState:
         run.lr_scheduler.load_state_dict(state.lr_scheduler)
         apply_optimizer_changes(config, run.optimizer, run.lr_scheduler, run.config_changes)
         run.ema.load_state(state.ema)
-        if run.timesteps.needs_losses:
-            run.timesteps.load_state_dict(state.timestep_sampler)
+        if run.t_sampler.needs_losses:
+            run.t_sampler.load_state_dict(state.timestep_sampler)
         state.nonfinite_in_a_row = 0  # a resume is a new attempt: only this session's skipped steps count toward the stop
         if run.config_changes:
             state.config_history.append({"step": state.step, "changes": run.config_changes})
@@ -336,7 +338,7 @@ def run_loop(run: Run, state: TrainState, signals: Optional[StopSignals] = None)
 
     if run.config.eval_every and state.step % run.config.eval_every == 0 and state.step > 0:
         if not any(e["step"] == state.step for e in state.evals):  # the checkpoint was written before its evaluation
-            evaluate_and_keep_best(run, state)
+            measure_and_keep_best(run, state)
     bar = tqdm(total=run.total_steps, initial=state.step, desc="Training",
                disable=not run.accelerator.is_local_main_process)
     graph = start_step_graph(run)
@@ -450,7 +452,7 @@ def periodic_work(run: Run, state: TrainState, bar, clock: Clock) -> None:
         if due(config.save_images_steps):
             save_grid(run, done)
         if due(config.eval_every):
-            evaluate_and_keep_best(run, state)
+            measure_and_keep_best(run, state)
         if due(config.eval_nll_every):
             evaluate_nll(run, state)
         if push_now:  # the EMA pipeline and card so far; the upload runs in the background
@@ -505,7 +507,7 @@ def write_checkpoint(run: Run, state: TrainState, name: Optional[str] = None) ->
     check_run_weights(run, state, name or checkpoint_name(state.step))
     if run.is_main:
         state.lr_scheduler, state.ema = plain_numbers(run.lr_scheduler.state_dict()), run.ema.state()
-        state.timestep_sampler = run.timesteps.state_dict()
+        state.timestep_sampler = run.t_sampler.state_dict()
         save_checkpoint(run.output_dir, state.step, run.raw_unet, run.ema.model, run.optimizer, state.to_dict(), name=name,
                         extra_files={TRAINING_CONFIG: run.config.to_json(),
                                      CHECKPOINT_UNET_CONFIG: unet_config_json(run.raw_unet)})
@@ -514,7 +516,7 @@ def write_checkpoint(run: Run, state: TrainState, name: Optional[str] = None) ->
     run.accelerator.wait_for_everyone()
 
 
-def evaluate_and_keep_best(run: Run, state: TrainState) -> None:
+def measure_and_keep_best(run: Run, state: TrainState) -> None:
     """The sample quality of now (`watch.log_sample_quality`); with --keep_best, best_checkpoint/ when it is the best so far."""
     if log_sample_quality(run, state):
         write_checkpoint(run, state, name=BEST_CHECKPOINT)

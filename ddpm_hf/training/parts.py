@@ -18,7 +18,7 @@ from ddpm_hf.diffusion.scheduler import DDPMScheduler
 from ddpm_hf.diffusion.timestep_samplers import make_timestep_sampler
 from ddpm_hf.errors import UsageError
 from ddpm_hf.outputs.run_folder import CHECKPOINT_UNET_CONFIG
-from ddpm_hf.training.config import TrainingConfig
+from ddpm_hf.recipes.config import TrainingConfig
 from ddpm_hf.training.state import StepMeters
 
 
@@ -37,7 +37,7 @@ def make_scheduler(config: TrainingConfig) -> DDPMScheduler:
 def resolve_classes(config: TrainingConfig) -> TrainingConfig:
     """With --class_conditional, `config` with the class names of its data (every label checked: one line before any
     work); else `config` itself."""
-    from ddpm_hf.data.datasets import training_classes
+    from ddpm_hf.training.batches import training_classes
 
     return dataclasses.replace(config, class_names=training_classes(config)) if config.class_conditional else config
 
@@ -64,7 +64,7 @@ def run_unet_config(config: TrainingConfig, checkpoint: Optional[Path] = None) -
     any more), else --unet_config's (checked against the run: C input channels, C output channels or 2C with a
     learned variance, the resolution), else the preset's. One that cannot be built (`unet_config_problem`) is refused
     here, in one line naming where it came from: before the data, and before --dry_run builds it."""
-    from ddpm_hf.data.sizes import sample_size
+    from ddpm_hf.sizes import sample_size
     from ddpm_hf.diffusion.unets import check_unet_config, resolve_unet_config, unet_config, unet_config_problem
 
     if checkpoint is not None and (checkpoint / CHECKPOINT_UNET_CONFIG).is_file():
@@ -105,7 +105,7 @@ def make_unet(config: TrainingConfig, checkpoint: Optional[Path] = None):
 def load_starting_weights(unet, source: str) -> None:
     """--init_from: the UNet weights of the pipeline `source` (a folder, a google/ddpm-* root layout, or a Hub repo
     id; cached ones work offline), into `unet`."""
-    from ddpm_hf.outputs.weights import load_pipeline
+    from ddpm_hf.saved.weights import load_pipeline
 
     weights = load_pipeline(source).unet.state_dict()
     try:
@@ -184,7 +184,7 @@ def build_model(config: TrainingConfig, accelerator, total_steps: int, checkpoin
     return dict(
         unet=unet, raw_unet=accelerator.unwrap_model(unet), forward=torch.compile(unet) if config.compile else unet,
         scheduler=scheduler, loss=DiffusionLoss(scheduler, config.loss, config.snr_gamma, config.vlb_weight),
-        timesteps=make_timestep_sampler(config.timestep_sampler, config.num_train_timesteps, accelerator.device),
+        t_sampler=make_timestep_sampler(config.timestep_sampler, config.num_train_timesteps, accelerator.device),
         optimizer=optimizer,
         lr_scheduler=lr_scheduler, ema=ema, skips_on_device=skips_on_device,
         meters=StepMeters(accelerator.device, config.num_train_timesteps), generator=torch.Generator(accelerator.device),

@@ -12,16 +12,12 @@ import types
 
 import torch
 
-from ddpm_hf.data.sizes import size_of
-from ddpm_hf.training.config import TrainingConfig
+from ddpm_hf.devices import BF16_MIN_GAIN
+from ddpm_hf.sizes import size_of
+from ddpm_hf.recipes.config import TrainingConfig
 from ddpm_hf.training.parts import build_model
 from ddpm_hf.training.state import Run
 from ddpm_hf.training.steps import device_step
-
-# bf16 is taken on a CPU only when its step measured at least this much faster: the probe's few steps are noisy (±15%
-# between processes on one 2-core machine), a smaller gain did not survive into the real loop there, and fp32 is the
-# exact one of the two
-BF16_MIN_GAIN = 1.10
 
 
 class OneCPUProcess:
@@ -96,11 +92,6 @@ def step_rates(config: TrainingConfig, precisions, batch: int, rounds: int = 10,
             seconds[precision].append(step(precision))
     images = batch * config.gradient_accumulation_steps
     return {precision: images / statistics.median(seconds[precision]) for precision in precisions}
-
-
-def rates_text(rates: dict) -> str:
-    """`fp32 N images/s, bf16 M images/s`: what --mixed_precision auto measured, for the log and the card."""
-    return ", ".join(f"{'fp32' if precision == 'no' else precision} {rate:.0f} images/s" for precision, rate in rates.items())
 
 
 def choose_mixed_precision(config: TrainingConfig, device: torch.device, processes: int = 1, rate=None) -> tuple:

@@ -96,7 +96,7 @@ def not_ours(folder: Path, had_marker: bool) -> List[str]:
     """What in a folder a ddpm_hf run did not write: nothing in a folder with our marker or (written before the marker
     existed) a run's training_config.json, ours by its content (another tool's file of that name is the user's);
     elsewhere whatever is not a run's own product (logs/, samples/, checkpoints, ...)."""
-    from ddpm_hf.training.config import saved_by_us
+    from ddpm_hf.recipes.config import saved_by_us
 
     if had_marker or saved_by_us(Path(folder) / TRAINING_CONFIG):
         return []
@@ -132,9 +132,9 @@ def user_files_in_run(folder: Path, overwrite: bool) -> List[str]:
     """The user's files inside an earlier run of ours that this run would delete or write over: in the pipeline's
     unet/ and scheduler/ (replaced whole when the pipeline is saved) what its PIPELINE_HASHES does not list; in a
     checkpoint (rotated away, replaced, or cleared by --overwrite_output_dir) what its trainer_state.json does not
-    list; a README.md that is not the card as we wrote it (`model_card.card_is_ours`); with `overwrite`, what in
+    list; a README.md that is not the card as we wrote it (`run_folder.card_is_ours`); with `overwrite`, what in
     samples/ is not a grid of ours. logs/ is the tracker's, whose file names are its own."""
-    from ddpm_hf.outputs.model_card import card_is_ours
+    from ddpm_hf.outputs.run_folder import card_is_ours
 
     folder = Path(folder)
     found: List[str] = []

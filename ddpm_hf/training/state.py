@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 import torch
 
-from ddpm_hf.data.datasets import BatchSource, ImageBank
+from ddpm_hf.data.decoding import ImageBank
+from ddpm_hf.training.batches import BatchSource
 from ddpm_hf.diffusion.ema import EMA
 from ddpm_hf.diffusion.losses import DiffusionLoss
 from ddpm_hf.diffusion.scheduler import DDPMScheduler
 from ddpm_hf.diffusion.timestep_samplers import UniformSampler
-from ddpm_hf.training.config import TrainingConfig
+from ddpm_hf.recipes.config import TrainingConfig
 
 if TYPE_CHECKING:  # heavy, or importing the training modules back
     from accelerate import Accelerator
@@ -134,7 +135,7 @@ class Run:
     forward: Callable  # the training forward pass: the UNet, or its torch.compile
     scheduler: DDPMScheduler
     loss: DiffusionLoss
-    timesteps: UniformSampler  # draws t (and importance weights)
+    t_sampler: UniformSampler  # draws the training t (and importance weights): a t-sampler, not an inference sampler
     optimizer: AcceleratedOptimizer
     lr_scheduler: LRScheduler
     ema: EMA

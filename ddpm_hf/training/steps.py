@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ddpm_hf.data.datasets import to_model_range
+from ddpm_hf.diffusion.pixels import to_model_range
 from ddpm_hf.seeding import DROPOUT_SEED_TAG, mix_seed
 from ddpm_hf.training.state import Run
 
@@ -53,15 +53,15 @@ def forward_backward(run: Run, batch: torch.Tensor, labels: Optional[torch.Tenso
     if config.channels_last:
         x0 = x0.contiguous(memory_format=torch.channels_last)
     noise = torch.randn(x0.shape, generator=run.generator, device=run.device)
-    t, weights = run.timesteps.sample(x0.shape[0], run.generator, run.device)
+    t, weights = run.t_sampler.sample(x0.shape[0], run.generator, run.device)
     model = run.model
     if labels is not None:
         dropped = torch.rand(labels.shape, generator=run.generator, device=labels.device) < config.label_dropout
         labels = torch.where(dropped, len(config.class_names), labels)  # the last embedding row: "no class"
         model = functools.partial(run.model, labels=labels)
     per_sample = run.loss(model, x0, noise, t)
-    if run.timesteps.needs_losses:  # every process applies every process's (t, loss), so all keep one history
-        run.timesteps.update(run.accelerator.gather(t), run.accelerator.gather(per_sample.detach()))
+    if run.t_sampler.needs_losses:  # every process applies every process's (t, loss), so all keep one history
+        run.t_sampler.update(run.accelerator.gather(t), run.accelerator.gather(per_sample.detach()))
     if weights is not None:  # importance sampling: 1/(T p(t)) keeps the mean an unbiased estimate
         per_sample = per_sample * weights
     run.accelerator.backward(per_sample.mean() / config.gradient_accumulation_steps)

@@ -12,7 +12,7 @@ from typing import List, Optional
 import torch
 from accelerate.logging import get_logger
 
-from ddpm_hf.data.datasets import ImageBank
+from ddpm_hf.data.decoding import ImageBank
 from ddpm_hf.errors import UsageError
 from ddpm_hf.outputs.files import atomic_save_image
 from ddpm_hf.outputs.folder_jobs import gather_by_index, process_share
@@ -20,7 +20,7 @@ from ddpm_hf.outputs.plots import image_grid
 from ddpm_hf.outputs.run_folder import SAMPLE_GRID, sample_grid_file
 from ddpm_hf.sampling.samplers import cast_network, draw_share, pipeline_for
 from ddpm_hf.seeding import EVAL_SEED_TAG, GRID_SEED_TAG, mix_seed
-from ddpm_hf.training.config import TrainingConfig
+from ddpm_hf.recipes.config import TrainingConfig
 from ddpm_hf.training.state import Run, TrainState
 
 logger = get_logger(__name__)  # Accelerate's: logs on the main process only
@@ -169,15 +169,10 @@ def load_held_out_images(config: TrainingConfig) -> ImageBank:
     """The first --eval_nll_images images of the held-out set, uint8 at the training resolution and channels; of a
     --class_conditional run, with their labels (classes checked to be the run's). Refuses a set that is the training
     data itself."""
-    from ddpm_hf.data.datasets import (
-        BUILTIN_DATASETS,
-        build_image_bank,
-        check_same_classes,
-        class_names_of,
-        find_image_column,
-        find_label_column,
-        load_image_dataset,
-    )
+    from ddpm_hf.data.columns import check_same_classes, class_names_of, find_image_column, find_label_column
+    from ddpm_hf.data.decoding import build_image_bank
+    from ddpm_hf.choices import BUILTIN_DATASETS
+    from ddpm_hf.data.sources import load_image_dataset
 
     name = config.eval_nll_dataset or config.dataset
     local = name not in BUILTIN_DATASETS and Path(name).expanduser().exists()
@@ -201,7 +196,8 @@ def load_held_out_images(config: TrainingConfig) -> ImageBank:
 def evaluate_nll(run: Run, state: TrainState) -> None:
     """The EMA model's bound in bits/dim on the held-out images, each process its share (image k's noise from
     (seed, k)); mean and standard error of each term into the state, the trackers and the log."""
-    from ddpm_hf.diffusion.likelihood import GIVEN_CLASS, TERMS, bits_per_dim_of_share, summarize
+    from ddpm_hf.diffusion.likelihood import GIVEN_CLASS, summarize, TERMS
+    from ddpm_hf.measuring.bound import bits_per_dim_of_share
 
     config, accelerator = run.config, run.accelerator
     held_out = run.held_out

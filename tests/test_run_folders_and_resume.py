@@ -1,4 +1,4 @@
-"""Trust, second round, from the user's side: one run per folder, the user's files kept, pipelines verified, resume
+"""Run folders and resume, from the user's side: one run per folder, the user's files kept, pipelines verified, resume
 that means it, preemption that loses nothing, and one clear line for each mistake (the command, its exit code, the
 line, the files left)."""
 
@@ -19,21 +19,21 @@ from common import REPO, TINY, PipeText, cli_args, launch_two, one_error_line, r
 from PIL import Image
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
-from ddpm_hf.data import datasets as data_module
-from ddpm_hf.data.datasets import load_image_dataset
+from ddpm_hf.training import batches as data_module
+from ddpm_hf.data.sources import load_image_dataset
 from ddpm_hf.outputs.files import WriteError, sha256_of
 from ddpm_hf.outputs.run_folder import PIPELINE_HASHES, RUN_MARKER, UNET_WEIGHTS
-from ddpm_hf.outputs.weights import load_pipeline
+from ddpm_hf.saved.weights import load_pipeline
+from ddpm_hf.outputs.run_folder import list_checkpoints
 from ddpm_hf.training.checkpoints import (
-    REQUIRED_STATE,
-    STATE_HASH,
-    CheckpointError,
     checkpoint_problem,
-    list_checkpoints,
+    CheckpointError,
+    REQUIRED_STATE,
     resolve_checkpoint,
+    STATE_HASH,
     state_sha256,
 )
-from ddpm_hf.training.flags import resolve_config
+from ddpm_hf.recipes.resolve import resolve_config
 from ddpm_hf.training.loop import train
 
 
@@ -477,16 +477,16 @@ def test_an_output_folder_that_cannot_be_written_fails_before_the_data_is_decode
 def test_metrics_name_a_missing_samples_folder_and_reference_and_caution_on_few_images(tmp_path):
     from common import stand_in_network
 
-    from ddpm_hf.measuring.folder_metrics import evaluate_folder
+    from ddpm_hf.measuring.folder_metrics import measure_folder
 
     network = stand_in_network()
     with pytest.raises(FileNotFoundError, match=rf"{tmp_path / 'none'}: no such folder; give the folder of generated"):
-        evaluate_folder(tmp_path / "none", str(tmp_path), network)
+        measure_folder(tmp_path / "none", str(tmp_path), network)
     for i in range(4):
         png(tmp_path / "s" / f"{i}.png", 40 * i, mode="RGB")
     with pytest.raises(FileNotFoundError, match=r"--reference ./nothing: no such file or folder; give a folder of images"):
-        evaluate_folder(tmp_path / "s", "./nothing", network)
-    result = evaluate_folder(tmp_path / "s", str(tmp_path / "s"), network, kid=False, isc=False)
+        measure_folder(tmp_path / "s", "./nothing", network)
+    result = measure_folder(tmp_path / "s", str(tmp_path / "s"), network, kid=False, isc=False)
     assert result["protocol"]["caution"] == (f"FID on 4 images is biased upward and not comparable with published "
                                              f"figures (50,000 samples); use at least {network.num_features} images.")
     assert json.loads((tmp_path / "s" / "metrics.json").read_text())["protocol"]["caution"] == result["protocol"]["caution"]

@@ -27,8 +27,8 @@ from ddpm_hf.choices import (
     TRACKERS,
     TRAINING_VARIANCE_TYPES,
 )
-from ddpm_hf.data.sizes import canonical, size_problem
-from ddpm_hf.data.sizes import resolution as image_resolution
+from ddpm_hf.sizes import canonical, size_problem
+from ddpm_hf.sizes import resolution as image_resolution
 from ddpm_hf.errors import UsageError
 from ddpm_hf.outputs.run_folder import (
     TRAINING_CONFIG,

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from ddpm_hf.data.sizes import size_of
+from ddpm_hf.sizes import size_of
 from ddpm_hf.errors import StateError, UsageError, first_line
 from ddpm_hf.outputs.files import replace_dir, sha256_of, tmp_sibling
 from ddpm_hf.outputs.run_folder import MODEL_INDEX, PIPELINE_HASHES, SCHEDULER_CONFIG, UNET_CONFIG
@@ -138,7 +138,7 @@ KNOWN_LIBRARIES = ("diffusers", "ddpm_hf", "transformers", None)
 def own_code(model_index: Dict[str, Any]) -> Optional[str]:
     """The component of a model_index.json that names a module of the pipeline's own code (what diffusers would import
     from the folder), as `name: module.Class`; None where every class is a library's."""
-    from ddpm_hf.pipelines.pipeline_ddpm import PIPELINE_SETTINGS  # diffusers: only once a pipeline is read
+    from ddpm_hf.pipelines.pipeline_ddpm import PIPELINE_SETTINGS
 
     if isinstance(model_index.get("_class_name"), (list, tuple)):
         return "pipeline: " + ".".join(map(str, model_index["_class_name"]))

@@ -9,14 +9,13 @@ the run, the loss curve, and how to load the pipeline.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shlex
 from pathlib import Path
 from typing import Optional, Tuple
 
-from ddpm_hf.data.datasets import BUILTIN_DATASETS, DATASET_ALIASES
-from ddpm_hf.data.sizes import size_of
+from ddpm_hf.choices import BUILTIN_DATASETS, DATASET_ALIASES
+from ddpm_hf.sizes import size_of
 from ddpm_hf.outputs.files import atomic_write_bytes
 from ddpm_hf.outputs.run_folder import (
     DENOISING_ANIMATIONS,
@@ -29,13 +28,14 @@ from ddpm_hf.outputs.run_folder import (
     PROGRESSIVE,
     SAMPLE_GRID,
     SCHEDULER_CONFIG,
+    stamped_card,
     TRAIN_SUMMARY,
     TRAINING_CONFIG,
     UNET_CONFIG,
 )
-from ddpm_hf.training.config import TrainingConfig
-from ddpm_hf.training.flags import resolve_config
-from ddpm_hf.training.precision import BF16_MIN_GAIN, rates_text
+from ddpm_hf.recipes.config import TrainingConfig
+from ddpm_hf.recipes.resolve import resolve_config
+from ddpm_hf.devices import BF16_MIN_GAIN, rates_text
 
 TAGS = ["pytorch", "diffusers", "unconditional-image-generation", "ddpm"]
 
@@ -159,7 +159,21 @@ def _figures_section(output_dir: Path) -> list:
     return [" ".join(images), "", "*" + " ".join(captions) + " figures.json says how each was made.*", ""]
 
 
-def _metrics_section(metrics: Optional[dict], dinov2: Optional[dict], nll, folder: str = "THIS_FOLDER") -> list:
+def measuring_commands(folder: str, dataset: str) -> tuple:
+    """The three command lines that measure a run (ddpm-sample, ddpm-metrics, ddpm-nll), complete: the paper's counts
+    (50,000 samples, the 10,000 test images), or the built-in digits' own (as many samples as training images, its 297
+    held-out ones)."""
+    run, data = shlex.quote(folder), shlex.quote(dataset)
+    samples, held_out = (1500, 297) if dataset in BUILTIN_DATASETS else (50000, 10000)
+    # a folder of the user's has no test split: the held-out images are theirs to name
+    test = "HELD_OUT_IMAGES" if Path(dataset).expanduser().exists() else f"{data} --split test"
+    return (f"ddpm-sample {run} {run}/generated --num_images {samples}",
+            f"ddpm-metrics {run}/generated --reference {data} --output {run}/{METRICS}",
+            f"ddpm-nll {run} {run}/nll --dataset {test} --num_images {held_out} --output {run}/{NLL}")
+
+
+def _metrics_section(metrics: Optional[dict], dinov2: Optional[dict], nll, folder: str = "THIS_FOLDER",
+                     dataset: str = "DATASET") -> list:
     """The metrics tables with their protocols: Inception, DINOv2 and bits/dim, as measured."""
     parts = []
     protocol = (metrics or {}).get("protocol", {})
@@ -194,9 +208,9 @@ def _metrics_section(metrics: Optional[dict], dinov2: Optional[dict], nll, folde
             f"{(dprotocol.get('feature_network') or {}).get('name')} against {json.dumps(dprotocol.get('reference'))}.",
         ]
     elif not metrics and not nll:
-        parts += [f"No metrics yet: measure with `ddpm-sample {folder} SAMPLES_DIR` and `ddpm-metrics SAMPLES_DIR "
-                  f"--output {folder}/{METRICS}` (and the likelihood with `ddpm-nll {folder} WORK_DIR --output "
-                  f"{folder}/{NLL}`), then rebuild this card with `ddpm-card {folder}`."]
+        sample, measure, bound = measuring_commands(folder, dataset)
+        parts += [f"No metrics yet: draw samples with `{sample}`, measure them with `{measure}` (and the likelihood "
+                  f"with `{bound}`), then rebuild this card with `ddpm-card {shlex.quote(folder)}`."]
     if nll:
         bpd, how, _ = nll
         parts += [
@@ -351,33 +365,11 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
         *_usage_section(repo_id or config.output_dir, config),  # the folder the run wrote, as it was given
         "## Metrics",
         "",
-        *_metrics_section(metrics, dinov2, nll, config.output_dir),
+        *_metrics_section(metrics, dinov2, nll, config.output_dir, config.dataset),
         *_evaluation_section(output_dir),
         *_training_section(output_dir, config, scheduler, unet, summary),
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts))
-
-
-# The card's last line: the SHA-256 of the text above it. A card that still matches it is one we wrote, which a later
-# run may write over; one that does not (edited by hand, or the user's own README.md) is the user's, and a run refuses
-# to write over it (run_guard.user_files_in_run). The record sits in the card itself, so writing the card stays one
-# atomic write. An HTML comment: the Hub does not show it.
-CARD_STAMP = "<!-- written by ddpm_hf; the SHA-256 of the text above: {} -->"
-
-
-def stamped_card(text: str) -> str:
-    body = text if text.endswith("\n") else text + "\n"
-    return body + CARD_STAMP.format(hashlib.sha256(body.encode()).hexdigest()) + "\n"
-
-
-def card_is_ours(path: Path) -> bool:
-    """Whether the card at `path` is as we wrote it: its last line the SHA-256 of the text above it."""
-    try:
-        text = Path(path).read_bytes().decode()
-    except (OSError, UnicodeDecodeError):
-        return False
-    body, _, last = text.rstrip("\n").rpartition("\n")
-    return bool(body) and last == CARD_STAMP.format(hashlib.sha256((body + "\n").encode()).hexdigest())
 
 
 def write_model_card(output_dir, repo_id: Optional[str] = None, progress: Optional[Tuple[int, int]] = None) -> Path:

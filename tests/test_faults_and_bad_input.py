@@ -1,4 +1,4 @@
-"""Trust under faults and bad input: image bit depths and raw bytes, checkpoint hashes and fallbacks, honest
+"""Faults and bad input: image bit depths and raw bytes, checkpoint hashes and fallbacks, honest
 outcomes for non-finite runs, provenance of sample folders, settings checked before any work, one-line errors
 from every command, disk full, and a kill during checkpoint rotation."""
 
@@ -22,22 +22,24 @@ from common import REPO, TINY, cli_args, launch_two, one_error_line, run_in_proc
 from PIL import Image
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
-from ddpm_hf.data import datasets as data_module
-from ddpm_hf.data.datasets import BadImageError, build_image_bank, find_image_column, load_image_dataset, stream_batches
+from ddpm_hf.training import batches as data_module
+from ddpm_hf.data.columns import find_image_column
+from ddpm_hf.data.decoding import BadImageError, build_image_bank, decode_image, stream_batches
+from ddpm_hf.data.sources import DatasetUnavailableError, load_image_dataset
 from ddpm_hf.devices import accelerator_available
-from ddpm_hf.measuring.folder_metrics import InceptionWeightsDamaged, evaluate_folder, inception_network
-from ddpm_hf.outputs.weights import NonFiniteWeightsError
-from ddpm_hf.sampling.sample_folder import SAMPLING_FILE, image_name, sample_command
+from ddpm_hf.measuring.folder_metrics import InceptionWeightsDamaged, measure_folder, inception_network
+from ddpm_hf.saved.weights import NonFiniteWeightsError
+from ddpm_hf.sampling.sample_folder import image_name, sample_command, SAMPLING_FILE
+from ddpm_hf.outputs.run_folder import list_checkpoints
 from ddpm_hf.training.checkpoints import (
-    STATE_HASH,
-    CheckpointError,
     checkpoint_problem,
-    list_checkpoints,
+    CheckpointError,
     resolve_checkpoint,
     save_checkpoint,
+    STATE_HASH,
     state_sha256,
 )
-from ddpm_hf.training.flags import resolve_config
+from ddpm_hf.recipes.resolve import resolve_config
 from ddpm_hf.training.loop import resume, setup, train
 
 # ---------------------------------------------------------------- images
@@ -64,7 +66,7 @@ def test_16_bit_and_float_images_convert_by_their_real_range_in_the_bank_and_the
     assert sorted(streamed.float().mean((1, 2, 3)).tolist()) == pytest.approx(sorted(bank.float().mean((1, 2, 3)).tolist()), abs=0.5)
     Image.fromarray(np.full((16, 16), 70000, dtype=np.int32), mode="I").save(tmp_path / "too_deep.tif")
     with pytest.raises(BadImageError, match=r"a 32-bit integer image with values in \[70000, 70000\], outside 0..65535"):
-        data_module.decode_image({"path": str(tmp_path / "too_deep.tif"), "bytes": None}, "image 0")
+        decode_image({"path": str(tmp_path / "too_deep.tif"), "bytes": None}, "image 0")
 
 
 def png_bytes(value: int, size: int = 8) -> bytes:
@@ -368,7 +370,7 @@ def test_a_damaged_kept_image_is_drawn_again_and_the_protocol_counts_the_images(
     assert (tmp_path / "s" / image_name(2, 0)).read_bytes() == good
     (tmp_path / "s" / image_name(3, 0)).unlink()  # the folder no longer holds what its sampling.json says
     with pytest.raises(ValueError, match=r"holds 3 images, but its sampling.json describes 4 \(complete: True\); finish"):
-        evaluate_folder(tmp_path / "s", str(tmp_path / "s"), network=None)
+        measure_folder(tmp_path / "s", str(tmp_path / "s"), network=None)
 
 
 @pytest.mark.slow
@@ -388,7 +390,7 @@ def test_missing_local_paths_are_no_such_file_or_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     for name in ("./runs/digit", "runs/digit"):
-        with pytest.raises(data_module.DatasetUnavailableError, match=rf"--dataset {name}: no such file or folder"):
+        with pytest.raises(DatasetUnavailableError, match=rf"--dataset {name}: no such file or folder"):
             load_image_dataset(name)
         with pytest.raises(OSError, match=rf"{name}: no such file or folder; give the folder a training run"):
             DDPMPipeline.from_pretrained(name)

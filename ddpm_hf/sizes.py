@@ -12,6 +12,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 Resolution = Union[int, str]
 _HXW = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
+# a pixel-space UNet's activations at this side are tens of GB a batch: a larger side is a typo (99999x99999)
+MAX_SIDE = 4096
 
 
 def size_of(resolution) -> Tuple[int, int]:
@@ -57,6 +59,9 @@ def size_problem(resolution, factor: int, flag: str = "--resolution", where: str
     h, w = size_of(resolution)
     if min(h, w) < 1:
         return f"{flag} {canonical(resolution)}: each side must be at least 1"
+    if max(h, w) > MAX_SIDE:
+        return (f"{flag} {canonical(resolution)}: a side of more than {MAX_SIDE} pixels is beyond what a pixel-space "
+                f"DDPM trains or samples (the paper's largest is 256); give sides up to {MAX_SIDE}")
     if h % factor == 0 and w % factor == 0:
         return None
 

@@ -1,4 +1,4 @@
-"""Trust, third round (#31), from the user's side: the command, its exit code, its one line, and the files inside and
+"""The user's files and the refusals that keep them (#31), from the user's side: the command, its exit code, its one line, and the files inside and
 outside the folder afterwards."""
 
 import shutil
@@ -93,7 +93,7 @@ def test_ddpm_push_and_ddpm_card_refuse_a_linked_card_before_reading_or_writing_
 def test_a_linked_image_folder_is_read_and_counted_and_a_link_cycle_adds_nothing(tmp_path):
     from PIL import Image
 
-    from ddpm_hf.data.datasets import load_image_dataset
+    from ddpm_hf.data.sources import load_image_dataset
 
     def images(folder: Path, n: int, shade: int) -> None:
         folder.mkdir(parents=True)
@@ -119,7 +119,7 @@ def test_ddpm_metrics_counts_every_image_type_it_would_read_against_sampling_jso
     from common import stand_in_network
     from PIL import Image
 
-    from ddpm_hf.measuring.folder_metrics import evaluate_folder
+    from ddpm_hf.measuring.folder_metrics import measure_folder
 
     samples = tmp_path / "samples"
     drawn = command("ddpm_hf.commands.sample", finished_run, samples, "--num_images", 3, "--num_inference_steps", 2)
@@ -127,9 +127,9 @@ def test_ddpm_metrics_counts_every_image_type_it_would_read_against_sampling_jso
     Image.new("RGB", (8, 8), 30).save(samples / "extra.webp")
     Image.new("RGB", (8, 8), 60).save(samples / "old.bmp")
     with pytest.raises(ValueError, match=r"holds 5 images, but its sampling.json describes 3 "):
-        evaluate_folder(samples, str(samples), stand_in_network(), kid=False, isc=False)
+        measure_folder(samples, str(samples), stand_in_network(), kid=False, isc=False)
     (samples / "sampling.json").unlink()  # measured as it is: all five, every type clean-fid reads
-    result = evaluate_folder(samples, str(samples), stand_in_network(), kid=False, isc=False)
+    result = measure_folder(samples, str(samples), stand_in_network(), kid=False, isc=False)
     assert result["protocol"]["num_samples"] == 5
 
 
@@ -252,7 +252,8 @@ def test_ddpm_nlls_bad_image_line_names_no_flag_it_does_not_take(finished_run, t
 def test_a_bad_image_in_a_streamed_dataset_stops_naming_the_training_flag(tmp_path):
     from PIL import Image
 
-    from ddpm_hf.data.datasets import BadImageError, load_image_dataset, stream_batches
+    from ddpm_hf.data.decoding import BadImageError, stream_batches
+    from ddpm_hf.data.sources import load_image_dataset
 
     folder = tmp_path / "images"
     folder.mkdir()

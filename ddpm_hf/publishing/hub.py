@@ -178,7 +178,7 @@ def push_output_folder(output_dir, *, repo_id: Optional[str] = None, token: Opti
                        commit_message: str = "Upload DDPM pipeline with ddpm_hf"):
     """`ddpm-push`: check access, rewrite the model card for the repo, upload the allow-list; return
     (repo URL, commit info)."""
-    from ddpm_hf.outputs.model_card import write_model_card
+    from ddpm_hf.publishing.model_card import write_model_card
 
     output_dir = Path(output_dir)
     refuse_links(output_dir, "ddpm-push")

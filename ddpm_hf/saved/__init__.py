@@ -1,0 +1,1 @@
+"""Pipelines as saved: sound weights, loading a pipeline, saving one with the hashes our commands verify."""
