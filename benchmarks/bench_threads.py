@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--sample_images", type=int, default=64)
     parser.add_argument("--competitors", default="0,1,2", help="numbers of busy processes, comma-separated")
     parser.add_argument("--only", choices=("train", "sample"), default=None)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each cell (the median is shown)")
     parser.add_argument("--also", action="append", default=[], metavar="NAME=VAR=VALUE[,VAR=VALUE]",
                         help="another setting to measure, e.g. 'spin 10k=GOMP_SPINCOUNT=10000'")
     args = parser.parse_args()
@@ -95,18 +97,20 @@ def main() -> None:
         for what, unit, measure in jobs:
             if args.only and not what.endswith(args.only):
                 continue
-            print(f"\n{what} ({unit})      " + "".join(f"{n} busy".rjust(12) for n in counts))
-            rows = {}
-            for name, extra in SETTINGS.items():
-                rows[name] = []
+            print(f"\n{what} ({unit}, median of {args.repeats})" + "".join(f"{n} busy".rjust(12) for n in counts))
+            runs = {name: {n: [] for n in counts} for name in SETTINGS}
+            for _ in range(args.repeats):  # the settings interleaved, so that a slow spell of the machine hits all
                 for n in counts:
-                    spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(n)]
-                    try:
-                        rows[name].append(measure(clean_env(extra)))
-                    finally:
-                        for p in spinners:
-                            p.kill()
-                            p.wait()
+                    for name, extra in SETTINGS.items():
+                        spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(n)]
+                        try:
+                            runs[name][n].append(measure(clean_env(extra)))
+                        finally:
+                            for p in spinners:
+                                p.kill()
+                                p.wait()
+            rows = {name: [statistics.median(runs[name][n]) for n in counts] for name in SETTINGS}
+            for name in SETTINGS:
                 print(f"{name:22s}" + "".join(f"{r:12.2f}" for r in rows[name]), flush=True)
             old, new = rows["torch default (old)"], rows["ddpm_hf (new)"]
             print(f"{'new / old':22s}" + "".join(f"{b / a:11.2f}x" for a, b in zip(old, new)))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Callable, List, MutableMapping, Optional
+from typing import Callable, Dict, List, MutableMapping, Optional
 
 CPU_THREADS_ENV = "DDPM_HF_CPU_THREADS"  # unset: follow the load; "torch": torch's count, fixed; N: N threads, fixed
 
@@ -61,8 +61,9 @@ class ThreadGovernor:
 
     def __init__(self, most: int, set_threads: Callable[[int], None], probe: int = 3, hold: int = 200,
                  hold_max: int = 1600, slower: float = 2.0, worse: float = 1.3,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, get_threads: Optional[Callable[[], int]] = None):
         self.most, self.set_threads, self.probe, self.clock = most, set_threads, probe, clock
+        self.get_threads = get_threads  # where another governor of the process (other work) may have changed it
         self.hold_min, self.hold_max, self.slower, self.worse = hold, hold_max, slower, worse
         self.hold = hold
         self.threads = most
@@ -74,7 +75,9 @@ class ThreadGovernor:
         self.expected: Optional[float] = None  # the chosen count's time per unit in its trial
         self.held = 0
         self.last: Optional[float] = None
+        self.units = 0
         self.choices: List[int] = []  # every count chosen, in order (what a benchmark or a log shows)
+        self.chosen_at: List[tuple] = []  # (unit, count) of every trial's choice
         self._start_trial()
 
     def _start_trial(self) -> None:
@@ -86,9 +89,13 @@ class ThreadGovernor:
         self.set_threads(threads)
 
     def tick(self) -> None:
+        self.units += 1
         now = self.clock()
         last, self.last = self.last, now
         if last is None:
+            return
+        if self.get_threads is not None and self.get_threads() != self.threads:  # other work ran between: not timed
+            self._switch(self.threads)
             return
         if not self.warm:  # the first unit at a new count warms its pool: not timed
             self.warm = True
@@ -123,6 +130,7 @@ class ThreadGovernor:
         same = bool(self.choices) and self.choices[-1] == best
         self.hold = min(self.hold * 2, self.hold_max) if same else self.hold_min
         self.choices.append(best)
+        self.chosen_at.append((self.units, best))
         self.expected, self.held = self.timed[best], 0
         if best != self.threads:
             self._switch(best)
@@ -130,23 +138,28 @@ class ThreadGovernor:
         self.times = []
 
 
-_GOVERNOR: Optional[ThreadGovernor] = None
+    def summary(self) -> str:
+        """What the trials chose, for the log: `2 threads from unit 4, 1 from unit 120, ...`."""
+        said = [f"{count} thread{'s' if count > 1 else ''} from step {unit}" for unit, count in self.chosen_at]
+        return "the CPU thread count followed the load: " + (", ".join(said) if said else "no trial ended yet")
 
 
-def governor(device) -> Optional[ThreadGovernor]:
-    """This process's governor for work on `device`: None on other devices, where the user fixed the count, or with
-    one thread to begin with."""
-    global _GOVERNOR
+_GOVERNORS: Dict[str, ThreadGovernor] = {}
+
+
+def governor(device, work: str) -> Optional[ThreadGovernor]:
+    """This process's governor for `work` (one per kind of unit: "training step", "chain step", whose times differ)
+    on `device`: None on other devices, where the user fixed the count, or with one thread to begin with."""
     import torch
 
     if torch.device(device).type != "cpu" or not follows_load():
         return None
-    if _GOVERNOR is None:
-        most = torch.get_num_threads()
+    if work not in _GOVERNORS:
+        most = max([torch.get_num_threads(), *(g.most for g in _GOVERNORS.values())])
         if most < 2:
             return None
-        _GOVERNOR = ThreadGovernor(most, torch.set_num_threads)
-    return _GOVERNOR
+        _GOVERNORS[work] = ThreadGovernor(most, torch.set_num_threads, get_threads=torch.get_num_threads)
+    return _GOVERNORS[work]
 
 
 def describe(environ: MutableMapping[str, str] = os.environ) -> str:

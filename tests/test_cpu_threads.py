@@ -64,14 +64,14 @@ def test_the_time_spent_trying_the_slower_count_is_small_once_settled():
 def test_a_count_the_user_fixed_is_kept(monkeypatch):
     import torch
 
-    monkeypatch.setattr(cpu_threads, "_GOVERNOR", None)
+    monkeypatch.setattr(cpu_threads, "_GOVERNORS", {})
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert not cpu_threads.follows_load() and cpu_threads.governor("cpu") is None
+    assert not cpu_threads.follows_load() and cpu_threads.governor("cpu", "step") is None
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setenv("DDPM_HF_CPU_THREADS", "torch")
-    assert cpu_threads.governor("cpu") is None
+    assert cpu_threads.governor("cpu", "step") is None
     monkeypatch.delenv("DDPM_HF_CPU_THREADS")
-    assert cpu_threads.governor("meta") is None
+    assert cpu_threads.governor("meta", "step") is None
     saved = torch.get_num_threads()
     try:
         environ = {"DDPM_HF_CPU_THREADS": "1"}
@@ -87,3 +87,15 @@ def test_a_thread_setting_that_is_no_count_is_one_line_before_any_work(tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: DDPM_HF_CPU_THREADS='many' is not a choice; set it to a number of threads (e.g. 1), to 'torch' for "
         "torch's own count, or unset it to follow the load."]
+
+
+def test_a_unit_after_other_work_changed_the_count_is_not_timed_and_the_count_is_set_back():
+    machine = Machine({2: 1.0, 1: 1.5})
+    governor = ThreadGovernor(2, machine.set_threads, clock=machine.clock, get_threads=lambda: machine.threads)
+    governor.tick()
+    machine.run(governor, 20)
+    assert governor.threads == 2 and machine.threads == 2
+    machine.set_threads(1)  # a chain's governor ran between two steps and left one thread
+    machine.now += 100.0  # and took a while: not a step's time
+    governor.tick()
+    assert machine.threads == 2 and 100.0 not in governor.times

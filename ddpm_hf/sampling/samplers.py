@@ -110,7 +110,7 @@ def draw_share(pipe, num_images: int, seed_of: Callable[[int], int], rank: int =
     from ddpm_hf import cpu_threads
 
     todo = process_share(num_images, rank, world_size, skip)
-    threads = cpu_threads.governor(pipe.device)
+    threads = cpu_threads.governor(pipe.device, "chain step")
     for i in range(0, len(todo), batch_size):
         ks = todo[i : i + batch_size]
         labels = {} if label_of is None else {"class_labels": [label_of(k) for k in ks]}

@@ -343,7 +343,7 @@ def run_loop(run: Run, state: TrainState, signals: Optional[StopSignals] = None)
                disable=not run.accelerator.is_local_main_process)
     graph = start_step_graph(run)
     clock = Clock(state.step)
-    threads = cpu_threads.governor(run.device)
+    threads = cpu_threads.governor(run.device, "training step")
     if threads is not None:
         logger.info("%s.", cpu_threads.describe())
     try:
@@ -360,6 +360,8 @@ def run_loop(run: Run, state: TrainState, signals: Optional[StopSignals] = None)
                 stop(run, state, signum)
     finally:
         bar.close()
+        if threads is not None:
+            logger.info("%s.", threads.summary())
 
 
 def start_step_graph(run: Run) -> Optional[StepGraph]:
