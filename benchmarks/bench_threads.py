@@ -111,7 +111,9 @@ def main() -> None:
                                 p.wait()
             rows = {name: [statistics.median(runs[name][n]) for n in counts] for name in SETTINGS}
             for name in SETTINGS:
-                print(f"{name:22s}" + "".join(f"{r:12.2f}" for r in rows[name]), flush=True)
+                every = "; ".join(", ".join(f"{r:.2f}" for r in runs[name][n]) for n in counts)
+                print(f"{name:22s}" + "".join(f"{r:12.2f}" for r in rows[name]) + (f"   (runs: {every})" if args.repeats > 1 else ""),
+                      flush=True)
             old, new = rows["torch default (old)"], rows["ddpm_hf (new)"]
             print(f"{'new / old':22s}" + "".join(f"{b / a:11.2f}x" for a, b in zip(old, new)))
 
