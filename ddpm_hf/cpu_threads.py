@@ -24,9 +24,13 @@ from typing import Callable, Dict, List, MutableMapping, Optional
 CPU_THREADS_ENV = "DDPM_HF_CPU_THREADS"  # unset: follow the load; "torch": torch's count, fixed; N: N threads, fixed
 
 
+def _choice(environ: MutableMapping[str, str]) -> str:
+    return environ.get(CPU_THREADS_ENV, "").strip()
+
+
 def threads_problem(environ: MutableMapping[str, str]) -> Optional[str]:
     """The one line refusing a DDPM_HF_CPU_THREADS that is neither 'torch' nor a positive count; None when fine."""
-    choice = environ.get(CPU_THREADS_ENV, "").strip()
+    choice = _choice(environ)
     if choice in ("", "torch") or (choice.isdigit() and int(choice) > 0):
         return None
     return (f"{CPU_THREADS_ENV}={choice!r} is not a choice; set it to a number of threads (e.g. 1), to 'torch' for "
@@ -36,7 +40,7 @@ def threads_problem(environ: MutableMapping[str, str]) -> Optional[str]:
 def apply(environ: MutableMapping[str, str] = os.environ) -> None:
     """A count the user fixed with DDPM_HF_CPU_THREADS=N goes where every OpenMP runtime reads it (OMP_NUM_THREADS,
     before torch loads: the processes the command starts inherit it), and to torch where it is loaded already."""
-    choice = environ.get(CPU_THREADS_ENV, "").strip()
+    choice = _choice(environ)
     if choice.isdigit() and int(choice) > 0:
         environ["OMP_NUM_THREADS"] = choice
         import sys
@@ -76,8 +80,7 @@ class ThreadGovernor:
         self.held = 0
         self.last: Optional[float] = None
         self.units = 0
-        self.choices: List[int] = []  # every count chosen, in order (what a benchmark or a log shows)
-        self.chosen_at: List[tuple] = []  # (unit, count) of every trial's choice
+        self.chosen_at: List[tuple] = []  # (unit, count) of every trial's choice, in order
         self._start_trial()
 
     def _start_trial(self) -> None:
@@ -127,9 +130,8 @@ class ThreadGovernor:
 
     def _choose(self) -> None:
         best = min(self.timed, key=self.timed.get)
-        same = bool(self.choices) and self.choices[-1] == best
+        same = bool(self.chosen_at) and self.chosen_at[-1][1] == best
         self.hold = min(self.hold * 2, self.hold_max) if same else self.hold_min
-        self.choices.append(best)
         self.chosen_at.append((self.units, best))
         self.expected, self.held = self.timed[best], 0
         if best != self.threads:
@@ -137,6 +139,10 @@ class ThreadGovernor:
             self.warm = True  # its pool ran moments ago, in the trial
         self.times = []
 
+    @property
+    def choices(self) -> List[int]:
+        """Every count a trial chose, in order."""
+        return [count for _, count in self.chosen_at]
 
     def summary(self) -> str:
         """What the trials chose, for the log: `2 threads from unit 4, 1 from unit 120, ...`."""
@@ -164,7 +170,7 @@ def governor(device, work: str) -> Optional[ThreadGovernor]:
 
 def describe(environ: MutableMapping[str, str] = os.environ) -> str:
     """How the CPU threads are chosen, for a log line."""
-    choice = environ.get(CPU_THREADS_ENV, "").strip()
+    choice = _choice(environ)
     if choice:
         return f"CPU threads: fixed by {CPU_THREADS_ENV}={choice}"
     if "OMP_NUM_THREADS" in environ:

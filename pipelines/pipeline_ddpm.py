@@ -160,6 +160,11 @@ def denoise(
     return x
 
 
+def sdedit_steps(strength: float, num_inference_steps: int) -> int:
+    """The steps of an N-step chain that SDEdit at `strength` runs (its last round(strength·N))."""
+    return int(round(strength * num_inference_steps))
+
+
 def clips_x0(scheduler) -> bool:
     """Whether the scheduler's step clips (or thresholds) its x̂_0: then `denoise` steps with the ε of the clipped
     x̂_0 where the step can (DDIM's `use_clipped_model_output`), and a protocol records it."""
@@ -500,7 +505,7 @@ class DDPMPipeline(DiffusionPipeline):
             raise ValueError(f"Got {len(seeds)} seeds for {len(x0)} images; pass one seed per image.")
         labels = check_labels(self.unet, class_labels, len(x0), guidance_scale)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        run = int(round(strength * len(self.scheduler.timesteps)))  # the steps of the chain that are run
+        run = sdedit_steps(strength, len(self.scheduler.timesteps))
         if run == 0:
             images = x0
         else:

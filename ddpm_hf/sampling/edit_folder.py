@@ -26,6 +26,7 @@ from ddpm_hf.outputs.files import atomic_save_image, remove_stale_temporaries, s
 from ddpm_hf.outputs.folder_jobs import FolderJob, handles
 from ddpm_hf.saved.weights import state_dict_sha256
 from ddpm_hf.pipelines.counter_noise import NOISE
+from ddpm_hf.pipelines.pipeline_ddpm import sdedit_steps
 from ddpm_hf.sampling.samplers import chain_steps_shown
 
 EDIT_FILE = "edit.json"
@@ -109,7 +110,7 @@ def edit_problem(strength: Optional[float], mask, mask_half: Optional[str], **co
         if value < (0 if flag == "seed" else 1):
             return f"--{flag} {value} must be at least {0 if flag == 'seed' else 1}"
     steps = counts.get("num_inference_steps", 1)
-    if strength is not None and strength > 0 and int(round(strength * steps)) == 0:  # as pipe.edit counts its steps
+    if strength is not None and strength > 0 and sdedit_steps(strength, steps) == 0:
         return (f"--strength {strength} of --num_inference_steps {steps} runs no step (it would return the inputs); "
                 f"raise --num_inference_steps to at least {int(0.5 / strength) + 1}, or --strength")
     return None
@@ -189,7 +190,7 @@ def edit_command(pipe, *, pipeline_name: str, images, folder, strength: Optional
         pipe.set_progress_bar_config(disable=True)
         # the bar counts image-steps, so that it moves within a batch's chain (RePaint's moves: steps and undos)
         if strength is not None:
-            per_image = int(round(strength * num_inference_steps))
+            per_image = sdedit_steps(strength, num_inference_steps)
         else:
             from ddpm_hf.pipelines.pipeline_ddpm import repaint_moves
 
