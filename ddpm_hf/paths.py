@@ -37,11 +37,22 @@ def no_such_dataset(name: str, flag: str = "--dataset") -> str:
             "cifar10, or a Hub dataset id.")
 
 
+def hub_dataset_cached(name: str) -> bool:
+    """Whether a Hub dataset of this id is in the local Hugging Face caches (the hub's and datasets'), read from the
+    folder names alone: a name close to a built-in one (emnist, celeba) that the user has is theirs, not a typo."""
+    home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser()
+    hub = Path(os.environ.get("HF_HUB_CACHE") or home / "hub").expanduser()
+    datasets = Path(os.environ.get("HF_DATASETS_CACHE") or home / "datasets").expanduser()
+    return ((hub / ("datasets--" + name.replace("/", "--"))).is_dir()
+            or (datasets / name.replace("/", "___")).is_dir())
+
+
 def dataset_name_problem(name: str, flag: str = "--dataset") -> Optional[str]:
     """What is wrong with a dataset name, known without loading anything (so a command answers before torch loads): a
     local path that is not there, or a plain name that is no built-in set, alias or folder but close to one (suggested).
     None for anything else (a Hub id is looked up when loaded)."""
-    if name in BUILTIN_DATASETS or name in DATASET_ALIASES or os.path.exists(os.path.expanduser(name)):
+    if (name in BUILTIN_DATASETS or name in DATASET_ALIASES or os.path.exists(os.path.expanduser(name))
+            or hub_dataset_cached(name)):
         return None
     if names_a_local_path(name):
         return no_such_dataset(name, flag)
@@ -50,3 +61,18 @@ def dataset_name_problem(name: str, flag: str = "--dataset") -> Optional[str]:
         return (f"{flag} {name} is no built-in set, alias or folder here; did you mean {flag} {close[0]}? (A Hub "
                 "dataset is named by its id, e.g. uoft-cs/cifar10.)")
     return None
+
+
+def reference_problem(reference: str, flag: str = "--reference") -> Optional[str]:
+    """What is wrong with a measuring reference, known without loading anything: as for a dataset name, except that
+    clean-fid's precomputed statistics (cleanfid:NAME:SPLIT:RES) are looked up when measured."""
+    return None if reference.startswith("cleanfid:") else dataset_name_problem(reference, flag)
+
+
+def samples_folder_problem(folder: str, named: str = "SAMPLES") -> Optional[str]:
+    """A folder a command reads (e.g. the samples it measures) that is not there."""
+    path = Path(folder).expanduser()
+    if path.is_dir():
+        return None
+    what = "is a file" if path.exists() else "no such folder"
+    return f"{named} {folder}: {what}; give the folder of generated images (e.g. from ddpm-sample)."

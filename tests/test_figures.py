@@ -12,6 +12,7 @@ from PIL import Image
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
 from ddpm_hf.commands.visualize import main as visualize_main
+from ddpm_hf.outputs.plots import LABEL_LEFT, LABEL_TOP
 from ddpm_hf.sampling.figures import (
     HOLD_MS,
     chain_figures,
@@ -37,10 +38,12 @@ def tiny_pipeline(sampler="ddpm", prediction_type="epsilon"):
     return use_scheduler(pipe, sampler)
 
 
-def cell(grid: Image.Image, row: int, col: int, size: int = 8, pad: int = 1, scale: int = 8) -> np.ndarray:
-    """The image at (row, col) of an `image_grid` of size-px images enlarged `scale` times (nearest neighbour)."""
+def cell(grid: Image.Image, row: int, col: int, size: int = 8, pad: int = 1, scale: int = 8,
+         origin: tuple = (0, 0)) -> np.ndarray:
+    """The image at (row, col) of an `image_grid` of size-px images enlarged `scale` times (nearest neighbour), the
+    grid starting at `origin` (left, top) of the picture."""
     step = (size + 2 * pad) * scale
-    top, left = row * step + pad * scale, col * step + pad * scale
+    top, left = origin[1] + row * step + pad * scale, origin[0] + col * step + pad * scale
     return np.asarray(grid)[top : top + size * scale : scale, left : left + size * scale : scale]
 
 
@@ -64,11 +67,28 @@ def test_progressive_last_column_is_the_pipelines_output_for_the_same_seed(tmp_p
     entries = chain_figures(pipe, tmp_path, seeds, 12, which=("progressive",), frames=6, columns=4, progressive_seeds=2)
     expected = pipe(batch_size=2, seeds=seeds, num_inference_steps=12, output_type="pil").images
     figure = Image.open(tmp_path / "progressive.png").convert("RGB")
-    assert figure.size == (4 * 80, 4 * 80)  # 4 columns; rows x_t and x̂_0 for each of 2 seeds
+    # 4 columns; rows x_t and x̂_0 for each of 2 seeds; the row and column names in the margins
+    assert figure.size == (LABEL_LEFT + 4 * 80, LABEL_TOP + 4 * 80)
     for n in range(2):
-        assert np.array_equal(cell(figure, 2 * n, 3), np.asarray(expected[n]))  # x_t after the last step
+        # x_t after the last step
+        assert np.array_equal(cell(figure, 2 * n, 3, origin=(LABEL_LEFT, LABEL_TOP)), np.asarray(expected[n]))
     assert entries["progressive.png"]["timesteps"][-1] == int(pipe.scheduler.timesteps[-1])
     assert entries["progressive.png"]["seeds"] == seeds
+
+
+def test_progressive_names_each_row_and_each_column_in_the_picture(tmp_path):
+    """Which row is x_t and which x̂_0, and each column's t, are written in the figure itself (not only in the
+    card's caption): every row's margin and every column's band carries dark text, and the names differ."""
+    pipe = tiny_pipeline("ddpm")
+    entries = chain_figures(pipe, tmp_path, [0, 1], 12, which=("progressive",), frames=6, columns=4, progressive_seeds=2)
+    figure = np.asarray(Image.open(tmp_path / "progressive.png").convert("L"))
+    step = 80
+    margins = [figure[LABEL_TOP + r * step : LABEL_TOP + (r + 1) * step, :LABEL_LEFT] for r in range(4)]
+    bands = [figure[:LABEL_TOP, LABEL_LEFT + c * step : LABEL_LEFT + (c + 1) * step] for c in range(4)]
+    assert all((m < 128).sum() > 10 for m in margins + bands)  # text in each
+    assert np.array_equal(margins[0], margins[2]) and not np.array_equal(margins[0], margins[1])  # x_t, x̂_0, x_t, ...
+    assert len({b.tobytes() for b in bands}) == 4  # a different t over each column
+    assert entries["progressive.png"]["rows"] == ["x_t", "x_0 pred."] * 2
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
@@ -245,7 +265,7 @@ def test_visualize_command_writes_every_figure_and_records_them(tmp_path, capsys
     assert set(recorded) == written - {"figures.json"}
     assert recorded["interpolate.png"]["depths"] == [0.0, 0.5] and recorded["denoising.gif"]["seeds"] == [0, 1, 2]
     assert Image.open(out / "interpolate.png").size == (4 * 80, 2 * 80)  # A, 2 mixes, B; a row per depth
-    assert Image.open(out / "progressive.png").size == (4 * 80, 4 * 80)
+    assert Image.open(out / "progressive.png").size == (LABEL_LEFT + 4 * 80, LABEL_TOP + 4 * 80)
     # a second run with other figures keeps the record of the files that are still there
     assert visualize_main([str(tmp_path / "pipe"), str(out), "--figures", "denoise", "--num_inference_steps", "3",
                            "--seeds", "0", "--frames", "2", "--animation_format", "webp"]) == 0

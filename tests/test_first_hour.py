@@ -1,6 +1,8 @@
 """A newcomer's first hour: help that reads cleanly, progress bars that say what they count and keep logs clean, a
 model card that says where and how long the run trained."""
 
+import argparse
+import importlib
 import json
 import re
 import shutil
@@ -34,7 +36,54 @@ def test_every_command_shows_its_defaults():
     for module in ("ddpm_hf.commands.sample", "ddpm_hf.commands.nll", "ddpm_hf.commands.visualize", "ddpm_hf.commands.metrics"):
         text = " ".join(help_of("-m", module).split())
         assert re.search(r"--batch_size BATCH_SIZE [^-]*\(default: 64\)", text) or module == "ddpm_hf.commands.visualize", module
-    assert "--num_inference_steps NUM_INFERENCE_STEPS (default: 1000)" in " ".join(help_of("-m", "ddpm_hf.commands.sample").split())
+    assert re.search(r"--num_inference_steps NUM_INFERENCE_STEPS steps of the chain [^(]*\([^)]*\) \(default: 1000\)",
+                     " ".join(help_of("-m", "ddpm_hf.commands.sample").split()))
+
+
+COMMANDS = ("train", "sample", "edit", "metrics", "nll", "evaluate", "visualize", "card", "push")
+
+
+def parsers_of_every_command(monkeypatch) -> dict:
+    """Each command's real parser, as its `main` builds it (the parse stopped before it reads anything)."""
+    from ddpm_hf.commands.parsing import Parser
+
+    class Built(Exception):
+        pass
+
+    built = {}
+
+    def grab(self, args=None, namespace=None):
+        built[self.prog] = self
+        raise Built
+
+    monkeypatch.setattr(Parser, "parse_args", grab)
+    for command in COMMANDS:
+        with pytest.raises(Built):
+            importlib.import_module(f"ddpm_hf.commands.{command}").main(["--debug"])
+    return built
+
+
+def test_every_flag_of_every_command_says_what_it_does_and_its_default(monkeypatch):
+    """`--help` describes each argument in words (not only its default), and shows every default there is."""
+    from ddpm_hf.commands.parsing import HelpFormatter
+
+    parsers = parsers_of_every_command(monkeypatch)
+    assert len(parsers) == len(COMMANDS)
+    undescribed, default_unshown = [], []
+    for prog, parser in parsers.items():
+        formatter = HelpFormatter(prog)
+        for action in parser._actions:
+            if action.dest == "help":
+                continue
+            name = action.option_strings[-1] if action.option_strings else action.dest
+            text = formatter._get_help_string(action) or ""
+            shown = (text % {"default": action.default}) if "%(default)" in text else text
+            if len(re.sub(r"\(default: [^)]*\)", "", shown).split()) < 2:
+                undescribed.append(f"{prog} {name}")
+            if action.default not in (None, False, argparse.SUPPRESS) and "default" not in shown:
+                default_unshown.append(f"{prog} {name}")
+    assert not undescribed, undescribed
+    assert not default_unshown, default_unshown
 
 
 @pytest.mark.slow

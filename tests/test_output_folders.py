@@ -227,6 +227,13 @@ def test_an_absurd_resolution_is_one_line_naming_the_largest_side(tmp_path):
     (["ddpm_hf.commands.nll", "PIPE", "OUT", "--dataset", "digitz", "--num_images", "2"], "did you mean --dataset digits?"),
     (["ddpm_hf.commands.nll", "PIPE", "OUT", "--dataset", "./no/such/images", "--num_images", "2"],
      "--dataset ./no/such/images: no such file or folder"),
+    (["ddpm_hf.commands.train", "--preset", "digits-cpu", "--dataset", "digitz", "--output_dir", "OUT"],
+     "did you mean --dataset digits?"),
+    (["ddpm_hf.commands.train", "--preset", "digits-cpu", "--eval_nll_dataset", "./no/such", "--output_dir", "OUT"],
+     "--eval_nll_dataset ./no/such: no such file or folder"),
+    (["ddpm_hf.commands.metrics", "OUT", "--reference", "cifarr10"], "did you mean --reference cifar10?"),
+    (["ddpm_hf.commands.metrics", "./no/samples", "--reference", "cifar10"], "SAMPLES ./no/samples: no such folder"),
+    (["ddpm_hf.commands.evaluate", "PIPE", "OUT", "--nll_dataset", "./no/such"], "--nll_dataset ./no/such: no such file"),
 ])
 def test_a_bad_path_or_dataset_name_is_answered_before_torch_is_imported(saved_pipeline, tmp_path, argv, said):
     """#46: a pipeline path that did not exist took 27.6 s under load, a dataset name 34 s: torch came first."""
@@ -240,3 +247,14 @@ def test_a_bad_path_or_dataset_name_is_answered_before_torch_is_imported(saved_p
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert proc.stdout.split() == ["exit", "1", "no", "torch"], proc.stdout + proc.stderr
     assert said in one_error_line(subprocess.CompletedProcess([], 1, "", proc.stderr))
+
+
+def test_a_name_close_to_a_built_in_is_taken_as_the_users_hub_dataset_when_it_is_cached(tmp_path, monkeypatch):
+    from ddpm_hf.paths import dataset_name_problem
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    assert "did you mean --dataset mnist?" in dataset_name_problem("emnist")
+    (tmp_path / "hub" / "datasets--emnist").mkdir(parents=True)
+    (tmp_path / "datasets" / "kmnist").mkdir(parents=True)
+    assert dataset_name_problem("emnist") is None and dataset_name_problem("kmnist") is None

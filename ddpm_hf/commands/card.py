@@ -16,7 +16,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """`ddpm-card OUTPUT_DIR`: (re)write the model card README.md of a run's output folder, e.g. after
     `ddpm-metrics ... --output OUTPUT_DIR/metrics.json`."""
     parser = Parser(description=main.__doc__, prog="ddpm-card")
-    parser.add_argument("output_dir")
+    parser.add_argument("output_dir", help="the folder of a training run, whose README.md is rewritten")
     parser.add_argument("--repo_id", default=None, help="the Hub repo id to show in the usage snippet")
     args = parser.parse_args(argv)
     from ddpm_hf.outputs.files import refuse_links

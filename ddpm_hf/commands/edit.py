@@ -19,7 +19,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ddpm_hf.choices import MASK_HALVES
 
     parser = Parser(description=main.__doc__, prog="ddpm-edit")
-    parser.add_argument("pipeline", help="a folder written by save_pretrained / a training run, or a Hub repo id")
+    parser.add_argument("pipeline")
     parser.add_argument("images", help="an image, or a folder of images (each fitted to the UNet's size: short side "
                         "resized, center-cropped); never written to")
     parser.add_argument("output_dir", help="where the results go ({k:06d}-{name}.png, input k edited with seed + k)")

@@ -32,9 +32,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--num_inference_steps", type=int, default=None, help="DDPM steps (default: the protocol's, 1000)")
     parser.add_argument("--reference", default=None, help="the FID reference, as ddpm-metrics takes it (default: the "
                         "protocol's: cifar10; the LSUN and CelebA-HQ protocols name the set to pass)")
-    parser.add_argument("--reference_split", default=None, help="(default: train)")
+    parser.add_argument("--reference_split", default=None, help="the --reference dataset's split (default: train)")
     parser.add_argument("--nll_dataset", default=None, help="the held-out images, as ddpm-nll takes them (default: cifar10)")
-    parser.add_argument("--nll_split", default=None, help="(default: test)")
+    parser.add_argument("--nll_split", default=None, help="the --nll_dataset's split (default: test)")
     parser.add_argument("--nll_images", type=int, default=None, help="images for the bound, 0 to skip it (default: "
                         "the protocol's, 10,000)")
     parser.add_argument("--modes", nargs="+", choices=FID_MODES, default=None, help="clean-fid modes (default: "

@@ -27,7 +27,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--split", default="train", help="the reference dataset's split")
     parser.add_argument("--resolution", type=image_resolution, default=None, help="reference images are resized/cropped "
                         "to this (the samples' size): N, or HxW")
-    parser.add_argument("--channels", type=int, default=3, choices=(1, 3))
+    parser.add_argument("--channels", type=int, default=3, choices=(1, 3), help="the reference images' channels "
+                        "(1: grayscale, as a 1-channel model draws)")
     parser.add_argument("--mode", choices=FID_MODES, default="clean", help="clean-fid's resizing protocol")
     parser.add_argument("--feature_network", choices=FEATURE_NETWORKS, default="inception",
                         help="the feature space: Inception-v3 (FID, KID, IS) or DINOv2 (FD_DINOv2, Stein et al. 2023)")
@@ -46,6 +47,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "metrics-dinov2.json, in the samples folder)")
     parser.add_argument("--download_inception", action="store_true", help="fetch the Inception weights into the cache and exit")
     args = parser.parse_args(argv)
+    if not args.download_inception:
+        if not args.samples or not args.reference:
+            parser.error("give the samples folder and --reference")
+        parser.check_sources(args)
 
     from ddpm_hf.devices import distributed_state
     from ddpm_hf.measuring.folder_metrics import download_inception, measure_folder, feature_network
@@ -57,8 +62,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise OSError(f"could not download the Inception weights ({e}); copy {INCEPTION_FILE} from a machine with "
                           "internet and pass --inception_weights.") from None
         return 0
-    if not args.samples or not args.reference:
-        parser.error("give the samples folder and --reference")
     device = distributed_state().device
     network = feature_network(args.feature_network, device, args.inception_weights, args.dinov2_model,
                               args.cache_dir)  # first: fail before any work

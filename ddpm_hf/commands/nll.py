@@ -19,7 +19,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ddpm_hf.choices import SAMPLING_DTYPES
 
     parser = Parser(description=main.__doc__, prog="ddpm-nll")
-    parser.add_argument("pipeline", help="a folder written by save_pretrained / a training run, or a Hub repo id")
+    parser.add_argument("pipeline")
     parser.add_argument("output_dir", help="where the per-image results, nll.json and nll_terms.png go")
     parser.add_argument("--dataset", required=True, help="anything train_ddpm.py --dataset takes: cifar10, a Hub id, "
                         "a folder of images, .parquet/.arrow files")

@@ -55,6 +55,21 @@ def _shows_no_default(default) -> bool:
     return default is None or default is False or default is argparse.SUPPRESS
 
 
+# The description of a flag several commands take alike, written once: a flag added without its own help gets this
+# (a command that means something else by it gives its own).
+SHARED_HELP = {
+    "pipeline": "a folder written by save_pretrained / a training run, or a Hub repo id",
+    "output_dir": "the folder of a training run (its pipeline, training_config.json and card)",
+    "--batch_size": "images per network call (lower it if memory runs out; the results do not depend on it)",
+    "--scheduler": "the sampler: ddpm (the paper's ancestral chain), ddim (Song et al. 2021) or dpm-solver "
+                   "(DPM-Solver++, Lu et al. 2022)",
+    "--num_inference_steps": "steps of the chain (1000: the paper's T; fewer for ddim or dpm-solver)",
+    "--split": "the dataset's split",
+    "--dataset_config": "the Hub dataset's config name",
+    "--image_column": "the column holding images (default: img, image, or the only Image column)",
+}
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default where there is one to show (not for None, off switches or suppressed defaults)."""
 
@@ -75,6 +90,8 @@ class Parser(argparse.ArgumentParser):
         self.add_argument("--debug", action="store_true", help=DEBUG_HELP)
 
     def add_argument(self, *args, **kwargs):
+        if "help" not in kwargs and args and args[0] in SHARED_HELP:
+            kwargs["help"] = SHARED_HELP[args[0]]
         if "help" not in kwargs and not _shows_no_default(kwargs.get("default")):
             kwargs["help"] = "(default: %(default)s)"  # argparse shows no help line, so no default, for a flag without help
         return super().add_argument(*args, **kwargs)
@@ -99,20 +116,24 @@ class Parser(argparse.ArgumentParser):
     # what a command reads, checked once at its boundary without loading anything, so that a path or a name that is
     # not there is answered before torch loads: the argument's dest -> (how it is named, its check); data first, as a
     # command that needs both says what is wrong with its data before it would load the pipeline
-    SOURCES = {"dataset": ("--dataset", "dataset"), "pipeline": ("PIPELINE", "pipeline")}
+    SOURCES = {"dataset": ("--dataset", "dataset"), "eval_nll_dataset": ("--eval_nll_dataset", "dataset"),
+               "nll_dataset": ("--nll_dataset", "dataset"), "reference": ("--reference", "reference"),
+               "samples": ("SAMPLES", "folder"), "pipeline": ("PIPELINE", "pipeline")}
 
     def check_sources(self, namespace) -> None:
         """A command's inputs that can be checked without torch (a pipeline folder, a dataset name, a chain no longer
         than the pipeline's T): called by the command after its own usage checks, before anything heavy loads."""
         from ddpm_hf.errors import MissingError
         from ddpm_hf.outputs.run_folder import pipeline_source_problem, steps_problem
-        from ddpm_hf.paths import dataset_name_problem
+        from ddpm_hf.paths import dataset_name_problem, samples_folder_problem, reference_problem
 
+        problem_of = {"pipeline": pipeline_source_problem, "dataset": dataset_name_problem,
+                      "reference": reference_problem, "folder": samples_folder_problem}
         for dest, (named, kind) in self.SOURCES.items():
             value = getattr(namespace, dest, None)
             if not isinstance(value, str):
                 continue
-            problem = pipeline_source_problem(value) if kind == "pipeline" else dataset_name_problem(value, named)
+            problem = problem_of[kind](value) if kind == "pipeline" else problem_of[kind](value, named)
             if problem:
                 raise MissingError(problem)
         steps = getattr(namespace, "num_inference_steps", None)

@@ -17,11 +17,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ddpm_hf.outputs.run_folder import PUBLISHED
 
     parser = Parser(description=main.__doc__, epilog="Uploaded paths: " + ", ".join(PUBLISHED), prog="ddpm-push")
-    parser.add_argument("output_dir")
+    parser.add_argument("output_dir", help="the folder of a training run to upload")
     parser.add_argument("--hub_model_id", default=None, help="'name' (under your account) or 'namespace/name' (default: the folder's name)")
     parser.add_argument("--hub_private_repo", action="store_true", help="create the repo as private")
     parser.add_argument("--hub_token", default=None, help="default: HF_TOKEN or the `hf auth login` token; never printed")
-    parser.add_argument("--commit_message", default="Upload DDPM pipeline with ddpm_hf")
+    parser.add_argument("--commit_message", default="Upload DDPM pipeline with ddpm_hf", help="the Hub commit's message")
     args = parser.parse_args(argv)
 
     from ddpm_hf.publishing.hub import push_output_folder

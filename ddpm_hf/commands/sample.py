@@ -17,7 +17,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ddpm_hf.choices import SAMPLERS, SAMPLING_DTYPES, SAMPLING_TIMESTEPS, TIMESTEP_SPACINGS
 
     parser = Parser(description=main.__doc__, prog="ddpm-sample")
-    parser.add_argument("pipeline", help="a folder written by save_pretrained / a training run, or a Hub repo id")
+    parser.add_argument("pipeline")
     parser.add_argument("output_dir", help="where the PNGs go ({k:06d}-seed{seed+k}.png)")
     parser.add_argument("--num_images", type=int, required=True, help="how many images to draw: 0..N-1, image k "
                         "from seed --seed + k (50000 for FID, as the paper)")

@@ -86,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]] = None):
     """(config, options) from command-line arguments; options holds what is not part of the run's config:
     `dry_run` and `hub_token` (a secret, so never in the config that is saved)."""
-    args = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
     args.pop("debug", None)  # the command wrapper reads --debug itself
     options = argparse.Namespace(dry_run=args.pop("dry_run", False), hub_token=args.pop("hub_token", None))
-    return resolve_config(args), options
+    config = resolve_config(args)
+    parser.check_sources(config)  # the datasets it names, before torch loads (a preset may have named them)
+    return config, options

@@ -19,13 +19,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ddpm_hf.choices import ANIMATION_FORMATS, FIGURES, SAMPLERS, SAMPLING_DTYPES
 
     parser = Parser(description=main.__doc__, prog="ddpm-visualize")
-    parser.add_argument("pipeline", help="a folder written by save_pretrained / a training run, or a Hub repo id")
+    parser.add_argument("pipeline")
     parser.add_argument("output_dir", help="where the PNGs, animations and figures.json go")
     parser.add_argument("--figures", nargs="+", choices=FIGURES, default=None,
                         help="default: progressive and denoise, and forward and interpolate when --dataset is given")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(16)), help="the seeds of the denoising grid "
                         "(the first --progressive_seeds of them make the progressive figure)")
-    parser.add_argument("--progressive_seeds", type=int, default=4)
+    parser.add_argument("--progressive_seeds", type=int, default=4, help="how many of --seeds make the "
+                        "progressive figure (a row of x_t and a row of the predicted x_0 each)")
     parser.add_argument("--scheduler", choices=SAMPLERS, default="ddpm")
     parser.add_argument("--num_inference_steps", type=int, default=1000)
     parser.add_argument("--eta", type=float, default=None, help="DDIM's eta (ddim only)")

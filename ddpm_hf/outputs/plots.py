@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,6 +29,28 @@ def image_grid(images: torch.Tensor, pad: int = 1, cols: Optional[int] = None, m
     grid = make_image_grid(pil, rows=rows, cols=cols)
     scale = max(1, min_size // images.shape[-1])
     return grid.resize((grid.width * scale, grid.height * scale), resample=0) if scale > 1 else grid
+
+
+# The margins a labelled grid adds: a column of row names on the left, a band of column names on top. Fixed (not
+# measured from the text) so that a cell's place in the picture depends on the grid alone.
+LABEL_LEFT, LABEL_TOP = 64, 18
+
+
+def labelled_grid(grid, rows: Sequence[str], columns: Sequence[str], cell_size: Tuple[int, int]):
+    """`grid` (a PIL image of len(rows) x len(columns) cells of `cell_size` = (width, height) px) with each row's name
+    on its left and each column's name above it, dark on white; the grid itself starts at (LABEL_LEFT, LABEL_TOP)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    framed = Image.new("RGB", (LABEL_LEFT + grid.width, LABEL_TOP + grid.height), "white")
+    framed.paste(grid.convert("RGB"), (LABEL_LEFT, LABEL_TOP))
+    draw = ImageDraw.Draw(framed)
+    font = ImageFont.load_default(size=11)
+    width, height = cell_size
+    for r, name in enumerate(rows):
+        draw.text((LABEL_LEFT - 4, LABEL_TOP + r * height + height // 2), name, fill="black", font=font, anchor="rm")
+    for c, name in enumerate(columns):
+        draw.text((LABEL_LEFT + c * width + width // 2, LABEL_TOP // 2), name, fill="black", font=font, anchor="mm")
+    return framed
 
 
 def _axes():

@@ -80,8 +80,8 @@ class TrainingConfig:
     dropout: Optional[float] = _f(None, "UNet dropout (default: the preset's)")
     num_train_timesteps: int = _f(1000, "T, the number of diffusion steps")
     beta_schedule: str = _f("linear", "beta schedule", BETA_SCHEDULES)
-    beta_start: float = _f(1e-4, "β_1")
-    beta_end: float = _f(0.02, "β_T")
+    beta_start: float = _f(1e-4, "β_1, the first step's noise variance (linear schedule)")
+    beta_end: float = _f(0.02, "β_T, the last step's noise variance (linear schedule)")
     prediction_type: str = _f("epsilon", "what the UNet predicts", PREDICTION_TYPES)
     variance_type: str = _f("fixed_small", "σ_t² of the reverse process: fixed_small (β̃_t) or fixed_large (β_t) as in the paper, "
                             "or learned by the UNet (2C output channels; needs --loss hybrid or vlb): learned_range "

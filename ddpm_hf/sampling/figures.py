@@ -22,7 +22,7 @@ from ddpm_hf.choices import ANIMATION_FORMATS, FIGURES
 from ddpm_hf.diffusion.pixels import to_model_range
 from ddpm_hf.errors import UsageError
 from ddpm_hf.outputs.files import atomic_save_image, atomic_write_bytes, atomic_write_json
-from ddpm_hf.outputs.plots import image_grid
+from ddpm_hf.outputs.plots import image_grid, labelled_grid
 from ddpm_hf.outputs.run_folder import DENOISING_STEM, FIGURES_RECORD, PROGRESSIVE
 from ddpm_hf.saved.weights import state_dict_sha256
 from ddpm_hf.pipelines.guidance import GuidedNetwork, null_label, num_classes
@@ -31,6 +31,7 @@ from ddpm_hf.sampling.samplers import cast_network
 
 FRAME_MS = 80  # each animation frame; the last one is held for HOLD_MS
 HOLD_MS = 2000
+PROGRESSIVE_ROWS = ("x_t", "x_0 pred.")  # the two rows progressive.png draws per seed (Ho et al. 2020, Fig. 6)
 
 
 @dataclass
@@ -114,7 +115,11 @@ def progressive_figure(chain: Chain, columns: int, count: Optional[int] = None):
     for n in range(min(count or chain.output.shape[0], chain.output.shape[0])):
         rows.append(torch.stack([to01(chain.samples[j][n]) for j in picks]))
         rows.append(torch.stack([to01(chain.predictions[j][n]) for j in picks]))
-    return rows_grid(rows), [chain.timesteps[j] for j in picks]
+    grid = rows_grid(rows)
+    shown = [chain.timesteps[j] for j in picks]
+    # a column is named by its step's timestep, as the record's "timesteps" names it
+    cell = (grid.width // len(picks), grid.height // len(rows))
+    return labelled_grid(grid, PROGRESSIVE_ROWS * (len(rows) // 2), [f"t={t}" for t in shown], cell), shown
 
 
 def chain_frames(chain: Chain, frames: int, min_size: int = 64) -> tuple:
@@ -278,7 +283,7 @@ def chain_figures(pipe, folder: Path, seeds: Sequence[int], num_inference_steps:
         path = save_png(figure, Path(folder) / PROGRESSIVE)
         entries[path.name] = {**common, "figure": "progressive generation (Ho et al. 2020, Fig. 6): per seed a row of "
                               "x_t and a row of the predicted x_0", "seeds": list(seeds[:progressive_seeds]),
-                              "timesteps": shown, **_labels_entry(class_labels, progressive_seeds)}
+                              "rows": list(PROGRESSIVE_ROWS) * min(progressive_seeds, len(seeds)), "timesteps": shown, **_labels_entry(class_labels, progressive_seeds)}
     if "denoise" in which:
         grids, shown = chain_frames(chain, frames)
         path = save_animation(grids, Path(folder) / DENOISING_STEM, fmt)
