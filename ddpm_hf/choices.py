@@ -12,6 +12,8 @@ TRAINING_VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range", "learn
 LOSSES = ("simple", "vlb", "hybrid")
 # the network's dtype when sampling (the chain itself stays float32); fp16 only on a GPU
 SAMPLING_DTYPES = ("fp32", "bf16", "fp16")
+# the precision post-hoc EMA's snapshots are kept in (EDM2 keeps fp16)
+SNAPSHOT_DTYPES = ("fp16", "fp32")
 # how the training timestep t is drawn: uniformly, or by improved DDPM's importance sampling
 TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")

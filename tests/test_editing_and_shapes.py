@@ -735,7 +735,9 @@ def test_a_non_square_run_trains_samples_measures_and_reloads_in_plain_diffusers
     assert vis.returncode == 0, vis.stderr
     # 4 columns (the 4 steps) by 4 rows (x_t and x̂_0 of 2 seeds) of images 16 wide and 8 high, framed by 1 px each side
     figure = Image.open(tmp_path / "fig" / "progressive.png")
-    assert figure.width / figure.height == pytest.approx((16 + 2) / (8 + 2))
+    from ddpm_hf.outputs.plots import LABEL_LEFT, LABEL_TOP  # the margins that name the rows and columns
+
+    assert (figure.width - LABEL_LEFT) / (figure.height - LABEL_TOP) == pytest.approx((16 + 2) / (8 + 2))
 
 
 @pytest.mark.parametrize("resolution, message", [

@@ -129,7 +129,7 @@ def test_evaluate_refuses_unreachable_data_before_sampling(setup, tmp_path):
     proc = run_in_process(evaluate_cli(setup, tmp_path / "eval", "--nll_dataset", tmp_path / "nowhere/"), capture_output=True,
                           text=True)
     assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --dataset {tmp_path / 'nowhere/'}: no such file or folder")
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --nll_dataset {tmp_path / 'nowhere/'}: no such file or folder")
     assert not (tmp_path / "eval").exists()
 
 

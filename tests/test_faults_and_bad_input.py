@@ -409,7 +409,7 @@ def command(module_or_function: str, *args) -> list:
      "error: ./missing: no such file or folder; give the folder a training run or save_pretrained wrote (or a Hub repo id)."),
     (["ddpm_hf.commands.nll", "./missing", "out", "--dataset", "x", "--num_images", "1"],
      "error: ./missing: no such file or folder; give the folder a training run or save_pretrained wrote (or a Hub repo id)."),
-    (["ddpm_hf.commands.metrics", "s", "--reference", "r", "--inception_weights", "{garbage}"],
+    (["ddpm_hf.commands.metrics", ".", "--reference", ".", "--inception_weights", "{garbage}"],
      "error: Cannot load the Inception weights {garbage} ("),
     (["ddpm_hf.commands.push", "./missing", "--hub_model_id", "me/x"],
      "error: missing has no model_index.json: give the output folder of a finished training run (or a folder written by save_pretrained)."),

@@ -20,21 +20,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import TINY
 
 
-@pytest.fixture(scope="module")
-def tiny_dinov2(tmp_path_factory) -> Path:
-    """A randomly initialised DINOv2 ViT (16-wide, 2 layers) with its image processor (resize 32, crop 28)."""
-    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
-
-    folder = tmp_path_factory.mktemp("dinov2")
-    torch.manual_seed(0)
-    config = Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                          image_size=28, patch_size=14)
-    Dinov2Model(config).eval().save_pretrained(folder)
-    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}, resample=3,
-                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
-    return folder
-
-
 def write_images(folder: Path, n: int, seed: int, shift: int = 0, size: int = 16) -> Path:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)

@@ -40,7 +40,7 @@ def test_every_command_shows_its_defaults():
                      " ".join(help_of("-m", "ddpm_hf.commands.sample").split()))
 
 
-COMMANDS = ("train", "sample", "edit", "metrics", "nll", "evaluate", "visualize", "card", "push")
+COMMANDS = ("train", "sample", "edit", "metrics", "nll", "evaluate", "visualize", "card", "push", "ema")
 
 
 def parsers_of_every_command(monkeypatch) -> dict:

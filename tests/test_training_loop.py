@@ -198,9 +198,9 @@ def test_deterministic_turns_on_torchs_deterministic_kernels_for_the_run_only(tm
     seen = []
     device_step = training.device_step
 
-    def recording(run, batches, ema_weight=None, labels=None):
+    def recording(run, batches, ema_weight=None, labels=None, power_weights=None):
         seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark))
-        device_step(run, batches, ema_weight, labels)
+        device_step(run, batches, ema_weight, labels, power_weights)
 
     monkeypatch.setattr(training, "device_step", recording)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)

@@ -110,3 +110,25 @@ def plot_bound_terms(per_timestep: np.ndarray, path: Path, prior: float) -> None
                  f"the bound is {per_timestep.sum() + prior:.4f}", fontsize=9)
     fig.tight_layout()
     atomic_save_figure(fig, path)
+
+
+def plot_ema_sweep(rows: List[dict], metric: str, path: Path, fixed: Optional[dict] = None) -> None:
+    """A metric (lower is better) against σ_rel for post-hoc EMA's sweep ({"sigma_rel", "value", "error"} rows), the
+    best marked, and the run's fixed-decay EMA as a line where measured."""
+    fig, ax = _axes()
+    rows = sorted(rows, key=lambda r: r["sigma_rel"])
+    x = [r["sigma_rel"] for r in rows]
+    ax.errorbar(x, [r["value"] for r in rows], yerr=[r.get("error") or 0 for r in rows], marker="o", capsize=3,
+                label="post-hoc EMA")
+    best = min(rows, key=lambda r: r["value"])
+    ax.scatter([best["sigma_rel"]], [best["value"]], s=160, facecolors="none", edgecolors="red", zorder=3,
+               label=f"best: σ_rel {best['sigma_rel']:g}")
+    if fixed is not None:
+        ax.axhline(fixed["value"], color="gray", linestyle="--", label=fixed["label"])
+    ax.set_xlabel("σ_rel (EMA length relative to training time)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"Post-hoc EMA: {metric} against σ_rel (lower is better)", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_save_figure(fig, path)

@@ -18,6 +18,10 @@ commands' help) takes a name from here. A run folder holds:
                                             (a class-conditional pipeline: eval_samples/guidance-<w>/,
                                             metrics-<mode>-guidance-<w>.json and guidance.png, FID against IS)
     logs/                                   tracker logs (TensorBoard)
+    ema_snapshots/                          with --ema_posthoc: snapshots of the power EMAs (snapshots.json lists
+                                            them with their SHA-256), which ddpm-ema reconstructs other EMAs from
+    posthoc_ema.json, ema_sweep.png         ddpm-ema --keep best: the published weights are a post-hoc EMA (which
+                                            σ_rel, from which snapshots) chosen by the sweep in the plot
 """
 
 import hashlib
@@ -65,6 +69,30 @@ CHECKPOINT_UNET_CONFIG = "unet_config.json"  # the network's config: a resume ne
 CHECKPOINT_FILES = (CHECKPOINT_UNET, CHECKPOINT_EMA, CHECKPOINT_OPTIMIZER, CHECKPOINT_UNET_CONFIG, TRAINING_CONFIG,
                     TRAINER_STATE)
 
+# post-hoc EMA: a checkpoint's tracked power EMAs, one file per σ_rel; the run's snapshots of them, listed (with their
+# hashes) in the folder's index, written after each snapshot
+def checkpoint_power_ema(sigma_rel: float) -> str:
+    return f"ema_power-sigma_rel-{sigma_rel:g}.safetensors"
+
+
+EMA_SNAPSHOTS_DIR = "ema_snapshots"
+SNAPSHOT_INDEX = "snapshots.json"
+
+
+def snapshot_file(step: int, sigma_rel: float) -> str:
+    return f"step-{step:08d}-sigma_rel-{sigma_rel:g}.safetensors"
+
+
+# what ddpm-ema writes: a pipeline per σ_rel (with its provenance), the sweep's table and plot
+def posthoc_pipeline_dir(sigma_rel: float) -> str:
+    return f"sigma_rel-{sigma_rel:g}"
+
+
+POSTHOC_RECORD = "posthoc_ema.json"  # in each pipeline folder: the snapshots and weights it was made from
+EMA_SWEEP = "ema_sweep.json"
+EMA_SWEEP_TABLE = "ema_sweep.md"
+EMA_SWEEP_PLOT = "ema_sweep.png"
+
 # what the measuring commands write (ddpm-metrics, ddpm-nll; --output puts them into a run folder)
 METRICS = "metrics.json"
 NLL = "nll.json"
@@ -108,14 +136,16 @@ def sample_grid_file(step: int) -> str:
 PUBLISHED = (
     MODEL_INDEX, UNET_CONFIG, UNET_WEIGHTS, SCHEDULER_CONFIG, MODEL_CARD, SAMPLE_GRID, f"{SAMPLE_GRIDS_DIR}/step-*.png",
     PROGRESSIVE, *DENOISING_ANIMATIONS, FIGURES_RECORD, METRICS, METRICS_DINOV2, TRAINING_CONFIG, LOSS_CURVE,
-    EVALUATION, EVALUATION_TABLE, GUIDANCE_PLOT,
+    EVALUATION, EVALUATION_TABLE, GUIDANCE_PLOT, POSTHOC_RECORD, EMA_SWEEP_PLOT,
 )
+# what ddpm-push --push_snapshots adds: post-hoc EMA's snapshots, for others to reconstruct their own EMA lengths
+PUBLISHED_SNAPSHOTS = (f"{EMA_SNAPSHOTS_DIR}/*",)
 
 # What a training run itself leaves besides the pipeline, the card and its config: removed (with the checkpoints) when
 # --overwrite_output_dir starts the folder over.
 RUN_PRODUCTS = (
     BEST_CHECKPOINT, SAMPLE_GRIDS_DIR, SAMPLE_GRID, LOGS_DIR, TRAIN_SUMMARY, LOSS_CURVE, PROGRESSIVE,
-    *DENOISING_ANIMATIONS, FIGURES_RECORD,
+    *DENOISING_ANIMATIONS, FIGURES_RECORD, EMA_SNAPSHOTS_DIR, POSTHOC_RECORD, EMA_SWEEP_PLOT,
 )
 
 

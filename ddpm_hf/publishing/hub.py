@@ -24,7 +24,7 @@ from typing import List, Optional
 
 from ddpm_hf.errors import StateError
 from ddpm_hf.outputs.files import refuse_links, tmp_sibling
-from ddpm_hf.outputs.run_folder import MODEL_INDEX, PUBLISHED, TRAINING_CONFIG
+from ddpm_hf.outputs.run_folder import MODEL_INDEX, PUBLISHED, PUBLISHED_SNAPSHOTS, TRAINING_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +32,16 @@ class HubError(StateError):
     """A one-line reason why the Hub cannot be used, and what to do about it."""
 
 
-def files_to_upload(folder) -> List[str]:
-    """The paths (relative, '/'-separated, sorted) under `folder` that match `run_folder.PUBLISHED`."""
+def files_to_upload(folder, snapshots: bool = False) -> List[str]:
+    """The paths (relative, '/'-separated, sorted) under `folder` that match `run_folder.PUBLISHED` (and, with
+    `snapshots`, post-hoc EMA's snapshots: PUBLISHED_SNAPSHOTS)."""
     folder = Path(folder)
+    allowed = PUBLISHED + (PUBLISHED_SNAPSHOTS if snapshots else ())
     found = []
     for path in folder.rglob("*"):
         rel = path.relative_to(folder).as_posix()
         if path.is_file() and not any(part.startswith(".") for part in rel.split("/")):
-            if any(fnmatch.fnmatchcase(rel, pattern) for pattern in PUBLISHED):
+            if any(fnmatch.fnmatchcase(rel, pattern) for pattern in allowed):
                 found.append(rel)
     return sorted(found)
 
@@ -94,14 +96,14 @@ def check_hub_access(api, repo_id: str, token: Optional[str] = None, private: bo
     return full_id
 
 
-def snapshot(folder) -> Path:
+def snapshot(folder, snapshots: bool = False) -> Path:
     """A hidden sibling folder inside `folder` holding hard links to (or, across devices, copies of) the
     files to upload, frozen as they are now. Named like our other temporaries, so a crash leaves
     nothing that `remove_stale_temporaries` does not clean."""
     folder = Path(folder)
     staging = tmp_sibling(folder / "hub-push")
     staging.mkdir()
-    for rel in files_to_upload(folder):
+    for rel in files_to_upload(folder, snapshots):
         dst = staging / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -161,11 +163,12 @@ class HubPusher:
             except Exception:
                 pass
 
-    def push(self, folder, message: str):
-        """Upload `folder`'s allow-listed files now (after any background upload); raise HubError on failure."""
+    def push(self, folder, message: str, snapshots: bool = False):
+        """Upload `folder`'s allow-listed files now (after any background upload; `snapshots`: post-hoc EMA's too);
+        raise HubError on failure."""
         self.wait()
         try:
-            return self._upload(snapshot(folder), message)
+            return self._upload(snapshot(folder, snapshots), message)
         except Exception as e:
             raise HubError(f"The push to {self.url} failed ({_first_line(e)}); "
                            f"the files are intact in {folder}; {_retry_hint(str(folder), self.repo_id)}.") from None
@@ -175,7 +178,7 @@ class HubPusher:
 
 
 def push_output_folder(output_dir, *, repo_id: Optional[str] = None, token: Optional[str] = None, private: bool = False,
-                       commit_message: str = "Upload DDPM pipeline with ddpm_hf"):
+                       commit_message: str = "Upload DDPM pipeline with ddpm_hf", snapshots: bool = False):
     """`ddpm-push`: check access, rewrite the model card for the repo, upload the allow-list; return
     (repo URL, commit info)."""
     from ddpm_hf.publishing.model_card import write_model_card
@@ -192,6 +195,6 @@ def push_output_folder(output_dir, *, repo_id: Optional[str] = None, token: Opti
         else:
             logger.warning("%s has no %s, so no model card is written; the repo gets what is there.", output_dir,
                            TRAINING_CONFIG)
-        return pusher.url, pusher.push(output_dir, commit_message)
+        return pusher.url, pusher.push(output_dir, commit_message, snapshots)
     finally:
         pusher.close()

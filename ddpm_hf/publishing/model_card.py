@@ -16,15 +16,17 @@ from typing import Optional, Tuple
 
 from ddpm_hf.choices import BUILTIN_DATASETS, DATASET_ALIASES
 from ddpm_hf.sizes import size_of
-from ddpm_hf.outputs.files import atomic_write_bytes
+from ddpm_hf.outputs.files import atomic_write_bytes, sha256_of
 from ddpm_hf.outputs.run_folder import (
     DENOISING_ANIMATIONS,
+    EMA_SWEEP_PLOT,
     EVALUATION,
     LOSS_CURVE,
     METRICS,
     METRICS_DINOV2,
     MODEL_CARD,
     NLL,
+    POSTHOC_RECORD,
     PROGRESSIVE,
     SAMPLE_GRID,
     SCHEDULER_CONFIG,
@@ -32,6 +34,7 @@ from ddpm_hf.outputs.run_folder import (
     TRAIN_SUMMARY,
     TRAINING_CONFIG,
     UNET_CONFIG,
+    UNET_WEIGHTS,
 )
 from ddpm_hf.recipes.config import TrainingConfig
 from ddpm_hf.recipes.resolve import resolve_config
@@ -237,7 +240,7 @@ def _evaluation_section(output_dir: Path) -> list:
 
 
 def _intro_section(name: str, config: TrainingConfig, unet: dict, dataset_label: str,
-                   progress: Optional[Tuple[int, int]]) -> list:
+                   progress: Optional[Tuple[int, int]], posthoc: Optional[dict] = None) -> list:
     network = f"UNet from `{config.unet_config}`" if config.unet_config else f"UNet preset `{config.unet_preset}`"
     parts = [
         f"# {name}",
@@ -247,7 +250,9 @@ def _intro_section(name: str, config: TrainingConfig, unet: dict, dataset_label:
         f"({config.channels} channel{'s' if config.channels > 1 else ''}), {network} "
         f"({sum(1 for _ in unet['block_out_channels'])} levels, channels {unet['block_out_channels']}), "
         f"{config.max_train_steps or config.num_epochs} {'steps' if config.max_train_steps else 'epochs'} of batch {config.batch_size}. "
-        "The weights are the EMA weights.",
+        + ("The weights are the EMA weights." if posthoc is None else
+         f"The weights are the post-hoc EMA of σ_rel {posthoc['sigma_rel']:g}, chosen after training (see Post-hoc "
+         "EMA below)."),
         "",
         *([f"Started from the weights of `{config.init_from}`.", ""] if config.init_from else []),
     ]
@@ -338,6 +343,42 @@ def _training_section(output_dir: Path, config: TrainingConfig, scheduler: dict,
     ]
 
 
+def published_posthoc(output_dir: Path) -> Optional[dict]:
+    """The run folder's posthoc_ema.json (ddpm-ema's --keep best) where it describes the UNet weights beside it; else
+    None (the weights are the run's own EMA)."""
+    try:
+        record = json.loads((Path(output_dir) / POSTHOC_RECORD).read_text())
+        return record if record.get("unet_sha256") == sha256_of(Path(output_dir) / UNET_WEIGHTS) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _posthoc_section(output_dir: Path, posthoc: Optional[dict]) -> list:
+    """The post-hoc EMA sweep the published weights were chosen by: its table and plot."""
+    from ddpm_hf.measuring.ema_sweep import value_text
+
+    if posthoc is None:
+        return []
+    rows = sorted(posthoc.get("sweep") or [], key=lambda r: r["sigma_rel"])
+    parts = ["", "### Post-hoc EMA", "",
+             f"The published weights are the post-hoc EMA of σ_rel {posthoc['sigma_rel']:g} ([Karras et al. "
+             "2024](https://arxiv.org/abs/2312.02696)), reconstructed after training from "
+             f"{len(posthoc['snapshots'])} snapshots of the power EMAs the run tracked, and chosen as the best "
+             f"{posthoc['metric']} of the sweep below (ddpm-ema's --keep best; posthoc_ema.json lists the snapshots "
+             "and their weights).", "", f"| σ_rel | {posthoc['metric']} |", "| --- | --- |"]
+    for row in rows:
+        mark = " (published)" if row["sigma_rel"] == posthoc["sigma_rel"] else ""
+        paired = row.get("minus_fixed_ema") or {}
+        beside = f" ({paired['mean']:+.4f} ± {paired['sem']:.4f} against the run's EMA, paired)" if paired.get("sem") else ""
+        parts.append(f"| {row['sigma_rel']:g}{mark} | {value_text(row)}{beside} |")
+    fixed = posthoc.get("fixed_ema")
+    if fixed:
+        parts.append(f"| {fixed['label']} | {value_text(fixed)} |")
+    if (output_dir / EMA_SWEEP_PLOT).is_file():
+        parts += ["", f"![Post-hoc EMA sweep]({EMA_SWEEP_PLOT})"]
+    return parts
+
+
 def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Optional[Tuple[int, int]] = None):
     """A `huggingface_hub.ModelCard` for the run in `output_dir`, section by section; `progress` = (step, total steps)
     marks a run still training. Images are shown only when their files exist."""
@@ -358,8 +399,9 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
     )
     scheduler = json.loads((output_dir / SCHEDULER_CONFIG).read_text())
     unet = json.loads((output_dir / UNET_CONFIG).read_text())
+    posthoc = published_posthoc(output_dir)
     parts = [
-        *_intro_section(name, config, unet, dataset_label, progress),
+        *_intro_section(name, config, unet, dataset_label, progress, posthoc),
         *_samples_section(output_dir, config),
         *_figures_section(output_dir),
         *_usage_section(repo_id or config.output_dir, config),  # the folder the run wrote, as it was given
@@ -367,6 +409,7 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
         "",
         *_metrics_section(metrics, dinov2, nll, config.output_dir, config.dataset),
         *_evaluation_section(output_dir),
+        *_posthoc_section(output_dir, posthoc),
         *_training_section(output_dir, config, scheduler, unet, summary),
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts))

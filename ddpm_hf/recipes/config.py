@@ -23,6 +23,7 @@ from ddpm_hf.choices import (
     OPTIMIZERS,
     PREDICTION_TYPES,
     SAMPLING_DTYPES,
+    SNAPSHOT_DTYPES,
     TIMESTEP_SAMPLERS,
     TRACKERS,
     TRAINING_VARIANCE_TYPES,
@@ -33,7 +34,12 @@ from ddpm_hf.errors import UsageError
 from ddpm_hf.outputs.run_folder import (
     TRAINING_CONFIG,
 )
+from ddpm_hf.diffusion.phema import sigma_rels_problem, sigma_rels_text
 from ddpm_hf.paths import DINOV2_DEFAULT
+
+# post-hoc EMA's snapshots of each tracked EMA over a run, by default: the reconstruction's error falls as they get
+# denser, and the disk they take grows (docs/training.md gives both for the paper's recipe)
+POSTHOC_SNAPSHOTS = 64
 
 
 def _f(default, help: str, choices: Optional[Sequence[str]] = None, parse=None):
@@ -129,6 +135,15 @@ class TrainingConfig:
     ema_inv_gamma: float = _f(1.0, "EMA warmup inv_gamma")
     ema_power: float = _f(0.75, "EMA warmup power")
     ema_update_after_step: int = _f(0, "copy the weights into the EMA until this step")
+    ema_posthoc: bool = _f(False, "also track power-function EMAs and keep snapshots of them, so that ddpm-ema can "
+                                  "reconstruct the EMA of any length after training (post-hoc EMA, Karras et al. 2024)")
+    ema_posthoc_sigma_rels: str = _f("0.05,0.1", "the relative widths σ_rel of the tracked power EMAs, comma-separated "
+                                     "(EDM2's two)", parse=sigma_rels_text)
+    ema_posthoc_every: Optional[int] = _f(None, "write a snapshot of each tracked EMA every N steps (default: the run's "
+                                          f"steps / {POSTHOC_SNAPSHOTS}, so that about {POSTHOC_SNAPSHOTS} snapshots of "
+                                          "each span the run, at any length)")
+    ema_posthoc_dtype: str = _f("fp16", "the snapshots' precision (EDM2 keeps them in fp16: half the disk)",
+                                choices=SNAPSHOT_DTYPES)
     # ---- outputs
     output_dir: str = _f("runs/ddpm", "where the pipeline, checkpoints, grids and logs go")
     checkpointing_steps: int = _f(5000, "save a resumable checkpoint every N steps")
@@ -246,6 +261,11 @@ class TrainingConfig:
         need(self.ema_inv_gamma > 0 and self.ema_power > 0,
              f"--ema_inv_gamma={self.ema_inv_gamma} and --ema_power={self.ema_power} must be positive.")
         need(self.ema_update_after_step >= 0, f"--ema_update_after_step={self.ema_update_after_step} must not be negative.")
+        need(not sigma_rels_problem(self.ema_posthoc_sigma_rels),
+             f"--ema_posthoc_sigma_rels: {sigma_rels_problem(self.ema_posthoc_sigma_rels)}.")
+        need(self.ema_posthoc_every is None or self.ema_posthoc_every >= 1,
+             f"--ema_posthoc_every={self.ema_posthoc_every} must be at least 1 (or none: about {POSTHOC_SNAPSHOTS} "
+             "snapshots over the run).")
         need(self.dropout is None or 0 <= self.dropout < 1, f"--dropout={self.dropout} must be in [0, 1).")
         need(0 <= self.label_dropout < 1, f"--label_dropout={self.label_dropout} must be in [0, 1) (Ho & Salimans 2021: "
              "0.1 or 0.2; 0 trains no unconditional model, so guidance cannot be used).")
@@ -310,7 +330,7 @@ RESUMABLE_SETTINGS = (
     "keep_best", "inception_weights", "eval_cache_dir", "card_figures", "eval_nll_every", "eval_nll_images", "eval_nll_dataset",
     "eval_nll_split", "eval_dtype", "push_to_hub", "hub_model_id", "hub_private_repo", "hub_push_every", "report_to", "preset",
     "cache_dir", "init_from", "save_images_epochs", "save_model_epochs", "cuda_graph",
-    "deterministic", "gradient_checkpointing",
+    "deterministic", "gradient_checkpointing", "ema_posthoc_every", "ema_posthoc_dtype",
 )
 
 
@@ -324,6 +344,10 @@ def config_changes(old: TrainingConfig, new: TrainingConfig) -> Dict[str, list]:
 # of these cannot apply, and is refused even with --allow_config_change.
 NETWORK_SETTINGS = ("unet_preset", "unet_config", "unet_subfolder", "dropout", "resolution", "channels", "class_conditional",
                     "label_column", "class_names")
+
+
+# Post-hoc EMA's tracked averages are over the whole run: a resume that would change them is refused, always.
+POSTHOC_SETTINGS = ("ema_posthoc", "ema_posthoc_sigma_rels")
 
 
 def checkpoint_settings(checkpoint: Path, output_dir: Path) -> Optional[TrainingConfig]:
@@ -346,6 +370,12 @@ def resume_changes(config: TrainingConfig, checkpoint: Path) -> Dict[str, list]:
                          "change (--allow_config_change covers how it trains: learning rate, steps, EMA, logging, ...); "
                          f"resume with its settings, or start a new run from this run's pipeline (--init_from "
                          f"{config.output_dir}).")
+    averages = {k: v for k, v in changes.items() if k in POSTHOC_SETTINGS}
+    if averages:
+        listed = ", ".join(f"--{k} {old} -> {new}" for k, (old, new) in averages.items())
+        raise UsageError(f"{checkpoint.name} tracks other power EMAs ({listed}): their averages start at step 0, so a "
+                         "resume cannot add, drop or change them, even with --allow_config_change; resume with its "
+                         "settings, or start a new run.")
     if changes and not config.allow_config_change:
         listed = ", ".join(f"--{k} {old} -> {new}" for k, (old, new) in changes.items())
         raise UsageError(f"{checkpoint.name} was trained with other settings ({listed}); resume with its settings, or add "

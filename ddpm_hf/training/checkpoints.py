@@ -57,10 +57,11 @@ def _contiguous(state):
 
 
 def save_checkpoint(output_dir: Path, step: int, unet, ema_model, optimizer, trainer_state: dict,
-                    name: Optional[str] = None, extra_files: Optional[Dict[str, str]] = None) -> Path:
-    """Write checkpoint-<step>/ (or `name`/): UNet and EMA weights as safetensors, optimizer state, `extra_files`
-    ({name: text}, e.g. the run's configs), and last trainer_state.json holding the step and the SHA-256 of every
-    other file.
+                    name: Optional[str] = None, extra_files: Optional[Dict[str, str]] = None,
+                    averages: Optional[Dict[str, object]] = None) -> Path:
+    """Write checkpoint-<step>/ (or `name`/): UNet and EMA weights as safetensors, `averages` ({file name: model},
+    e.g. --ema_posthoc's power EMAs) as safetensors too, optimizer state, `extra_files` ({name: text}, e.g. the run's
+    configs), and last trainer_state.json holding the step and the SHA-256 of every other file.
     Written under a temporary name and renamed into place; non-finite weights are refused, and a failed write
     (a full disk) removes its temporary and leaves the previous checkpoints as they were."""
     import torch
@@ -70,13 +71,15 @@ def save_checkpoint(output_dir: Path, step: int, unet, ema_model, optimizer, tra
     from ddpm_hf.saved.weights import refuse_unsound_weights
 
     final = Path(output_dir) / (name or checkpoint_name(step))
-    refuse_unsound_weights({"UNet": unet, "EMA": ema_model}, final.name, step=step,
+    refuse_unsound_weights({"UNet": unet, "EMA": ema_model, **(averages or {})}, final.name, step=step,
                            advice="resume from the last checkpoint with a lower --learning_rate")
     tmp = tmp_sibling(final)
     try:
         tmp.mkdir(parents=True)
         save_file(_contiguous(unet.state_dict()), str(tmp / CHECKPOINT_UNET))
         save_file(_contiguous(ema_model.state_dict()), str(tmp / CHECKPOINT_EMA))
+        for filename, model in (averages or {}).items():
+            save_file(_contiguous(model.state_dict()), str(tmp / filename))
         optimizer_state = optimizer.state_dict()
         optimizer_state["param_groups"] = plain_numbers(optimizer_state["param_groups"])
         torch.save(optimizer_state, tmp / CHECKPOINT_OPTIMIZER)
@@ -217,20 +220,23 @@ def _load_optimizer_state(folder: Path, mmap: bool = False):
 OPTIMIZER_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")  # torch.optim's per-group switches
 
 
-def load_checkpoint(folder: Path, unet, ema_model, optimizer) -> dict:
-    """Load weights (safetensors) and optimizer state (weights_only) into the given objects; return trainer_state."""
+def load_checkpoint(folder: Path, unet, ema_model, optimizer, averages: Optional[Dict[str, object]] = None) -> dict:
+    """Load weights (safetensors; `averages` as `save_checkpoint` takes them) and optimizer state (weights_only) into
+    the given objects; return trainer_state."""
     from safetensors.torch import load_file
 
     try:
         unet.load_state_dict(load_file(str(folder / CHECKPOINT_UNET)))
         ema_model.load_state_dict(load_file(str(folder / CHECKPOINT_EMA)))
+        for filename, model in (averages or {}).items():
+            model.load_state_dict(load_file(str(folder / filename)))
         # how the optimizer runs is this machine's (fused and capturable in a CUDA graph, foreach elsewhere), not the
         # checkpoint's: a state saved on a GPU resumes on a CPU
         runs_as = [{k: g[k] for k in OPTIMIZER_IMPLEMENTATION if k in g} for g in optimizer.param_groups]
         optimizer.load_state_dict(_load_optimizer_state(folder))
         for group, flags in zip(optimizer.param_groups, runs_as):
             group.update(flags)
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"{folder} does not fit this network or optimizer ({first_line(e, limit=200)}); "
                               "resume with the settings it was trained with.") from None
     return json.loads((folder / TRAINER_STATE).read_text())

@@ -52,7 +52,12 @@ from ddpm_hf.outputs.run_folder import (
     SAMPLE_GRIDS_DIR,
     TRAIN_SUMMARY,
     TRAINING_CONFIG,
+    EMA_SWEEP_PLOT,
+    POSTHOC_RECORD,
+    checkpoint_power_ema,
 )
+from ddpm_hf.recipes.config import POSTHOC_SNAPSHOTS
+from ddpm_hf.saved.ema_snapshots import drop_snapshots_after, write_snapshots
 from ddpm_hf.saved.weights import refuse_unsound_weights, save_pipeline, verify_pipeline
 from ddpm_hf.sampling.samplers import network_dtype
 from ddpm_hf.outputs.run_folder import list_checkpoints
@@ -242,6 +247,8 @@ def build_run(config: TrainingConfig, accelerator, lock, checkpoint: Optional[Pa
         if checkpoint is not None:
             refuse_resume_past_end(checkpoint, config.resume_from_checkpoint, total_steps,
                                    f"--num_epochs {config.num_epochs} of {source.steps_per_epoch} steps")
+    if config.ema_posthoc and config.ema_posthoc_every is None:  # recorded in the run's config, as it is resolved
+        config = dataclasses.replace(config, ema_posthoc_every=max(1, total_steps // POSTHOC_SNAPSHOTS))
     reference = evaluation_reference(config, feature_network, accelerator) if config.eval_every else None
     return Run(config=config, accelerator=accelerator, source=source, total_steps=total_steps, pusher=pusher,
                feature_network=feature_network, reference=reference, held_out=held_out, checkpoint=checkpoint,
@@ -280,7 +287,10 @@ def resume(run: Run) -> TrainState:
     accelerator.wait_for_everyone()
     state = TrainState()
     if run.checkpoint is not None:
-        state = TrainState.from_dict(load_checkpoint(run.checkpoint, run.raw_unet, run.ema.model, run.optimizer))
+        state = TrainState.from_dict(load_checkpoint(run.checkpoint, run.raw_unet, run.ema.model, run.optimizer,
+                                                     power_ema_files(run)))
+        if run.posthoc is not None:
+            run.posthoc.load_state(state.ema_power)
         run.lr_scheduler.load_state_dict(state.lr_scheduler)
         apply_optimizer_changes(config, run.optimizer, run.lr_scheduler, run.config_changes)
         run.ema.load_state(state.ema)
@@ -293,6 +303,10 @@ def resume(run: Run) -> TrainState:
         logger.info("Resumed from %s at step %d.", run.checkpoint, state.step)
     elif config.resume_from_checkpoint == "latest":
         logger.info("No checkpoint in %s yet: starting from scratch.", run.output_dir)
+    if run.posthoc is not None and run.is_main:
+        dropped = drop_snapshots_after(run.output_dir, state.step)
+        if dropped:
+            logger.info("Removed %d post-hoc EMA snapshots after step %d: this run redoes them.", len(dropped), state.step)
     if run.precision_choice is not None:
         state.precision_choice = run.precision_choice
     run.meters.restore(state.nonfinite_total, state.nonfinite_in_a_row)
@@ -375,7 +389,8 @@ def start_step_graph(run: Run) -> Optional[StepGraph]:
     shape = (run.source.micro, config.channels, *size_of(config.resolution))
     return StepGraph(functools.partial(device_step, run), run.source, shape, config.gradient_accumulation_steps,
                      run.device, run.generator, run.optimizer, run.ema,
-                     state=lambda: step_state(run.raw_unet, run.optimizer, run.ema, run.meters),
+                     state=lambda: step_state(run.raw_unet, run.optimizer, run.ema, run.meters, run.posthoc),
+                     posthoc=run.posthoc,
                      labelled=config.class_conditional)
 
 
@@ -423,7 +438,8 @@ def run_step(run: Run, step: int, graph: Optional[StepGraph] = None) -> None:
         accum = range(run.config.gradient_accumulation_steps)
         batches = [run.source.get(step, j) for j in accum]
         labels = [run.source.labels(step, j) for j in accum] if run.config.class_conditional else None
-        device_step(run, batches, labels=labels)
+        power_weights = run.posthoc.fill(step + 1) if run.posthoc is not None else None  # t: steps after this one
+        device_step(run, batches, labels=labels, power_weights=power_weights)
         run.optimizer.zero_grad(set_to_none=True)
     run.lr_scheduler.step()
 
@@ -449,6 +465,10 @@ def periodic_work(run: Run, state: TrainState, bar, clock: Clock) -> None:
     with clock.pause():
         if run.is_main and state.history and (due(config.checkpointing_steps) or push_now):
             plot_loss_curve(state.history, run.output_dir / LOSS_CURVE)
+        if run.posthoc is not None and run.is_main and due(config.ema_posthoc_every):
+            # before the checkpoint of the same step: a kill between the two resumes from the one before, which
+            # writes this snapshot again (the same bytes)
+            write_snapshots(run.output_dir, done, run.posthoc, config.ema_posthoc_dtype)
         if due(config.checkpointing_steps):
             write_checkpoint(run, state)
         if due(config.save_images_steps):
@@ -510,12 +530,21 @@ def write_checkpoint(run: Run, state: TrainState, name: Optional[str] = None) ->
     if run.is_main:
         state.lr_scheduler, state.ema = plain_numbers(run.lr_scheduler.state_dict()), run.ema.state()
         state.timestep_sampler = run.t_sampler.state_dict()
+        state.ema_power = run.posthoc.state() if run.posthoc is not None else None
         save_checkpoint(run.output_dir, state.step, run.raw_unet, run.ema.model, run.optimizer, state.to_dict(), name=name,
                         extra_files={TRAINING_CONFIG: run.config.to_json(),
-                                     CHECKPOINT_UNET_CONFIG: unet_config_json(run.raw_unet)})
+                                     CHECKPOINT_UNET_CONFIG: unet_config_json(run.raw_unet)},
+                        averages=power_ema_files(run))
         if name is None:
             rotate_checkpoints(run.output_dir, run.config.checkpoints_total_limit)
     run.accelerator.wait_for_everyone()
+
+
+def power_ema_files(run: Run) -> Dict[str, torch.nn.Module]:
+    """--ema_posthoc's power EMAs by the file a checkpoint keeps each in ({} without it)."""
+    if run.posthoc is None:
+        return {}
+    return {checkpoint_power_ema(s): m for s, m in zip(run.posthoc.sigma_rels, run.posthoc.models)}
 
 
 def measure_and_keep_best(run: Run, state: TrainState) -> None:
@@ -526,6 +555,8 @@ def measure_and_keep_best(run: Run, state: TrainState) -> None:
 
 def save_ema_pipeline(run: Run) -> None:
     save_pipeline(ema_pipeline(run), run.output_dir)
+    for stale in (POSTHOC_RECORD, EMA_SWEEP_PLOT):  # an earlier `ddpm-ema --keep best`: no longer what is published
+        (run.output_dir / stale).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- 4. finish

@@ -12,7 +12,8 @@ from typing import Any, Dict, Optional
 import torch
 
 from ddpm_hf.choices import LEARNED_VARIANCE_TYPES, OPTIMIZERS
-from ddpm_hf.diffusion.ema import EMA
+from ddpm_hf.diffusion.ema import EMA, PowerEMA
+from ddpm_hf.diffusion.phema import sigma_rels_of
 from ddpm_hf.diffusion.losses import DiffusionLoss
 from ddpm_hf.diffusion.scheduler import DDPMScheduler
 from ddpm_hf.diffusion.timestep_samplers import make_timestep_sampler
@@ -179,13 +180,16 @@ def build_model(config: TrainingConfig, accelerator, total_steps: int, checkpoin
                                  num_training_steps=total_steps)
     ema = EMA(unet, decay=config.ema_decay, warmup=config.ema_warmup, inv_gamma=config.ema_inv_gamma,
               power=config.ema_power, update_after_step=config.ema_update_after_step)
+    posthoc = PowerEMA(unet, sigma_rels_of(config.ema_posthoc_sigma_rels)) if config.ema_posthoc else None
     unet, optimizer = accelerator.prepare(unet, optimizer)
     ema.model.to(accelerator.device)
+    for model in posthoc.models if posthoc else ():
+        model.to(accelerator.device)
     return dict(
         unet=unet, raw_unet=accelerator.unwrap_model(unet), forward=torch.compile(unet) if config.compile else unet,
         scheduler=scheduler, loss=DiffusionLoss(scheduler, config.loss, config.snr_gamma, config.vlb_weight),
         t_sampler=make_timestep_sampler(config.timestep_sampler, config.num_train_timesteps, accelerator.device),
         optimizer=optimizer,
-        lr_scheduler=lr_scheduler, ema=ema, skips_on_device=skips_on_device,
+        lr_scheduler=lr_scheduler, ema=ema, posthoc=posthoc, skips_on_device=skips_on_device,
         meters=StepMeters(accelerator.device, config.num_train_timesteps), generator=torch.Generator(accelerator.device),
     )

@@ -75,8 +75,10 @@ def step_rates(config: TrainingConfig, precisions, batch: int, rounds: int = 10,
 
     def step(precision: str) -> float:
         run = runs[precision]
+        # the power EMAs' work too, as a step of the run does it (its weights need not advance for a timing)
+        power_weights = run.posthoc.weights_tensor() if run.posthoc is not None else None
         start = time.perf_counter()
-        device_step(run, batches, labels=labels)
+        device_step(run, batches, labels=labels, power_weights=power_weights)
         run.optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 

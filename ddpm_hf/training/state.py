@@ -14,7 +14,7 @@ import torch
 
 from ddpm_hf.data.decoding import ImageBank
 from ddpm_hf.training.batches import BatchSource
-from ddpm_hf.diffusion.ema import EMA
+from ddpm_hf.diffusion.ema import EMA, PowerEMA
 from ddpm_hf.diffusion.losses import DiffusionLoss
 from ddpm_hf.diffusion.scheduler import DDPMScheduler
 from ddpm_hf.diffusion.timestep_samplers import UniformSampler
@@ -44,6 +44,7 @@ class TrainState:
     nonfinite_in_a_row: int = 0
     lr_scheduler: Dict[str, Any] = field(default_factory=dict)
     ema: Dict[str, Any] = field(default_factory=dict)
+    ema_power: Optional[Dict[str, Any]] = None  # with --ema_posthoc: the power EMAs' time and widths
     timestep_sampler: Optional[Dict[str, Any]] = None
     config_history: List[dict] = field(default_factory=list)  # settings changed on resume: {"step", "changes"}
     precision_choice: Optional[dict] = None  # how --mixed_precision auto chose the run's precision, if it did
@@ -139,6 +140,7 @@ class Run:
     optimizer: AcceleratedOptimizer
     lr_scheduler: LRScheduler
     ema: EMA
+    posthoc: Optional[PowerEMA]  # --ema_posthoc's power EMAs (None without it)
     skips_on_device: bool  # the optimizer takes found_inf (fused Adam)
     meters: StepMeters
     generator: torch.Generator  # a step's flips, ε and t, reseeded for each step (steps.seed_step)

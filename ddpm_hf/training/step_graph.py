@@ -58,14 +58,16 @@ class StepGraph:
     def __init__(self, body: Callable, source, shape: tuple, accum: int, device: torch.device, generator: torch.Generator,
                  optimizer, ema, capture: Optional[bool] = None, lr_on_device: Optional[bool] = None,
                  capturable: Optional[bool] = None, state: Callable[[], Sequence[torch.Tensor]] = lambda: (),
-                 cuda=None, labelled: bool = False):
-        self.source, self.ema = source, ema
+                 cuda=None, labelled: bool = False, posthoc=None):
+        self.source, self.ema, self.posthoc = source, ema, posthoc
         capture = device.type == "cuda" if capture is None else capture
         self.batches: List[torch.Tensor] = [torch.empty(shape, dtype=torch.uint8, device=device) for _ in range(accum)]
         # a class-conditional run's labels: static too, copied in before each replay as the images are
         self.labels: Optional[List[torch.Tensor]] = (
             [torch.empty(shape[0], dtype=torch.int64, device=device) for _ in range(accum)] if labelled else None)
         self.ema_weight = torch.ones((), device=device)
+        # --ema_posthoc's weights: the tracker's own tensor, filled before each replay as the EMA's weight is
+        self.power_weights = posthoc.weights_tensor() if posthoc is not None else None
         for group in optimizer.param_groups:
             if capture if lr_on_device is None else lr_on_device:  # LR schedulers fill a tensor in place
                 group["lr"] = torch.tensor(float(group["lr"]), device=device)
@@ -75,7 +77,7 @@ class StepGraph:
         # the gradients are set to None after each eager step, and before the capture: the graph's backward then
         # writes them into its own memory
         no_gradients = functools.partial(optimizer.zero_grad, set_to_none=True)
-        self.replayed = Replayed(lambda: body(self.batches, self.ema_weight, self.labels), GRAPH_WARMUP_STEPS, capture, self._failed,
+        self.replayed = Replayed(lambda: body(self.batches, self.ema_weight, self.labels, self.power_weights), GRAPH_WARMUP_STEPS, capture, self._failed,
                                  state=state, before_capture=no_gradients, after_eager=no_gradients,
                                  generators=(generator,), cuda=cuda)
 
@@ -86,6 +88,8 @@ class StepGraph:
             if self.labels is not None:
                 self.source.labels(step, j, out=self.labels[j])
         self.ema_weight.fill_(self.ema.advance())
+        if self.posthoc is not None:
+            self.posthoc.fill(step + 1)
         captured = self.replayed.graph is not None
         self.replayed()
         if not captured and self.replayed.graph is not None:
@@ -98,11 +102,13 @@ class StepGraph:
                        "(--no-cuda_graph says so from the start).", why)
 
 
-def step_state(model, optimizer, ema, meters) -> List[torch.Tensor]:
+def step_state(model, optimizer, ema, meters, posthoc=None) -> List[torch.Tensor]:
     """The tensors a training step writes: the parameters, the optimizer's state (Adam's moments and step), the EMA's
-    parameters and the meters (what the first replay's check compares)."""
+    parameters (and the power EMAs') and the meters (what the first replay's check compares)."""
     tensors = [p.data for p in model.parameters()]
     for per_parameter in optimizer.state.values():
         tensors += [v for v in per_parameter.values() if isinstance(v, torch.Tensor)]
     tensors += [p.data for p in ema.model.parameters()]
+    for averaged in posthoc.models if posthoc is not None else ():
+        tensors += [p.data for p in averaged.parameters()]
     return tensors + [meters.loss_sum, meters.loss_count, meters.counters]

@@ -24,10 +24,11 @@ def seed_step(run: Run, step: int) -> None:
 
 
 def device_step(run: Run, batches: list, ema_weight: Optional[torch.Tensor] = None,
-                labels: Optional[list] = None) -> None:
+                labels: Optional[list] = None, power_weights: Optional[torch.Tensor] = None) -> None:
     """The device's work of a step on its uint8 micro-batches (what step_graph.py captures): forward and backward of
     each (with its class labels in a class-conditional run), clipping, Adam, the EMA (its weight in `ema_weight`
-    inside a graph, else from the host) and the meters."""
+    inside a graph, else from the host), --ema_posthoc's power EMAs (their weights in `power_weights`, which the host
+    filled for this step) and the meters."""
     accum = len(batches)
     for j, batch in enumerate(batches):
         with run.accelerator.no_sync(run.unet) if j < accum - 1 else contextlib.nullcontext():
@@ -40,6 +41,8 @@ def device_step(run: Run, batches: list, ema_weight: Optional[torch.Tensor] = No
         run.ema.update(run.raw_unet.parameters())
     else:
         run.ema.apply(run.raw_unet.parameters(), ema_weight)
+    if run.posthoc is not None:
+        run.posthoc.apply(run.raw_unet.parameters(), power_weights)
     run.meters.add_step(skipped)
 
 
