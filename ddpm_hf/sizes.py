@@ -46,10 +46,16 @@ def sample_size(resolution) -> Union[int, list]:
 
 
 def resolution(text: str) -> Resolution:
-    """argparse's type for --resolution (its name is what argparse says of a bad value: "invalid resolution value")."""
-    value = canonical(text)
-    if min(size_of(value)) < 1:
-        raise ValueError(text)
+    """argparse's type for --resolution: the size, or the line saying what is wrong with it."""
+    import argparse
+
+    try:
+        value = canonical(text)
+    except ValueError:
+        value = None
+    if value is None or min(size_of(value)) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is no image size: give N (N x N) or HxW, each side at least 1 "
+                                         "(e.g. 32, or 32x64: 32 high, 64 wide)")
     return value
 
 

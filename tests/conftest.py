@@ -7,6 +7,10 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # pools spinning on the same cores run several times slower than one
     _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = _threads
+else:
+    # one process: torch's own count, never changed by the governor (a count that follows the load changes a CPU's
+    # float sums in their last bits, and the tests compare runs bit for bit)
+    os.environ.setdefault("DDPM_HF_CPU_THREADS", "torch")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

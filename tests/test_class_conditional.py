@@ -472,7 +472,16 @@ def parquet_with_labels(path, labels, dtype="int64", class_label=False):
      "['image', 'label', 'kind']); name the column with --label_column."),
     (lambda p: parquet_with_labels(p, [0, 1] * 8), ["--label_column", "labels"],
      "error: --label_column 'labels' is not a column of this dataset; its columns are ['image', 'label', 'kind']."),
-], ids=["outside the classes", "not integers", "no label column", "no such column"])
+    (lambda p: parquet_with_labels(p, [0, 5] * 8), ["--label_column", "label"],
+     "error: Column 'label' holds 2 distinct labels (0, 5) up to 5, so 4 of the classes 0..5 would have no image; "
+     "number the labels 0..1, or give a ClassLabel column that names every class."),
+    (lambda p: parquet_with_labels(p, [0, 10 ** 9] * 8), ["--label_column", "label"],
+     "error: Column 'label' holds 2 distinct labels (0, 1000000000) up to 1000000000, so 999999999 of the classes "
+     "0..1000000000 would have no image; number the labels 0..1, or give a ClassLabel column that names every class."),
+    (lambda p: parquet_with_labels(p, [0, 1, None, 1] * 4), ["--label_column", "label"],
+     "error: The label of image 2 in column 'label' is missing (4 images so); give those images a class or leave them "
+     "out."),
+], ids=["outside the classes", "not integers", "no label column", "no such column", "gaps", "absurd ids", "missing"])
 def test_bad_labels_are_one_line_before_any_work(tmp_path, make, flags, said):
     from ddpm_hf.data.sources import load_image_dataset
 

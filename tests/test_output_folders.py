@@ -221,6 +221,17 @@ def test_an_absurd_resolution_is_one_line_naming_the_largest_side(tmp_path):
     assert "a side of more than 4096 pixels" in one_error_line(proc) and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("command", [["train_ddpm.py"], ["-m", "ddpm_hf.commands.metrics", ".", "--reference", "."]])
+def test_a_negative_size_is_answered_by_the_size_check_not_taken_for_a_flag(tmp_path, command):
+    """#45: `--resolution -16x16` got argparse's "expected one argument"; a value that starts with "-" but is no flag
+    now reaches the size's own check."""
+    proc = run_in_process([sys.executable, *command, "--resolution", "-16x16"], cwd=tmp_path)
+    assert one_error_line(proc) == ("error: argument --resolution: '-16x16' is no image size: give N (N x N) or HxW, "
+                                    "each side at least 1 (e.g. 32, or 32x64: 32 high, 64 wide) (see "
+                                    f"{'train_ddpm.py' if command == ['train_ddpm.py'] else 'ddpm-metrics'} --help)")
+    assert proc.returncode == 2
+
+
 @pytest.mark.parametrize("argv,said", [
     (["ddpm_hf.commands.sample", "runs/no/such/run", "OUT", "--num_images", "1"], "no such file or folder"),
     (["ddpm_hf.commands.visualize", "NOT_A_PIPELINE", "OUT"], "holds no pipeline (no model_index.json)"),

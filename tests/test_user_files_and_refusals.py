@@ -182,6 +182,24 @@ def test_another_tools_training_config_does_not_make_a_folder_ours(tmp_path):
     assert overwrite.returncode == 1 and every_file(folder) == before
 
 
+def test_a_folder_holding_only_the_users_logs_and_samples_is_not_trained_into(tmp_path):
+    """#45: logs/ and samples/ are names a run writes, but a folder without our marker never held a run of ours: they
+    are the user's, and the run's grids would have gone into their samples/."""
+    folder = tmp_path / "mine"
+    (folder / "logs").mkdir(parents=True)
+    (folder / "logs" / "events.txt").write_text("my tracker")
+    (folder / "samples").mkdir()
+    (folder / "samples" / "step-0000001.png").write_bytes(b"my picture")
+    before = every_file(folder)
+    for extra in ([], ["--overwrite_output_dir"]):
+        proc = train_cli(*cli_args({**TINY, "output_dir": folder, "max_train_steps": 1}), *extra)
+        assert one_error_line(proc) == (
+            f"error: --output_dir {folder} holds files that ddpm_hf did not write (logs/, samples/); a run would write "
+            "its pipeline and model card over them, so it is refused (--overwrite_output_dir clears only an earlier "
+            "ddpm_hf run): choose a new or empty --output_dir.")
+        assert every_file(folder) == before
+
+
 def put_user_files(run: Path) -> None:
     """What a user leaves inside a run of ours: notes in the pipeline and a checkpoint, a favourite grid, an edited card."""
     (run / "unet" / "notes.txt").write_text("lr 1e-4 looked best")

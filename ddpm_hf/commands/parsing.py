@@ -101,7 +101,7 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
     def parse_args(self, args=None, namespace=None):
-        namespace, extras = self.parse_known_args(args, namespace)
+        namespace, extras = self.parse_known_args(self._values_kept(args), namespace)
         if extras:
             # an unknown flag's value is not news: name the flags (with a suggestion), and stray words only alone
             flags = [a for a in extras if a.startswith("-")]
@@ -109,6 +109,26 @@ class Parser(argparse.ArgumentParser):
             self.error("unrecognized arguments: " + " ".join(shown))
         self.parsed(namespace)
         return namespace
+
+    def _values_kept(self, args):
+        """`args` with a value that starts with "-" but is no flag (--resolution -16x16) joined to its flag, so that
+        its own check answers it (argparse would say only "expected one argument")."""
+        if args is None:
+            args = sys.argv[1:]
+        args, joined = list(map(str, args)), []
+        i = 0
+        while i < len(args):
+            action = self._option_string_actions.get(args[i])
+            value = args[i + 1] if i + 1 < len(args) else None
+            if (action is not None and action.nargs is None and action.option_strings and value is not None
+                    and value.startswith("-") and value not in self._option_string_actions
+                    and not self._negative_number_matcher.match(value) and action.const is None):
+                joined.append(f"{args[i]}={value}")
+                i += 2
+                continue
+            joined.append(args[i])
+            i += 1
+        return joined
 
     def parsed(self, namespace) -> None:
         """Called with every namespace the parser returns (a test stops a parse here, before any work)."""

@@ -100,11 +100,26 @@ def class_names_of(ds, column: str) -> List[str]:
         kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
         raise UsageError(f"--label_column {column!r} holds {kind} values, not class labels; name a ClassLabel or integer "
                          "column with --label_column.")
-    labels = np.asarray(ds.with_format(None)[column])
+    raw = ds.with_format(None)[column]
+    missing = [i for i, label in enumerate(raw) if label is None]
+    if missing:
+        raise UsageError(f"The label of image {missing[0]} in column {column!r} is missing ({len(missing)} images so); "
+                         "give those images a class or leave them out.")
+    labels = np.asarray(raw, dtype=np.int64)
     if labels.size == 0:
         raise UsageError("The dataset holds no images.")
     if names is None:
-        names = [str(k) for k in range(max(int(labels.max()), 0) + 1)]
+        # an integer column's classes are 0..max, each a row of the class embedding: ids with no image among them
+        # (labels 0 and 5; 0 and 10^9) would be classes that nothing trains, so they are refused before any are made
+        present = np.unique(labels[labels >= 0])
+        top = int(present.max()) if present.size else -1
+        if present.size and top + 1 > present.size:
+            absent = top + 1 - present.size
+            shown = ", ".join(str(int(k)) for k in present[:4]) + (", ..." if present.size > 4 else "")
+            raise UsageError(f"Column {column!r} holds {present.size} distinct labels ({shown}) up to {top}, so {absent} "
+                             f"of the classes 0..{top} would have no image; number the labels 0..{present.size - 1}, or "
+                             "give a ClassLabel column that names every class.")
+        names = [str(k) for k in range(max(top, 0) + 1)]
     outside = np.flatnonzero((labels < 0) | (labels >= len(names)))
     if outside.size:
         i = int(outside[0])

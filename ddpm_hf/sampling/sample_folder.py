@@ -259,6 +259,9 @@ def sample_command(pipe, *, pipeline_name: str, folder, num_images: int, batch_s
             npz_record = None
         job.start(drawn_images(job.folder) if overwrite else (), overwrite, num_images=None, complete=False,
                   npz=npz_record)
+        if job.is_main:  # an npz half-written by a killed run (as large as the folder's images): under the lock, ours
+            for stale in job.folder.glob(f".{SAMPLES_NPZ}.tmp-*"):
+                stale.unlink(missing_ok=True)
         result = sample_to_folder(pipe, job.folder, num_images, batch_size=batch_size, num_inference_steps=num_inference_steps,
                                   seed=seed, eta=eta, rank=job.rank, world_size=job.world, progress=job.shows_progress,
                                   labels=labels, guidance_scale=guidance_scale, timesteps=chain)

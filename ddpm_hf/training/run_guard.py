@@ -27,7 +27,6 @@ from ddpm_hf.outputs.run_folder import (
     MODEL_INDEX,
     PIPELINE_HASHES,
     RUN_MARKER,
-    RUN_PRODUCTS,
     SAMPLE_GRIDS_DIR,
     SCHEDULER_CONFIG,
     SCHEDULER_DIR,
@@ -95,12 +94,13 @@ def folder_entries(folder: Path) -> List[str]:
 def not_ours(folder: Path, had_marker: bool) -> List[str]:
     """What in a folder a ddpm_hf run did not write: nothing in a folder with our marker or (written before the marker
     existed) a run's training_config.json, ours by its content (another tool's file of that name is the user's);
-    elsewhere whatever is not a run's own product (logs/, samples/, checkpoints, ...)."""
+    elsewhere everything, names of a run's products (logs/, samples/, checkpoint-*) included: a run writes its marker
+    before any of them, so a folder without it never held one of ours."""
     from ddpm_hf.recipes.config import saved_by_us
 
     if had_marker or saved_by_us(Path(folder) / TRAINING_CONFIG):
         return []
-    return [e for e in folder_entries(folder) if e.rstrip("/") not in RUN_PRODUCTS and not e.startswith(CHECKPOINT_PREFIX)]
+    return folder_entries(folder)
 
 
 def _listed(names: List[str], most: int = 6) -> str:
