@@ -136,6 +136,33 @@ def cond(tmp_path, **overrides):
     return tiny_config(tmp_path, class_conditional=True, **overrides)
 
 
+def test_a_conditional_run_starts_from_an_unconditional_pipeline_with_a_fresh_class_embedding(tmp_path):
+    """#45: --init_from an unconditional pipeline into a class-conditional run ended on a raw state_dict key error;
+    every weight but the class embedding is taken, and the class embedding keeps the run's own initialisation."""
+    from ddpm_hf.training.parts import load_starting_weights
+
+    torch.manual_seed(1)
+    unconditional = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    DDPMPipeline(unconditional, DDPMScheduler(num_train_timesteps=20)).save_pretrained(tmp_path / "start")
+    run = conditional_unet()
+    fresh = run.class_embedding.weight.detach().clone()
+    load_starting_weights(run, str(tmp_path / "start"))
+    source = unconditional.state_dict()
+    assert all(torch.equal(v, source[k]) for k, v in run.state_dict().items() if not k.startswith("class_embedding."))
+    assert torch.equal(run.class_embedding.weight, fresh)
+
+
+def test_an_unconditional_run_from_a_conditional_pipeline_is_told_to_add_class_conditional(tmp_path):
+    conditional_pipeline().save_pretrained(tmp_path / "start")
+    settings = {k: v for k, v in TINY.items() if k != "unet_preset"}  # the UNet is the starting pipeline's
+    proc = run_in_process([sys.executable, str(REPO / "train_ddpm.py"), *cli_args({
+        **settings, "output_dir": tmp_path / "run", "max_train_steps": 1, "init_from": tmp_path / "start"})])
+    assert "its UNet has a class embedding; add --class_conditional" in one_error_line(proc)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_a_conditional_run_trains_saves_and_samples_each_class(tmp_path):
     from ddpm_hf.training.loop import train

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -103,6 +104,9 @@ def make_unet(config: TrainingConfig, checkpoint: Optional[Path] = None):
     return UNet2DModel.from_config(run_unet_config(config, checkpoint))
 
 
+CLASS_EMBEDDING = "class_embedding."  # the class-conditional UNet's embedding, in its state dict
+
+
 def load_starting_weights(unet, source: str) -> None:
     """--init_from: the UNet weights of the pipeline `source` (a folder, a google/ddpm-* root layout, or a Hub repo
     id; cached ones work offline), into `unet`."""
@@ -110,10 +114,20 @@ def load_starting_weights(unet, source: str) -> None:
 
     weights = load_pipeline(source).unet.state_dict()
     try:
-        unet.load_state_dict(weights)
+        missing, unexpected = unet.load_state_dict(weights, strict=False)
     except RuntimeError as e:
         raise UsageError(f"--init_from {source}: its UNet weights do not fit this run's UNet ({str(e).splitlines()[1][:160]}); "
                          "leave --unet_config/--unet_preset and --channels to the starting pipeline.") from None
+    # a class-conditional run may start from an unconditional pipeline: everything but the class embedding, which
+    # starts as the run's own (the other way round is refused with the UNet's config, before the data)
+    others = [k for k in missing if not k.startswith(CLASS_EMBEDDING)] + list(unexpected)
+    if others:
+        raise UsageError(f"--init_from {source}: its UNet weights do not fit this run's UNet (keys {', '.join(others[:3])}"
+                         f"{' ...' if len(others) > 3 else ''}); leave --unet_config/--unet_preset and --channels to the "
+                         "starting pipeline.")
+    if missing:
+        logging.getLogger(__name__).warning("--init_from %s is unconditional: the class embedding of this "
+                                            "class-conditional run starts from its own initialisation.", source)
 
 
 def optimizer_class(name: str):
