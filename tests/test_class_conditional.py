@@ -468,6 +468,29 @@ def test_nll_during_a_conditional_run_refuses_held_out_images_of_other_classes_b
     assert not (tmp_path / "run" / "checkpoint-1").exists()
 
 
+def test_a_held_out_set_with_an_integer_label_column_is_told_what_to_do_about_itself(tmp_path):
+    """#45: --eval_nll_dataset with an integer label column was told to name the column with --label_column, and
+    following that gave the same line (the flag named the training data's column only). The line now names the
+    held-out set, and a column named as --label_column names the training one is read there too."""
+    from ddpm_hf.errors import UsageError
+    from ddpm_hf.training.loop import train
+
+    held_out = parquet_with_labels(tmp_path / "held_out.parquet", [0, 1, 2, 3] * 2)  # integer labels, no ClassLabel
+    with pytest.raises(UsageError, match=r"^A class-conditional model needs a column of class labels, and the held-out "
+                                         r"set \(--eval_nll_dataset .*held_out.parquet\) has no ClassLabel column .*; give "
+                                         r"it a ClassLabel column, or a column named as the training data's"):
+        train(cond(tmp_path / "run", max_train_steps=1, eval_nll_every=1, eval_nll_images=4,
+                   eval_nll_dataset=str(held_out)))
+    from ddpm_hf.training.watch import load_held_out_images
+
+    config = cond(tmp_path / "run2", eval_nll_every=1, eval_nll_images=4, eval_nll_dataset=str(held_out),
+                  label_column="label")
+    from ddpm_hf.training.parts import resolve_classes
+
+    bank = load_held_out_images(resolve_classes(config))
+    assert bank.labels.tolist() == [0, 1, 2, 3]
+
+
 # ---------------------------------------------------------------- labels refused in one line, before any work
 
 

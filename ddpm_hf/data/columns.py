@@ -58,9 +58,10 @@ def find_image_column(features, requested: Optional[str] = None) -> str:
 INTEGER_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 
 
-def find_label_column(features, requested: Optional[str] = None) -> str:
+def find_label_column(features, requested: Optional[str] = None, whose: str = "this dataset",
+                      fix: str = "name the column with --label_column") -> str:
     """The class-label column of --class_conditional: `requested` (--label_column), else the only ClassLabel column
-    (`label` or `labels` where there are several)."""
+    (`label` or `labels` where there are several); where there is none, the line names `whose` data it is and `fix`."""
     import datasets
 
     names = list(features)
@@ -73,8 +74,8 @@ def find_label_column(features, requested: Optional[str] = None) -> str:
         if preferred in found:
             return preferred
     held = f"several ClassLabel columns ({', '.join(found)})" if found else "no ClassLabel column"
-    raise UsageError(f"A class-conditional model needs a column of class labels, and this dataset has {held} (its columns: "
-                     f"{names}); name the column with --label_column.")
+    raise UsageError(f"A class-conditional model needs a column of class labels, and {whose} has {held} (its columns: "
+                     f"{names}); {fix}.")
 
 
 def check_same_classes(names: List[str], known: List[str], column: str, whose: str = "pipeline") -> None:

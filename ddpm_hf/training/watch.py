@@ -186,7 +186,13 @@ def load_held_out_images(config: TrainingConfig) -> ImageBank:
     ds = ds.select(range(min(config.eval_nll_images, len(ds))))
     label_column = None
     if config.class_conditional:  # the bound of -log p(x_0 | c): each image given its own class
-        label_column = find_label_column(ds.features, config.label_column if name == config.dataset else None)
+        if name == config.dataset:
+            label_column = find_label_column(ds.features, config.label_column)
+        else:  # another set: its labels are in a ClassLabel column, or in one named as the training labels' column
+            label_column = find_label_column(
+                ds.features, config.label_column if config.label_column in ds.features else None,
+                whose=f"the held-out set (--eval_nll_dataset {name})",
+                fix="give it a ClassLabel column, or a column named as the training data's (--label_column names both)")
         check_same_classes(class_names_of(ds, label_column), config.class_names, label_column, whose="run")
     return build_image_bank(ds, find_image_column(ds.features, config.image_column if name == config.dataset else None),
                             config.channels, config.resolution, config.center_crop, config.on_bad_image, progress=False,
