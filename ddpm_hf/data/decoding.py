@@ -198,6 +198,9 @@ def image_fit_note(rows, channels: int, resolution, image_column: Optional[str] 
     return None
 
 
+STREAM_ROW = "__ddpm_hf_row"  # a streamed row's index in the data, added before the shuffle
+
+
 def stream_batches(ds, column: str, batch_size: int, channels: int, resolution, center_crop: bool,
                    on_bad_image: str, rank: int, world_size: int, seed: int, epoch: int,
                    label_column: Optional[str] = None, num_classes: int = 0
@@ -208,13 +211,15 @@ def stream_batches(ds, column: str, batch_size: int, channels: int, resolution, 
     from datasets.distributed import split_dataset_by_node
 
     ds = _undecoded(ds, column)
+    # each row's place in the data itself, taken before the shards and the shuffle: what a bad image is called by
+    ds = ds.map(lambda row, i: {STREAM_ROW: i}, with_indices=True)
     ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
     ds = ds.shuffle(seed=seed, buffer_size=1000)
     ds.set_epoch(epoch)
     batch: List[np.ndarray] = []
     labels: List[int] = []
     for index, row in enumerate(ds):
-        where = _where(row, column, index)
+        where = _where(row, column, row.get(STREAM_ROW, index))
         try:
             if label_column is not None:
                 label = row[label_column]
