@@ -108,6 +108,29 @@ def test_ddpm_sample_npz_never_replaces_a_samples_npz_it_did_not_write(saved_pip
     assert (out / "samples.npz").read_bytes() == b"my experiment"
 
 
+def test_overwrite_in_a_folder_the_user_made_immutable_is_one_line(saved_pipeline, tmp_path, monkeypatch):
+    """#45: `--overwrite` in a folder whose files cannot be removed (chattr +i: EPERM, which root meets too) ended on a
+    raw `[Errno 1] Operation not permitted`. A stand-in refuses the removal as such a folder does."""
+    import errno
+
+    out = tmp_path / "out"
+    drawn = ["-m", "ddpm_hf.commands.sample", saved_pipeline, out, "--num_images", "2", "--num_inference_steps", "2"]
+    assert run_in_process([sys.executable, *drawn]).returncode == 0
+    unlink = Path.unlink
+
+    def immutable(self, missing_ok=False):
+        if self.parent == out and self.suffix == ".png":
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(self))
+        return unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", immutable)
+    proc = run_in_process([sys.executable, *drawn, "--seed", "5", "--overwrite"])
+    line = one_error_line(proc)
+    assert line.startswith(f"error: Cannot remove {out}/") and "to start again (--overwrite): Operation not permitted; " \
+        f"make {out} writable for this user, or choose another output folder" in line
+    assert sorted(p.name for p in out.glob("*.png")) == ["000000-seed0.png", "000001-seed1.png"]
+
+
 HOLDER = """
 import sys, time
 from ddpm_hf.outputs.folder_lock import FolderLock

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Iterable, List, Optional, Sequence, Tuple
 
 from ddpm_hf.errors import StateError, UsageError
-from ddpm_hf.outputs.files import atomic_write_json
+from ddpm_hf.outputs.files import WriteError, atomic_write_json, what_to_do
 from ddpm_hf.outputs.folder_lock import FolderLock, holder_record, holder_text
 
 JOB_LOCK = ".ddpm_hf-job"  # hidden: never read as an image, never published; records the process holding it
@@ -141,7 +141,11 @@ class FolderJob:
             self.folder.mkdir(parents=True, exist_ok=True)
             if overwrite:
                 for path in results:
-                    path.unlink(missing_ok=True)
+                    try:
+                        path.unlink(missing_ok=True)
+                    except OSError as e:  # a folder (or file) the user made read-only or immutable
+                        raise WriteError(f"Cannot remove {path} to start again (--overwrite): {e.strerror or e}; "
+                                         f"{what_to_do(e, self.folder, 'output folder')}.") from None
             self.record(**recorded)
         self.wait()
 
