@@ -7,6 +7,8 @@ before), the text "HxW" otherwise.
 
 from __future__ import annotations
 
+import argparse
+
 import re
 from typing import Optional, Sequence, Tuple, Union
 
@@ -45,17 +47,19 @@ def sample_size(resolution) -> Union[int, list]:
     return h if h == w else [h, w]
 
 
+class NotASize(argparse.ArgumentTypeError, ValueError):
+    """A size that does not read: argparse shows its line as it is, and a caller outside argparse catches a
+    ValueError."""
+
+
 def resolution(text: str) -> Resolution:
     """argparse's type for --resolution: the size, or the line saying what is wrong with it."""
-    import argparse
-
     try:
         value = canonical(text)
-    except ValueError:
-        value = None
-    if value is None or min(size_of(value)) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is no image size: give N (N x N) or HxW, each side at least 1 "
-                                         "(e.g. 32, or 32x64: 32 high, 64 wide)")
+    except ValueError as e:
+        raise NotASize(str(e)) from None
+    if min(size_of(value)) < 1:
+        raise NotASize(f"{text!r}: each side must be at least 1 (e.g. 32, or 32x64: 32 high, 64 wide)")
     return value
 
 

@@ -249,8 +249,8 @@ def test_a_negative_size_is_answered_by_the_size_check_not_taken_for_a_flag(tmp_
     """#45: `--resolution -16x16` got argparse's "expected one argument"; a value that starts with "-" but is no flag
     now reaches the size's own check."""
     proc = run_in_process([sys.executable, *command, "--resolution", "-16x16"], cwd=tmp_path)
-    assert one_error_line(proc) == ("error: argument --resolution: '-16x16' is no image size: give N (N x N) or HxW, "
-                                    "each side at least 1 (e.g. 32, or 32x64: 32 high, 64 wide) (see "
+    assert one_error_line(proc) == ("error: argument --resolution: '-16x16' is not an image size: give N (square) or "
+                                    "HxW, e.g. 32x64 (see "
                                     f"{'train_ddpm.py' if command == ['train_ddpm.py'] else 'ddpm-metrics'} --help)")
     assert proc.returncode == 2
 

@@ -16,6 +16,7 @@ from common import REPO, TINY, cli_args, run_in_process, write_google_layout
 from diffusers import UNet2DModel
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
+from ddpm_hf.outputs.run_folder import RUN_MARKER
 from ddpm_hf.diffusion.unets import unet_config
 from ddpm_hf.commands.train_flags import parse_args
 from ddpm_hf.recipes.resolve import resolve_config
@@ -329,7 +330,8 @@ def test_help_shows_defaults_and_choices():
 
 @pytest.mark.slow
 def test_a_short_run_logs_its_first_and_last_step_and_an_earlier_runs_logs_are_mentioned(tmp_path, caplog):
-    (tmp_path / "run" / "logs").mkdir(parents=True)
+    (tmp_path / "run" / "logs").mkdir(parents=True)  # an earlier run of ours (its marker) stopped before a checkpoint
+    (tmp_path / "run" / RUN_MARKER).write_text("{}")
     train(base(tmp_path, max_train_steps=3, logging_steps=50, checkpointing_steps=3))
     history = json.loads((tmp_path / "run" / "checkpoint-3" / "trainer_state.json").read_text())["history"]
     assert [h["step"] for h in history] == [1, 3]
