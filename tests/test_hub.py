@@ -308,6 +308,23 @@ def test_ddpm_push_command_through_hf_endpoint(pushed_run, hub, tmp_path):
     assert files["README.md"] == (out / "README.md").read_bytes(), "the local card names the repo too"
 
 
+@pytest.mark.slow
+def test_ddpm_push_uploads_the_post_hoc_ema_snapshots_only_when_asked(pushed_run, hub, tmp_path):
+    out = shutil.copytree(pushed_run[0], tmp_path / "run")
+    (out / "ema_snapshots").mkdir()
+    (out / "ema_snapshots" / "snapshots.json").write_text('{"snapshots": []}')
+    (out / "ema_snapshots" / "step-00000002-sigma_rel-0.05.safetensors").write_bytes(b"weights")
+    for repo, flags in (("cli-plain", []), ("cli-snapshots", ["--push_snapshots"])):
+        result = subprocess.run([sys.executable, "-m", "ddpm_hf.commands.push", str(out), "--hub_model_id", repo,
+                                 "--hub_token", WRITE_TOKEN, *flags], env=subprocess_env(hub, tmp_path / "hf-home"),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert not any(name.startswith("ema_snapshots/") for name in hub.files("alice/cli-plain"))
+    snapshots = {k: v for k, v in hub.files("alice/cli-snapshots").items() if k.startswith("ema_snapshots/")}
+    assert snapshots == {"ema_snapshots/snapshots.json": b'{"snapshots": []}',
+                         "ema_snapshots/step-00000002-sigma_rel-0.05.safetensors": b"weights"}
+
+
 def test_ddpm_push_refuses_a_folder_without_a_pipeline(at_hub, tmp_path):
     (tmp_path / "training_config.json").write_text("{}")
     with pytest.raises(HubError, match=r"has no model_index.json: give the output folder of a finished training run"):

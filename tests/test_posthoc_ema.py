@@ -407,3 +407,18 @@ def test_ddpm_ema_measures_fd_dinov2_of_each_pipelines_samples_as_ddpm_metrics_d
     expected = json.loads((tmp_path / "drawn" / "metrics-dinov2.json").read_text())["fd_dinov2"]
     assert next(r for r in sweep["rows"] if r["sigma_rel"] == 0.1)["value"] == pytest.approx(expected, rel=1e-6)
     assert "FD_DINOv2" in (sweep_dir / "ema_sweep.md").read_text()
+
+
+def test_ddpm_ema_at_an_earlier_step_mixes_only_the_snapshots_up_to_it(posthoc_run, tmp_path):
+    """--at_step 4: the EMA as of step 4, from the snapshots of steps 2 and 4 (at a tracked width: step 4's own)."""
+    from safetensors.torch import load_file
+
+    out, _ = posthoc_run
+    proc = run_in_process([sys.executable, "-m", "ddpm_hf.commands.ema", out, tmp_path / "ema", "--sigma_rel", "0.1",
+                           "--at_step", "4"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((tmp_path / "ema" / "sigma_rel-0.1" / "posthoc_ema.json").read_text())
+    assert record["t"] == 4 and {s["step"] for s in record["snapshots"]} == {2, 4}
+    own = load_file(str(out / EMA_SNAPSHOTS_DIR / "step-00000004-sigma_rel-0.1.safetensors"))
+    unet = load_unet_like(tmp_path / "ema" / "sigma_rel-0.1").state_dict()
+    torch.testing.assert_close(unet["conv_in.weight"], own["conv_in.weight"], atol=1e-6, rtol=0)
