@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence
 from ddpm_hf.diffusion.phema import SIGMA_REL_WIDEST, reconstruction, sigma_rel_problem
 from ddpm_hf.errors import MissingError, UsageError
 from ddpm_hf.outputs.files import atomic_write_json, atomic_write_text, replace_dir, tmp_sibling
-from ddpm_hf.outputs.folder_jobs import FolderJob, handles
+from ddpm_hf.outputs.folder_jobs import FolderJob
 from ddpm_hf.outputs.run_folder import (
     EMA_SNAPSHOTS_DIR,
     EMA_SWEEP,
@@ -163,22 +163,24 @@ def write_pipelines(planned: dict, output_dir: Path, state=None, overwrite: bool
                    results=lambda f: f.glob("sigma_rel-*"), results_are="folders named as ddpm-ema's pipelines") as job:
         job.check("post-hoc EMA pipelines", "make them again from scratch", overwrite)
         job.start([], False, sigma_rels=sigmas)
-        template = None
-        bar = job.bar(sum(handles(k, job.rank, job.world) for k in range(len(sigmas))), "Post-hoc EMA", "pipeline")
-        for k, (sigma, folder) in enumerate(zip(sigmas, folders)):
-            if not handles(k, job.rank, job.world):
-                continue
-            record = provenance(planned, sigma)
-            if not overwrite and _recorded(folder) == record and pipeline_problem(folder) is None:
+        mine = job.todo(len(sigmas))  # this process's share
+        bar = job.bar(len(mine), "Post-hoc EMA", "pipeline")
+        records = {sigmas[k]: provenance(planned, sigmas[k]) for k in mine}
+        todo = [s for s, folder in zip(sigmas, folders) if s in records and
+                (overwrite or _recorded(folder) != records[s] or pipeline_problem(folder) is not None)]
+        bar.update(len(mine) - len(todo))  # made before from the same snapshots: kept
+        if todo:
+            template = load_pipeline(planned["run"])
+            mixed = reconstructed_weights(planned["run"], planned["entries"],
+                                          {s: record_weights(records[s]) for s in todo})
+            for sigma in todo:
+                folder = output_dir / posthoc_pipeline_dir(sigma)
+                template.unet.load_state_dict(mixed.pop(sigma))
+                tmp = tmp_sibling(folder)
+                save_pipeline(template, tmp)
+                atomic_write_json(tmp / POSTHOC_RECORD, records[sigma])
+                replace_dir(tmp, folder)
                 bar.update(1)
-                continue
-            template = template or load_pipeline(planned["run"])
-            template.unet.load_state_dict(reconstructed_weights(planned["run"], planned["entries"], record_weights(record)))
-            tmp = tmp_sibling(folder)
-            save_pipeline(template, tmp)
-            atomic_write_json(tmp / POSTHOC_RECORD, record)
-            replace_dir(tmp, folder)
-            bar.update(1)
         bar.close()
         job.finish()
     return folders

@@ -113,12 +113,17 @@ def snapshots_until(run_dir: Path, at_step: Optional[int] = None) -> List[dict]:
     return [e for e in entries if e["step"] <= (at_step or 0)]
 
 
-def reconstructed_weights(run_dir: Path, entries: List[dict], weights) -> Dict[str, torch.Tensor]:
-    """Σ x_i θ̂_i over the snapshots `entries` with the weights x (phema.reconstruction's), summed in float64 one
-    snapshot at a time (so that memory holds two models, whatever the number of snapshots); float32."""
-    total: Dict[str, torch.Tensor] = {}
-    for entry, x in zip(entries, weights):
-        for key, value in load_snapshot(run_dir, entry).items():
-            term = value.double() * float(x)
-            total[key] = total[key] + term if key in total else term
-    return {k: v.float() for k, v in total.items()}
+def reconstructed_weights(run_dir: Path, entries: List[dict], mixes: Dict[float, List[float]]
+                          ) -> Dict[float, Dict[str, "torch.Tensor"]]:
+    """For each mix {key: weights x (phema.reconstruction's)}, Σ x_i θ̂_i over the snapshots `entries`, in float32:
+    one pass over the snapshots, each read and verified once whatever the number of mixes, summed in float64 (memory
+    holds one total per mix and one snapshot)."""
+    totals: Dict[float, Dict[str, "torch.Tensor"]] = {key: {} for key in mixes}
+    for i, entry in enumerate(entries):
+        snapshot = load_snapshot(run_dir, entry)
+        for key, weights in mixes.items():
+            total = totals[key]
+            for name, value in snapshot.items():
+                term = value.double() * float(weights[i])
+                total[name] = total[name] + term if name in total else term
+    return {key: {k: v.float() for k, v in total.items()} for key, total in totals.items()}
