@@ -17,6 +17,10 @@ TINY = dict(
     checkpoints_total_limit=None,
 )
 
+# TINY with post-hoc EMA: σ_rel 0.05 and 0.1, a fp32 snapshot every 2 of its 8 steps
+POSTHOC = dict(max_train_steps=8, checkpointing_steps=4, ema_posthoc=True, ema_posthoc_every=2,
+               ema_posthoc_dtype="fp32", lr_warmup_steps=0, learning_rate=3e-3)
+
 
 def tiny_config(tmp_path, **overrides):
     from ddpm_hf.recipes.resolve import resolve_config

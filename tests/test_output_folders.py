@@ -55,10 +55,54 @@ def _train(pipe, out, tmp):
     return [sys.executable, "train_ddpm.py", *cli_args({**TINY, "max_train_steps": 1, "output_dir": str(out)})]
 
 
+def _visualize(pipe, out, tmp):
+    return [sys.executable, "-m", "ddpm_hf.commands.visualize", pipe, out, "--num_inference_steps", "2", "--seeds", "0",
+            "--frames", "2", "--columns", "2", "--progressive_seeds", "1"]
+
+
+def _evaluate(pipe, out, tmp):
+    return [sys.executable, "-m", "ddpm_hf.commands.evaluate", pipe, out, "--num_images", "10", "--num_inference_steps",
+            "2", "--reference", "digits", "--nll_images", "0", "--fid_se_rounds", "0"]
+
+
+def _ema(pipe, out, tmp):
+    return [sys.executable, "-m", "ddpm_hf.commands.ema", posthoc_run_dir(tmp), out, "--sigma_rel", "0.05"]
+
+
+def _metrics(pipe, out, tmp):
+    samples = tmp / "drawn"
+    for k in range(2):
+        an_image(samples / f"{k}.png", shade=60 * k)
+    return [sys.executable, "-m", "ddpm_hf.commands.metrics", samples, "--reference", samples, "--output",
+            Path(out) / "metrics.json"]
+
+
+_POSTHOC_RUNS = {}
+
+
+def posthoc_run_dir(tmp: Path) -> Path:
+    """A tiny run trained with --ema_posthoc, made once per test process (ddpm-ema's input)."""
+    if "run" not in _POSTHOC_RUNS:
+        from common import POSTHOC, tiny_config
+
+        from ddpm_hf.training.loop import train
+
+        run = Path(tmp).parent / "posthoc-run"
+        train(tiny_config(run, **POSTHOC))
+        _POSTHOC_RUNS["run"] = run
+    return _POSTHOC_RUNS["run"]
+
+
+# every command that writes a folder: (its lock's name, a result's name, the command line into `out`); ddpm-metrics
+# writes one file (--output) into a folder of the user's
 COMMANDS = {
     "ddpm-sample": (JOB_LOCK, "000000-seed0.png", _sample),
     "ddpm-edit": (JOB_LOCK, "000000-a.png", _edit),
     "ddpm-nll": (JOB_LOCK, "images", _nll),
+    "ddpm-visualize": (JOB_LOCK, "progressive.png", _visualize),
+    "ddpm-evaluate": (JOB_LOCK, "evaluation.md", _evaluate),
+    "ddpm-ema": (JOB_LOCK, "sigma_rel-0.05", _ema),
+    "ddpm-metrics --output": (JOB_LOCK, "metrics.json", _metrics),
     "training": (RUN_MARKER, "samples", _train),
 }
 
@@ -82,7 +126,11 @@ def test_a_link_in_the_output_folder_is_refused_in_one_line_and_nothing_is_writt
 
 
 @pytest.mark.parametrize("command,foreign", [("ddpm-sample", "samples.npz"), ("ddpm-sample", "000000-seed0.png"),
-                                             ("ddpm-edit", "000000-a.png"), ("ddpm-nll", "images/000000.npz")])
+                                             ("ddpm-edit", "000000-a.png"), ("ddpm-nll", "images/000000.npz"),
+                                             ("ddpm-visualize", "progressive.png"), ("ddpm-visualize", "forward.gif"),
+                                             ("ddpm-evaluate", "metrics-clean.json"), ("ddpm-evaluate", "evaluation.md"),
+                                             ("ddpm-ema", "sigma_rel-0.05"),
+                                             ("ddpm-metrics --output", "metrics.json")])
 def test_a_users_file_under_a_results_name_is_refused_by_name_and_kept(saved_pipeline, tmp_path, command, foreign):
     out = tmp_path / "out"
     (out / foreign).parent.mkdir(parents=True)
@@ -142,7 +190,7 @@ sys.stdin.readline()  # the test's gate: held until the test says so
 """
 
 
-@pytest.mark.parametrize("command", ["ddpm-sample", "ddpm-edit", "ddpm-nll", "training"])
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_deleting_the_lock_file_does_not_let_a_second_writer_in(saved_pipeline, tmp_path, command):
     lock, _, make = COMMANDS[command]
     out = tmp_path / "out"
@@ -169,6 +217,71 @@ def test_a_training_run_whose_marker_was_deleted_ends_with_its_marker_back(tmp_p
     import json
 
     assert json.loads((out / RUN_MARKER).read_text())["state"] == "ended"
+
+
+# ---------------------------------------------------------------- what a folder holds is what it records
+
+
+def _draw(pipe, out, *more):
+    return run_in_process([sys.executable, "-m", "ddpm_hf.commands.sample", pipe, out, "--num_images", "3",
+                           "--num_inference_steps", "2", "--batch_size", "2", *more])
+
+
+def test_sampling_json_records_each_images_sha256(saved_pipeline, tmp_path):
+    import hashlib
+    import json
+
+    out = tmp_path / "out"
+    assert _draw(saved_pipeline, out).returncode == 0
+    recorded = json.loads((out / "sampling.json").read_text())["images_sha256"]
+    assert recorded == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("*.png")}
+    assert len(recorded) == 3
+
+
+def test_a_png_changed_by_hand_after_drawing_is_refused_by_name_before_the_npz_or_a_measurement(saved_pipeline, tmp_path):
+    """#45: a PNG replaced by hand after a complete run went into the rewritten npz, the folder still counted as drawn."""
+    from common import stand_in_network
+
+    from ddpm_hf.measuring.folder_metrics import measure_folder
+
+    out = tmp_path / "out"
+    assert _draw(saved_pipeline, out, "--npz").returncode == 0
+    an_image(out / "000001-seed1.png", shade=7)  # the user's own picture under a drawn image's name
+    before = snapshot(out)
+    line = one_error_line(_draw(saved_pipeline, out, "--npz"))
+    assert "000001-seed1.png is not the image drawn there" in line and "--overwrite" in line
+    assert snapshot(out) == before  # the npz and the record as they were
+    with pytest.raises(ValueError, match=r"000001-seed1.png is not the image drawn there"):
+        measure_folder(out, str(out), stand_in_network())
+    assert _draw(saved_pipeline, out, "--npz", "--overwrite").returncode == 0  # the way out it names
+
+
+def test_a_result_renamed_by_hand_is_called_renamed_not_drawn_with_other_settings(saved_pipeline, tmp_path):
+    """#45: a result renamed by hand was reported as drawn with other --seed/--class_labels, though the same were given."""
+    out = tmp_path / "out"
+    assert _draw(saved_pipeline, out).returncode == 0
+    (out / "000002-seed2.png").rename(out / "000004-seed2.png")
+    line = one_error_line(_draw(saved_pipeline, out))
+    assert "000004-seed2.png is not named as this folder names image 4 (000004-seed4.png): renamed by hand" in line
+    assert "another --seed" not in line
+
+
+def test_a_rerun_with_nothing_to_draw_writes_nothing(saved_pipeline, tmp_path):
+    """#45: a rerun of a complete folder still wrote sampling.json (and failed in a folder the user made read-only)."""
+    import os
+
+    out = tmp_path / "out"
+    assert _draw(saved_pipeline, out).returncode == 0
+    def state():  # the lock records its holder while held: its bytes are compared, each result's inode and time
+        return {p.name: p.read_bytes() if p.name == JOB_LOCK else (os.stat(p).st_ino, os.stat(p).st_mtime_ns)
+                for p in out.iterdir()}
+
+    before = state()
+    again = _draw(saved_pipeline, out)
+    assert again.returncode == 0 and "nothing to draw" in again.stdout
+    assert state() == before
+    fewer = _draw(saved_pipeline, out, "--npz")  # something to do: the npz, recorded
+    assert fewer.returncode == 0 and (out / "samples.npz").is_file()
 
 
 # ---------------------------------------------------------------- inputs are never outputs

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from common import REPO, TINY, cli_args, one_error_line, run_in_process, tiny_config
+from common import POSTHOC, REPO, TINY, cli_args, one_error_line, run_in_process, tiny_config
 
 from ddpm_hf.diffusion.ema import PowerEMA
 from ddpm_hf.diffusion.phema import (
@@ -140,8 +140,6 @@ def test_a_reconstruction_at_an_intermediate_width_matches_an_ema_tracked_direct
 
 # ---------------------------------------------------------------- training's snapshots
 
-POSTHOC = dict(max_train_steps=8, checkpointing_steps=4, ema_posthoc=True, ema_posthoc_every=2,
-               ema_posthoc_dtype="fp32", lr_warmup_steps=0, learning_rate=3e-3)
 
 
 def snapshot_bytes(run_dir: Path) -> dict:

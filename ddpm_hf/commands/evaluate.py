@@ -62,7 +62,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     parser.check_sources(args)
     from ddpm_hf.devices import distributed_state
-    from ddpm_hf.measuring.evaluation import check_data, evaluate_pipeline, settings
+    from ddpm_hf.measuring.evaluation import check_data, evaluate_pipeline, evaluation_files, evaluation_started, settings
+    from ddpm_hf.outputs.folder_jobs import FolderJob
+    from ddpm_hf.outputs.run_folder import EVALUATION
     from ddpm_hf.measuring.folder_metrics import feature_network
     from ddpm_hf.sampling.samplers import network_dtype
 
@@ -72,15 +74,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       fid_se_rounds=args.fid_se_rounds, guidance_scales=scales)
     state = distributed_state()
     network_dtype(args.dtype, state.device)
-    # before any sampling: the Inception weights and the data, each missing one a line now rather than hours later
-    network = feature_network("inception", state.device, args.inception_weights, cache_dir=args.cache_dir)
-    check_data(chosen)
-    load = functools.partial(load_for_command, args.pipeline, state.device)
-    pipe = load()
-    report = evaluate_pipeline(pipe, reload=load,
-                               pipeline_name=args.pipeline, folder=args.output_dir, chosen=chosen, network=network,
-                               batch_size=args.batch_size, dtype=args.dtype, seed=args.seed, cache_dir=args.cache_dir,
-                               overwrite=args.overwrite, state=state, notify=lambda note: print(f"note: {note}.", file=sys.stderr))
+    # the report is written last: its stages' own records (the samples' sampling.json first) mark the folder ours
+    with FolderJob(args.output_dir, EVALUATION, None, state, results=evaluation_files, ours=evaluation_started,
+                   results_are="files named as ddpm-evaluate's results", leaves_lock=False) as job:
+        job.check("an evaluation", "", args.overwrite)  # locked, links and files not ours refused: before any work
+        # before any sampling: the Inception weights and the data, each missing one a line now rather than hours later
+        network = feature_network("inception", state.device, args.inception_weights, cache_dir=args.cache_dir)
+        check_data(chosen)
+        load = functools.partial(load_for_command, args.pipeline, state.device)
+        pipe = load()
+        job.start()
+        report = evaluate_pipeline(pipe, reload=load, pipeline_name=args.pipeline, folder=args.output_dir, chosen=chosen,
+                                   network=network, batch_size=args.batch_size, dtype=args.dtype, seed=args.seed,
+                                   cache_dir=args.cache_dir, overwrite=args.overwrite, state=state,
+                                   notify=lambda note: print(f"note: {note}.", file=sys.stderr))
     if report is not None:
         from ddpm_hf.outputs.run_folder import EVALUATION_TABLE
 

@@ -62,12 +62,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise OSError(f"could not download the Inception weights ({e}); copy {INCEPTION_FILE} from a machine with "
                           "internet and pass --inception_weights.") from None
         return 0
-    device = distributed_state().device
-    network = feature_network(args.feature_network, device, args.inception_weights, args.dinov2_model,
-                              args.cache_dir)  # first: fail before any work
-    result = measure_folder(args.samples, args.reference, network, mode=args.mode, cache_dir=args.cache_dir,
-                             split=args.split, resolution=args.resolution, channels=args.channels, kid=args.kid, isc=args.isc, output=args.output,
-                             precision_recall=args.precision_recall, batch_size=args.batch_size, device=device)
+    from pathlib import Path
+
+    from ddpm_hf.measuring.folder_metrics import is_metrics_record
+    from ddpm_hf.outputs.folder_jobs import OutputFile
+    from ddpm_hf.outputs.run_folder import metrics_file
+
+    output = Path(args.output) if args.output else Path(args.samples) / metrics_file(args.feature_network)
+    with OutputFile(output, is_metrics_record, "ddpm-metrics", "--output"):  # held while measuring: one writer
+        device = distributed_state().device
+        network = feature_network(args.feature_network, device, args.inception_weights, args.dinov2_model,
+                                  args.cache_dir)  # first: fail before any work
+        result = measure_folder(args.samples, args.reference, network, mode=args.mode, cache_dir=args.cache_dir,
+                                split=args.split, resolution=args.resolution, channels=args.channels, kid=args.kid,
+                                isc=args.isc, output=output, precision_recall=args.precision_recall,
+                                batch_size=args.batch_size, device=device)
     if "caution" in result["protocol"]:
         print(f"note: {result['protocol']['caution']}", file=sys.stderr)
     print(json.dumps({k: v for k, v in result.items() if k != "protocol"}, indent=2))

@@ -65,33 +65,45 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     parser.check_sources(args)
 
+    from ddpm_hf.outputs.folder_jobs import FolderJob
+    from ddpm_hf.outputs.run_folder import FIGURES_RECORD, figure_files
+
+    # figures.json is written before the first figure: no settings to compare (each figure records its own)
+    with FolderJob(args.output_dir, FIGURES_RECORD, None, results=figure_files,
+                   results_are="files named as ddpm-visualize's figures", leaves_lock=False) as job:
+        job.check("figures", "", overwrite=False)  # the folder locked, links and files not ours refused: before loading
+        entries = _draw(args, figures, needs_images, job)
+    for name in entries:
+        print(f"wrote {Path(args.output_dir) / name}")
+    return 0
+
+
+def _draw(args, figures, needs_images, job) -> dict:
+    """Load what the figures need (the data first, then the pipeline), then draw them into the job's folder."""
     from ddpm_hf.data.decoding import images_of
     from ddpm_hf.data.sources import first_rows
     from ddpm_hf.devices import distributed_state
+    from ddpm_hf.pipelines.guidance import num_classes
     from ddpm_hf.sampling.figures import visualize
+    from ddpm_hf.sampling.sample_folder import class_labels_of, label_of
     from ddpm_hf.sampling.samplers import network_dtype, use_scheduler
 
     device = distributed_state().device
     network_dtype(args.dtype, device)  # refused before loading anything
     rows = first_rows(args.dataset, args.split, args.num_images, args.dataset_config) if needs_images else None
     pipe = load_for_command(args.pipeline, device)
-    from ddpm_hf.pipelines.guidance import num_classes
-    from ddpm_hf.sampling.sample_folder import class_labels_of, label_of
-
     labels = class_labels_of(args.class_labels, num_classes(pipe.unet))
     use_scheduler(pipe, args.scheduler)
     images = None if rows is None else images_of(rows, pipe.unet.config.in_channels, pipe.unet.config.sample_size,
                                                  args.image_column)
     about = {"pipeline": args.pipeline, "dataset": args.dataset, "split": args.split} if needs_images else {"pipeline": args.pipeline}
-    entries = visualize(pipe, args.output_dir, figures=figures, seeds=args.seeds,
-                        num_inference_steps=args.num_inference_steps, eta=args.eta, images=images, depths=args.depths,
-                        columns=args.columns, frames=args.frames, seed=args.noise_seed,
-                        fmt=args.animation_format, about=about, progressive_seeds=args.progressive_seeds, dtype=args.dtype,
-                        class_labels=None if labels is None else [label_of(i, labels) for i in range(len(args.seeds))],
-                        guidance_scale=args.guidance_scale)
-    for name in entries:
-        print(f"wrote {Path(args.output_dir) / name}")
-    return 0
+    job.start()  # the folder is the job's from here
+    return visualize(pipe, args.output_dir, figures=figures, seeds=args.seeds,
+                     num_inference_steps=args.num_inference_steps, eta=args.eta, images=images, depths=args.depths,
+                     columns=args.columns, frames=args.frames, seed=args.noise_seed,
+                     fmt=args.animation_format, about=about, progressive_seeds=args.progressive_seeds, dtype=args.dtype,
+                     class_labels=None if labels is None else [label_of(i, labels) for i in range(len(args.seeds))],
+                     guidance_scale=args.guidance_scale)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from ddpm_hf.outputs.run_folder import (
     GUIDANCE_PLOT,
     NLL,
     evaluation_metrics_file,
+    evaluation_metrics_files,
     evaluation_samples_dir,
 )
 
@@ -74,6 +75,23 @@ PROTOCOLS: Dict[str, dict] = {
 }
 PAPER_NUM_IMAGES = 50000  # the count the published FIDs use
 IS_SPLITS = 10  # the Inception Score's mean and spread over 10 splits of the samples
+
+
+def evaluation_files(folder: Path) -> list:
+    """The entries of `folder` named as ddpm-evaluate's results (its report is `EVALUATION`): ours only where
+    `evaluation_started` says so. A run folder's own files (metrics.json, nll.json, samples/) are not among them."""
+    folder = Path(folder)
+    named = [folder / name for name in (EVALUATION_TABLE, GUIDANCE_PLOT, EVALUATION_SAMPLES_DIR, EVALUATION_NLL_DIR)]
+    return [path for path in named if path.is_symlink() or path.exists()] + evaluation_metrics_files(folder)
+
+
+def evaluation_started(folder: Path) -> bool:
+    """Whether ddpm-evaluate ran in `folder`: its report is there, or the record of its first stage (its samples'
+    sampling.json, written before the first image), so that a run stopped before its report is carried on."""
+    from ddpm_hf.sampling.sample_folder import SAMPLING_FILE
+
+    folder = Path(folder)
+    return (folder / EVALUATION).is_file() or any((folder / EVALUATION_SAMPLES_DIR).rglob(SAMPLING_FILE))
 
 
 def settings(protocol: str, **overrides) -> dict:

@@ -40,7 +40,7 @@ from ddpm_hf.outputs.files import atomic_write_bytes, atomic_write_json, replace
 from ddpm_hf.outputs.run_folder import metrics_file
 from ddpm_hf.paths import DINOV2_DEFAULT, INCEPTION_FILE, INCEPTION_URL, WEIGHTS_ENV, default_cache_dir
 from ddpm_hf.paths import names_a_local_path
-from ddpm_hf.sampling.sample_folder import SAMPLING_FILE
+from ddpm_hf.sampling.sample_folder import IMAGE_HASHES, SAMPLING_FILE, verified_images
 
 
 class FeatureWeightsMissing(MissingError):
@@ -381,7 +381,9 @@ def versions() -> Dict[str, str]:
 
 
 def sampling_protocol(samples: Path) -> Optional[dict]:
-    """The samples folder's sampling.json, when it describes the images there; an error when it does not."""
+    """The samples folder's sampling.json, when it describes the images there (each the image drawn, where it records
+    their hashes); an error when it does not. Its per-image hashes are summed up as their count: the metrics' record
+    names the folder's images by its own fingerprint."""
     path = samples / SAMPLING_FILE
     if not path.is_file():
         return None
@@ -391,7 +393,18 @@ def sampling_protocol(samples: Path) -> Optional[dict]:
         raise UsageError(f"{samples} holds {held} images, but its sampling.json describes {protocol.get('num_images')} "
                          f"(complete: {protocol.get('complete')}); finish the ddpm-sample run with the same command, or "
                          "remove sampling.json to measure the folder as it is.")
+    if IMAGE_HASHES in protocol:
+        protocol[IMAGE_HASHES] = f"{len(verified_images(samples, protocol))} images, each checked"
     return protocol
+
+
+def is_metrics_record(path: Path) -> bool:
+    """Whether the file at `path` is a metrics record of ours (`measure_folder` writes them): --output replaces no other."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and isinstance(record.get("protocol"), dict) and "feature_network" in record["protocol"]
 
 
 def measure_folder(samples, reference: str, network: FeatureNetwork, *, mode: str = "clean", cache_dir=None,

@@ -131,7 +131,17 @@ def refuse_links(folder: Path, what: str) -> None:
     """A run folder's writes and pushes never go through a link: a link there (a folder copied with its links, a
     shared scratch folder) would take them outside the folder, or publish any file under an allowed name."""
     folder = Path(folder)
-    links = links_in(folder) if folder.is_dir() else []
+    _refuse(folder, links_in(folder) if folder.is_dir() else [], what)
+
+
+def refuse_linked_names(folder: Path, names, what: str) -> None:
+    """As `refuse_links`, for the entries `names` of `folder` only (the files a command writes into a folder it does
+    not own)."""
+    folder = Path(folder)
+    _refuse(folder, sorted(name for name in names if (folder / name).is_symlink()), what)
+
+
+def _refuse(folder: Path, links: list, what: str) -> None:
     if links:
         shown = ", ".join(f"{name} -> {os.readlink(folder / name)}" for name in links[:3])
         more = f" and {len(links) - 3} more" if len(links) > 3 else ""

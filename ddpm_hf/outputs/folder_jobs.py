@@ -74,13 +74,18 @@ class FolderJob:
     process prepares the folder and records the protocol; all wait), `todo` (this process's items not yet done),
     `bar` (progress), `finish` (all wait; True on the main process, which then writes the summary)."""
 
-    def __init__(self, folder, protocol_file: str, protocol: dict, state=None,
+    def __init__(self, folder, protocol_file: str, protocol: Optional[dict], state=None,
                  free: Sequence[str] = ("pipeline", "num_images"),
                  results: Callable[[Path], Iterable[Path]] = lambda folder: (),
-                 results_are: str = "files named as this command's results"):
+                 results_are: str = "files named as this command's results",
+                 ours: Optional[Callable[[Path], bool]] = None, leaves_lock: bool = True):
         self.folder, self.protocol_file, self.protocol, self.state, self.free = Path(folder), protocol_file, protocol, state, free
         self.results = results  # the files named as this job's results in a folder: ours only beside our protocol
         self.results_are = results_are  # how a refusal calls them
+        # whether a folder's results are ours: by default, our protocol file is there (it is written before the first
+        # result); a job whose record comes last (protocol None: no settings compared) says what else marks it
+        self.ours = ours or (lambda folder: (folder / protocol_file).is_file())
+        self.leaves_lock = leaves_lock  # False: the lock file it made goes at the end (a folder that is not only ours)
         self.rank, self.world = (state.process_index, state.num_processes) if state else (0, 1)
         self.is_main = state.is_main_process if state else True
         self.shows_progress = state.is_local_main_process if state else True
@@ -104,13 +109,14 @@ class FolderJob:
         if refused:
             raise StateError(refused)
         self._refuse_foreign_results()
-        check_provenance(self.folder, self.protocol_file, self.protocol, what, redo, overwrite, self.free)
+        if self.protocol is not None:
+            check_provenance(self.folder, self.protocol_file, self.protocol, what, redo, overwrite, self.free)
 
     def _refuse_foreign_results(self) -> None:
         """Files named as our results in a folder without our protocol are not ours (the protocol is written before the
         first result): refused by name, never replaced or removed. Checked under the lock, so a folder another job of
         ours is still filling is said to be in use instead."""
-        if (self.folder / self.protocol_file).is_file() or not self.folder.is_dir():
+        if not self.folder.is_dir() or self.ours(self.folder):
             return
         foreign = sorted(p.name for p in self.results(self.folder))
         if foreign:
@@ -131,11 +137,11 @@ class FolderJob:
     def release(self) -> None:
         """Unlock; a job refused before it started leaves the folder as it found it (no lock file or folder of its
         own making, an earlier lock file's bytes as they were)."""
-        self._folder_lock.release(abandon=not self._started)
+        self._folder_lock.release(abandon=not self._started, tidy=not self.leaves_lock)
 
     def start(self, results: Iterable[Path] = (), overwrite: bool = False, **recorded: Any) -> None:
         """On the main process: make the folder, remove the earlier `results` when overwriting, record the protocol
-        (with `recorded` beside it); then every process waits for that."""
+        (with `recorded` beside it; none where the job has none); then every process waits for that."""
         if self.is_main:
             self._started = True  # the folder is the job's from here
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -146,7 +152,8 @@ class FolderJob:
                     except OSError as e:  # a folder (or file) the user made read-only or immutable
                         raise WriteError(f"Cannot remove {path} to start again (--overwrite): {e.strerror or e}; "
                                          f"{what_to_do(e, self.folder, 'output folder')}.") from None
-            self.record(**recorded)
+            if self.protocol is not None:
+                self.record(**recorded)
         self.wait()
 
     def recorded(self) -> dict:
@@ -172,3 +179,33 @@ class FolderJob:
         """Wait for every process; True on the main process (which then describes the results)."""
         self.wait()
         return self.is_main
+
+
+class OutputFile:
+    """The guarded way to one file a command writes into a folder it does not own (`ddpm-metrics --output`): the
+    folder locked as a job's is (so no job of ours writes there meanwhile), the file and the lock not links, a file
+    already there replaced only where `is_ours(path)` says we wrote it. Used as a context manager; it leaves the
+    folder's lock file as it found it (none where there was none)."""
+
+    def __init__(self, path, is_ours: Callable[[Path], bool], what: str, flag: str):
+        self.path, self.is_ours, self.what, self.flag = Path(path), is_ours, what, flag
+        self._lock = FolderLock(self.path.parent, JOB_LOCK, what=what, links_among=(JOB_LOCK, self.path.name))
+
+    def __enter__(self) -> "OutputFile":
+        holder = self._lock.acquire()
+        if holder is not None:
+            raise StateError(f"{self.path.parent} is in use: another run ({holder_text(holder)}) is writing into it; "
+                             f"wait for it to end, or choose another {self.flag}.")
+        try:
+            if self._lock.fd is not None:
+                self._lock.write(holder_record())
+            if self.path.exists() and not self.is_ours(self.path):
+                raise UsageError(f"{self.path} is not ours (not a record {self.what} wrote), and is never replaced; "
+                                 f"choose another {self.flag}.")
+        except BaseException:
+            self._lock.release(abandon=True)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release(abandon=True)

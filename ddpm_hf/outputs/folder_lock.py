@@ -20,9 +20,9 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
-from ddpm_hf.outputs.files import refuse_links
+from ddpm_hf.outputs.files import refuse_linked_names, refuse_links
 
 
 def holder_record(**more) -> dict:
@@ -38,8 +38,12 @@ def holder_text(holder: dict) -> str:
 class FolderLock:
     """The lock of `folder`/`name`; `named` is how a message names the folder (a flag and its value, say)."""
 
-    def __init__(self, folder, name: str, named: Optional[str] = None, what: str = "this command"):
+    def __init__(self, folder, name: str, named: Optional[str] = None, what: str = "this command",
+                 links_among: Optional[Sequence[str]] = None):
         self.folder = Path(folder)
+        # None: a link anywhere in the folder is refused (a folder we write into); names: only those are (a folder of
+        # the user's, e.g. where ddpm-metrics --output puts one file, is not walked)
+        self.links_among = links_among
         self.path = self.folder / name
         self.named = named or str(self.folder)
         self.what = what
@@ -57,7 +61,10 @@ class FolderLock:
             import fcntl
         except ImportError:  # not POSIX: no lock; the callers' folder checks still hold
             return None
-        refuse_links(self.folder, self.what)  # before anything is made or written there
+        if self.links_among is None:
+            refuse_links(self.folder, self.what)  # before anything is made or written there
+        else:
+            refuse_linked_names(self.folder, self.links_among, self.what)
         try:
             self.made_folders = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -132,13 +139,14 @@ class FolderLock:
         os.pwrite(self.fd, data, 0)
         os.fsync(self.fd)
 
-    def release(self, abandon: bool = False) -> None:
-        """Unlock. `abandon`: the writer never started, so the folder is left as it was found."""
+    def release(self, abandon: bool = False, tidy: bool = False) -> None:
+        """Unlock. `abandon`: the writer never started, so the folder is left as it was found. `tidy`: a lock file
+        this lock made goes too (a command whose results need no lock file between runs)."""
         if self.fd is None:
             return
         import fcntl
 
-        if abandon and self.made_file:  # removed while still held: no other writer can have taken it meanwhile
+        if (abandon or tidy) and self.made_file:  # removed while still held: no other writer can have taken it meanwhile
             self.path.unlink(missing_ok=True)
         elif abandon and self.wrote:  # a file found is left as it was, byte for byte
             self._put(self.found)

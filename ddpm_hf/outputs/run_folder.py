@@ -26,6 +26,7 @@ commands' help) takes a name from here. A run folder holds:
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -56,6 +57,18 @@ DENOISING_STEM = "denoising"  # denoising.gif or denoising.webp, whichever is sm
 DENOISING_ANIMATIONS = (f"{DENOISING_STEM}.webp", f"{DENOISING_STEM}.gif")
 FIGURES_RECORD = "figures.json"
 LOGS_DIR = "logs"
+# ddpm-visualize's other figures (the paper's Fig. 8 and the forward process), beside the two a run makes
+FORWARD = "forward.png"
+FORWARD_STEM = "forward"  # its animation: forward.gif or forward.webp
+INTERPOLATION = "interpolate.png"
+FIGURE_FILES = (PROGRESSIVE, *DENOISING_ANIMATIONS, FORWARD, f"{FORWARD_STEM}.webp", f"{FORWARD_STEM}.gif",
+                INTERPOLATION)
+
+
+def figure_files(folder: Path) -> List[Path]:
+    """The files of `folder` named as one of the paper's figures (FIGURE_FILES): ours only beside figures.json."""
+    return [Path(folder) / name for name in FIGURE_FILES if os.path.lexists(Path(folder) / name)]
+
 
 # checkpoints: checkpoint-<step>/ (rotated) and best_checkpoint/ (kept); their files
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -108,6 +121,15 @@ EVALUATION_NLL_DIR = "eval_nll"
 def evaluation_metrics_file(mode: str, guidance_scale: Optional[float] = None) -> str:
     """ddpm-evaluate's metrics in clean-fid mode `mode` (of a class-conditional pipeline: at `guidance_scale`)."""
     return f"metrics-{mode}.json" if guidance_scale is None else f"metrics-{mode}-guidance-{guidance_scale:g}.json"
+
+
+def evaluation_metrics_files(folder: Path) -> List[Path]:
+    """The files of `folder` named as ddpm-evaluate's metrics, of every FID mode and guidance scale."""
+    from ddpm_hf.choices import FID_MODES
+
+    names = {evaluation_metrics_file(mode) for mode in FID_MODES}
+    return sorted(p for p in Path(folder).glob("metrics-*.json") if p.name in names or any(
+        p.name.startswith(evaluation_metrics_file(mode, 0.0)[:-len("0.json")]) for mode in FID_MODES))
 
 
 def evaluation_samples_dir(guidance_scale: Optional[float] = None) -> str:

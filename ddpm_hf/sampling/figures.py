@@ -23,7 +23,7 @@ from ddpm_hf.diffusion.pixels import to_model_range
 from ddpm_hf.errors import UsageError
 from ddpm_hf.outputs.files import atomic_save_image, atomic_write_bytes, atomic_write_json
 from ddpm_hf.outputs.plots import image_grid, labelled_grid
-from ddpm_hf.outputs.run_folder import DENOISING_STEM, FIGURES_RECORD, PROGRESSIVE
+from ddpm_hf.outputs.run_folder import DENOISING_STEM, FIGURES_RECORD, FORWARD, FORWARD_STEM, INTERPOLATION, PROGRESSIVE
 from ddpm_hf.saved.weights import state_dict_sha256
 from ddpm_hf.pipelines.guidance import GuidedNetwork, null_label, num_classes
 from ddpm_hf.pipelines.pipeline_ddpm import denoise, epsilon_from_clipped_x0, to_output
@@ -178,10 +178,10 @@ def forward_figures(scheduler, images: torch.Tensor, folder: Path, columns: int 
     frame_t = [int(round(t)) for t in np.linspace(0, T - 1, max(2, frames))]
     strip = [images.float()] + forward_process(scheduler, images, strip_t, seed)
     rows = [torch.stack([to01(column[n]) for column in strip]) for n in range(images.shape[0])]
-    figure = save_png(rows_grid(rows), Path(folder) / "forward.png")
+    figure = save_png(rows_grid(rows), Path(folder) / FORWARD)
     animation = save_animation([image_grid(to01(images.float()), min_size=64)] +
                                [image_grid(to01(x), min_size=64) for x in forward_process(scheduler, images, frame_t, seed)],
-                               Path(folder) / "forward", fmt)
+                               Path(folder) / FORWARD_STEM, fmt)
     common = {"noise_seed": seed, "num_train_timesteps": T, **(about or {})}
     return {figure.name: {**common, "figure": "forward process q(x_t | x_0): per image x_0, then x_t", "timesteps": strip_t},
             animation.name: {**common, "figure": "forward process animation: x_0, then x_t", "frames": 1 + len(frame_t),
@@ -318,6 +318,7 @@ def visualize(pipe, folder, *, figures: Sequence[str], seeds: Sequence[int], num
         raise UsageError("interpolate needs two images; pass --num_images 2 or more.")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    record_figures(folder, {})  # before the first figure: a folder holding figures.json is ours (see ddpm-visualize)
     about = {"weights_sha256": state_dict_sha256(pipe.unet), **(about or {}), "dtype": dtype}
     cast_network(pipe.unet, dtype)  # after the hash, which names the weights as saved
     entries = {}
@@ -335,7 +336,7 @@ def visualize(pipe, folder, *, figures: Sequence[str], seeds: Sequence[int], num
             network = GuidedNetwork(pipe.unet, torch.full((len(w),), null_label(pipe.unet)), 0.0)
             decoded_by = {"decoded_by": "the unconditional model: the class label \"no class\" (guidance scale 0)"}
         rows = interpolate(pipe, real[0], real[1], depths, w, num_inference_steps, seed, eta, network)
-        path = save_png(interpolation_figure(rows, real[0], real[1]), folder / "interpolate.png")
+        path = save_png(interpolation_figure(rows, real[0], real[1]), folder / INTERPOLATION)
         entries[path.name] = {**about, "figure": "interpolation in the diffused space (Ho et al. 2020, Fig. 8, 9): per "
                               "depth a row of image A, the decoded mixes (1 - w) x_t + w x'_t, image B",
                               "depths": [float(d) for d in depths], "timesteps": [row["t"] for row in rows],

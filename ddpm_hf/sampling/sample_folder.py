@@ -15,7 +15,7 @@ import inspect
 import re
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from ddpm_hf.errors import UsageError
 from ddpm_hf.outputs.files import atomic_save_image, atomic_write, sha256_of
@@ -34,6 +34,7 @@ from ddpm_hf.sampling.samplers import (
 )
 
 SAMPLING_FILE = "sampling.json"
+IMAGE_HASHES = "images_sha256"  # sampling.json's {file name: SHA-256} of each image drawn: what the folder holds
 # the folder as one file for other toolchains: arr_0 uint8 NHWC (guided-diffusion's evaluator reads it), arr_1 labels
 SAMPLES_NPZ = "samples.npz"
 
@@ -84,27 +85,60 @@ def sampled_files(folder: Path) -> List[Path]:
     return drawn_images(folder) + [p for p in (Path(folder) / SAMPLES_NPZ,) if p.exists()]
 
 
+def misnamed_image(folder: Path, seed: int, labels: Optional[Sequence[int]] = None) -> Optional[Tuple[Path, int, int]]:
+    """The first PNG named as image k that is not `image_name(k, seed, labels)`, with its k and its seed; None where
+    every one is."""
+    for path in sorted(drawn_images(folder)):
+        match = _NAME.match(path.name)
+        k, s = int(match.group(1)), int(match.group(2))
+        if path.name != image_name(k, seed, labels):
+            return path, k, s
+    return None
+
+
 def complete_images(folder: Path, seed: int, labels: Optional[Sequence[int]] = None) -> set:
     """Indices k whose final file `image_name(k, seed, labels)` exists (not checked to decode: see
     `sample_to_folder`). Files from another --seed or of other classes are an error."""
-    done = set()
-    for path in drawn_images(folder):
-        match = _NAME.match(path.name)
-        k, s = int(match.group(1)), int(match.group(2))
+    wrong = misnamed_image(folder, seed, labels)
+    if wrong is not None:
+        path, k, s = wrong
         if s != seed + k:
             raise UsageError(
                 f"{path} was drawn with another --seed (image {k} from seed {s}, but --seed {seed} gives {seed + k}); "
                 "use a new output folder or the same --seed."
             )
-        if path.name != image_name(k, seed, labels):
-            raise UsageError(f"{path} was drawn with other --class_labels (image {k} is {image_name(k, seed, labels)} "
-                             "with these); use a new output folder or the same --class_labels.")
-        done.add(k)
-    return done
+        raise UsageError(f"{path} was drawn with other --class_labels (image {k} is {image_name(k, seed, labels)} "
+                         "with these); use a new output folder or the same --class_labels.")
+    return {int(_NAME.match(path.name).group(1)) for path in drawn_images(folder)}
 
 
-def decodes(path: Path) -> bool:
-    """Whether a kept PNG is whole (its chunks and their CRCs check out); a damaged one is removed."""
+def image_hashes(folder: Path, names, known: Optional[dict] = None) -> dict:
+    """{name: SHA-256} of the images `names` in `folder`, taking those in `known` as they are."""
+    known = known or {}
+    return {name: known.get(name) or sha256_of(Path(folder) / name) for name in sorted(names)}
+
+
+def verified_images(folder: Path, recorded: dict) -> dict:
+    """The images a folder's record hashed (`IMAGE_HASHES`) that are still there, each checked to be the image drawn:
+    one changed since (replaced or edited by hand) is refused by name, never measured or put into an npz. Returns
+    their {name: SHA-256}."""
+    folder, kept = Path(folder), {}
+    for name, digest in (recorded.get(IMAGE_HASHES) or {}).items():
+        path = folder / name
+        if not path.is_file():
+            continue  # removed: drawn again
+        if sha256_of(path) != digest:
+            if not decodes(path, remove=False):
+                continue  # damaged (a disk error, a copy cut short), not changed: drawn again
+            raise UsageError(f"{path} is not the image drawn there (its SHA-256 differs from the one {SAMPLING_FILE} "
+                             "records): it was changed after drawing; move it out of the folder and run ddpm-sample again to draw it "
+                             "again, or draw the folder again with --overwrite.")
+        kept[name] = digest
+    return kept
+
+
+def decodes(path: Path, remove: bool = True) -> bool:
+    """Whether a kept PNG is whole (its chunks and their CRCs check out); a damaged one is removed (with `remove`)."""
     from PIL import Image
 
     try:
@@ -112,7 +146,8 @@ def decodes(path: Path) -> bool:
             image.verify()
         return True
     except Exception:  # PIL raises many types for damaged files
-        path.unlink(missing_ok=True)
+        if remove:
+            path.unlink(missing_ok=True)
         return False
 
 
@@ -249,25 +284,41 @@ def sample_command(pipe, *, pipeline_name: str, folder, num_images: int, batch_s
     if epsilon_from_clipped_x0(pipe.scheduler):  # recorded only where used (DDIM): its images are not the old ones
         protocol.update(epsilon_from_clipped_x0=True)
     cast_network(pipe.unet, dtype)
-    with FolderJob(folder, SAMPLING_FILE, protocol, state, free=("pipeline", "num_images", "complete", "npz"),
+    with FolderJob(folder, SAMPLING_FILE, protocol, state, free=("pipeline", "num_images", "complete", "npz", IMAGE_HASHES),
                    results=sampled_files) as job:
         job.check("images drawn", "draw again from scratch", overwrite)
-        npz_record, npz_path = job.recorded().get("npz"), job.folder / SAMPLES_NPZ
-        if npz_record and (overwrite or not (npz_path.is_file() and sha256_of(npz_path) == npz_record.get("sha256"))):
-            if job.is_main:  # ours (its record says so): its images are drawn again, or it changed since
-                npz_path.unlink(missing_ok=True)
-            npz_record = None
-        job.start(drawn_images(job.folder) if overwrite else (), overwrite, num_images=None, complete=False,
-                  npz=npz_record)
-        if job.is_main:  # an npz half-written by a killed run (as large as the folder's images): under the lock, ours
+        if job.is_main and job.recorded():  # an npz half-written by a killed run (as large as the folder's images)
             for stale in job.folder.glob(f".{SAMPLES_NPZ}.tmp-*"):
                 stale.unlink(missing_ok=True)
+        recorded = {} if overwrite else job.recorded()
+        known = verified_images(job.folder, recorded)  # on every process: each stops on a changed image alike
+        wrong = misnamed_image(job.folder, seed, labels) if recorded else None
+        if wrong is not None:  # the record has these settings: a name they do not give was not drawn under it
+            raise UsageError(f"{wrong[0]} is not named as this folder names image {wrong[1]} "
+                             f"({image_name(wrong[1], seed, labels)}): renamed by hand, or put there; move it out of "
+                             "the folder.")
+        recorded_npz, npz_path = job.recorded().get("npz"), job.folder / SAMPLES_NPZ
+        npz_record = None if overwrite else recorded_npz
+        if npz_record and not (npz_path.is_file() and sha256_of(npz_path) == npz_record.get("sha256")):
+            npz_record = None  # ours (its record says so), changed since: removed below, once the folder is the job's
+        held = complete_images(job.folder, seed, labels) if recorded.get("complete") else set()
+        if (recorded.get("complete") and recorded.get("num_images") == len(held) == len(known)
+                and held >= set(range(num_images)) and npz_record == recorded_npz
+                and (not npz or (npz_record or {}).get("num_images") == num_images)):
+            # nothing to draw or record: the folder is left as it is (a folder the user made read-only, too)
+            mine = len(process_share(num_images, job.rank, job.world))
+            return {"written": 0, "kept": mine, "seconds": 0.0, "images_per_s": None}
+        if job.is_main and recorded_npz and npz_record is None:  # its images drawn again, or it changed since
+            npz_path.unlink(missing_ok=True)
+        job.start(drawn_images(job.folder) if overwrite else (), overwrite, num_images=None, complete=False,
+                  npz=npz_record, **{IMAGE_HASHES: known})
         result = sample_to_folder(pipe, job.folder, num_images, batch_size=batch_size, num_inference_steps=num_inference_steps,
                                   seed=seed, eta=eta, rank=job.rank, world_size=job.world, progress=job.shows_progress,
                                   labels=labels, guidance_scale=guidance_scale, timesteps=chain)
         if job.finish():  # the protocol describes exactly the images beside it
-            held = len(complete_images(job.folder, seed, labels))
+            held = complete_images(job.folder, seed, labels)
+            hashes = image_hashes(job.folder, [image_name(k, seed, labels) for k in held], known)
             if npz:  # every image 0..num_images-1 is in the folder once every process has finished
                 npz_record = write_npz(job.folder, num_images, seed, labels)
-            job.record(num_images=held, complete=held >= num_images, npz=npz_record)
+            job.record(num_images=len(held), complete=len(held) >= num_images, npz=npz_record, **{IMAGE_HASHES: hashes})
         return result
