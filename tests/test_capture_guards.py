@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 from common import tiny_config
-from cuda_stand_in import StandInCuda
+from cuda_stand_in import HostReads, StandInCuda
 from ddpm_hf.pipelines import cuda_graphs
 from ddpm_hf.pipelines.chain_graph import CHAIN_WARMUP_STEPS, replayed_chain
 from ddpm_hf.pipelines.counter_noise import seed_keys, seeded_normal
@@ -230,3 +230,117 @@ def test_the_training_step_captures_or_fails_safely_and_trains_bit_for_bit_as_th
 def test_replayed_refuses_a_captured_step_without_a_warm_up():
     with pytest.raises(ValueError, match="at least one warm-up call"):
         Replayed(lambda: None, 0, True, print)
+
+
+# ---------------------------------------------------------------- the stand-in replays what was captured (#49)
+
+
+def replayed_steps(step, before_each, calls: int = 6, generators=()):
+    """`step` through Replayed on the stand-in (one warm-up, capture, checked first replay, replays), `before_each(k)`
+    run by the caller before call k; returns (the Replayed, why it was dropped, the stand-in)."""
+    cuda, dropped = StandInCuda(), []
+    replayed = Replayed(step, 1, True, dropped.append, state=lambda: [OUT], generators=generators, cuda=cuda)
+    with cuda:
+        for k in range(calls):
+            before_each(k)
+            replayed()
+    return replayed, dropped, cuda
+
+
+OUT = torch.zeros(4)
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_a_seed_read_on_the_host_at_capture_is_frozen_in_the_replay_and_the_graph_is_dropped(right):
+    """A per-call seed given as a host value is baked into the capture (a real graph repeats its draw); the right form
+    reseeds a generator the graph knows, between calls. The first replay's check tells them apart."""
+    seed, known = {"now": 0}, torch.Generator()
+
+    def step():
+        generator = known if right else torch.Generator().manual_seed(seed["now"])  # the bug: a host-read seed
+        OUT.copy_(torch.randn(4, generator=generator))
+
+    def before_each(k):
+        seed["now"] = k
+        known.manual_seed(k)
+
+    replayed, dropped, cuda = replayed_steps(step, before_each, generators=[known])
+    if right:
+        assert replayed.graph is not None and replayed.largest_difference == 0.0 and not dropped
+        assert torch.equal(OUT, torch.randn(4, generator=torch.Generator().manual_seed(5)))  # call 5's own draw
+        assert cuda.replays == 5  # calls 2..5 replayed, and the check's in call 1
+    else:
+        assert replayed.graph is None and dropped and dropped[0].startswith("its first replay differs")
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_an_input_rebound_after_capture_is_not_seen_by_the_replay(right):
+    """A graph reads the memory it captured: new inputs must be copied into the static buffer, not bound in its
+    place. The first replay runs in the capture's own call (its check cannot see a later rebinding): the wrong result
+    is what the chain's and the training step's tests, which compare with the eager run, catch."""
+    inputs = {"x": torch.zeros(4)}
+
+    def step():
+        OUT.copy_(inputs["x"] * 2 + 1)
+
+    def before_each(k):
+        new = torch.full((4,), float(k))
+        if right:
+            inputs["x"].copy_(new)
+        else:
+            inputs["x"] = new  # the bug: the captured tensor is no longer the one the caller fills
+
+    replayed, dropped, cuda = replayed_steps(step, before_each)
+    assert replayed.graph is not None and not dropped and cuda.replays == 5
+    eager = torch.full((4,), 5 * 2 + 1.0)  # the last call's input, doubled, plus one
+    assert torch.equal(OUT, eager) == right  # rebound: the replay still reads call 1's input (3 = 1 * 2 + 1)
+    if not right:
+        assert torch.equal(OUT, torch.full((4,), 3.0))
+
+
+# ---------------------------------------------------------------- every host read seen, and refused while capturing
+
+
+X = torch.arange(6.0)
+HOST_READS = {  # each a read CUDA waits for, though a CPU's dispatch shows no `_local_scalar_dense` for some
+    ".item()": lambda: X.sum().item(),
+    "bool()": lambda: bool(X.sum() > 0),
+    "int()": lambda: int(X[2]),
+    "float()": lambda: float(X[2]),
+    "an index": lambda: list(range(10))[X.long()[3]],
+    ".tolist()": lambda: X.tolist(),
+    ".numpy()": lambda: X.numpy(),
+    "np.asarray": lambda: __import__("numpy").asarray(X),
+    "a boolean mask": lambda: X[X > 2],
+    "a boolean mask written": lambda: X.clone().index_put_((X > 2,), torch.tensor(0.0)),
+    "nonzero": lambda: torch.nonzero(X),
+    "repeat_interleave by a tensor": lambda: torch.repeat_interleave(X, X.long()),
+    "unique": lambda: torch.unique(X),
+    "torch.equal": lambda: torch.equal(X, X),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOST_READS))
+def test_the_host_read_counter_sees_each_kind_of_read_once(kind):
+    with HostReads() as reads:
+        HOST_READS[kind]()
+    assert len(reads.found) == 1, reads.found
+    with HostReads() as reads:  # what needs no read: none counted
+        torch.repeat_interleave(X, X.long(), output_size=15)
+        X[torch.tensor([0, 2])].mul(2).add_(1)
+    assert reads.found == []
+
+
+@pytest.mark.parametrize("kind", sorted(HOST_READS))
+def test_each_kind_of_host_read_is_refused_inside_a_capture_and_named_in_the_warm_up(kind):
+    cuda = StandInCuda()
+    with cuda, pytest.raises(RuntimeError, match="cudaStreamEndCapture") as raised:  # the capture's end, as CUDA's
+        with cuda.graph(cuda.CUDAGraph()):
+            HOST_READS[kind]()
+    assert "operation not permitted when stream is capturing" in str(raised.value.__cause__)  # the read itself
+    dropped = []
+    with cuda:
+        step = Replayed(lambda: OUT.copy_(torch.as_tensor(HOST_READS[kind]()).float().sum().expand(4)), 1, True,
+                        dropped.append, state=lambda: [OUT], cuda=cuda)
+        step()
+    assert dropped and dropped[0].startswith("the step waits for the host") and "test_capture_guards.py" in dropped[0]

@@ -5,9 +5,9 @@ import json
 
 import numpy as np
 import pytest
+from cuda_stand_in import HostReads
 import torch
 from common import TINY
-from torch.profiler import ProfilerActivity, profile
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
 from ddpm_hf.choices import LR_SCHEDULES, PREDICTION_TYPES
@@ -24,15 +24,11 @@ from ddpm_hf.training.state import TrainState
 
 
 def host_syncs_outside_the_optimizer(fn) -> tuple:
-    """(syncs outside torch.optim, syncs inside) of `fn()`: calls of aten::_local_scalar_dense, the op behind
-    .item(), bool(tensor) and .tolist() of device tensors."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    """(host reads outside torch.optim, inside) of `fn()`: every read CUDA would wait for (`cuda_stand_in.HostReads`:
+    .item(), bool(), .tolist(), .numpy(), boolean masks, outputs sized by values)."""
+    with HostReads() as reads:
         fn()
-    events = prof.events()
-    optimizer = [(e.time_range.start, e.time_range.end) for e in events if e.name.startswith("Optimizer.step")]
-    syncs = [e for e in events if e.name == "aten::_local_scalar_dense"]
-    inside = [e for e in syncs if any(a <= e.time_range.start <= b for a, b in optimizer)]
-    return len(syncs) - len(inside), len(inside)
+    return reads.outside_and_inside_the_optimizer()
 
 
 @pytest.fixture
