@@ -184,3 +184,51 @@ def run_in_process(cmd, cwd=None, env=None, check=False, **_subprocess_options) 
     if check:
         done.check_returncode()
     return done
+
+
+_GATED = """
+import importlib, runpy, sys
+module, name = sys.argv[1].rsplit(":", 1)
+target = importlib.import_module(module)
+original, passed = getattr(target, name), []
+
+def gated(*args, **kwargs):
+    result = original(*args, **kwargs)
+    if not passed:
+        passed.append(True)
+        print("held", flush=True)
+        sys.stdin.readline()  # the test's gate
+    return result
+
+setattr(target, name, gated)
+program, sys.argv = sys.argv[2], sys.argv[2:]
+if program.endswith(".py"):
+    runpy.run_path(program, run_name="__main__")
+else:
+    runpy.run_module(program, run_name="__main__", alter_sys=True)
+"""
+
+
+class Gated:
+    """A command in its own process, held right after the first call of `where` ("module:function") returns, until
+    `go()`: a test that needs it "still running" (or "not yet past setup") holds it there by this gate, not by the
+    machine being slow. `program` is train_ddpm.py's path or a module (`ddpm_hf.commands.sample`)."""
+
+    def __init__(self, where: str, program, *args, stderr=subprocess.PIPE):
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-c", _GATED, where, str(program), *map(str, args)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        self.pid = self.proc.pid
+
+    def wait_held(self, timeout: float = 300) -> None:
+        """Return once the process is held at its gate (its first line); fails if it ended before."""
+        import select
+
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        assert line.strip() == "held", f"not held at the gate: {line!r}, exit {self.proc.poll()}"
+
+    def go(self) -> None:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()

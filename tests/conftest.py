@@ -12,6 +12,10 @@ else:
     # float sums in their last bits, and the tests compare runs bit for bit)
     os.environ.setdefault("DDPM_HF_CPU_THREADS", "torch")
 
+# the test Hub (hub_server.py) speaks the LFS protocol, not Xet's (hf_xet's Rust client): huggingface_hub reads this
+# when imported, so it is set before anything imports it, and the processes the tests start inherit it
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -6,13 +6,18 @@ It implements the endpoints that huggingface_hub's `whoami`, `create_repo`, `upl
 at it with `HF_ENDPOINT=hub.endpoint` (read when huggingface_hub is imported: use it for subprocesses) or,
 in-process, by setting `huggingface_hub.constants.ENDPOINT`.
 
-Simplifications: every file is a regular git blob (preupload answers "regular", so the content goes inline
-in the commit), there are no branches other than `main`, and revisions are `main` or a commit id.
+Large files take the Hub's LFS path, as for users: preupload answers "lfs" for what `.gitattributes` tracks
+(`*.safetensors`, `*.bin`) or what is 10 MB or more, and huggingface_hub then asks the LFS batch endpoint where to
+upload, PUTs the bytes there, has them verified, and commits an `lfsFile` naming them by SHA-256; the others go
+inline in the commit. The Xet protocol that huggingface_hub prefers where `hf_xet` is installed is a Rust client's
+own (chunks to a content-addressed store) and is not stood in: tests set HF_HUB_DISABLE_XET=1 (conftest.py), the path
+of a user without `hf_xet`. Simplifications: no branches other than `main`, and revisions are `main` or a commit id.
 """
 
 from __future__ import annotations
 
 import base64
+import fnmatch
 import hashlib
 import json
 import re
@@ -26,6 +31,8 @@ from urllib.parse import parse_qs, unquote, urlparse
 import yaml
 
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+LFS_PATTERNS = ("*.safetensors", "*.bin")  # what GITATTRIBUTES tracks
+LFS_SIZE = 10 * 1000 * 1000  # the Hub takes a file this large through LFS whatever its name
 
 
 def git_blob_id(data: bytes) -> str:
@@ -37,6 +44,7 @@ class Commit:
     oid: str
     message: str
     files: Dict[str, bytes]
+    lfs: Dict[str, str] = field(default_factory=dict)  # path -> SHA-256, for the files stored as LFS objects
 
 
 @dataclass
@@ -67,6 +75,8 @@ class LocalHub:
         self.commit_gate = threading.Event()  # clear it to hold commits (tests of background pushes)
         self.commit_gate.set()
         self.commit_delay = 0.0  # seconds each commit takes (a slow link, for benchmarks)
+        self.lfs: Dict[str, bytes] = {}  # LFS objects uploaded, by SHA-256
+        self.lfs_verified: List[str] = []
         self._lock = threading.Lock()
         self._server: Optional[ThreadingHTTPServer] = None
 
@@ -94,6 +104,10 @@ class LocalHub:
     def files(self, repo_id: str) -> Dict[str, bytes]:
         return dict(self.repos[repo_id].head.files)
 
+    def lfs_files(self, repo_id: str) -> List[str]:
+        """The paths of the repo's head that are LFS objects (committed as `lfsFile`)."""
+        return sorted(self.repos[repo_id].head.lfs)
+
     # ---- the Hub's behaviour, called by the handler
 
     def user_of(self, authorization: Optional[str]) -> Optional[Tuple[str, str]]:
@@ -101,10 +115,10 @@ class LocalHub:
             return self.tokens.get(authorization[len("Bearer "):])
         return None
 
-    def new_commit(self, repo: Repo, message: str, files: Dict[str, bytes]) -> Commit:
+    def new_commit(self, repo: Repo, message: str, files: Dict[str, bytes], lfs: Optional[Dict[str, str]] = None) -> Commit:
         with self._lock:
             oid = hashlib.sha1(f"{repo.repo_id}:{len(repo.commits)}:{message}".encode()).hexdigest()
-            commit = Commit(oid, message, files)
+            commit = Commit(oid, message, files, dict(lfs or {}))
             repo.commits.append(commit)
             return commit
 
@@ -138,6 +152,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(status, {"error": message}, {"X-Error-Code": code, "X-Error-Message": message} if code else None)
 
     def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def _user(self):
@@ -194,7 +217,12 @@ class _Handler(BaseHTTPRequestHandler):
             (r"/api/validate-yaml", self.validate_yaml),
             (rf"/api/models/{_REPO}/preupload/(?P<revision>[^/]+)", self.preupload),
             (rf"/api/models/{_REPO}/commit/(?P<revision>[^/]+)", self.commit),
+            (r"/(?P<repo>[\w.-]+/[\w.-]+?)\.git/info/lfs/objects/batch", self.lfs_batch),
+            (r"/lfs-verify/(?P<oid>[0-9a-f]{64})", self.lfs_verify),
         ])
+
+    def do_PUT(self):
+        self._dispatch([(r"/lfs-upload/(?P<oid>[0-9a-f]{64})", self.lfs_upload)])
 
     def whoami(self, user):
         if user is None:
@@ -237,7 +265,42 @@ class _Handler(BaseHTTPRequestHandler):
         if self._writable_repo(repo, user) is None:
             return
         files = json.loads(self._body())["files"]
-        self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+
+        def mode(f):
+            lfs = f.get("size", 0) >= LFS_SIZE or any(fnmatch.fnmatch(f["path"].split("/")[-1], p) for p in LFS_PATTERNS)
+            return "lfs" if lfs else "regular"
+
+        self._json(200, {"files": [{"path": f["path"], "uploadMode": mode(f), "shouldIgnore": False} for f in files]})
+
+    def lfs_batch(self, user, repo):
+        if self._writable_repo(repo, user) is None:
+            return
+        request = json.loads(self._body())
+        if request.get("operation") != "upload" or request.get("hash_algo", "sha256") != "sha256":
+            return self._error(400, "the test Hub takes LFS uploads of sha256 objects only")
+        objects = []
+        for obj in request["objects"]:
+            entry = {"oid": obj["oid"], "size": obj["size"]}
+            if obj["oid"] not in self.hub.lfs:  # one the Hub already holds needs no upload
+                entry["actions"] = {"upload": {"href": f"{self.hub.endpoint}/lfs-upload/{obj['oid']}"},
+                                    "verify": {"href": f"{self.hub.endpoint}/lfs-verify/{obj['oid']}"}}
+            objects.append(entry)
+        self._json(200, {"transfer": "basic", "objects": objects})
+
+    def lfs_upload(self, user, oid):
+        data = self._body()
+        if hashlib.sha256(data).hexdigest() != oid:
+            return self._error(400, "the uploaded bytes do not hash to the object's oid")
+        self.hub.lfs[oid] = data
+        self._send(200)
+
+    def lfs_verify(self, user, oid):
+        request = json.loads(self._body())
+        data = self.hub.lfs.get(oid)
+        if data is None or len(data) != request.get("size"):
+            return self._error(404, f"LFS object {oid} not found")
+        self.hub.lfs_verified.append(oid)
+        self._json(200, {"success": True})
 
     def commit(self, user, repo, revision):
         target = self._writable_repo(repo, user)
@@ -245,20 +308,29 @@ class _Handler(BaseHTTPRequestHandler):
             return
         lines = [json.loads(line) for line in self._body().splitlines() if line.strip()]
         header = next(line["value"] for line in lines if line["key"] == "header")
-        files = dict(target.head.files)
+        files, lfs = dict(target.head.files), dict(target.head.lfs)
         for line in lines:
             key, value = line["key"], line["value"]
             if key == "file":
                 files[value["path"]] = base64.b64decode(value["content"])
+                lfs.pop(value["path"], None)
+            elif key == "lfsFile":
+                data = self.hub.lfs.get(value["oid"])
+                if data is None or value.get("algo", "sha256") != "sha256":
+                    return self._error(400, f"LFS object {value['oid']} of {value['path']} was never uploaded")
+                files[value["path"]], lfs[value["path"]] = data, value["oid"]
             elif key == "deletedFile":
                 files.pop(value["path"], None)
+                lfs.pop(value["path"], None)
             elif key == "deletedFolder":
-                files = {p: d for p, d in files.items() if not p.startswith(value["path"].rstrip("/") + "/")}
+                inside = value["path"].rstrip("/") + "/"
+                files = {p: d for p, d in files.items() if not p.startswith(inside)}
+                lfs = {p: o for p, o in lfs.items() if not p.startswith(inside)}
             elif key != "header":
                 return self._error(400, f"the test Hub does not take {key!r} operations")
         self.hub.commit_gate.wait(timeout=60)
         time.sleep(self.hub.commit_delay)
-        commit = self.hub.new_commit(target, header["summary"], files)
+        commit = self.hub.new_commit(target, header["summary"], files, lfs)
         self._json(200, {"success": True, "commitOid": commit.oid, "commitUrl": f"{self.hub.endpoint}/{repo}/commit/{commit.oid}"})
 
     def _commit_of(self, repo_id: str, revision: Optional[str], user) -> Optional[Tuple[Repo, Commit]]:
@@ -297,7 +369,10 @@ class _Handler(BaseHTTPRequestHandler):
                     folders.add(folder)
                     entries.append({"type": "directory", "oid": git_blob_id(folder.encode()), "size": 0, "path": folder})
             if recursive or len(rest) == 1:
-                entries.append({"type": "file", "oid": git_blob_id(data), "size": len(data), "path": path})
+                entry = {"type": "file", "oid": git_blob_id(data), "size": len(data), "path": path}
+                if path in found[1].lfs:
+                    entry["lfs"] = {"oid": found[1].lfs[path], "size": len(data), "pointerSize": 134}
+                entries.append(entry)
         self._json(200, entries)
 
     def resolve(self, user, repo, revision, filename):
@@ -307,8 +382,10 @@ class _Handler(BaseHTTPRequestHandler):
         data = found[1].files.get(filename)
         if data is None:
             return self._error(404, f"Entry not found: {filename}", "EntryNotFound")
-        self._send(200, data, {"X-Repo-Commit": found[1].oid, "ETag": f'"{git_blob_id(data)}"'},
-                   content_type="application/octet-stream")
+        headers = {"X-Repo-Commit": found[1].oid, "ETag": f'"{git_blob_id(data)}"'}
+        if filename in found[1].lfs:  # as the Hub names an LFS file: by its SHA-256
+            headers.update({"X-Linked-Etag": f'"{found[1].lfs[filename]}"', "X-Linked-Size": str(len(data))})
+        self._send(200, data, headers, content_type="application/octet-stream")
 
 
 if __name__ == "__main__":  # serve until killed: python tests/hub_server.py TOKEN USER [COMMIT_DELAY_S]

@@ -228,6 +228,35 @@ def test_label_dropout_changes_what_is_trained(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_the_step_drops_labels_at_the_label_dropout_rate_and_keeps_the_others(tmp_path, monkeypatch, rate):
+    """The labels the network gets in the step's loss, over 1,600 draws: "no class" (the embedding's last row) at
+    the --label_dropout rate (within 4 standard errors), every other label the one the batch gave."""
+    from ddpm_hf.training import steps
+    from ddpm_hf.training.loop import resume, setup
+
+    run = setup(cond(tmp_path, label_dropout=rate, max_train_steps=2))
+    resume(run)
+    given, seen, loss = [], [], run.loss
+
+    def watched(model, x0, noise, t):
+        seen.append(model.keywords["labels"].clone())
+        return loss(model, x0, noise, t)
+
+    monkeypatch.setattr(run, "loss", watched)
+    batch = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
+    for k in range(200):
+        labels = torch.randint(0, len(run.config.class_names), (8,), generator=torch.Generator().manual_seed(k))
+        given.append(labels)
+        steps.forward_backward(run, batch, labels)
+    given, seen = torch.cat(given), torch.cat(seen)
+    dropped = seen == len(run.config.class_names)
+    assert torch.equal(seen[~dropped], given[~dropped])
+    standard_error = (rate * (1 - rate) / len(seen)) ** 0.5
+    assert abs(dropped.double().mean().item() - rate) <= 4 * standard_error
+
+
+@pytest.mark.slow
 def test_a_conditional_run_resumes_exactly(tmp_path):
     from safetensors.torch import load_file
 

@@ -817,6 +817,22 @@ def test_inpainting_takes_a_learned_variance_as_sampling_does(tmp_path):
     half.paste(255, (4, 0, 8, 8))
     resampled = pipe.inpaint(x, half, num_inference_steps=8, jump_length=2, jump_n_sample=3, output_type="pt").images
     assert (resampled[..., :4] - x[..., :4]).abs().max() < 1e-6 and torch.isfinite(resampled).all()
+    # with resampling too, the filled half is drawn with the network's variance: another variance, other pixels
+    def fill():
+        return pipe.inpaint(x, half, seeds=[2, 3, 4], num_inference_steps=8, jump_length=2, jump_n_sample=3,
+                            output_type="pt").images
+
+    first = fill()
+    assert torch.equal(fill(), first)  # the seeds fix everything else
+    def smaller_variance(module, args, out):  # the learned half of the output (its log-variance fraction v) lowered
+        (out if isinstance(out, torch.Tensor) else out[0])[:, 3:].add_(-2.0)
+
+    hook = pipe.unet.register_forward_hook(smaller_variance)
+    try:
+        smaller = fill()
+    finally:
+        hook.remove()
+    assert torch.equal(smaller[..., :4], first[..., :4]) and not torch.allclose(smaller[..., 4:], first[..., 4:])
 
 
 def test_ddpm_edit_takes_one_mask_file_for_every_input(saved_pipeline, user_images, tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 import torch
 import torch.nn.functional as F
 from common import run_in_process
@@ -179,6 +180,13 @@ def test_evaluate_obeys_its_modes_seed_steps_dtype_reference_split_and_skipping_
     sampling = json.loads((out / "eval_samples" / "sampling.json").read_text())
     assert (sampling["seed"], sampling["num_inference_steps"], sampling["dtype"]) == (5, 7, "bf16")
     assert (out / "eval_samples" / "000000-seed5.png").is_file()
+    for dtype, same in (("bf16", True), ("fp32", False)):  # the images are the bf16 network's: ddpm-sample's own
+        drawn = tmp_path / f"drawn-{dtype}"
+        assert run_in_process([sys.executable, "-m", "ddpm_hf.commands.sample", str(setup / "pipe"), str(drawn),
+                               "--num_images", "2", "--num_inference_steps", "7", "--seed", "5", "--dtype",
+                               dtype]).returncode == 0
+        pixels = [np.asarray(Image.open(folder / "000001-seed6.png")) for folder in (drawn, out / "eval_samples")]
+        assert np.array_equal(*pixels) == same, dtype
     assert sorted(p.name for p in out.glob("metrics-*.json")) == ["metrics-clean.json"]
     metrics = json.loads((out / "metrics-clean.json").read_text())
     assert metrics["protocol"]["num_reference"] == 297  # the held-out digits, not the 1,500 of train

@@ -132,6 +132,21 @@ def test_training_push_uploads_exactly_the_allow_list(pushed_run, hub):
     assert not list(out.glob(".hub-push*")), "the upload snapshot is removed after the push"
 
 
+@pytest.mark.slow
+def test_the_weights_go_through_the_hubs_lfs_path_as_for_users(pushed_run, hub):
+    """Each .safetensors is uploaded as the Hub takes large files: an LFS object (batch, PUT, verify), committed by its
+    SHA-256; the card and configs go inline."""
+    import hashlib
+
+    out, _ = pushed_run
+    files, lfs = hub.files(REPO), hub.lfs_files(REPO)
+    assert lfs and lfs == sorted(p for p in files if p.endswith(".safetensors"))
+    for path in lfs:
+        digest = hashlib.sha256((out / path).read_bytes()).hexdigest()
+        assert digest in hub.lfs_verified and hub.lfs[digest] == files[path] == (out / path).read_bytes(), path
+    assert "README.md" not in lfs and "model_index.json" not in lfs
+
+
 def test_push_every_n_steps_commits_the_pipeline_so_far(pushed_run, hub):
     commits = hub.repos[REPO].commits
     assert [c.message for c in commits] == ["initial commit", "Training step 1 of 2", "End of training: step 2"]

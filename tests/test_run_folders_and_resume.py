@@ -385,18 +385,24 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(t
     assert [s for s, _ in list_checkpoints(out)][-1] == step + 2
 
 
-def test_a_second_signal_stops_at_once_but_a_forwarded_copy_of_the_first_does_not():
+def test_a_second_signal_stops_at_once_but_a_forwarded_copy_of_the_first_does_not(monkeypatch):
+    import types
+
+    from ddpm_hf.training import run_guard
     from ddpm_hf.training.run_guard import StopSignals
 
+    now = [100.0]  # the guard's clock, moved by the test (not by how fast this machine is)
+    monkeypatch.setattr(run_guard, "time", types.SimpleNamespace(monotonic=lambda: now[0], strftime=time.strftime))
     seen = []
     previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
     try:
         with StopSignals(same_notice=0.5) as stop:
             os.kill(os.getpid(), signal.SIGUSR1)
             assert stop.received == signal.SIGUSR1 and seen == []  # the first asks for a stop at the step's end
+            now[0] += 0.4
             os.kill(os.getpid(), signal.SIGUSR1)
             assert seen == []  # at once again: the same notice, as a launcher forwards it
-            time.sleep(0.6)
+            now[0] += 0.2
             os.kill(os.getpid(), signal.SIGUSR1)
             assert seen == [signal.SIGUSR1]  # later, a second signal goes where it went before: at once
     finally:

@@ -117,9 +117,32 @@ def test_two_processes_share_the_work_disjointly(saved_pipeline, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm-solver"])
 def test_cli_samplers(saved_pipeline, tmp_path, scheduler):
+    """The images are the sampler's: diffusers' own DDIM (η = 0, ε re-derived from the clipped x̂_0) or DPM-Solver++
+    (its threshold at the clip range) run by hand from image k's initial noise, to the PNG's rounding."""
+    import diffusers
+    import torch
+
+    from ddpm_hf.pipelines.counter_noise import seeded_normal
+
     proc = run_in_process(sample_cli([saved_pipeline, tmp_path, "--num_images", 2, "--num_inference_steps", 5, "--scheduler", scheduler]),
                           capture_output=True, text=True, check=True)
     assert "wrote 2" in proc.stdout and len(read(tmp_path)) == 2
+    pipe = load(saved_pipeline)
+    config, kwargs = pipe.scheduler.config, {}
+    if scheduler == "ddim":
+        theirs, kwargs = diffusers.DDIMScheduler.from_config(config), {"eta": 0.0, "use_clipped_model_output": True}
+    else:
+        theirs = diffusers.DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++",
+                                                                   thresholding=True, sample_max_value=1.0)
+    theirs.set_timesteps(5)
+    x = seeded_normal([0, 1], (3, 8, 8), 0, "initial") * theirs.init_noise_sigma
+    with torch.no_grad():
+        for t in theirs.timesteps:
+            x = theirs.step(pipe.unet(x, t).sample, t, x, **kwargs).prev_sample
+    expected = ((x / 2 + 0.5).clamp(0, 1) * 255).round().permute(0, 2, 3, 1).numpy()
+    drawn = read(tmp_path)
+    for k, name in enumerate(sorted(drawn)):
+        assert np.abs(drawn[name] - expected[k]).max() <= 1, name
 
 
 def test_cli_rejects_unknown_sampler(saved_pipeline, tmp_path):

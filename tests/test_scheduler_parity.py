@@ -10,7 +10,6 @@ Two oracles:
 """
 
 import itertools
-import math
 
 import diffusers
 import numpy as np
@@ -51,11 +50,19 @@ def float64_diffusers(config, ours):
 def model_output(sample, t, variance_type, diffusers_reading=False):
     out = dummy_model(sample, t)
     if variance_type == "learned":  # the second half is log σ² (ours, improved DDPM) or σ² itself (diffusers' reading)
-        # log σ² = 0: σ = 1 exactly under both readings (test_scheduler_math checks the log reading itself)
-        return torch.cat([out, torch.full_like(out, math.exp(0.0) if diffusers_reading else 0.0)], dim=1)
+        # a spread of log σ² (not 0, where the two readings agree): each scheduler gets the same σ in its own reading
+        log_variance = torch.linspace(-3.0, 0.5, out.numel(), dtype=out.dtype).reshape(out.shape)
+        return torch.cat([out, log_variance.exp() if diffusers_reading else log_variance], dim=1)
     if variance_type == "learned_range":  # the second half interpolates log β̃ .. log β
         return torch.cat([out, torch.linspace(-1, 1, out.numel()).reshape(out.shape)], dim=1)
     return out
+
+
+def tolerance(variance_type: str, otherwise: float) -> float:
+    """How far the two chains may drift: "learned" gives each scheduler σ in its own reading (exp(v/2) against
+    √σ²), two float32 roundings of σ that compound over the chain (measured: 3e-5 over 50 steps, 1.5e-4 over 1000);
+    reading the other convention would be off by O(1), or NaN."""
+    return 5e-4 if variance_type == "learned" else otherwise
 
 
 def run_lockstep(ours, ref, variance_type, num_inference_steps=None):
@@ -164,7 +171,7 @@ def test_strided_loop_matches_diffusers(config):
     beta_schedule, variance_type, prediction_type, spacing, clipping = config
     cfg = make_config(*config)
     ours = DDPMScheduler(**cfg)
-    assert run_lockstep(ours, float64_diffusers(cfg, ours), variance_type, 50) <= 1e-6
+    assert run_lockstep(ours, float64_diffusers(cfg, ours), variance_type, 50) <= tolerance(variance_type, 1e-6)
     if beta_schedule == "linear" and clipping == "clip":
         assert run_lockstep(DDPMScheduler(**cfg), diffusers.DDPMScheduler(**cfg), variance_type, 50) <= 1e-4
 
@@ -178,7 +185,7 @@ def test_full_loop_matches_diffusers(config):
     """All 1000 steps (spacing is irrelevant for the full chain)."""
     cfg = make_config(*config)
     ours = DDPMScheduler(**cfg)
-    assert run_lockstep(ours, float64_diffusers(cfg, ours), config[1]) <= 1e-6
+    assert run_lockstep(ours, float64_diffusers(cfg, ours), config[1]) <= tolerance(config[1], 1e-6)
 
 
 @pytest.mark.parametrize("prediction_type, total, mean", [("epsilon", 258.9606, 0.3372), ("v_prediction", 202.0296, 0.2631)])

@@ -157,11 +157,35 @@ def test_every_prediction_type_has_one_parameterization_whose_x0_inverts_its_tar
 
 
 def test_every_lr_schedule_choice_is_one_diffusers_builds():
+    """Each name builds the schedule it names: the learning rate at each step against its closed form (warmup w = 2 of
+    T = 10 steps, then constant, linear or half a cosine down to 0; diffusers' polynomial: power 1 to lr_end 1e-7)."""
+    import math
+
     from diffusers.optimization import get_scheduler
 
-    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    w, T = 2, 10
+
+    def warm(s, after):
+        return s / w if s < w else after((s - w) / (T - w))
+
+    closed = {
+        "constant": lambda s: 1.0,
+        "constant_with_warmup": lambda s: warm(s, lambda p: 1.0),
+        "linear": lambda s: warm(s, lambda p: 1 - p),
+        "cosine": lambda s: warm(s, lambda p: 0.5 * (1 + math.cos(math.pi * p))),
+        "cosine_with_restarts": lambda s: warm(s, lambda p: 0.5 * (1 + math.cos(math.pi * p)) if p < 1 else 0.0),
+        "polynomial": lambda s: warm(s, lambda p: (1 - 1e-7) * (1 - p) + 1e-7),
+    }
+    assert sorted(closed) == sorted(LR_SCHEDULES)
     for name in LR_SCHEDULES:
-        get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=10).step()
+        optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule = get_scheduler(name, optimizer, num_warmup_steps=w, num_training_steps=T)
+        rates = []
+        for _ in range(T):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        assert rates == pytest.approx([closed[name](s) for s in range(T)], abs=1e-9), name
 
 
 def test_draw_share_splits_images_over_processes_with_the_same_image_per_seed():

@@ -162,6 +162,48 @@ def test_allow_config_change_applies_the_optimizer_settings_it_records(run_copy,
     assert any(not torch.equal(decay[k], plain[k]) for k in plain)  # β1 and ε reach Adam too
 
 
+@pytest.mark.slow
+def test_allow_config_change_gives_adam_the_new_beta1_and_epsilon_its_moments_and_step_show(run_copy):
+    """Adam's own equations (Kingma & Ba 2015, Alg. 1, as torch.optim.Adam writes them) between two consecutive
+    checkpoints of the resumed run: the gradient that the first moment implies with β1 = 0.5 is the one that explains
+    the second moment, and the weights moved by the step that ε = 1e-3 gives."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+
+    proc = train_cli(*cli_args({**TINY, "output_dir": run_copy}), "--resume_from_checkpoint", "latest",
+                     "--max_train_steps", 6, "--checkpointing_steps", 1, "--allow_config_change", "--adam_beta1", "0.5",
+                     "--adam_epsilon", "1e-3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config = json.loads((run_copy / "training_config.json").read_text())
+    beta1, beta2, eps = 0.5, config["adam_beta2"], 1e-3
+
+    def checkpoint(step):
+        folder = run_copy / f"checkpoint-{step}"
+        return load_file(str(folder / "unet.safetensors")), torch.load(folder / "optimizer.pt", weights_only=True)
+
+    (w5, o5), (w6, o6) = checkpoint(5), checkpoint(6)
+    assert (o6["param_groups"][0]["betas"][0], o6["param_groups"][0]["eps"]) == (beta1, eps)
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel.from_config(json.loads((run_copy / "checkpoint-6" / "unet_config.json").read_text()))
+    names = [name for name, _ in unet.named_parameters()]  # the optimizer's order
+    lr = o5["param_groups"][0]["lr"]  # set by the LR schedule after step 5: step 6's rate
+    wd = o5["param_groups"][0]["weight_decay"]
+    assert len(o6["state"]) == len(names)
+    for i, name in enumerate(names):
+        s5, s6 = o5["state"][i], o6["state"][i]
+        m5, v5, m6, v6 = (x.double() for x in (s5["exp_avg"], s5["exp_avg_sq"], s6["exp_avg"], s6["exp_avg_sq"]))
+        g = (m6 - beta1 * m5) / (1 - beta1)  # m_t = β1 m_{t-1} + (1 - β1) g_t
+        torch.testing.assert_close(v6, beta2 * v5 + (1 - beta2) * g**2, rtol=2e-3, atol=1e-10)
+        t = float(s6["step"])
+        p5 = w5[name].double() * (1 - lr * wd if config["optimizer"] == "adamw" else 1.0)
+        step = lr / (1 - beta1**t) * m6 / (v6.sqrt() / (1 - beta2**t) ** 0.5 + eps)
+        torch.testing.assert_close(w6[name].double(), p5 - step, rtol=1e-5, atol=1e-7)
+
+
 # ---------------------------------------------------------------- 5. a folder that only looks like ours
 
 
@@ -379,26 +421,22 @@ def test_two_ddpm_sample_runs_into_one_folder_cannot_both_report_success(finishe
     import re
     import socket
     import subprocess
-    import time
 
-    from common import PipeText
+    from common import Gated
 
     folder = tmp_path / "samples"
-    first = subprocess.Popen([sys.executable, "-m", "ddpm_hf.commands.sample", str(finished_run), str(folder),
-                              "--num_images", "6", "--batch_size", "1", "--num_inference_steps", "150"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    printed = PipeText(first.stderr)
-    deadline = time.monotonic() + 180
-    while printed.bar_count("Sampling") < 1 and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert first.poll() is None, printed.rest()[-2000:]  # drawing, with images left to draw
+    # held after its first image: drawing, with images left to draw, whatever the machine's speed
+    first = Gated("ddpm_hf.sampling.sample_folder:atomic_save_image", "ddpm_hf.commands.sample", finished_run, folder,
+                  "--num_images", 6, "--batch_size", 1, "--num_inference_steps", 150, stderr=subprocess.DEVNULL)
+    first.wait_held()
     second = command("ddpm_hf.commands.sample", finished_run, folder, "--num_images", 3, "--num_inference_steps", 2,
                      "--seed", 7)
     line = one_error_line(second)
     assert re.fullmatch(rf"error: {re.escape(str(folder))} is in use: another run \(process {first.pid} on "
                         rf"{re.escape(socket.gethostname())}, since [0-9: -]+\) is writing into it; wait for it to end, "
                         r"or choose another output folder\.", line), line
-    assert first.wait(timeout=300) == 0, printed.rest()[-2000:]
+    first.go()
+    assert first.proc.wait(timeout=300) == 0
     recorded = json.loads((folder / "sampling.json").read_text())
     assert (recorded["seed"], recorded["num_images"], recorded["complete"]) == (0, 6, True)
     assert sorted(p.name for p in folder.glob("*.png")) == [f"{k:06d}-seed{k}.png" for k in range(6)]
@@ -500,18 +538,18 @@ def test_an_unwritable_datasets_cache_is_named_as_the_cache_not_as_damaged_data(
 @pytest.mark.slow
 def test_sigterm_while_setting_up_stops_at_once_with_one_line_and_leaves_no_folder(tmp_path):
     import signal
-    import subprocess
-    import time
 
-    gray_images(tmp_path / "images", [i % 200 for i in range(3000)])  # seconds of decoding before the first step
+    from common import Gated
+
+    gray_images(tmp_path / "images", [i % 200 for i in range(30)])
     folder = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(REPO / "train_ddpm.py"),
-                             *cli_args({**TINY, "dataset": tmp_path / "images", "max_train_samples": None,
-                                        "output_dir": folder, "max_train_steps": 1})],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (folder / ".ddpm_hf-run").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    # held in setup, after the folder is locked and before the data is decoded, whatever the machine's speed
+    gated = Gated("ddpm_hf.training.loop:start_point", REPO / "train_ddpm.py",
+                  *cli_args({**TINY, "dataset": tmp_path / "images", "max_train_samples": None, "output_dir": folder,
+                             "max_train_steps": 1}))
+    gated.wait_held()
+    proc = gated.proc
+    assert (folder / ".ddpm_hf-run").exists()
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
