@@ -10,6 +10,8 @@ LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 TRAINING_VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range", "learned")
 # training objectives: L_simple (Eq. 14), the variational bound (Eq. 5), improved DDPM's L_hybrid
 LOSSES = ("simple", "vlb", "hybrid")
+# the loss weights of progressive distillation (Salimans & Ho 2022, Sec. 4): max(SNR, 1) and SNR + 1
+DISTILL_WEIGHTINGS = ("truncated-snr", "snr+1")
 # the network's dtype when sampling (the chain itself stays float32); fp16 only on a GPU
 SAMPLING_DTYPES = ("fp32", "bf16", "fp16")
 # the precision post-hoc EMA's snapshots are kept in (EDM2 keeps fp16)

@@ -145,3 +145,162 @@ def test_step_counts_that_cannot_be_distilled_are_named(from_steps, to_steps, sa
         assert problem is None and rounds(from_steps, to_steps) == [256, 128, 64, 32, 16, 8, 4]
     else:
         assert problem is not None and __import__("re").search(said, problem), problem
+
+
+# ---------------------------------------------------------------- a round: the training loop with the teacher's target
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A tiny ε-prediction teacher (cpu-tiny, 8x8, one channel, T = 1000), saved as a pipeline."""
+    from ddpm_hf import DDPMPipeline, build_unet
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("teacher")
+    DDPMPipeline(build_unet("cpu-tiny", sample_size=8, in_channels=1, out_channels=1), DDPMScheduler()).save_pretrained(folder)
+    return folder
+
+
+def round_config(out, teacher, **overrides):
+    from common import tiny_config
+
+    return tiny_config(out, distill_teacher=str(teacher), distill_steps=2, prediction_type="v_prediction",
+                       init_from=str(teacher), ema_decay=0.0, ema_warmup=False, dropout=0.0, lr_scheduler="linear",
+                       lr_warmup_steps=0, learning_rate=1e-4, max_train_steps=4, checkpointing_steps=2,
+                       card_figures=False, **overrides)
+
+
+@pytest.mark.slow
+def test_a_rounds_student_is_a_pipeline_plain_diffusers_samples_at_its_steps_as_ddpm_hf_does(teacher, tmp_path):
+    from ddpm_hf import DDPMPipeline
+    from ddpm_hf.training.loop import train
+
+    out = tmp_path / "round-2"
+    train(round_config(out, teacher))
+    plain = diffusers.DDPMPipeline.from_pretrained(out)
+    assert type(plain.scheduler) is diffusers.DDIMScheduler
+    assert plain.scheduler.config.prediction_type == "v_prediction"
+    plain.scheduler.set_timesteps(2)
+    assert plain.scheduler.timesteps.tolist() == grid(2, T)[:-1]
+    theirs = plain(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=2, output_type="np").images
+    ours_pipe = DDPMPipeline.from_pretrained(out)
+    ours_pipe.set_progress_bar_config(disable=True)
+    ours = ours_pipe(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=2, output_type="np").images
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    # the student moved from its teacher (it started from the teacher's weights)
+    from safetensors.torch import load_file
+
+    start = DDPMPipeline.from_pretrained(teacher).unet.state_dict()
+    trained = load_file(str(out / "checkpoint-4" / "unet.safetensors"))
+    assert any(not torch.equal(start[k], trained[k]) for k in start)
+
+
+@pytest.mark.slow
+def test_a_round_resumes_mid_round_bit_for_bit(teacher, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from ddpm_hf.training.loop import train
+
+    train(round_config(tmp_path / "a", teacher))
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
+    train(round_config(tmp_path / "b", teacher, resume_from_checkpoint="latest"))
+    a, b = (load_file(str(tmp_path / x / "checkpoint-4" / "unet.safetensors")) for x in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_round_step_trains_on_the_students_grid_and_the_teachers_target(teacher, tmp_path, monkeypatch):
+    """The loss the step computes is DistillationLoss of the teacher (its own ε-prediction), at the student's step j."""
+    from ddpm_hf.diffusion.distillation import DistillationLoss
+    from ddpm_hf.training.loop import resume, setup
+
+    run = setup(round_config(tmp_path / "r", teacher))
+    resume(run)
+    assert isinstance(run.loss, DistillationLoss) and run.loss.num_steps == 2
+    draws = torch.cat([run.t_sampler.sample(64, torch.Generator().manual_seed(0), "cpu")[0] for _ in range(4)])
+    assert set(draws.tolist()) == {0, 1}  # the student's two steps
+    x0 = torch.rand(2, 1, 8, 8) * 2 - 1
+    noise = torch.randn(2, 1, 8, 8)
+    j = torch.tensor([0, 1])
+    from ddpm_hf import DDPMPipeline
+
+    teacher_unet = DDPMPipeline.from_pretrained(teacher).unet.eval()
+    by_hand = DistillationLoss(lambda z, tau, a, s: (z - s * teacher_unet(z.float(), tau).sample.double()) / a,
+                               DDPMScheduler().tables().alphas_cumprod, 2, "v_prediction")
+    student = run.raw_unet.eval()
+    with torch.no_grad():
+        got = run.loss(lambda z, t: student(z, t).sample, x0, noise, j)
+        expected = by_hand(lambda z, t: student(z, t).sample, x0, noise, j)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- ddpm-distill: the rounds
+
+
+def distill_cli(teacher, out, *more):
+    import sys
+
+    from common import TINY, cli_args
+
+    from ddpm_hf.recipes.config import DISTILLATION_SETS
+
+    flags = {k: v for k, v in TINY.items() if k not in DISTILLATION_SETS and k not in ("dropout", "ema_decay", "ema_warmup",
+                                                                                      "learning_rate", "lr_scheduler", "lr_warmup_steps")}
+    return [sys.executable, "-m", "ddpm_hf.commands.distill", teacher, out, *cli_args(flags), "--checkpointing_steps", "2",
+            *map(str, more)]
+
+
+@pytest.mark.slow
+def test_ddpm_distill_runs_its_rounds_and_leaves_the_last_student_on_top_for_plain_diffusers(teacher, tmp_path):
+    import json
+    import os
+
+    from common import run_in_process
+
+    out = tmp_path / "distilled"
+    proc = run_in_process(distill_cli(teacher, out, "--to_steps", 1, "--from_steps", 4, "--steps_per_round", 2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "distill.json").read_text())
+    assert (record["rounds"], record["complete"], record["from_steps"], record["to_steps"]) == ([2, 1], True, 4, 1)
+    for steps, teacher_of_round in ((2, str(teacher)), (1, str(out / "round-2"))):
+        config = json.loads((out / f"round-{steps}" / "training_config.json").read_text())
+        assert (config["distill_steps"], config["distill_teacher"], config["prediction_type"]) == \
+            (steps, teacher_of_round, "v_prediction")
+        assert (config["learning_rate"], config["lr_scheduler"], config["ema_decay"]) == (5e-5, "linear", 0.0)
+    plain = diffusers.DDPMPipeline.from_pretrained(out)
+    assert type(plain.scheduler) is diffusers.DDIMScheduler
+    plain.scheduler.set_timesteps(1)
+    assert plain.scheduler.timesteps.tolist() == [999]
+    top = diffusers.UNet2DModel.from_pretrained(out, subfolder="unet").state_dict()
+    last = diffusers.UNet2DModel.from_pretrained(out / "round-1", subfolder="unet").state_dict()
+    assert all(torch.equal(top[k], last[k]) for k in top)
+    # a rerun has nothing left to train: every round is kept as it was
+    stamps = {p: os.stat(p).st_mtime_ns for p in out.glob("round-*/checkpoint-*/unet.safetensors")}
+    again = run_in_process(distill_cli(teacher, out, "--to_steps", 1, "--from_steps", 4, "--steps_per_round", 2))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps
+
+
+@pytest.mark.parametrize("more, said", [
+    (["--to_steps", 3], r"--to_steps 3 does not divide the teacher's 1000 training timesteps"),
+    (["--to_steps", 4, "--from_steps", 12], r"--from_steps 12 is not --to_steps 4 times a power of two"),
+    (["--to_steps", 4, "--steps_per_round", 0], r"--steps_per_round 0 must be at least 1"),
+    (["--to_steps", 4, "--max_train_steps", 5], r"--max_train_steps is set by ddpm-distill for each round: use "
+                                                 r"--steps_per_round instead"),
+    (["--to_steps", 4, "--resolution", 16], r"--resolution is set by ddpm-distill for each round: use the teacher"),
+])
+def test_ddpm_distill_refuses_what_cannot_be_distilled_in_one_line_before_any_work(teacher, tmp_path, more, said):
+    from common import one_error_line, run_in_process
+
+    proc = run_in_process(distill_cli(teacher, tmp_path / "out", *more))
+    assert __import__("re").search(said, one_error_line(proc))
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_default_first_teacher_reaches_128_steps_within_t():
+    from ddpm_hf.commands.distill import default_from_steps
+
+    assert [default_from_steps(n, 1000) for n in (1, 2, 4, 8)] == [128, 128, 128, 128]
+    assert default_from_steps(4, 100) == 64  # no more than T

@@ -40,7 +40,7 @@ def test_every_command_shows_its_defaults():
                      " ".join(help_of("-m", "ddpm_hf.commands.sample").split()))
 
 
-COMMANDS = ("train", "sample", "edit", "metrics", "nll", "evaluate", "visualize", "card", "push", "ema")
+COMMANDS = ("train", "sample", "edit", "metrics", "nll", "evaluate", "visualize", "card", "push", "ema", "distill")
 
 
 def parsers_of_every_command(monkeypatch) -> dict:

@@ -36,7 +36,6 @@ def _argparse_type(tp):
 
 def build_parser() -> argparse.ArgumentParser:
     from ddpm_hf.commands.parsing import Parser
-    from ddpm_hf.diffusion.unets import UNET_PRESETS
 
     parser = Parser(
         description="Train a DDPM (Ho et al. 2020). The defaults shown are the paper's CIFAR-10 recipe; --preset replaces "
@@ -44,12 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
                     "`accelerate launch train_ddpm.py ...` for several GPUs or processes.",
         prog="train_ddpm.py",
     )
+    add_training_flags(parser)
+    parser.add_argument("--dry_run", action="store_true", help="print the resolved config and the parameter count, then exit")
+    parser.add_argument("--hub_token", default=None, help="Hub token for --push_to_hub (default: HF_TOKEN or the `hf auth login` "
+                        "token, which other users of this machine cannot see in the process list); never saved or printed")
+    return parser
+
+
+def add_training_flags(parser: argparse.ArgumentParser, leave_out: Sequence[str] = ()) -> None:
+    """One flag per TrainingConfig field (but `leave_out`), and diffusers' names for them: what train_ddpm.py takes,
+    spelled and checked alike wherever a command trains. A flag left out of the command line stays out of the
+    namespace (its default is shown, not set), so that a --preset can fill it."""
+    from ddpm_hf.diffusion.unets import UNET_PRESETS
+
     parser.add_argument("--preset", choices=sorted(RECIPES), default=argparse.SUPPRESS, metavar="PRESET",
                         help="a recipe whose values replace the defaults below (flags still win): " + "; ".join(
                             f"{name}: {describe_recipe(name)}" for name in sorted(RECIPES)))
     hints = typing.get_type_hints(TrainingConfig)
     for f in dataclasses.fields(TrainingConfig):
-        if f.name == "preset" or f.metadata.get("resolved"):
+        if f.name == "preset" or f.metadata.get("resolved") or f.name in leave_out:
             continue
         tp = f.metadata.get("parse") or _argparse_type(hints[f.name])
         choices = {"preset": sorted(RECIPES), "unet_preset": sorted(UNET_PRESETS)}.get(f.name, f.metadata.get("choices"))
@@ -64,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(f"--{f.name}", type=tp, metavar=f.name.upper(), **kwargs)
     aliases = parser.add_argument_group("diffusers' train_unconditional.py flags, taken with the same meaning")
     for alias, target in DIFFUSERS_ALIASES.items():
+        if target in leave_out:
+            continue
         field_ = next(f for f in dataclasses.fields(TrainingConfig) if f.name == target)
         choices = field_.metadata.get("choices")
         aliases.add_argument(f"--{alias}", dest=f"alias:{alias}", type=_argparse_type(hints[target]), choices=choices,
@@ -77,10 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
     for ignored in DIFFUSERS_IGNORED:
         kind = dict(action="store_true") if ignored.startswith("enable_") else dict(type=str, metavar="VALUE")
         aliases.add_argument(f"--{ignored}", dest=f"ignored:{ignored}", default=argparse.SUPPRESS, help="accepted and ignored", **kind)
-    parser.add_argument("--dry_run", action="store_true", help="print the resolved config and the parameter count, then exit")
-    parser.add_argument("--hub_token", default=None, help="Hub token for --push_to_hub (default: HF_TOKEN or the `hf auth login` "
-                        "token, which other users of this machine cannot see in the process list); never saved or printed")
-    return parser
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):

@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from ddpm_hf.choices import DISTILL_WEIGHTINGS
 from ddpm_hf.diffusion.scheduler import parameterization
 from ddpm_hf.errors import UsageError
 
@@ -30,6 +31,7 @@ WEIGHTINGS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "truncated-snr": lambda snr: torch.clamp(snr, min=1.0),  # max(SNR, 1)
     "snr+1": lambda snr: snr + 1.0,  # v's own MSE
 }
+assert tuple(WEIGHTINGS) == DISTILL_WEIGHTINGS
 # 5. what a student may predict: not ε, whose x̂ is ill-conditioned at the pure-noise end
 STUDENT_PREDICTIONS = ("v_prediction", "sample")
 
@@ -67,17 +69,25 @@ def steps_problem(from_steps: int, to_steps: int, num_train_timesteps: int) -> O
 
 
 class Coefficients:
-    """α_τ and σ_τ of the grid's timesteps in float64, with τ = -1 the clean image (α = 1, σ = 0)."""
+    """α_τ and σ_τ of the grid's timesteps in float64, with τ = -1 the clean image (α = 1, σ = 0). Indexed on the
+    device of the timesteps (a copy of the table per device, made once): no host sync, so a CUDA graph captures it."""
 
     def __init__(self, alphas_cumprod: torch.Tensor):
         ab = torch.cat([alphas_cumprod.double().cpu(), torch.ones(1, dtype=torch.float64)])  # index -1: ᾱ = 1
-        self.alpha, self.sigma = ab.sqrt(), (1 - ab).clamp(min=0).sqrt()
+        self.tables = {torch.device("cpu"): (ab.sqrt(), (1 - ab).clamp(min=0).sqrt())}
+
+    def on(self, device) -> tuple:
+        device = torch.device(device)
+        if device not in self.tables:
+            self.tables[device] = tuple(t.to(device) for t in self.tables[torch.device("cpu")])
+        return self.tables[device]
 
     def __call__(self, tau: torch.Tensor, like: torch.Tensor):
         """(α, σ) at the timesteps `tau` (one per sample, -1 allowed), shaped to broadcast against `like`, in float64."""
         shape = (-1,) + (1,) * (like.dim() - 1)
-        index = tau.cpu().long()
-        return self.alpha[index].view(shape).to(like.device), self.sigma[index].view(shape).to(like.device)
+        alpha, sigma = self.on(like.device)
+        index = tau.to(like.device).long()
+        return alpha[index].view(shape), sigma[index].view(shape)
 
 
 def ddim_step(x0: torch.Tensor, z: torch.Tensor, a: torch.Tensor, s: torch.Tensor, a_to: torch.Tensor,
@@ -109,7 +119,7 @@ def network_x0(unet: Callable, prediction_type: str, channels: int,
 
     def x0_hat(z, tau, a, s):
         dtype = next(unet.parameters()).dtype if hasattr(unet, "parameters") else torch.float32
-        out = run(z.to(dtype), tau.to(z.device))[:, :channels].double()
+        out = run(z.to(dtype), tau)[:, :channels].double()
         return to_x0(out, z, a, s)
 
     return x0_hat
@@ -135,8 +145,10 @@ class DistillationLoss:
         self.teacher_grid = torch.tensor(grid(2 * num_steps, T))
 
     def timesteps(self, j: torch.Tensor) -> tuple:
-        """(τ_j, the teacher's midpoint, τ_{j+1}) of the student's step j."""
-        j = j.cpu().long()
+        """(τ_j, the teacher's midpoint, τ_{j+1}) of the student's step j, on j's device."""
+        if self.student_grid.device != j.device:
+            self.student_grid, self.teacher_grid = self.student_grid.to(j.device), self.teacher_grid.to(j.device)
+        j = j.long()
         return self.student_grid[j], self.teacher_grid[2 * j + 1], self.student_grid[j + 1]
 
     def __call__(self, model: Callable, x0: torch.Tensor, noise: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
@@ -145,7 +157,7 @@ class DistillationLoss:
         z = (a * x0.double() + s * noise.double()).float()  # q(z_t | x), Alg. 2 line 6
         with torch.no_grad():
             x_tilde = target(self.teacher_x0, z, t, t_mid, t_end, self.coefficients)
-        output = model(z, t.to(z.device))
+        output = model(z, t)
         x_hat = self.student_x0(output[:, : x0.shape[1]].double(), z.double(), a, s)
         snr = (a / s).pow(2).flatten()
         weight = WEIGHTINGS[self.weighting](snr)
@@ -154,10 +166,18 @@ class DistillationLoss:
 
 def student_scheduler_config(teacher_config: dict, num_steps: int, prediction_type: str) -> dict:
     """The saved student's scheduler: diffusers' DDIMScheduler on the teacher's betas, whose set_timesteps(num_steps)
-    gives exactly the student's grid (1.): trailing spacing, each step to t - T//N and the last to ᾱ = 1."""
-    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "clip_sample",
-            "clip_sample_range", "thresholding", "dynamic_thresholding_ratio", "sample_max_value", "rescale_betas_zero_snr")
+    gives exactly the student's grid (1.): trailing spacing, each step to t - T//N and the last to ᾱ = 1. Unclipped,
+    as the student learned its teacher's unclipped steps (and so the same images in plain diffusers' DDPMPipeline,
+    which steps DDIM with its defaults, and in ddpm_hf's)."""
+    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
     config = {k: teacher_config[k] for k in keep if k in teacher_config}
     return {**config, "prediction_type": prediction_type, "timestep_spacing": "trailing", "set_alpha_to_one": True,
-            "steps_offset": 0}
+            "steps_offset": 0, "clip_sample": False, "thresholding": False}
+
+
+def student_scheduler(teacher_config: dict, num_steps: int, prediction_type: str):
+    """diffusers' DDIMScheduler of `student_scheduler_config`."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(student_scheduler_config(teacher_config, num_steps, prediction_type))
 

@@ -123,6 +123,17 @@ def evaluation_metrics_file(mode: str, guidance_scale: Optional[float] = None) -
     return f"metrics-{mode}.json" if guidance_scale is None else f"metrics-{mode}-guidance-{guidance_scale:g}.json"
 
 
+# what ddpm-distill writes: a training run per round (round-<its steps>/), its record, and the last round's student
+# at the top of the folder
+DISTILL_RECORD = "distill.json"
+DISTILL_ROUND_PREFIX = "round-"
+
+
+def distill_round_dir(steps: int) -> str:
+    """The folder of the distillation round whose student takes `steps` DDIM steps."""
+    return f"{DISTILL_ROUND_PREFIX}{steps}"
+
+
 def evaluation_metrics_files(folder: Path) -> List[Path]:
     """The files of `folder` named as ddpm-evaluate's metrics, of every FID mode and guidance scale."""
     from ddpm_hf.choices import FID_MODES

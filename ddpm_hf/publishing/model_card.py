@@ -319,6 +319,15 @@ def _details(summary: str, text: str) -> list:
     return [f"<details><summary>{summary}</summary>", "", "```json", text, "```", "", "</details>", ""]
 
 
+def _objective(config: TrainingConfig, scheduler: dict) -> str:
+    if config.distill_teacher:  # a distillation round's student: its teacher's target, sampled by its own DDIM
+        return (f"distilled from `{config.distill_teacher}` to {config.distill_steps} DDIM steps (progressive "
+                f"distillation, Salimans & Ho 2022: each step matches two of the teacher's; `{config.distill_weighting}` "
+                f"weighting): sample it with `num_inference_steps={config.distill_steps}`")
+    return (f"`{scheduler['variance_type']}` variance, `{config.loss}` loss"
+            f"{f' (λ = {config.vlb_weight})' if config.loss == 'hybrid' else ''}, `{config.timestep_sampler}` timesteps")
+
+
 def _training_section(output_dir: Path, config: TrainingConfig, scheduler: dict, unet: dict,
                       summary: Optional[dict]) -> list:
     return [
@@ -334,9 +343,7 @@ def _training_section(output_dir: Path, config: TrainingConfig, scheduler: dict,
         *([f"![Loss curve]({LOSS_CURVE})", ""] if (output_dir / LOSS_CURVE).is_file() else []),
         f"Diffusion: T = {scheduler['num_train_timesteps']}, `{scheduler['beta_schedule']}` betas "
         f"{scheduler['beta_start']}..{scheduler['beta_end']}, `{scheduler['prediction_type']}` prediction, "
-        f"`{scheduler['variance_type']}` variance, `{config.loss}` loss"
-        f"{f' (λ = {config.vlb_weight})' if config.loss == 'hybrid' else ''}, `{config.timestep_sampler}` timesteps. "
-        f"UNet channels {unet['block_out_channels']}. {_precision(config, summary)}{_hardware(summary)}",
+        f"{_objective(config, scheduler)}. UNet channels {unet['block_out_channels']}. {_precision(config, summary)}{_hardware(summary)}",
         "",
         *_details("Resolved training config", config.to_json()),
         *_details("Resolved UNet config", json.dumps({k: v for k, v in unet.items() if not k.startswith("_")}, indent=2)),

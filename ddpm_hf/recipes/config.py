@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ddpm_hf.choices import (
+    DISTILL_WEIGHTINGS,
     BAD_IMAGE_POLICIES,
     BETA_SCHEDULES,
     FEATURE_NETWORKS,
@@ -98,6 +99,13 @@ class TrainingConfig:
     timestep_sampler: str = _f("uniform", "how t is drawn: uniform (Algorithm 1) or loss-second-moment (improved DDPM's "
                                "importance sampling for --loss vlb)", TIMESTEP_SAMPLERS)
     snr_gamma: Optional[float] = _f(None, "min-SNR-γ loss weighting (e.g. 5.0); off by default (the paper's L_simple)")
+    # ---- progressive distillation: one round (ddpm-distill runs the rounds, and sets these)
+    distill_teacher: Optional[str] = _f(None, "instead of the data's own objective, train a student whose one DDIM step "
+                                        "matches two of this teacher pipeline's (progressive distillation, Salimans & "
+                                        "Ho 2022): its target x̃ replaces x_0, on the grid of --distill_steps")
+    distill_steps: Optional[int] = _f(None, "the student's DDIM steps (its teacher takes twice as many)")
+    distill_weighting: str = _f("truncated-snr", "the weight of the student's ‖x̃ - x̂‖²: max(SNR, 1) or SNR + 1 "
+                                "(Salimans & Ho 2022, Sec. 4)", DISTILL_WEIGHTINGS)
     # ---- optimisation
     batch_size: int = _f(128, "images per optimizer step, over all processes and accumulation steps")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
@@ -184,8 +192,9 @@ class TrainingConfig:
 
     @property
     def grid_steps(self) -> int:
-        """The sampler steps of the grids and the card's figures: --sample_inference_steps, else the full chain."""
-        return self.sample_inference_steps or self.num_train_timesteps
+        """The sampler steps of the grids and the card's figures: a distillation round's student's own, else
+        --sample_inference_steps, else the full chain."""
+        return self.distill_steps or self.sample_inference_steps or self.num_train_timesteps
 
     def micro_batch(self, processes: int) -> int:
         """Images per process and micro-batch: --batch_size split over the processes and the accumulation steps (the
@@ -223,6 +232,7 @@ class TrainingConfig:
             raise UsageError("--snr_gamma weights L_simple's MSE; --loss vlb has the bound's own weighting. Drop one of them.")
         if not self.vlb_weight > 0:
             raise UsageError(f"--vlb_weight={self.vlb_weight} must be positive (improved DDPM: 0.001).")
+        self._validate_distillation()
         if self.overwrite_output_dir and self.resume_from_checkpoint is not None:
             raise UsageError("--overwrite_output_dir starts over; it cannot go with --resume_from_checkpoint.")
         if any(getattr(self, k) for k in HUB_SETTINGS) and not self.push_to_hub:
@@ -237,6 +247,30 @@ class TrainingConfig:
             value = getattr(self, name)
             if value is not None and value < 1:  # None: an Optional setting that is off
                 raise UsageError(f"--{name}={value} must be at least 1.")
+
+    def _validate_distillation(self) -> None:
+        """A distillation round: a student of the kind it can be, on a grid its teacher's T holds."""
+        from ddpm_hf.diffusion.distillation import STUDENT_PREDICTIONS, steps_problem
+
+        if (self.distill_teacher is None) != (self.distill_steps is None):
+            raise UsageError("--distill_teacher and --distill_steps go together (ddpm-distill sets both for each round).")
+        if self.distill_teacher is None:
+            return
+        if self.distill_steps < 1:
+            raise UsageError(f"--distill_steps={self.distill_steps} must be at least 1.")
+        problem = steps_problem(2 * self.distill_steps, self.distill_steps, self.num_train_timesteps)
+        if problem:
+            raise UsageError(problem.replace("--from_steps", "the teacher's").replace("--to_steps", "--distill_steps") + ".")
+        if self.prediction_type not in STUDENT_PREDICTIONS:
+            raise UsageError(f"--prediction_type {self.prediction_type}: a student predicts one of "
+                             f"{', '.join(STUDENT_PREDICTIONS)} (an ε-prediction's x̂ divides by α, which vanishes at "
+                             "the pure-noise end).")
+        if self.variance_type in LEARNED_VARIANCE_TYPES or self.loss != "simple" or self.timestep_sampler != "uniform":
+            raise UsageError("a distillation round trains its own objective: leave --variance_type, --loss and "
+                             "--timestep_sampler at their defaults.")
+        if self.class_conditional:
+            raise UsageError("distilling a class-conditional teacher (at a fixed guidance scale) is not built yet: "
+                             "distill an unconditional one.")
 
     def _validate_ranges(self) -> None:
         """Numbers outside the range where they mean something: each is one line naming the flag and the fix."""
@@ -382,6 +416,16 @@ def resume_changes(config: TrainingConfig, checkpoint: Path) -> Dict[str, list]:
                          "--allow_config_change to train on with these (recorded in the run's config history).")
     return changes
 
+
+# What each round of ddpm-distill trains with unless its flags say otherwise (Salimans & Ho 2022, App. E: Adam at
+# 5e-5 annealed linearly to 0 within each round, no EMA, no dropout; a v-prediction student, Sec. 4)
+DISTILLATION_DEFAULTS: Dict[str, Any] = dict(learning_rate=5e-5, lr_scheduler="linear", lr_warmup_steps=0, ema_decay=0.0,
+                                             ema_warmup=False, dropout=0.0, prediction_type="v_prediction")
+# ... and what ddpm-distill sets for each round itself (from its teacher and its own flags): not training flags there
+DISTILLATION_SETS = ("output_dir", "distill_teacher", "distill_steps", "init_from", "max_train_steps", "num_epochs",
+                     "resume_from_checkpoint", "overwrite_output_dir", "unet_config", "unet_subfolder", "unet_preset",
+                     "channels", "resolution", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
+                     "variance_type", "loss", "timestep_sampler", "allow_config_change")
 
 # Recipes: values that replace the defaults. Each is a complete, named experiment.
 RECIPES: Dict[str, Dict[str, Any]] = {

@@ -199,11 +199,36 @@ def build_model(config: TrainingConfig, accelerator, total_steps: int, checkpoin
     ema.model.to(accelerator.device)
     for model in posthoc.models if posthoc else ():
         model.to(accelerator.device)
+    if config.distill_teacher:  # a distillation round: the teacher's target, on the student's grid of N steps
+        loss, t_sampler = distillation_objective(config, scheduler, accelerator.device)
+    else:
+        loss = DiffusionLoss(scheduler, config.loss, config.snr_gamma, config.vlb_weight)
+        t_sampler = make_timestep_sampler(config.timestep_sampler, config.num_train_timesteps, accelerator.device)
     return dict(
         unet=unet, raw_unet=accelerator.unwrap_model(unet), forward=torch.compile(unet) if config.compile else unet,
-        scheduler=scheduler, loss=DiffusionLoss(scheduler, config.loss, config.snr_gamma, config.vlb_weight),
-        t_sampler=make_timestep_sampler(config.timestep_sampler, config.num_train_timesteps, accelerator.device),
+        scheduler=scheduler, loss=loss, t_sampler=t_sampler,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler, ema=ema, posthoc=posthoc, skips_on_device=skips_on_device,
         meters=StepMeters(accelerator.device, config.num_train_timesteps), generator=torch.Generator(accelerator.device),
     )
+
+
+def distillation_objective(config: TrainingConfig, scheduler: DDPMScheduler, device) -> tuple:
+    """(the loss, the t-sampler) of a distillation round: `DistillationLoss` of the frozen teacher --distill_teacher
+    (its own prediction type; a learned variance's channels unused), on the run's float64 ᾱ, with the student's step
+    j drawn uniformly from its N."""
+    from ddpm_hf.diffusion.distillation import DistillationLoss, network_x0
+    from ddpm_hf.saved.weights import load_pipeline
+
+    teacher = load_pipeline(config.distill_teacher)
+    theirs, ours = teacher.scheduler.config, scheduler.config
+    differ = [k for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
+              if k in theirs and theirs[k] != ours[k]]
+    if differ:
+        raise UsageError(f"--distill_teacher {config.distill_teacher}: its noise schedule differs from this run's "
+                         f"({', '.join(differ)}); a student learns on its teacher's schedule: give the teacher's.")
+    unet = teacher.unet.to(device).eval().requires_grad_(False)
+    x0_hat = network_x0(unet, theirs["prediction_type"], config.channels)
+    loss = DistillationLoss(x0_hat, scheduler.tables().alphas_cumprod, config.distill_steps, config.prediction_type,
+                            config.distill_weighting)
+    return loss, make_timestep_sampler("uniform", config.distill_steps, device)

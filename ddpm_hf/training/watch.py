@@ -33,9 +33,15 @@ def inner_bars(accelerator) -> bool:
 
 
 def ema_pipeline(run: Run, sampler: str = "ddpm", network=None):
-    """The pipeline of the EMA weights (or `network`) with the run's scheduler (then `sampler`) and classes."""
-    return pipeline_for(run.ema.model if network is None else network, run.scheduler.config, sampler,
+    """The pipeline of the EMA weights (or `network`) with the run's scheduler (then `sampler`) and classes; a
+    distillation round's student with its own DDIM, whose N steps are the grid it learned."""
+    pipe = pipeline_for(run.ema.model if network is None else network, run.scheduler.config, sampler,
                         run.config.class_names)
+    if run.config.distill_teacher:
+        from ddpm_hf.diffusion.distillation import student_scheduler
+
+        pipe.scheduler = student_scheduler(dict(run.scheduler.config), run.config.distill_steps, run.config.prediction_type)
+    return pipe
 
 
 def evaluated_network(run: Run) -> torch.nn.Module:

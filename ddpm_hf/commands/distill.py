@@ -1,0 +1,101 @@
+"""`ddpm-distill TEACHER OUTPUT_DIR --to_steps N` / `python -m ddpm_hf.commands.distill`: see `main`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from ddpm_hf.commands.running import command, configure_logging
+
+# DDIM at 128 steps is within 3% of its 1000-step FID on CIFAR-10 (Song et al. 2021, Table 1: 4.16 at 100 steps,
+# 4.04 at 1000): the first teacher's sampler is then about as good as it gets, and each doubling above it is one more
+# round to train
+FIRST_TEACHER_STEPS = 128
+STEPS_PER_ROUND = 5000
+
+
+def default_from_steps(to_steps: int, num_train_timesteps: int) -> int:
+    """--from_steps when not given: to_steps times the smallest power of two that reaches FIRST_TEACHER_STEPS, within
+    the teacher's T."""
+    steps = to_steps * 2
+    while steps < FIRST_TEACHER_STEPS and steps * 2 <= num_train_timesteps:
+        steps *= 2
+    return steps
+
+
+@command(memory_hint="lower --batch_size; --gradient_accumulation_steps N keeps the batch that each step "
+                     "averages over while holding 1/N of it in memory")
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`ddpm-distill TEACHER OUTPUT_DIR --to_steps N` / `python -m ddpm_hf.commands.distill`: progressive distillation
+    (Salimans & Ho 2022). Round after round, a student learns to take in one DDIM step what its teacher takes in two,
+    from --from_steps down to --to_steps; each round is a training run (OUTPUT_DIR/round-<steps>/: checkpoints, exact
+    resume, grids, a card), and the last student is saved at the top of OUTPUT_DIR as a pipeline that plain diffusers
+    samples with DDIMScheduler at --to_steps steps. Training's flags (--dataset, --batch_size, --learning_rate,
+    --mixed_precision, ...) are taken as train_ddpm.py takes them; a rerun carries on where it stopped."""
+    from ddpm_hf.commands.parsing import Parser
+    from ddpm_hf.commands.train_flags import add_training_flags
+    from ddpm_hf.recipes.config import DISTILLATION_DEFAULTS, DISTILLATION_SETS
+
+    parser = Parser(description=main.__doc__, prog="ddpm-distill")
+    parser.add_argument("teacher", help="the pipeline to distill (a folder saved by ddpm_hf or diffusers, or a Hub id): "
+                        "its DDIM at --from_steps is the first round's teacher")
+    parser.add_argument("output_dir", help="where the rounds (round-<steps>/) and the last student go")
+    parser.add_argument("--to_steps", type=int, required=True, help="the last student's DDIM steps: a divisor of the "
+                        "teacher's T (1, 2, 4 or 8 for T = 1000), so that plain diffusers' DDIM follows its grid")
+    parser.add_argument("--from_steps", type=int, default=None, help="the first teacher's DDIM steps: --to_steps times "
+                        f"a power of two (default: the first at or above {FIRST_TEACHER_STEPS}, where DDIM is within a "
+                        "few percent of its 1000-step FID; each doubling above it is one more round)")
+    parser.add_argument("--steps_per_round", type=int, default=STEPS_PER_ROUND, help="optimizer steps of each round "
+                        "(the paper: 50,000 at batch 128 on CIFAR-10; its learning rate anneals to 0 within each round)")
+    parser.add_argument("--overwrite", action="store_true", help="start again in a folder distilled with other settings "
+                        "(its rounds are removed)")
+    parser.add_argument("--hub_token", default=None, help="Hub token for --push_to_hub (default: HF_TOKEN or the login); "
+                        "never saved or printed")
+    add_training_flags(parser, leave_out=DISTILLATION_SETS)
+    shown = ", ".join(f"--{k} {v}" for k, v in DISTILLATION_DEFAULTS.items())
+    parser.epilog = f"Unless given, each round trains with {shown} (Salimans & Ho 2022, App. E)."
+    instead = {"max_train_steps": "--steps_per_round", "num_epochs": "--steps_per_round", "output_dir": "OUTPUT_DIR",
+               "resume_from_checkpoint": "a rerun of the same command, which carries on", "overwrite_output_dir": "--overwrite",
+               "distill_steps": "--to_steps and --from_steps", "distill_teacher": "TEACHER", "init_from": "TEACHER"}
+    for arg in sys.argv[1:] if argv is None else argv:
+        name = str(arg)[2:].split("=")[0] if str(arg).startswith("--") else None
+        if name in DISTILLATION_SETS:
+            parser.error(f"--{name} is set by ddpm-distill for each round: use "
+                         f"{instead.get(name, 'the teacher (each round takes its diffusion and UNet from it)')} instead")
+    args = vars(parser.parse_args(argv))
+    args.pop("debug", None)
+    teacher, output_dir = args.pop("teacher"), args.pop("output_dir")
+    to_steps, from_steps = args.pop("to_steps"), args.pop("from_steps")
+    steps_per_round, overwrite, hub_token = args.pop("steps_per_round"), args.pop("overwrite"), args.pop("hub_token")
+    if steps_per_round < 1:
+        parser.error(f"--steps_per_round {steps_per_round} must be at least 1")
+    given = {k: v for k, v in args.items()}
+
+    from ddpm_hf.diffusion.distillation import steps_problem
+    from ddpm_hf.saved.weights import read_pipeline_json  # the teacher's configs: before torch's work
+    from ddpm_hf.outputs.run_folder import ROOT_LAYOUT_SCHEDULER_CONFIG, ROOT_LAYOUT_UNET_CONFIG, SCHEDULER_CONFIG, UNET_CONFIG
+
+    scheduler = read_pipeline_json(teacher, (SCHEDULER_CONFIG, ROOT_LAYOUT_SCHEDULER_CONFIG))
+    unet = read_pipeline_json(teacher, (UNET_CONFIG, ROOT_LAYOUT_UNET_CONFIG))
+    T = scheduler.get("num_train_timesteps", 1000)
+    if unet.get("out_channels", 0) != unet.get("in_channels"):
+        parser.error(f"{teacher}: its UNet gives {unet.get('out_channels')} channels for {unet.get('in_channels')} (a "
+                     "learned variance): distilling it is not built yet; distill a fixed-variance teacher")
+    from_steps = from_steps or default_from_steps(to_steps, T)
+    problem = steps_problem(from_steps, to_steps, T)
+    if problem:
+        parser.error(problem)
+
+    from ddpm_hf.devices import distributed_state
+    from ddpm_hf.training.rounds import distill
+
+    configure_logging()
+    last = distill(teacher, output_dir, from_steps=from_steps, to_steps=to_steps, steps_per_round=steps_per_round,
+                   given=given, state=distributed_state(), overwrite=overwrite, hub_token=hub_token)
+    print(f"distilled {teacher} to {to_steps} DDIM steps: {output_dir} (the last round: {last}); sample it at its "
+          f"{to_steps} steps (ddpm-sample's --num_inference_steps, or num_inference_steps= in Python)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

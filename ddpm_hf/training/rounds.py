@@ -1,0 +1,86 @@
+"""The rounds of progressive distillation (`ddpm-distill`): each round is a training run (the same loop, with its
+checkpoints, exact resume, signals, bars and grids) whose objective is the teacher's target (`diffusion/distillation.py`),
+and the student of one round is the teacher of the next, from --from_steps down to --to_steps.
+
+OUTPUT_DIR holds distill.json (the protocol, then the rounds done), one run folder per round (round-<its steps>/) and,
+at the end, the last round's student as a pipeline at the top. A rerun carries on where it stopped: finished rounds
+are kept, the round under way resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from ddpm_hf.outputs.files import remove_atomically
+from ddpm_hf.outputs.folder_jobs import FolderJob
+from ddpm_hf.outputs.run_folder import (
+    DISTILL_RECORD,
+    DISTILL_ROUND_PREFIX,
+    MODEL_INDEX,
+    TRAIN_SUMMARY,
+    distill_round_dir,
+    list_checkpoints,
+)
+from ddpm_hf.recipes.config import DISTILLATION_DEFAULTS, TrainingConfig
+from ddpm_hf.recipes.resolve import resolve_config
+
+
+def round_config(teacher: str, steps: int, output_dir: Path, steps_per_round: int, given: Dict[str, Any]) -> TrainingConfig:
+    """The training config of the round whose student takes `steps` DDIM steps: DISTILLATION_DEFAULTS, then the
+    training flags `given`, then what the round sets (its folder, teacher, steps and length); a round under way
+    resumes from its latest checkpoint, a new one starts from its teacher's weights and takes its diffusion and UNet."""
+    folder = Path(output_dir) / distill_round_dir(steps)
+    overrides = {**DISTILLATION_DEFAULTS, **given, "output_dir": str(folder), "distill_teacher": teacher,
+                 "distill_steps": steps, "max_train_steps": steps_per_round}
+    if list_checkpoints(folder):
+        overrides["resume_from_checkpoint"] = "latest"
+    else:
+        overrides["init_from"] = teacher
+    return resolve_config(overrides)
+
+
+def round_done(folder: Path, steps_per_round: int) -> bool:
+    """Whether a round's run ended: its pipeline, its summary and its last checkpoint are there."""
+    checkpoints = list_checkpoints(folder)
+    return ((folder / MODEL_INDEX).is_file() and (folder / TRAIN_SUMMARY).is_file() and bool(checkpoints)
+            and checkpoints[-1][0] == steps_per_round)
+
+
+def round_folders(output_dir: Path) -> List[Path]:
+    return sorted(p for p in Path(output_dir).glob(f"{DISTILL_ROUND_PREFIX}*") if p.is_dir() or p.is_symlink())
+
+
+def distill(teacher: str, output_dir, *, from_steps: int, to_steps: int, steps_per_round: int,
+            given: Dict[str, Any], state=None, overwrite: bool = False, hub_token: Optional[str] = None) -> Path:
+    """Run the rounds from `from_steps` to `to_steps` (checked by the caller: `distillation.steps_problem`) into
+    `output_dir`; returns the last round's folder. `given`: the training flags given, as train_ddpm.py takes them."""
+    from ddpm_hf.diffusion.distillation import rounds
+    from ddpm_hf.saved.weights import load_pipeline, save_pipeline
+    from ddpm_hf.training.loop import train
+
+    output_dir = Path(output_dir)
+    protocol = {"teacher": teacher, "from_steps": from_steps, "to_steps": to_steps, "steps_per_round": steps_per_round,
+                "training": {k: given[k] for k in sorted(given)}}
+    with FolderJob(output_dir, DISTILL_RECORD, protocol, state, free=("teacher", "rounds", "complete"),
+                   results=round_folders, results_are="folders named as ddpm-distill's rounds") as job:
+        job.check("a distillation", "distill again from scratch", overwrite)
+        if overwrite and job.is_main:
+            for folder in round_folders(output_dir):
+                remove_atomically(folder)
+        done = [] if overwrite else list(job.recorded().get("rounds") or [])
+        job.start((), False, rounds=done, complete=False)
+        current = teacher
+        for steps in rounds(from_steps, to_steps):
+            folder = output_dir / distill_round_dir(steps)
+            if not round_done(folder, steps_per_round):
+                train(round_config(current, steps, output_dir, steps_per_round, given), hub_token=hub_token)
+            if job.is_main and steps not in done:
+                done.append(steps)
+                job.record(rounds=done, complete=False)
+            job.wait()
+            current = str(folder)
+        if job.finish():  # the last student at the top of the folder, as a pipeline of its own
+            save_pipeline(load_pipeline(current), output_dir)
+            job.record(rounds=done, complete=True)
+        return Path(current)
