@@ -176,8 +176,9 @@ def student_scheduler_config(teacher_config: dict, num_steps: int, prediction_ty
 
 
 def student_scheduler(teacher_config: dict, num_steps: int, prediction_type: str):
-    """diffusers' DDIMScheduler of `student_scheduler_config`."""
-    from diffusers import DDIMScheduler
+    """The DDIMScheduler of `student_scheduler_config`: ddpm_hf's (`diffusion.ddim`, saved as diffusers' own), which
+    also follows the grid of an intermediate round whose N does not divide T (diffusers' steps by T // N)."""
+    from ddpm_hf.diffusion.ddim import DDIMScheduler
 
     return DDIMScheduler.from_config(student_scheduler_config(teacher_config, num_steps, prediction_type))
 

@@ -250,7 +250,7 @@ class TrainingConfig:
 
     def _validate_distillation(self) -> None:
         """A distillation round: a student of the kind it can be, on a grid its teacher's T holds."""
-        from ddpm_hf.diffusion.distillation import STUDENT_PREDICTIONS, steps_problem
+        from ddpm_hf.diffusion.distillation import STUDENT_PREDICTIONS
 
         if (self.distill_teacher is None) != (self.distill_steps is None):
             raise UsageError("--distill_teacher and --distill_steps go together (ddpm-distill sets both for each round).")
@@ -258,9 +258,10 @@ class TrainingConfig:
             return
         if self.distill_steps < 1:
             raise UsageError(f"--distill_steps={self.distill_steps} must be at least 1.")
-        problem = steps_problem(2 * self.distill_steps, self.distill_steps, self.num_train_timesteps)
-        if problem:
-            raise UsageError(problem.replace("--from_steps", "the teacher's").replace("--to_steps", "--distill_steps") + ".")
+        if 2 * self.distill_steps > self.num_train_timesteps:  # the teacher's grid would repeat timesteps
+            raise UsageError(f"--distill_steps={self.distill_steps}: its teacher's {2 * self.distill_steps} steps are more "
+                             f"than the {self.num_train_timesteps} training timesteps; use at most "
+                             f"{self.num_train_timesteps // 2}.")
         if self.prediction_type not in STUDENT_PREDICTIONS:
             raise UsageError(f"--prediction_type {self.prediction_type}: a student predicts one of "
                              f"{', '.join(STUDENT_PREDICTIONS)} (an ε-prediction's x̂ divides by α, which vanishes at "
