@@ -12,6 +12,8 @@ TRAINING_VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range", "learn
 LOSSES = ("simple", "vlb", "hybrid")
 # the loss weights of progressive distillation (Salimans & Ho 2022, Sec. 4): max(SNR, 1) and SNR + 1
 DISTILL_WEIGHTINGS = ("truncated-snr", "snr+1")
+# what a distilled student may predict: not ε, whose x̂ = (z - σ ε̂)/α is ill-conditioned where α → 0
+STUDENT_PREDICTIONS = ("v_prediction", "sample")
 # the network's dtype when sampling (the chain itself stays float32); fp16 only on a GPU
 SAMPLING_DTYPES = ("fp32", "bf16", "fp16")
 # the precision post-hoc EMA's snapshots are kept in (EDM2 keeps fp16)

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ddpm_hf.choices import DISTILL_WEIGHTINGS
+from ddpm_hf.choices import DISTILL_WEIGHTINGS, STUDENT_PREDICTIONS  # 5. what a student may predict
 from ddpm_hf.diffusion.scheduler import parameterization
 from ddpm_hf.errors import UsageError
 
@@ -32,8 +32,6 @@ WEIGHTINGS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "snr+1": lambda snr: snr + 1.0,  # v's own MSE
 }
 assert tuple(WEIGHTINGS) == DISTILL_WEIGHTINGS
-# 5. what a student may predict: not ε, whose x̂ is ill-conditioned at the pure-noise end
-STUDENT_PREDICTIONS = ("v_prediction", "sample")
 
 
 def grid(num_steps: int, num_train_timesteps: int) -> List[int]:

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ddpm_hf.choices import (
     DISTILL_WEIGHTINGS,
+    STUDENT_PREDICTIONS,
     BAD_IMAGE_POLICIES,
     BETA_SCHEDULES,
     FEATURE_NETWORKS,
@@ -250,8 +251,6 @@ class TrainingConfig:
 
     def _validate_distillation(self) -> None:
         """A distillation round: a student of the kind it can be, on a grid its teacher's T holds."""
-        from ddpm_hf.diffusion.distillation import STUDENT_PREDICTIONS
-
         if (self.distill_teacher is None) != (self.distill_steps is None):
             raise UsageError("--distill_teacher and --distill_steps go together (ddpm-distill sets both for each round).")
         if self.distill_teacher is None:
