@@ -114,9 +114,9 @@ def network_x0(unet: Callable, prediction_type: str, channels: int,
     are not used), run in the network's own dtype; `forward(z, τ)` replaces `unet(z, τ).sample` (guidance, say)."""
     to_x0 = parameterization(prediction_type).x0
     run = forward or (lambda z, tau: unet(z, tau).sample)
+    dtype = next(unet.parameters()).dtype if hasattr(unet, "parameters") else torch.float32  # once, not per call
 
     def x0_hat(z, tau, a, s):
-        dtype = next(unet.parameters()).dtype if hasattr(unet, "parameters") else torch.float32
         out = run(z.to(dtype), tau)[:, :channels].double()
         return to_x0(out, z, a, s)
 

@@ -287,17 +287,18 @@ def sample_command(pipe, *, pipeline_name: str, folder, num_images: int, batch_s
     with FolderJob(folder, SAMPLING_FILE, protocol, state, free=("pipeline", "num_images", "complete", "npz", IMAGE_HASHES),
                    results=sampled_files) as job:
         job.check("images drawn", "draw again from scratch", overwrite)
-        if job.is_main and job.recorded():  # an npz half-written by a killed run (as large as the folder's images)
+        found = job.recorded()  # read once: the record as the folder holds it
+        if job.is_main and found:  # an npz half-written by a killed run (as large as the folder's images)
             for stale in job.folder.glob(f".{SAMPLES_NPZ}.tmp-*"):
                 stale.unlink(missing_ok=True)
-        recorded = {} if overwrite else job.recorded()
+        recorded = {} if overwrite else found
         known = verified_images(job.folder, recorded)  # on every process: each stops on a changed image alike
         wrong = misnamed_image(job.folder, seed, labels) if recorded else None
         if wrong is not None:  # the record has these settings: a name they do not give was not drawn under it
             raise UsageError(f"{wrong[0]} is not named as this folder names image {wrong[1]} "
                              f"({image_name(wrong[1], seed, labels)}): renamed by hand, or put there; move it out of "
                              "the folder.")
-        recorded_npz, npz_path = job.recorded().get("npz"), job.folder / SAMPLES_NPZ
+        recorded_npz, npz_path = found.get("npz"), job.folder / SAMPLES_NPZ
         npz_record = None if overwrite else recorded_npz
         if npz_record and not (npz_path.is_file() and sha256_of(npz_path) == npz_record.get("sha256")):
             npz_record = None  # ours (its record says so), changed since: removed below, once the folder is the job's
