@@ -57,6 +57,19 @@ def _fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+@pytest.fixture
+def quick_frechet(monkeypatch):
+    """For the tests of a command's workflow (sampling, resuming, tables, cards) around a 2048-feature stand-in network:
+    their Fréchet distances by symmetric eigenvalues (`metrics.FrechetToReference`), where clean-fid's `sqrtm` of a
+    2048 x 2048 product takes ~15 s on 2 cores and such a test computes up to six. The two agree within float64
+    rounding (test_sampling_metrics holds them together); the tests of the metric itself keep clean-fid's."""
+    from ddpm_hf.measuring import folder_metrics
+    from ddpm_hf.measuring.metrics import FrechetToReference
+
+    monkeypatch.setattr(folder_metrics, "frechet_distance",
+                        lambda mu, sigma, mu_ref, sigma_ref: FrechetToReference(mu_ref, sigma_ref)(mu, sigma))
+
+
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory):
     """A tiny run trained once for the whole session (4 steps, checkpoints at 2 and 4); tests read it or copy it."""

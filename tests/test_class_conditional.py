@@ -3,6 +3,7 @@ the pipeline's labels and seeds, training with labels (label dropout, exact resu
 labels refused in one line, and a conditional model on the built-in digits whose samples a classifier trained on the
 real digits recognises as the class asked for."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -243,7 +244,7 @@ def test_the_step_drops_labels_at_the_label_dropout_rate_and_keeps_the_others(tm
         seen.append(model.keywords["labels"].clone())
         return loss(model, x0, noise, t)
 
-    monkeypatch.setattr(run, "loss", watched)
+    run = dataclasses.replace(run, loss=watched)
     batch = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
     for k in range(200):
         labels = torch.randint(0, len(run.config.class_names), (8,), generator=torch.Generator().manual_seed(k))
@@ -343,7 +344,7 @@ def evaluate_cli(pipe, out, stand_in, *extra):
 
 
 @pytest.mark.slow
-def test_ddpm_evaluate_measures_each_guidance_scale_on_class_balanced_samples(tmp_path):
+def test_ddpm_evaluate_measures_each_guidance_scale_on_class_balanced_samples(tmp_path, quick_frechet):
     from test_evaluate_command import StandInInception
 
     torch.jit.script(StandInInception()).save(str(tmp_path / "stand-in.pt"))

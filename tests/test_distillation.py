@@ -256,6 +256,7 @@ def distill_cli(teacher, out, *more):
 def test_ddpm_distill_runs_its_rounds_and_leaves_the_last_student_on_top_for_plain_diffusers(teacher, tmp_path):
     import json
     import os
+    import sys
 
     from common import run_in_process
 
@@ -281,6 +282,42 @@ def test_ddpm_distill_runs_its_rounds_and_leaves_the_last_student_on_top_for_pla
     again = run_in_process(distill_cli(teacher, out, "--to_steps", 1, "--from_steps", 4, "--steps_per_round", 2))
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps
+    # ddpm-sample draws each student at the steps it was made for unless told otherwise; any other pipeline at 1000
+    from ddpm_hf.outputs.run_folder import distilled_steps
+
+    for folder, steps in ((out, 1), (out / "round-2", 2)):
+        drawn = run_in_process([sys.executable, "-m", "ddpm_hf.commands.sample", folder, tmp_path / f"drawn-{steps}",
+                                "--num_images", 1])
+        assert drawn.returncode == 0, drawn.stderr[-3000:]
+        assert json.loads((tmp_path / f"drawn-{steps}" / "sampling.json").read_text())["num_inference_steps"] == steps
+    assert distilled_steps(teacher) is None and distilled_steps(tmp_path / "nowhere") is None
+
+
+@pytest.mark.slow
+def test_a_signal_in_a_round_leaves_its_checkpoint_and_says_to_rerun_ddpm_distill_which_carries_on(teacher, tmp_path,
+                                                                                                  monkeypatch):
+    import json
+    import signal
+
+    from common import run_in_process
+
+    from ddpm_hf.training import loop
+
+    out = tmp_path / "distilled"
+    args = distill_cli(teacher, out, "--to_steps", 1, "--from_steps", 4, "--steps_per_round", 2)
+    # the stop flag as the loop reads it after a step: raised after the first step of the first round
+    monkeypatch.setattr(loop, "stop_requested", lambda run, step, signals: signal.SIGUSR1 if step == 1 else None)
+    stopped = run_in_process(args)
+    assert stopped.returncode == 128 + signal.SIGUSR1, stopped.stderr[-3000:]
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        f"stopped: SIGUSR1 received: stopped after step 1 of 2 with {out / 'round-2' / 'checkpoint-1'} written; resume "
+        f"with the same `ddpm-distill ... {out}` command (it carries on with round-2 from that checkpoint).")
+    assert json.loads((out / "distill.json").read_text())["rounds"] == []
+    monkeypatch.undo()
+    again = run_in_process(args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"Resumed from {out / 'round-2' / 'checkpoint-1'} at step 1." in again.stderr
+    assert json.loads((out / "distill.json").read_text())["rounds"] == [2, 1]
 
 
 @pytest.mark.parametrize("more, said", [

@@ -69,7 +69,7 @@ def evaluate_cli(root: Path, out: Path, *extra, weights=True) -> list:
 
 
 @pytest.mark.slow
-def test_evaluate_resumes_after_a_kill_and_reports_what_the_single_commands_measure(setup, tmp_path):
+def test_evaluate_resumes_after_a_kill_and_reports_what_the_single_commands_measure(setup, tmp_path, quick_frechet):
     out = tmp_path / "eval"
     proc = subprocess.Popen(evaluate_cli(setup, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -145,7 +145,7 @@ def test_the_paper_protocol_is_the_default_and_too_few_samples_for_the_inception
 
 
 @pytest.mark.slow
-def test_evaluating_into_a_run_folder_leaves_its_grids_and_puts_the_table_in_its_card(setup, finished_run, tmp_path):
+def test_evaluating_into_a_run_folder_leaves_its_grids_and_puts_the_table_in_its_card(setup, finished_run, tmp_path, quick_frechet):
     import shutil
 
     from ddpm_hf.commands.card import main as card_main
@@ -169,7 +169,7 @@ def test_evaluating_into_a_run_folder_leaves_its_grids_and_puts_the_table_in_its
 
 
 @pytest.mark.slow
-def test_evaluate_obeys_its_modes_seed_steps_dtype_reference_split_and_skipping_the_bound(setup, tmp_path):
+def test_evaluate_obeys_its_modes_seed_steps_dtype_reference_split_and_skipping_the_bound(setup, tmp_path, quick_frechet):
     out = tmp_path / "eval"
     args = [sys.executable, "-m", "ddpm_hf.commands.evaluate", str(setup / "pipe"), str(out), "--num_images", "10",
             "--num_inference_steps", "7", "--modes", "clean", "--dtype", "bf16", "--nll_images", "0", "--reference",

@@ -204,8 +204,8 @@ EXAMPLE = ("--dataset_name huggan/flowers-102-categories --resolution 64 --cente
 
 
 def dry_run(args, **env) -> dict:
-    out = subprocess.run([sys.executable, str(REPO / "train_ddpm.py"), *args, "--dry_run"], capture_output=True, text=True,
-                         env={**os.environ, **env}, check=True).stdout
+    out = run_in_process([sys.executable, str(REPO / "train_ddpm.py"), *args, "--dry_run"], env={**os.environ, **env},
+                         check=True).stdout
     return json.loads(out.rsplit("UNet parameters:", 1)[0])
 
 

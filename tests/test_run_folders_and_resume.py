@@ -336,7 +336,7 @@ def test_a_truncated_parquet_file_is_one_line_naming_it(tmp_path):
 
 
 def test_optimizer_adamw_is_torch_adamw_with_decoupled_weight_decay():
-    from ddpm_hf.training.parts import make_optimizer
+    from ddpm_hf.training.optimizer import make_optimizer
 
     def trained(optimizer_of):
         torch.manual_seed(0)

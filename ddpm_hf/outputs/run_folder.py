@@ -271,6 +271,21 @@ def pipeline_source_problem(source: str) -> Optional[str]:
     return None
 
 
+def distilled_steps(source: str) -> Optional[int]:
+    """The DDIM steps a distilled pipeline was made for, read from a local folder without loading it: a round's
+    training_config.json (distill_steps), or the top folder's distill.json once its rounds are complete (to_steps);
+    None for any other pipeline, or one not local."""
+    folder = Path(source).expanduser()
+    for name, key, done in ((TRAINING_CONFIG, "distill_steps", None), (DISTILL_RECORD, "to_steps", "complete")):
+        try:
+            record = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get(key), int) and (done is None or record.get(done) is True):
+            return record[key]
+    return None
+
+
 def steps_problem(source: str, num_inference_steps: int, flag: str = "--num_inference_steps") -> Optional[str]:
     """A chain longer than the pipeline's T (read from its scheduler config in a local folder, without loading it), so
     that the count is refused before anything loads or is written; None where it fits or the folder is not local."""

@@ -50,11 +50,13 @@ def _f(default, help: str, choices: Optional[Sequence[str]] = None, parse=None):
     return field(default=default, metadata={"help": help, "choices": choices, "parse": parse})
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingConfig:
-    """Every training setting. The defaults are the paper's CIFAR-10 recipe (Ho et al. 2020, Sec. 4 and
-    Appendix B: the 35.7M UNet with dropout 0.1, T = 1000 linear betas, ε-prediction, Adam 2e-4 with 5000
-    warmup steps, batch 128, gradient clipping at 1, EMA 0.9999, random flips, 800k steps)."""
+    """Every training setting. The defaults are the paper's CIFAR-10 recipe (Ho et al. 2020, Sec. 4 and Appendix B: the
+    35.7M UNet with dropout 0.1, T = 1000 linear betas, ε-prediction, Adam 2e-4 with 5000 warmup steps, batch 128,
+    gradient clipping at 1, EMA 0.9999, random flips, 800k steps). Frozen: a stage of setup that learns a setting (the
+    precision, the classes, an epoch's steps) makes a new config with `dataclasses.replace`, and the Run holds the
+    last."""
 
     # ---- data
     dataset: str = _f("cifar10", "'digits' (built in, offline), an alias (cifar10, mnist, ...), a Hub dataset id, a folder of images, or .parquet/.arrow file(s)")
@@ -202,6 +204,12 @@ class TrainingConfig:
         most a step holds in memory at once, so also what an evaluation draws at a time)."""
         return max(1, self.batch_size // (processes * self.gradient_accumulation_steps))
 
+    def __post_init__(self) -> None:
+        try:  # one form of it, whether it came from a flag, a saved config or the Python API: 32, "32x64"
+            object.__setattr__(self, "resolution", canonical(self.resolution))  # (frozen: set once, as it is made)
+        except ValueError:
+            pass  # validate() names the problem
+
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
@@ -238,8 +246,8 @@ class TrainingConfig:
             raise UsageError("--overwrite_output_dir starts over; it cannot go with --resume_from_checkpoint.")
         if any(getattr(self, k) for k in HUB_SETTINGS) and not self.push_to_hub:
             raise UsageError("--hub_model_id, --hub_private_repo and --hub_push_every need --push_to_hub.")
-        try:  # one form of it, whether it came from a flag, a saved config or the Python API: 32, "32x64"
-            self.resolution = canonical(self.resolution)
+        try:
+            canonical(self.resolution)
         except ValueError as e:
             raise UsageError(f"--resolution: {e}.") from None
         for name in ("batch_size", "gradient_accumulation_steps", "checkpointing_steps", "sample_inference_steps",

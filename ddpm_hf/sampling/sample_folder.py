@@ -209,11 +209,20 @@ def sample_to_folder(
     """Draw this process's missing images of 0..num_images-1 into `folder` (of a class-conditional pipeline: image k
     of class `label_of(k, labels)`, with classifier-free guidance `guidance_scale`; with `timesteps`, on that chain
     instead of `num_inference_steps` spaced ones). Returns counts and images/s."""
-    from tqdm.auto import tqdm
-
     problem = count_problem(num_images, batch_size, num_inference_steps)
     if problem:
         raise UsageError(problem + ".")
+    return draw_missing(pipe, folder, num_images, batch_size=batch_size, num_inference_steps=num_inference_steps, seed=seed,
+                        eta=eta, rank=rank, world_size=world_size, progress=progress, labels=labels,
+                        guidance_scale=guidance_scale, timesteps=timesteps)
+
+
+def draw_missing(pipe, folder, num_images: int, *, batch_size: int, num_inference_steps: int, seed: int,
+                 eta: Optional[float], rank: int, world_size: int, progress: bool, labels: Optional[Sequence[int]],
+                 guidance_scale: float, timesteps: Optional[Sequence[int]]) -> dict:
+    """`sample_to_folder` on counts its caller has checked (`sample_command` checks them before its record is written)."""
+    from tqdm.auto import tqdm
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(".*.png.tmp-*"):  # half-written files of a killed run (this rank's share)
@@ -313,9 +322,9 @@ def sample_command(pipe, *, pipeline_name: str, folder, num_images: int, batch_s
             npz_path.unlink(missing_ok=True)
         job.start(drawn_images(job.folder) if overwrite else (), overwrite, num_images=None, complete=False,
                   npz=npz_record, **{IMAGE_HASHES: known})
-        result = sample_to_folder(pipe, job.folder, num_images, batch_size=batch_size, num_inference_steps=num_inference_steps,
-                                  seed=seed, eta=eta, rank=job.rank, world_size=job.world, progress=job.shows_progress,
-                                  labels=labels, guidance_scale=guidance_scale, timesteps=chain)
+        result = draw_missing(pipe, job.folder, num_images, batch_size=batch_size, num_inference_steps=num_inference_steps,
+                              seed=seed, eta=eta, rank=job.rank, world_size=job.world, progress=job.shows_progress,
+                              labels=labels, guidance_scale=guidance_scale, timesteps=chain)
         if job.finish():  # the protocol describes exactly the images beside it
             held = complete_images(job.folder, seed, labels)
             hashes = image_hashes(job.folder, [image_name(k, seed, labels) for k in held], known)

@@ -71,8 +71,8 @@ from ddpm_hf.training.checkpoints import (
     save_checkpoint,
 )
 from ddpm_hf.recipes.config import TrainingConfig, checkpoint_settings, resume_changes
+from ddpm_hf.training.optimizer import apply_optimizer_changes, end_step
 from ddpm_hf.training.parts import (
-    apply_optimizer_changes,
     build_model,
     resolve_classes,
     run_unet_config,
@@ -237,18 +237,7 @@ def build_run(config: TrainingConfig, accelerator, lock, checkpoint: Optional[Pa
                          progress=accelerator.is_local_main_process, device=accelerator.device)
     if source.skipped:
         logger.warning("Skipped %d undecodable images (--on_bad_image skip).", source.skipped)
-    config = epochs_to_steps(config, source.steps_per_epoch)
-    if config.max_train_steps is not None:
-        total_steps = config.max_train_steps
-    elif source.steps_per_epoch is None:
-        raise UsageError("--num_epochs needs the dataset size; with --streaming give --max_train_steps.")
-    else:
-        total_steps = config.num_epochs * source.steps_per_epoch
-        if checkpoint is not None:
-            refuse_resume_past_end(checkpoint, config.resume_from_checkpoint, total_steps,
-                                   f"--num_epochs {config.num_epochs} of {source.steps_per_epoch} steps")
-    if config.ema_posthoc and config.ema_posthoc_every is None:  # recorded in the run's config, as it is resolved
-        config = dataclasses.replace(config, ema_posthoc_every=max(1, total_steps // POSTHOC_SNAPSHOTS))
+    config, total_steps = run_length(config, source.steps_per_epoch, checkpoint)
     reference = evaluation_reference(config, feature_network, accelerator) if config.eval_every else None
     return Run(config=config, accelerator=accelerator, source=source, total_steps=total_steps, pusher=pusher,
                feature_network=feature_network, reference=reference, held_out=held_out, checkpoint=checkpoint,
@@ -256,20 +245,31 @@ def build_run(config: TrainingConfig, accelerator, lock, checkpoint: Optional[Pa
                **build_model(config, accelerator, total_steps, checkpoint))
 
 
-def epochs_to_steps(config: TrainingConfig, steps_per_epoch: Optional[int]) -> TrainingConfig:
-    """--save_images_epochs / --save_model_epochs as the step intervals they are for this data and batch."""
-    if not (config.save_images_epochs or config.save_model_epochs):
-        return config
-    if steps_per_epoch is None:
-        raise UsageError("--save_images_epochs and --save_model_epochs need the dataset size; with --streaming give "
-                         "--save_images_steps and --checkpointing_steps.")
+def run_length(config: TrainingConfig, steps_per_epoch: Optional[int], checkpoint: Optional[Path]) -> tuple:
+    """(config, total steps) once the data's size is known, in one new config: the settings given in epochs as the step
+    intervals they are for this data and batch, and --ema_posthoc's snapshot interval (recorded as resolved)."""
     changes = {}
-    if config.save_images_epochs:
-        changes["save_images_steps"] = config.save_images_epochs * steps_per_epoch
-    if config.save_model_epochs:
-        changes["checkpointing_steps"] = config.save_model_epochs * steps_per_epoch
-    logger.info("Epochs are %d steps: %s.", steps_per_epoch, ", ".join(f"--{k} {v}" for k, v in changes.items()))
-    return dataclasses.replace(config, **changes)
+    if config.save_images_epochs or config.save_model_epochs:
+        if steps_per_epoch is None:
+            raise UsageError("--save_images_epochs and --save_model_epochs need the dataset size; with --streaming give "
+                             "--save_images_steps and --checkpointing_steps.")
+        if config.save_images_epochs:
+            changes["save_images_steps"] = config.save_images_epochs * steps_per_epoch
+        if config.save_model_epochs:
+            changes["checkpointing_steps"] = config.save_model_epochs * steps_per_epoch
+        logger.info("Epochs are %d steps: %s.", steps_per_epoch, ", ".join(f"--{k} {v}" for k, v in changes.items()))
+    if config.max_train_steps is not None:
+        total_steps = config.max_train_steps
+    elif steps_per_epoch is None:
+        raise UsageError("--num_epochs needs the dataset size; with --streaming give --max_train_steps.")
+    else:
+        total_steps = config.num_epochs * steps_per_epoch
+        if checkpoint is not None:
+            refuse_resume_past_end(checkpoint, config.resume_from_checkpoint, total_steps,
+                                   f"--num_epochs {config.num_epochs} of {steps_per_epoch} steps")
+    if config.ema_posthoc and config.ema_posthoc_every is None:
+        changes["ema_posthoc_every"] = max(1, total_steps // POSTHOC_SNAPSHOTS)
+    return (dataclasses.replace(config, **changes) if changes else config), total_steps
 
 
 # ---------------------------------------------------------------- 2. resume
@@ -422,8 +422,8 @@ def stop(run: Run, state: TrainState, signum: int) -> None:
     # closed its progress bar, else the line can land after the bar's unfinished one on a shared stderr.
     run.accelerator.wait_for_everyone()
     raise RunStopped(f"{signal.Signals(signum).name} received: stopped after step {state.step} of {run.total_steps} with "
-                     f"{run.output_dir / name} written; resume with `python train_ddpm.py --output_dir {run.output_dir} "
-                     "--resume_from_checkpoint latest` (or the same under accelerate launch).", signum)
+                     f"{run.output_dir / name} written", signum, f"`python train_ddpm.py --output_dir {run.output_dir} "
+                     "--resume_from_checkpoint latest` (or the same under accelerate launch)")
 
 
 def run_step(run: Run, step: int, graph: Optional[StepGraph] = None) -> None:
@@ -440,8 +440,7 @@ def run_step(run: Run, step: int, graph: Optional[StepGraph] = None) -> None:
         labels = [run.source.labels(step, j) for j in accum] if run.config.class_conditional else None
         power_weights = run.posthoc.fill(step + 1) if run.posthoc is not None else None  # t: steps after this one
         device_step(run, batches, labels=labels, power_weights=power_weights)
-        run.optimizer.zero_grad(set_to_none=True)
-    run.lr_scheduler.step()
+    end_step(run, gradients=graph is None)  # a graph clears its own
 
 
 # ---------------------------------------------------------------- periodic work

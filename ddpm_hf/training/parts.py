@@ -1,6 +1,6 @@
 """The parts a training run is built from, each from the run's config: the diffusion (our DDPMScheduler), the UNet
 (its config: a resumed run's own, --unet_config's or the preset's; --init_from's weights), the optimizer, and
-`build_model`, all of them put together as a Run holds them."""
+`build_model`, all of them put together as a Run holds them (the optimizer's own parts: optimizer.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ddpm_hf.choices import LEARNED_VARIANCE_TYPES, OPTIMIZERS
+from ddpm_hf.choices import LEARNED_VARIANCE_TYPES
 from ddpm_hf.diffusion.ema import EMA, PowerEMA
 from ddpm_hf.diffusion.phema import sigma_rels_of
 from ddpm_hf.diffusion.losses import DiffusionLoss
@@ -21,6 +21,7 @@ from ddpm_hf.diffusion.timestep_samplers import make_timestep_sampler
 from ddpm_hf.errors import UsageError
 from ddpm_hf.outputs.run_folder import CHECKPOINT_UNET_CONFIG
 from ddpm_hf.recipes.config import TrainingConfig
+from ddpm_hf.training.optimizer import make_lr_schedule, make_optimizer
 from ddpm_hf.training.state import StepMeters
 
 
@@ -130,55 +131,10 @@ def load_starting_weights(unet, source: str) -> None:
                                             "class-conditional run starts from its own initialisation.", source)
 
 
-def optimizer_class(name: str):
-    """--optimizer: Adam (the paper; weight decay added to the gradient, as L2) or AdamW (decoupled weight decay)."""
-    if name == "adam":
-        return torch.optim.Adam
-    elif name == "adamw":
-        return torch.optim.AdamW
-    else:
-        raise UsageError(f"--optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}.")
-
-
-def make_optimizer(config: TrainingConfig, parameters) -> tuple:
-    """(Adam or AdamW, skips_on_device). Fused where torch has a fused kernel for the device (CUDA, CPU, ...): it then
-    skips a step whose gradient is not finite on the device itself (`found_inf`). Elsewhere foreach, and the host
-    decides the skip."""
-    parameters = list(parameters)
-    cls = optimizer_class(config.optimizer)
-    kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
-                  weight_decay=config.weight_decay)
-    try:
-        return cls(parameters, fused=True, **kwargs), True
-    except (RuntimeError, ValueError):  # no fused kernel for this device
-        return cls(parameters, foreach=True, **kwargs), False
-
-
-# the settings a checkpoint's optimizer state carries (its param groups, the LR schedule's base rates): a resume with
-# --allow_config_change that changes one sets it there, or the change would be recorded and not applied
-OPTIMIZER_SETTINGS = ("learning_rate", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay")
-
-
-def apply_optimizer_changes(config: TrainingConfig, optimizer, lr_scheduler, changed) -> None:
-    """After a checkpoint's optimizer and LR schedule are restored: set the OPTIMIZER_SETTINGS among `changed` from
-    `config` (the learning rate as the schedule's base rate, and the current rate from it)."""
-    if not any(name in changed for name in OPTIMIZER_SETTINGS):
-        return
-    for group in optimizer.param_groups:
-        group.update(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
-                     weight_decay=config.weight_decay, initial_lr=config.learning_rate)
-    if "learning_rate" in changed:
-        lr_scheduler.base_lrs = [config.learning_rate for _ in optimizer.param_groups]
-        for group, rate in zip(optimizer.param_groups, lr_scheduler.lr_lambdas):
-            group["lr"] = config.learning_rate * rate(lr_scheduler.last_epoch)
-        lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-
-
 def build_model(config: TrainingConfig, accelerator, total_steps: int, checkpoint: Optional[Path] = None) -> dict:
     """The UNet (prepared by Accelerate; from --init_from's weights on a fresh start), its forward pass, the
     diffusion and loss, Adam, the LR schedule, the EMA (from the same weights) and the step meters."""
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
 
     set_seed(config.seed)
     unet = make_unet(config, checkpoint)
@@ -190,8 +146,7 @@ def build_model(config: TrainingConfig, accelerator, total_steps: int, checkpoin
     if config.gradient_checkpointing:  # a training forward only: the EMA's and the grids' run without gradients
         unet.enable_gradient_checkpointing()
     optimizer, skips_on_device = make_optimizer(config, unet.parameters())
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                 num_training_steps=total_steps)
+    lr_scheduler = make_lr_schedule(config, optimizer, total_steps)
     ema = EMA(unet, decay=config.ema_decay, warmup=config.ema_warmup, inv_gamma=config.ema_inv_gamma,
               power=config.ema_power, update_after_step=config.ema_update_after_step)
     posthoc = PowerEMA(unet, sigma_rels_of(config.ema_posthoc_sigma_rels)) if config.ema_posthoc else None

@@ -15,6 +15,7 @@ import torch
 from ddpm_hf.devices import BF16_MIN_GAIN
 from ddpm_hf.sizes import size_of
 from ddpm_hf.recipes.config import TrainingConfig
+from ddpm_hf.training.optimizer import clear_gradients
 from ddpm_hf.training.parts import build_model
 from ddpm_hf.training.state import Run
 from ddpm_hf.training.steps import device_step
@@ -79,7 +80,7 @@ def step_rates(config: TrainingConfig, precisions, batch: int, rounds: int = 10,
         power_weights = run.posthoc.weights_tensor() if run.posthoc is not None else None
         start = time.perf_counter()
         device_step(run, batches, labels=labels, power_weights=power_weights)
-        run.optimizer.zero_grad(set_to_none=True)
+        clear_gradients(run.optimizer)
         return time.perf_counter() - start
 
     # fp32 last: on one 2-core machine fp32 measured after bf16 ran as fast as in a loop of its own, while measured

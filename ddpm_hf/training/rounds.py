@@ -24,6 +24,7 @@ from ddpm_hf.outputs.run_folder import (
 )
 from ddpm_hf.recipes.config import DISTILLATION_DEFAULTS, TrainingConfig
 from ddpm_hf.recipes.resolve import resolve_config
+from ddpm_hf.training.run_guard import RunStopped
 
 
 def round_config(teacher: str, steps: int, output_dir: Path, steps_per_round: int, given: Dict[str, Any]) -> TrainingConfig:
@@ -74,7 +75,11 @@ def distill(teacher: str, output_dir, *, from_steps: int, to_steps: int, steps_p
         for steps in rounds(from_steps, to_steps):
             folder = output_dir / distill_round_dir(steps)
             if not round_done(folder, steps_per_round):
-                train(round_config(current, steps, output_dir, steps_per_round, given), hub_token=hub_token)
+                try:
+                    train(round_config(current, steps, output_dir, steps_per_round, given), hub_token=hub_token)
+                except RunStopped as stopped:  # the round resumes as part of the rounds, not as a training run
+                    raise stopped.resumed_by(f"the same `ddpm-distill ... {output_dir}` command (it carries on with "
+                                             f"{folder.name} from that checkpoint)") from None
             if job.is_main and steps not in done:
                 done.append(steps)
                 job.record(rounds=done, complete=False)

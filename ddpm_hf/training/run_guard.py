@@ -184,11 +184,15 @@ STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")  # a scheduler's or spot instanc
 
 
 class RunStopped(Exception):
-    """The run stopped on a signal after writing a checkpoint; the command exits with the signal's code."""
+    """The run stopped on a signal after writing a checkpoint; the command exits with the signal's code. `resume` is
+    the command that carries on (a caller that runs training rounds of its own names its own command instead)."""
 
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
+    def __init__(self, stopped: str, signum: int, resume: str):
+        super().__init__(f"{stopped}; resume with {resume}.")
+        self.stopped, self.signum, self.exit_code = stopped, signum, 128 + signum
+
+    def resumed_by(self, resume: str) -> "RunStopped":
+        return RunStopped(self.stopped, self.signum, resume)
 
 
 class StopSignals:

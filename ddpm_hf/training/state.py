@@ -122,7 +122,7 @@ class Clock:
         return seconds, steps
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
     """What `setup` builds, whole, and every later stage uses; nothing is set on it later (what the loop makes as it
     goes, the clock, the step graph and the stop signals, are locals of `run_loop`)."""

@@ -20,6 +20,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from ddpm_hf.pipelines.cuda_graphs import Replayed
+from ddpm_hf.training.optimizer import clear_gradients, hold_on_device
 
 logger = logging.getLogger(__name__)
 
@@ -68,15 +69,11 @@ class StepGraph:
         self.ema_weight = torch.ones((), device=device)
         # --ema_posthoc's weights: the tracker's own tensor, filled before each replay as the EMA's weight is
         self.power_weights = posthoc.weights_tensor() if posthoc is not None else None
-        for group in optimizer.param_groups:
-            if capture if lr_on_device is None else lr_on_device:  # LR schedulers fill a tensor in place
-                group["lr"] = torch.tensor(float(group["lr"]), device=device)
-            # fused Adam's kernels are the same; torch checks the flag in a capture (on a CPU the flag changes
-            # Adam's rounding: a test of the graph's form there sets it as a capture would)
-            group["capturable"] = capture if capturable is None else capturable
-        # the gradients are set to None after each eager step, and before the capture: the graph's backward then
+        hold_on_device(optimizer, device, capture if lr_on_device is None else lr_on_device,
+                       capture if capturable is None else capturable)
+        # the gradients are cleared after each eager step, and before the capture: the graph's backward then
         # writes them into its own memory
-        no_gradients = functools.partial(optimizer.zero_grad, set_to_none=True)
+        no_gradients = functools.partial(clear_gradients, optimizer)
         self.replayed = Replayed(lambda: body(self.batches, self.ema_weight, self.labels, self.power_weights), GRAPH_WARMUP_STEPS, capture, self._failed,
                                  state=state, before_capture=no_gradients, after_eager=no_gradients,
                                  generators=(generator,), cuda=cuda)

@@ -12,6 +12,7 @@ import torch
 
 from ddpm_hf.diffusion.pixels import to_model_range
 from ddpm_hf.seeding import DROPOUT_SEED_TAG, mix_seed
+from ddpm_hf.training.optimizer import optimizer_step
 from ddpm_hf.training.state import Run
 
 
@@ -69,19 +70,3 @@ def forward_backward(run: Run, batch: torch.Tensor, labels: Optional[torch.Tenso
         per_sample = per_sample * weights
     run.accelerator.backward(per_sample.mean() / config.gradient_accumulation_steps)
     run.meters.add_losses(per_sample.detach(), t)
-
-
-def optimizer_step(run: Run, skipped: torch.Tensor) -> None:
-    """Adam's step, unless `skipped` (a 0-d bool tensor on the device). With fp16, Accelerate's GradScaler
-    finds the non-finite gradients and skips by itself."""
-    inner = run.optimizer.optimizer
-    if run.accelerator.scaler is not None:
-        run.optimizer.step()
-    elif run.skips_on_device:
-        inner.found_inf = skipped.float()  # fused Adam leaves parameters and moments as they are where it is 1
-        try:
-            run.optimizer.step()
-        finally:
-            del inner.found_inf
-    elif not bool(skipped):  # a host synchronisation, only for optimizers without a fused kernel here
-        run.optimizer.step()
