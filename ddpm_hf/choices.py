@@ -55,3 +55,5 @@ DATASET_ALIASES = {
     "flowers": "huggan/flowers-102-categories",
     "pokemon": "huggan/pokemon",
 }
+# classifier-free guidance beyond this saturates every image; what is asked for above it is a typo or an overflow
+MAX_GUIDANCE = 100.0

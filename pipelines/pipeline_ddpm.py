@@ -78,6 +78,12 @@ class DenoiseStep(NamedTuple):
     pred_original_sample: Optional[torch.Tensor]
 
 
+def takes_timesteps(scheduler) -> bool:
+    """Whether `scheduler.set_timesteps` takes an explicit chain (ours, DPM-Solver, ddpm_hf's DDIM; diffusers' DDIM
+    steps by one fixed stride)."""
+    return "timesteps" in inspect.signature(scheduler.set_timesteps).parameters
+
+
 def denoise(
     unet: torch.nn.Module,
     scheduler: SchedulerMixin,
@@ -110,7 +116,7 @@ def denoise(
     `set_timesteps` takes them (ours, DPM-Solver, ddpm_hf's DDIM; diffusers' DDIM steps by one fixed stride)."""
     if timesteps is None:
         scheduler.set_timesteps(num_inference_steps, device=noise.device)
-    elif "timesteps" in inspect.signature(scheduler.set_timesteps).parameters:
+    elif takes_timesteps(scheduler):
         scheduler.set_timesteps(timesteps=[int(t) for t in timesteps], device=noise.device)
     else:
         raise ValueError(f"{type(scheduler).__name__} takes no explicit timesteps (it steps by one fixed stride); "

@@ -236,6 +236,83 @@ def test_the_round_step_trains_on_the_students_grid_and_the_teachers_target(teac
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def conditional_teacher(tmp_path_factory):
+    """A tiny class-conditional teacher of the ten digits (ε-prediction, 8x8, T = 1000): one training step of TINY."""
+    from common import tiny_config
+
+    from ddpm_hf.training.loop import train
+
+    out = tmp_path_factory.mktemp("conditional-teacher") / "run"
+    return train(tiny_config(out, class_conditional=True, max_train_steps=1, checkpointing_steps=1, card_figures=False))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("w", [0.0, 1.0, 3.0])
+def test_a_conditional_teachers_target_is_its_two_ddim_steps_guided_at_w(conditional_teacher, tmp_path, w):
+    """Oracle: the teacher's conditional and unconditional passes run apart and combined by hand (Ho & Salimans 2021,
+    Eq. 6: ε(∅) + w·(ε(c) - ε(∅))), then DistillationLoss on that; the round's loss must equal it, given the labels."""
+    import functools
+
+    from ddpm_hf import DDPMPipeline
+    from ddpm_hf.training.loop import resume, setup
+
+    run = setup(round_config(tmp_path / "r", conditional_teacher, class_conditional=True, distill_guidance_scale=w,
+                             label_dropout=0.0))
+    resume(run)
+    teacher_unet = DDPMPipeline.from_pretrained(conditional_teacher).unet.eval()
+    null = teacher_unet.config.num_class_embeds - 1
+
+    def guided_x0(scale):
+        def x0(z, tau, a, s, labels):
+            e_c = teacher_unet(z.float(), tau, class_labels=labels).sample.double()
+            e_u = teacher_unet(z.float(), tau, class_labels=torch.full_like(labels, null)).sample.double()
+            return (z - s * (e_u + scale * (e_c - e_u))) / a
+        return x0
+
+    x0 = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    j, labels = torch.tensor([0, 1, 0, 1]), torch.tensor([3, 3, 7, 9])
+    student = run.raw_unet.eval()
+    model = functools.partial(lambda z, t, labels: student(z, t, class_labels=labels).sample, labels=labels)
+    with torch.no_grad():
+        got = run.loss(model, x0, noise, j)
+        expected = {scale: DistillationLoss(guided_x0(scale), DDPMScheduler().tables().alphas_cumprod, 2,
+                                            "v_prediction")(model, x0, noise, j) for scale in {w, 2.0}}
+    torch.testing.assert_close(got, expected[w], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, expected[2.0], rtol=1e-3)  # the scale matters
+
+
+@pytest.mark.slow
+def test_ddpm_distill_distills_a_conditional_teacher_at_its_guidance_into_a_student_of_one_pass_a_step(
+        conditional_teacher, tmp_path):
+    import json
+    import sys
+
+    from common import run_in_process
+
+    from ddpm_hf import DDPMPipeline
+
+    out = tmp_path / "distilled"
+    proc = run_in_process(distill_cli(conditional_teacher, out, "--to_steps", 1, "--from_steps", 2, "--steps_per_round",
+                                      2, "--guidance_scale", 3))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((out / "round-1" / "training_config.json").read_text())
+    assert (config["class_conditional"], config["distill_guidance_scale"], config["label_dropout"]) == (True, 3.0, 0.0)
+    student = DDPMPipeline.from_pretrained(out)
+    assert student.class_names == DDPMPipeline.from_pretrained(conditional_teacher).class_names
+    calls = []
+    student.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    student.set_progress_bar_config(disable=True)
+    images = student(batch_size=2, class_labels=[4, 5], num_inference_steps=1, seeds=[0, 1], output_type="np").images
+    assert images.shape == (2, 8, 8, 1) and calls == [2]  # one step, one pass of the batch: no guidance doubling
+    assert diffusers.DDPMPipeline.from_pretrained(out).unet.config.num_class_embeds == 11
+    drawn = run_in_process([sys.executable, "-m", "ddpm_hf.commands.sample", out, tmp_path / "drawn", "--num_images", 2,
+                            "--class_labels", "balanced"])
+    assert drawn.returncode == 0, drawn.stderr[-3000:]
+    assert json.loads((tmp_path / "drawn" / "sampling.json").read_text())["num_inference_steps"] == 1
+
+
 # ---------------------------------------------------------------- ddpm-distill: the rounds
 
 
@@ -327,6 +404,11 @@ def test_a_signal_in_a_round_leaves_its_checkpoint_and_says_to_rerun_ddpm_distil
     (["--to_steps", 4, "--max_train_steps", 5], r"--max_train_steps is set by ddpm-distill for each round: use "
                                                  r"--steps_per_round instead"),
     (["--to_steps", 4, "--resolution", 16], r"--resolution is set by ddpm-distill for each round: use the teacher"),
+    (["--to_steps", 4, "--guidance_scale", 2], r"--guidance_scale 2.0 guides a class-conditional teacher, and .* is "
+                                               r"unconditional; drop it"),
+    (["--to_steps", 4, "--guidance_scale", "nan"], r"--guidance_scale nan: give a scale from 0 to 100"),
+    (["--to_steps", 4, "--class_conditional"], r"--class_conditional is set by ddpm-distill for each round: use the "
+                                               r"teacher \(a class-conditional teacher makes class-conditional rounds\)"),
 ])
 def test_ddpm_distill_refuses_what_cannot_be_distilled_in_one_line_before_any_work(teacher, tmp_path, more, said):
     from common import one_error_line, run_in_process

@@ -40,6 +40,16 @@ def run_and_state(tmp_path):
     return run, resume(run)
 
 
+def test_the_config_is_resolved_once_and_the_run_is_frozen_after_setup(run_and_state):
+    """What setup learned (here: the resolution's one form) is in the config the Run holds; neither can change later."""
+    run, _ = run_and_state
+    assert run.config.resolution == 8 and resolve_config({**TINY, "resolution": "8x8"}).resolution == 8
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.config.learning_rate = 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.loss = None
+
+
 @pytest.mark.slow
 def test_a_training_step_waits_for_the_device_only_inside_the_optimizer(run_and_state):
     run, state = run_and_state

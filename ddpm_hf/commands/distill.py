@@ -49,6 +49,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "(the paper: 50,000 at batch 128 on CIFAR-10; its learning rate anneals to 0 within each round)")
     parser.add_argument("--overwrite", action="store_true", help="start again in a folder distilled with other settings "
                         "(its rounds are removed)")
+    parser.add_argument("--guidance_scale", type=float, default=1.0, help="a class-conditional teacher's classifier-free "
+                        "guidance w, fixed for the distillation (0 unconditional, 1 conditional, > 1 guided): the student "
+                        "draws the teacher's guided images with one forward pass a step, sampled at guidance 1")
     parser.add_argument("--hub_token", default=None, help="Hub token for --push_to_hub (default: HF_TOKEN or the login); "
                         "never saved or printed")
     add_training_flags(parser, leave_out=DISTILLATION_SETS)
@@ -56,7 +59,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.epilog = f"Unless given, each round trains with {shown} (Salimans & Ho 2022, App. E)."
     instead = {"max_train_steps": "--steps_per_round", "num_epochs": "--steps_per_round", "output_dir": "OUTPUT_DIR",
                "resume_from_checkpoint": "a rerun of the same command, which carries on", "overwrite_output_dir": "--overwrite",
-               "distill_steps": "--to_steps and --from_steps", "distill_teacher": "TEACHER", "init_from": "TEACHER"}
+               "distill_steps": "--to_steps and --from_steps", "distill_teacher": "TEACHER", "init_from": "TEACHER",
+               "distill_guidance_scale": "--guidance_scale",
+               "class_conditional": "the teacher (a class-conditional teacher makes class-conditional rounds)"}
     for arg in sys.argv[1:] if argv is None else argv:
         name = str(arg)[2:].split("=")[0] if str(arg).startswith("--") else None
         if name in DISTILLATION_SETS:
@@ -67,8 +72,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     teacher, output_dir = args.pop("teacher"), args.pop("output_dir")
     to_steps, from_steps = args.pop("to_steps"), args.pop("from_steps")
     steps_per_round, overwrite, hub_token = args.pop("steps_per_round"), args.pop("overwrite"), args.pop("hub_token")
+    guidance = args.pop("guidance_scale")
     if steps_per_round < 1:
         parser.error(f"--steps_per_round {steps_per_round} must be at least 1")
+    from ddpm_hf.choices import MAX_GUIDANCE
+
+    if not 0 <= guidance <= MAX_GUIDANCE:  # NaN and inf too
+        parser.error(f"--guidance_scale {guidance}: give a scale from 0 to {MAX_GUIDANCE:g} (0 unconditional, 1 "
+                     "conditional, > 1 guided)")
     given = {k: v for k, v in args.items()}
 
     from ddpm_hf.diffusion.distillation import steps_problem
@@ -81,6 +92,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if unet.get("out_channels", 0) != unet.get("in_channels"):
         parser.error(f"{teacher}: its UNet gives {unet.get('out_channels')} channels for {unet.get('in_channels')} (a "
                      "learned variance): distilling it is not built yet; distill a fixed-variance teacher")
+    if unet.get("num_class_embeds") is not None:  # the rounds are class-conditional, their teacher guided at w
+        given.update(class_conditional=True, distill_guidance_scale=guidance)
+        # the student is sampled with its labels: a step spent on "no class" teaches it the unconditional teacher only
+        given.setdefault("label_dropout", 0.0)
+    elif guidance != 1.0:
+        parser.error(f"--guidance_scale {guidance} guides a class-conditional teacher, and {teacher} is unconditional; "
+                     "drop it")
     from_steps = from_steps or default_from_steps(to_steps, T)
     problem = steps_problem(from_steps, to_steps, T)
     if problem:

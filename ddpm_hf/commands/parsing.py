@@ -17,10 +17,10 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from ddpm_hf.choices import MAX_GUIDANCE
+
 DEBUG_ENV = "DDPM_HF_DEBUG"
 DEBUG_HELP = f"on an error, show the traceback (also: {DEBUG_ENV}=1)"
-# classifier-free guidance beyond this saturates every image; what is asked for above it is a typo or an overflow
-MAX_GUIDANCE = 100.0
 
 
 def _first_to_say(line: str) -> bool:

@@ -23,8 +23,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "from seed --seed + k (50000 for FID, as the paper)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--scheduler", choices=SAMPLERS, default="ddpm")
-    parser.add_argument("--num_inference_steps", type=int, default=None, help="the chain's steps (default: 1000, the "
-                        "paper's; for a pipeline ddpm-distill made, the steps it was distilled for)")
+    parser.add_argument("--num_inference_steps", type=int, default=1000, help="steps of the chain (1000: the paper's "
+                        "T; a pipeline ddpm-distill made: the steps it was distilled for; fewer for ddim or dpm-solver)")
     parser.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS, default=None, help="how the N steps are "
                         "spaced over the T timesteps (Lin et al. 2023, Table 2); default: as the pipeline's scheduler "
                         "config says (leading for the paper's)")
@@ -50,8 +50,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ddpm_hf.outputs.run_folder import distilled_steps
     from ddpm_hf.sampling.counts import count_problem
 
-    if args.num_inference_steps is None:
-        args.num_inference_steps = distilled_steps(args.pipeline) or 1000
+    given = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if not any(a == "--num_inference_steps" or a.startswith("--num_inference_steps=") for a in given):
+        args.num_inference_steps = distilled_steps(args.pipeline) or args.num_inference_steps  # flags never abbreviate
 
     problem = count_problem(args.num_images, args.batch_size, args.num_inference_steps)
     if problem:  # before the pipeline is loaded and anything is written

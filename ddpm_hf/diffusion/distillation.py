@@ -94,16 +94,17 @@ def ddim_step(x0: torch.Tensor, z: torch.Tensor, a: torch.Tensor, s: torch.Tenso
     return a_to * x0 + (s_to / s) * (z - a * x0)
 
 
-def target(x0_hat: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], z: torch.Tensor,
-           t: torch.Tensor, t_mid: torch.Tensor, t_end: torch.Tensor, coefficients: Coefficients) -> torch.Tensor:
-    """3. x̃ (float64) of the teacher whose x̂(z, τ, a, s) is `x0_hat`: two DDIM steps z_t → z_t' → z_t'', then the x̃
-    one step t → t'' would need."""
+def target(x0_hat: Callable[..., torch.Tensor], z: torch.Tensor, t: torch.Tensor, t_mid: torch.Tensor,
+           t_end: torch.Tensor, coefficients: Coefficients, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """3. x̃ (float64) of the teacher whose x̂(z, τ, a, s) is `x0_hat` (x̂(z, τ, a, s, labels) given class labels): two
+    DDIM steps z_t → z_t' → z_t'', then the x̃ one step t → t'' would need."""
     z = z.double()
+    given = () if labels is None else (labels,)
     a, s = coefficients(t, z)
     a1, s1 = coefficients(t_mid, z)
     a2, s2 = coefficients(t_end, z)
-    z1 = ddim_step(x0_hat(z, t, a, s), z, a, s, a1, s1)
-    z2 = ddim_step(x0_hat(z1, t_mid, a1, s1), z1, a1, s1, a2, s2)
+    z1 = ddim_step(x0_hat(z, t, a, s, *given), z, a, s, a1, s1)
+    z2 = ddim_step(x0_hat(z1, t_mid, a1, s1, *given), z1, a1, s1, a2, s2)
     ratio = s2 / s
     return (z2 - ratio * z) / (a2 - ratio * a)
 
@@ -111,13 +112,14 @@ def target(x0_hat: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Te
 def network_x0(unet: Callable, prediction_type: str, channels: int,
                forward: Optional[Callable] = None) -> Callable:
     """x̂(z, τ, a, s) of a network predicting `prediction_type` (its first `channels` outputs: a learned variance's
-    are not used), run in the network's own dtype; `forward(z, τ)` replaces `unet(z, τ).sample` (guidance, say)."""
+    are not used), run in the network's own dtype; `forward(z, τ)` replaces `unet(z, τ).sample`, and a
+    class-conditional teacher's `forward(z, τ, labels)` (guided, say) makes it x̂(z, τ, a, s, labels)."""
     to_x0 = parameterization(prediction_type).x0
     run = forward or (lambda z, tau: unet(z, tau).sample)
     dtype = next(unet.parameters()).dtype if hasattr(unet, "parameters") else torch.float32  # once, not per call
 
-    def x0_hat(z, tau, a, s):
-        out = run(z.to(dtype), tau)[:, :channels].double()
+    def x0_hat(z, tau, a, s, *labels):
+        out = run(z.to(dtype), tau, *labels)[:, :channels].double()
         return to_x0(out, z, a, s)
 
     return x0_hat
@@ -126,7 +128,9 @@ def network_x0(unet: Callable, prediction_type: str, channels: int,
 class DistillationLoss:
     """The student's loss of one batch, per sample: `loss(model, x0, noise, j) -> [B]` (float32), as `DiffusionLoss`
     is called, where j (drawn by the t-sampler over 0..N-1) names the student's step τ_j → τ_{j+1}: z = α x0 + σ ε at
-    τ_j, the teacher's target x̃ (no gradient), and w(SNR)·‖x̃ - x̂_θ(z)‖² with x̂_θ from the student's prediction."""
+    τ_j, the teacher's target x̃ (no gradient), and w(SNR)·‖x̃ - x̂_θ(z)‖² with x̂_θ from the student's prediction.
+    A class-conditional step calls it with `model` = functools.partial(network, labels=...) (the training step's
+    form): the teacher is given the same labels."""
 
     def __init__(self, teacher_x0: Callable, alphas_cumprod: torch.Tensor, num_steps: int, student_prediction: str,
                  weighting: str = "truncated-snr"):
@@ -153,8 +157,9 @@ class DistillationLoss:
         t, t_mid, t_end = self.timesteps(j)
         a, s = self.coefficients(t, x0)
         z = (a * x0.double() + s * noise.double()).float()  # q(z_t | x), Alg. 2 line 6
+        labels = getattr(model, "keywords", {}).get("labels")
         with torch.no_grad():
-            x_tilde = target(self.teacher_x0, z, t, t_mid, t_end, self.coefficients)
+            x_tilde = target(self.teacher_x0, z, t, t_mid, t_end, self.coefficients, labels)
         output = model(z, t)
         x_hat = self.student_x0(output[:, : x0.shape[1]].double(), z.double(), a, s)
         snr = (a / s).pow(2).flatten()

@@ -321,9 +321,11 @@ def _details(summary: str, text: str) -> list:
 
 def _objective(config: TrainingConfig, scheduler: dict) -> str:
     if config.distill_teacher:  # a distillation round's student: its teacher's target, sampled by its own DDIM
+        guided = (f"; the teacher guided at w = {config.distill_guidance_scale:g}, which this student draws at "
+                  "`guidance_scale=1`, one pass a step" if config.class_conditional else "")
         return (f"distilled from `{config.distill_teacher}` to {config.distill_steps} DDIM steps (progressive "
                 f"distillation, Salimans & Ho 2022: each step matches two of the teacher's; `{config.distill_weighting}` "
-                f"weighting): sample it with `num_inference_steps={config.distill_steps}`")
+                f"weighting{guided}): sample it with `num_inference_steps={config.distill_steps}`")
     return (f"`{scheduler['variance_type']}` variance, `{config.loss}` loss"
             f"{f' (λ = {config.vlb_weight})' if config.loss == 'hybrid' else ''}, `{config.timestep_sampler}` timesteps")
 

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ddpm_hf.choices import (
     DISTILL_WEIGHTINGS,
+    MAX_GUIDANCE,
     STUDENT_PREDICTIONS,
     BAD_IMAGE_POLICIES,
     BETA_SCHEDULES,
@@ -109,6 +110,9 @@ class TrainingConfig:
     distill_steps: Optional[int] = _f(None, "the student's DDIM steps (its teacher takes twice as many)")
     distill_weighting: str = _f("truncated-snr", "the weight of the student's ‖x̃ - x̂‖²: max(SNR, 1) or SNR + 1 "
                                 "(Salimans & Ho 2022, Sec. 4)", DISTILL_WEIGHTINGS)
+    distill_guidance_scale: float = _f(1.0, "a class-conditional teacher's classifier-free guidance w in its target (0 "
+                                       "unconditional, 1 conditional, > 1 guided): the student learns the guided "
+                                       "teacher, and draws its images in one forward pass a step")
     # ---- optimisation
     batch_size: int = _f(128, "images per optimizer step, over all processes and accumulation steps")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
@@ -262,6 +266,8 @@ class TrainingConfig:
         if (self.distill_teacher is None) != (self.distill_steps is None):
             raise UsageError("--distill_teacher and --distill_steps go together (ddpm-distill sets both for each round).")
         if self.distill_teacher is None:
+            if self.distill_guidance_scale != 1.0:
+                raise UsageError("--distill_guidance_scale is for a distillation round (--distill_teacher); drop it.")
             return
         if self.distill_steps < 1:
             raise UsageError(f"--distill_steps={self.distill_steps} must be at least 1.")
@@ -276,9 +282,12 @@ class TrainingConfig:
         if self.variance_type in LEARNED_VARIANCE_TYPES or self.loss != "simple" or self.timestep_sampler != "uniform":
             raise UsageError("a distillation round trains its own objective: leave --variance_type, --loss and "
                              "--timestep_sampler at their defaults.")
-        if self.class_conditional:
-            raise UsageError("distilling a class-conditional teacher (at a fixed guidance scale) is not built yet: "
-                             "distill an unconditional one.")
+        if not 0 <= self.distill_guidance_scale <= MAX_GUIDANCE:  # NaN and inf too
+            raise UsageError(f"--distill_guidance_scale {self.distill_guidance_scale}: give a scale from 0 to "
+                             f"{MAX_GUIDANCE:g} (0 unconditional, 1 conditional, > 1 guided).")
+        if self.distill_guidance_scale != 1.0 and not self.class_conditional:
+            raise UsageError(f"--distill_guidance_scale {self.distill_guidance_scale} guides a class-conditional "
+                             "teacher, and this one is unconditional; drop it.")
 
     def _validate_ranges(self) -> None:
         """Numbers outside the range where they mean something: each is one line naming the flag and the fix."""
@@ -430,10 +439,11 @@ def resume_changes(config: TrainingConfig, checkpoint: Path) -> Dict[str, list]:
 DISTILLATION_DEFAULTS: Dict[str, Any] = dict(learning_rate=5e-5, lr_scheduler="linear", lr_warmup_steps=0, ema_decay=0.0,
                                              ema_warmup=False, dropout=0.0, prediction_type="v_prediction")
 # ... and what ddpm-distill sets for each round itself (from its teacher and its own flags): not training flags there
-DISTILLATION_SETS = ("output_dir", "distill_teacher", "distill_steps", "init_from", "max_train_steps", "num_epochs",
-                     "resume_from_checkpoint", "overwrite_output_dir", "unet_config", "unet_subfolder", "unet_preset",
-                     "channels", "resolution", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
-                     "variance_type", "loss", "timestep_sampler", "allow_config_change")
+DISTILLATION_SETS = ("output_dir", "distill_teacher", "distill_steps", "distill_guidance_scale", "class_conditional",
+                     "init_from", "max_train_steps", "num_epochs", "resume_from_checkpoint", "overwrite_output_dir",
+                     "unet_config", "unet_subfolder", "unet_preset", "channels", "resolution", "num_train_timesteps",
+                     "beta_schedule", "beta_start", "beta_end", "variance_type", "loss", "timestep_sampler",
+                     "allow_config_change")
 
 # Recipes: values that replace the defaults. Each is a complete, named experiment.
 RECIPES: Dict[str, Dict[str, Any]] = {

@@ -11,7 +11,6 @@ is also one samples.npz (`write_npz`), whose SHA-256 sampling.json records besid
 
 from __future__ import annotations
 
-import inspect
 import re
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from ddpm_hf.outputs.folder_jobs import FolderJob, handles, process_share
 from ddpm_hf.outputs.run_folder import TRAINING_CONFIG
 from ddpm_hf.saved.weights import state_dict_sha256
 from ddpm_hf.pipelines.counter_noise import NOISE
-from ddpm_hf.pipelines.pipeline_ddpm import epsilon_from_clipped_x0
+from ddpm_hf.pipelines.pipeline_ddpm import epsilon_from_clipped_x0, takes_timesteps
 from ddpm_hf.sampling.counts import count_problem
 from ddpm_hf.sampling.samplers import (
     cast_network,
@@ -277,7 +276,7 @@ def sample_command(pipe, *, pipeline_name: str, folder, num_images: int, batch_s
         from ddpm_hf.diffusion.ddim import followed_chain
 
         chain = followed_chain(pipe.scheduler, num_inference_steps)
-    if chain is not None and "timesteps" not in inspect.signature(pipe.scheduler.set_timesteps).parameters:
+    if chain is not None and not takes_timesteps(pipe.scheduler):
         raise UsageError(f"--timesteps {timesteps} needs a sampler that takes a list of timesteps, and --scheduler "
                          f"{sampler} steps by one fixed stride; use --scheduler ddpm or dpm-solver with it.")
     protocol = {

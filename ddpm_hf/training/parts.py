@@ -170,8 +170,8 @@ def build_model(config: TrainingConfig, accelerator, total_steps: int, checkpoin
 
 def distillation_objective(config: TrainingConfig, scheduler: DDPMScheduler, device) -> tuple:
     """(the loss, the t-sampler) of a distillation round: `DistillationLoss` of the frozen teacher --distill_teacher
-    (its own prediction type; a learned variance's channels unused), on the run's float64 ᾱ, with the student's step
-    j drawn uniformly from its N."""
+    (its own prediction type; a learned variance's channels unused; a class-conditional one guided at
+    --distill_guidance_scale), on the run's float64 ᾱ, with the student's step j drawn uniformly from its N."""
     from ddpm_hf.diffusion.distillation import DistillationLoss, network_x0
     from ddpm_hf.saved.weights import load_pipeline
 
@@ -183,7 +183,13 @@ def distillation_objective(config: TrainingConfig, scheduler: DDPMScheduler, dev
         raise UsageError(f"--distill_teacher {config.distill_teacher}: its noise schedule differs from this run's "
                          f"({', '.join(differ)}); a student learns on its teacher's schedule: give the teacher's.")
     unet = teacher.unet.to(device).eval().requires_grad_(False)
-    x0_hat = network_x0(unet, theirs["prediction_type"], config.channels)
+    forward = None
+    if config.class_conditional:  # the teacher guided at w, as its pipeline samples (Ho & Salimans 2021, Eq. 6)
+        from ddpm_hf.pipelines.guidance import GuidedNetwork
+
+        def forward(z, tau, labels):
+            return GuidedNetwork(unet, labels, config.distill_guidance_scale)(z, tau).sample
+    x0_hat = network_x0(unet, theirs["prediction_type"], config.channels, forward)
     loss = DistillationLoss(x0_hat, scheduler.tables().alphas_cumprod, config.distill_steps, config.prediction_type,
                             config.distill_weighting)
     return loss, make_timestep_sampler("uniform", config.distill_steps, device)
