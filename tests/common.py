@@ -186,6 +186,20 @@ def run_in_process(cmd, cwd=None, env=None, check=False, **_subprocess_options) 
     return done
 
 
+
+def train_cli(*args, **kw) -> subprocess.CompletedProcess:
+    """`python train_ddpm.py ARGS`, run in this process (`run_in_process`)."""
+    import sys
+
+    return run_in_process([sys.executable, str(REPO / "train_ddpm.py"), *map(str, args)], **kw)
+
+
+def command(module: str, *args, **kw) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` (one of our commands), run in this process (`run_in_process`)."""
+    import sys
+
+    return run_in_process([sys.executable, "-m", module, *map(str, args)], **kw)
+
 _GATED = """
 import importlib, runpy, sys
 module, name = sys.argv[1].rsplit(":", 1)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from common import REPO, TINY, cli_args, one_error_line, run_in_process, tiny_config
+from common import REPO, TINY, cli_args, one_error_line, run_in_process, command, tiny_config, train_cli
 from ddpm_hf.pipelines.guidance import GuidedNetwork
 from ddpm_hf.pipelines.pipeline_ddpm import denoise
 from diffusers import UNet2DModel
@@ -290,7 +290,7 @@ def test_the_graph_form_of_a_conditional_step_trains_as_the_eager_loop(tmp_path,
 
 
 def sample_cli(*args):
-    return run_in_process([sys.executable, "-m", "ddpm_hf.commands.sample", *map(str, args)])
+    return command("ddpm_hf.commands.sample", *args)
 
 
 @pytest.mark.slow
@@ -522,10 +522,6 @@ def test_a_held_out_set_with_an_integer_label_column_is_told_what_to_do_about_it
 
 
 # ---------------------------------------------------------------- labels refused in one line, before any work
-
-
-def train_cli(*args):
-    return run_in_process([sys.executable, str(REPO / "train_ddpm.py"), *map(str, args)])
 
 
 def parquet_with_labels(path, labels, dtype="int64", class_label=False):

@@ -368,6 +368,30 @@ def test_ddpm_distill_runs_its_rounds_and_leaves_the_last_student_on_top_for_pla
         assert drawn.returncode == 0, drawn.stderr[-3000:]
         assert json.loads((tmp_path / f"drawn-{steps}" / "sampling.json").read_text())["num_inference_steps"] == steps
     assert distilled_steps(teacher) is None and distilled_steps(tmp_path / "nowhere") is None
+    # the card: the student's grid beside its teacher's DDIM grid at the same steps (image i from seed i), and the cost
+    from PIL import Image
+
+    from ddpm_hf import DDPMPipeline
+    from ddpm_hf.outputs.plots import image_grid
+    from ddpm_hf.outputs.run_folder import card_is_ours
+
+    card = (out / "README.md").read_text()
+    assert card_is_ours(out / "README.md") and f"A 1-step student of `{teacher}`" in card
+    assert ("| ![the student at 1 step](student_samples.png) | ![its teacher by DDIM at 1 step](teacher_ddim_samples.png) |"
+            in card)
+    by_ddim = diffusers.DDPMPipeline.from_pretrained(teacher)
+    by_ddim.scheduler = diffusers.DDIMScheduler.from_config(student_scheduler_config(dict(by_ddim.scheduler.config), 1,
+                                                                                     "epsilon"))
+    pairs = ((DDPMPipeline.from_pretrained(out), "student_samples.png"),
+             (DDPMPipeline(by_ddim.unet, by_ddim.scheduler), "teacher_ddim_samples.png"))
+    for pipe, picture in pairs:
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(batch_size=16, seeds=list(range(16)), num_inference_steps=1, output_type="pt").images
+        assert np.array_equal(np.asarray(Image.open(out / picture)), np.asarray(image_grid(images))), picture
+    for steps in (2, 1):
+        seconds = json.loads((out / f"round-{steps}" / "train_summary.json").read_text())["training_seconds"]
+        assert seconds < 60 and f"| {steps} | 2 | {int(round(seconds))} s |" in card  # the round's own summary
+    assert "## What it cost" in card and "of training steps" in card
 
 
 @pytest.mark.slow

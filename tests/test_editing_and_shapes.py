@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from common import run_in_process
+from common import command, run_in_process
 from PIL import Image
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
@@ -30,7 +30,7 @@ def conditional_pipeline(tmp_path_factory):
 
 
 def sample(*args):
-    return run_in_process([sys.executable, "-m", "ddpm_hf.commands.sample", *map(str, args)])
+    return command("ddpm_hf.commands.sample", *args)
 
 
 def pngs(folder):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from common import REPO, TINY, PipeText, cli_args, launch_two, one_error_line, run_in_process
+from common import REPO, TINY, PipeText, cli_args, command, launch_two, one_error_line, run_in_process, train_cli
 from PIL import Image
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
@@ -44,14 +44,6 @@ def last_error_line(proc) -> str:
     assert proc.returncode != 0 and lines and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert [line for line in lines if "error" in line.lower()] == lines[-1:], proc.stderr[-3000:]
     return lines[-1]
-
-
-def train_cli(*args, **kw) -> subprocess.CompletedProcess:
-    return run_in_process([sys.executable, str(REPO / "train_ddpm.py"), *map(str, args)], **kw)
-
-
-def command(module: str, *args) -> subprocess.CompletedProcess:
-    return run_in_process([sys.executable, "-m", module, *map(str, args)])
 
 
 def tiny_args(output_dir, **overrides):

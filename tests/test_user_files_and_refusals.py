@@ -2,15 +2,10 @@
 outside the folder afterwards."""
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
-from common import REPO, TINY, cli_args, one_error_line, run_in_process
-
-
-def train_cli(*args) -> "subprocess.CompletedProcess":  # noqa: F821
-    return run_in_process([sys.executable, str(REPO / "train_ddpm.py"), *map(str, args)])
+from common import REPO, TINY, cli_args, command, one_error_line, train_cli
 
 
 def every_file(folder: Path) -> dict:
@@ -40,10 +35,6 @@ def test_a_resume_from_a_checkpoint_past_max_train_steps_is_one_line_and_changes
 
 
 # ---------------------------------------------------------------- 1. links in a run folder
-
-
-def command(module: str, *args):
-    return run_in_process([sys.executable, "-m", module, *map(str, args)])
 
 
 @pytest.mark.slow

@@ -126,6 +126,9 @@ def evaluation_metrics_file(mode: str, guidance_scale: Optional[float] = None) -
 # what ddpm-distill writes: a training run per round (round-<its steps>/), its record, and the last round's student
 # at the top of the folder
 DISTILL_RECORD = "distill.json"
+# the top folder's card pictures: the last student at its steps, and its first teacher by DDIM at the same steps
+DISTILL_STUDENT_GRID = "student_samples.png"
+DISTILL_TEACHER_GRID = "teacher_ddim_samples.png"
 DISTILL_ROUND_PREFIX = "round-"
 
 

@@ -19,6 +19,10 @@ from ddpm_hf.sizes import size_of
 from ddpm_hf.outputs.files import atomic_write_bytes, sha256_of
 from ddpm_hf.outputs.run_folder import (
     DENOISING_ANIMATIONS,
+    DISTILL_RECORD,
+    DISTILL_STUDENT_GRID,
+    DISTILL_TEACHER_GRID,
+    distill_round_dir,
     EMA_SWEEP_PLOT,
     EVALUATION,
     LOSS_CURVE,
@@ -121,16 +125,23 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes} min" if hours else (f"{minutes} min {secs} s" if minutes else f"{secs} s")
 
 
-def _hardware(summary: Optional[dict]) -> str:
-    """What the run trained on and how long it took, as train_summary.json records them."""
+def _where(summary: Optional[dict]) -> str:
+    """What the run trained on, as train_summary.json records it ("" where it does not)."""
     hardware = (summary or {}).get("hardware")
     if not hardware:
         return ""
     processes = hardware.get("processes", 1)
     where = f"{processes} x {hardware.get('name')}" if processes > 1 else hardware.get("name")
+    return f"{where} ({hardware.get('device')})"
+
+
+def _hardware(summary: Optional[dict]) -> str:
+    """What the run trained on and how long it took, as train_summary.json records them."""
+    if not _where(summary):
+        return ""
     took = summary.get("training_seconds")
     wall = summary.get("wall_seconds")
-    return (f" Trained on {where} ({hardware.get('device')})"
+    return (f" Trained on {_where(summary)}"
             + (f" in {_duration(took)} of training steps" if took is not None else "")
             + (f", {_duration(wall)} in all (data, grids, checkpoints and figures included)" if wall is not None else "")
             + ".")
@@ -427,4 +438,64 @@ def build_model_card(output_dir, repo_id: Optional[str] = None, progress: Option
 def write_model_card(output_dir, repo_id: Optional[str] = None, progress: Optional[Tuple[int, int]] = None) -> Path:
     path = Path(output_dir) / MODEL_CARD
     atomic_write_bytes(path, stamped_card(str(build_model_card(output_dir, repo_id, progress))).encode())
+    return path
+
+
+def build_distill_card(output_dir, repo_id: Optional[str] = None):
+    """The card of `ddpm-distill`'s folder (its last student at the top): what it is distilled from and for how many
+    steps, its grid beside its first teacher's DDIM grid at the same steps (those whose files exist), how to sample it,
+    and what the distillation cost, round by round, from each round's train_summary.json."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    output_dir = Path(output_dir)
+    record = json.loads((output_dir / DISTILL_RECORD).read_text())
+    steps, name = record["to_steps"], repo_id or output_dir.resolve().name
+    rounds = [(n, _read_json(output_dir / distill_round_dir(n) / TRAIN_SUMMARY),
+               TrainingConfig.load(output_dir / distill_round_dir(n) / TRAINING_CONFIG)) for n in record["rounds"]]
+    last = rounds[-1][2]
+    guided = (f", its teacher guided at w = {last.distill_guidance_scale:g} (classifier-free guidance), which it draws "
+              "with one forward pass a step at its own guidance scale of 1" if last.class_conditional else "")
+    data = ModelCardData(license="apache-2.0", library_name="diffusers", model_name=name,
+                         tags=TAGS + ["progressive-distillation"] + (["class-conditional"] if last.class_conditional else []),
+                         pipeline_tag="unconditional-image-generation")
+    parts = [f"# {name}", "",
+             f"A {steps}-step student of `{record['teacher']}`, by progressive distillation (Salimans & Ho 2022) from "
+             f"DDIM at {record['from_steps']} steps: {len(rounds)} rounds of {record['steps_per_round']} optimizer steps "
+             f"at batch {last.batch_size}, each student taking in one DDIM step what its teacher took in two{guided}. "
+             f"It is a plain diffusers pipeline: a `UNet2DModel` and a `DDIMScheduler` whose `set_timesteps({steps})` "
+             "gives exactly the steps it learned.", ""]
+    at = f"{steps} step{'s' if steps != 1 else ''}"
+    grids = [(f, caption) for f, caption in ((DISTILL_STUDENT_GRID, f"the student at {at}"),
+                                             (DISTILL_TEACHER_GRID, f"its teacher by DDIM at {at}"))
+             if (output_dir / f).is_file()]
+    if grids:
+        parts += ["| " + " | ".join(c for _, c in grids) + " |", "|" + " --- |" * len(grids),
+                  "| " + " | ".join(f"![{c}]({f})" for f, c in grids) + " |", "",
+                  "*Image i from seed i in both" + (", of class i mod K" if last.class_conditional else "") + ".*", ""]
+    load_id = repo_id or str(output_dir)
+    call = (f"pipe(class_labels=[0, 1, 2, 3], num_inference_steps={steps}).images" if last.class_conditional
+            else f"pipe(batch_size=16, num_inference_steps={steps}).images")
+    parts += ["## Usage", "", "```python",
+              "from ddpm_hf import DDPMPipeline  # its class labels are ddpm_hf's" if last.class_conditional
+              else "from diffusers import DDPMPipeline  # or ddpm_hf's", "",
+              f'pipe = DDPMPipeline.from_pretrained("{load_id}")', f"images = {call}", "```", "",
+              f"or `ddpm-sample {load_id} OUT --num_images N`, which takes its {steps} steps unless told otherwise.", "",
+              "## What it cost", "", "| round: student steps | optimizer steps | training steps' time | in all |",
+              "| ---: | ---: | ---: | ---: |"]
+    for n, summary, _ in rounds:
+        summary = summary or {}
+        parts.append(f"| {n} | {summary.get('steps', '–')} | {_duration(summary.get('training_seconds', 0))} | "
+                     f"{_duration(summary.get('wall_seconds', 0))} |")
+    training = sum((summary or {}).get("training_seconds", 0) for _, summary, _ in rounds)
+    wall = sum((summary or {}).get("wall_seconds", 0) for _, summary, _ in rounds)
+    hardware = _where(rounds[0][1])
+    parts += ["", f"In all {_duration(training)} of training steps and {_duration(wall)} with each round's setup, grids "
+              f"and checkpoints" + (f", on {hardware}" if hardware else "") + " (the last session of a resumed round: "
+              "its wall time counts that session only).", ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts))
+
+
+def write_distill_card(output_dir, repo_id: Optional[str] = None) -> Path:
+    path = Path(output_dir) / MODEL_CARD
+    atomic_write_bytes(path, stamped_card(str(build_distill_card(output_dir, repo_id))).encode())
     return path

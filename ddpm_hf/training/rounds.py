@@ -17,12 +17,16 @@ from ddpm_hf.outputs.folder_jobs import FolderJob
 from ddpm_hf.outputs.run_folder import (
     DISTILL_RECORD,
     DISTILL_ROUND_PREFIX,
+    DISTILL_STUDENT_GRID,
+    DISTILL_TEACHER_GRID,
+    MODEL_CARD,
     MODEL_INDEX,
     TRAIN_SUMMARY,
     distill_round_dir,
     list_checkpoints,
 )
 from ddpm_hf.recipes.config import DISTILLATION_DEFAULTS, TrainingConfig
+from ddpm_hf.publishing.model_card import write_distill_card
 from ddpm_hf.recipes.resolve import resolve_config
 from ddpm_hf.training.run_guard import RunStopped
 
@@ -52,6 +56,35 @@ def round_folders(output_dir: Path) -> List[Path]:
     return sorted(p for p in Path(output_dir).glob(f"{DISTILL_ROUND_PREFIX}*") if p.is_dir() or p.is_symlink())
 
 
+def distill_results(output_dir: Path) -> List[Path]:
+    """What ddpm-distill writes by name into its folder: the rounds, the top pipeline's index and the card's files
+    (a folder holding them without distill.json holds someone else's: refused)."""
+    named = [Path(output_dir) / name for name in (MODEL_INDEX, MODEL_CARD, DISTILL_STUDENT_GRID, DISTILL_TEACHER_GRID)]
+    return round_folders(output_dir) + [p for p in named if p.exists() or p.is_symlink()]
+
+
+def draw_comparison(output_dir: Path, teacher: str, steps: int, guidance: float, count: int = 16) -> None:
+    """The card's two grids: the student at the top of `output_dir` at its `steps`, and its first teacher by DDIM on
+    the same grid of `steps` (unclipped, as the student learned it; guided at `guidance` where it is class-conditional,
+    the student at its own guidance of 1); image i from seed i in both, of class i mod K in a class-conditional pair."""
+    from ddpm_hf.diffusion.distillation import student_scheduler
+    from ddpm_hf.outputs.files import atomic_save_image
+    from ddpm_hf.outputs.plots import image_grid
+    from ddpm_hf.pipelines.guidance import num_classes
+    from ddpm_hf.saved.weights import load_pipeline
+
+    student, by_ddim = load_pipeline(output_dir), load_pipeline(teacher)
+    by_ddim.scheduler = student_scheduler(dict(by_ddim.scheduler.config), steps, by_ddim.scheduler.config.prediction_type)
+    classes = num_classes(student.unet)
+    labels = None if classes is None else [k % classes for k in range(2 * classes)]  # two rows, a class a column
+    seeds = list(range(count if labels is None else len(labels)))
+    for pipe, name, scale in ((student, DISTILL_STUDENT_GRID, 1.0), (by_ddim, DISTILL_TEACHER_GRID, guidance)):
+        pipe.set_progress_bar_config(disable=True)
+        guided = {} if labels is None else {"class_labels": labels, "guidance_scale": scale}
+        images = pipe(batch_size=len(seeds), seeds=seeds, num_inference_steps=steps, output_type="pt", **guided).images
+        atomic_save_image(image_grid(images, cols=classes), output_dir / name)
+
+
 def distill(teacher: str, output_dir, *, from_steps: int, to_steps: int, steps_per_round: int,
             given: Dict[str, Any], state=None, overwrite: bool = False, hub_token: Optional[str] = None) -> Path:
     """Run the rounds from `from_steps` to `to_steps` (checked by the caller: `distillation.steps_problem`) into
@@ -64,7 +97,7 @@ def distill(teacher: str, output_dir, *, from_steps: int, to_steps: int, steps_p
     protocol = {"teacher": teacher, "from_steps": from_steps, "to_steps": to_steps, "steps_per_round": steps_per_round,
                 "training": {k: given[k] for k in sorted(given)}}
     with FolderJob(output_dir, DISTILL_RECORD, protocol, state, free=("teacher", "rounds", "complete"),
-                   results=round_folders, results_are="folders named as ddpm-distill's rounds") as job:
+                   results=distill_results, results_are="files and folders named as ddpm-distill's") as job:
         job.check("a distillation", "distill again from scratch", overwrite)
         if overwrite and job.is_main:
             for folder in round_folders(output_dir):
@@ -85,7 +118,9 @@ def distill(teacher: str, output_dir, *, from_steps: int, to_steps: int, steps_p
                 job.record(rounds=done, complete=False)
             job.wait()
             current = str(folder)
-        if job.finish():  # the last student at the top of the folder, as a pipeline of its own
+        if job.finish():  # the last student at the top of the folder, as a pipeline of its own, with its card
             save_pipeline(load_pipeline(current), output_dir)
+            draw_comparison(output_dir, teacher, to_steps, given.get("distill_guidance_scale", 1.0))
             job.record(rounds=done, complete=True)
+            write_distill_card(output_dir)
         return Path(current)
