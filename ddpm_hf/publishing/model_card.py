@@ -479,7 +479,8 @@ def build_distill_card(output_dir, repo_id: Optional[str] = None):
               "from ddpm_hf import DDPMPipeline  # its class labels are ddpm_hf's" if last.class_conditional
               else "from diffusers import DDPMPipeline  # or ddpm_hf's", "",
               f'pipe = DDPMPipeline.from_pretrained("{load_id}")', f"images = {call}", "```", "",
-              f"or `ddpm-sample {load_id} OUT --num_images N`, which takes its {steps} steps unless told otherwise.", "",
+              f"or `ddpm-sample {load_id} samples --num_images 64`, which takes its {steps} steps unless told "
+              "otherwise.", "",
               "## What it cost", "", "| round: student steps | optimizer steps | training steps' time | in all |",
               "| ---: | ---: | ---: | ---: |"]
     for n, summary, _ in rounds:
