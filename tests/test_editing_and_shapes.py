@@ -721,6 +721,7 @@ def test_a_non_square_image_is_resized_to_cover_and_center_cropped():
     assert to_uint8_array(image, 1, "8x16", center_crop=False).shape == (8, 16, 1)  # squashed
 
 
+@pytest.mark.slow
 def test_a_non_square_run_trains_samples_measures_and_reloads_in_plain_diffusers(tmp_path):
     import diffusers
     from common import tiny_config

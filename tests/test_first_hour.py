@@ -182,6 +182,7 @@ def test_ddpm_edits_bar_moves_at_every_step_of_one_batchs_chain(saved_pipeline, 
     assert len(seen) == total // 2 > 4 and seen[-1][0] == total  # a step (or a RePaint move) at a time, to the end
 
 
+@pytest.mark.slow
 def test_ddpm_nlls_bar_moves_at_every_term_of_one_batch(tmp_path, monkeypatch):
     from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
 
