@@ -450,9 +450,8 @@ def build_distill_card(output_dir, repo_id: Optional[str] = None):
     output_dir = Path(output_dir)
     record = json.loads((output_dir / DISTILL_RECORD).read_text())
     steps, name = record["to_steps"], repo_id or output_dir.resolve().name
-    rounds = [(n, _read_json(output_dir / distill_round_dir(n) / TRAIN_SUMMARY),
-               TrainingConfig.load(output_dir / distill_round_dir(n) / TRAINING_CONFIG)) for n in record["rounds"]]
-    last = rounds[-1][2]
+    rounds = [(n, _read_json(output_dir / distill_round_dir(n) / TRAIN_SUMMARY)) for n in record["rounds"]]
+    last = TrainingConfig.load(output_dir / distill_round_dir(steps) / TRAINING_CONFIG)
     guided = (f", its teacher guided at w = {last.distill_guidance_scale:g} (classifier-free guidance), which it draws "
               "with one forward pass a step at its own guidance scale of 1" if last.class_conditional else "")
     data = ModelCardData(license="apache-2.0", library_name="diffusers", model_name=name,
@@ -483,12 +482,12 @@ def build_distill_card(output_dir, repo_id: Optional[str] = None):
               "otherwise.", "",
               "## What it cost", "", "| round: student steps | optimizer steps | training steps' time | in all |",
               "| ---: | ---: | ---: | ---: |"]
-    for n, summary, _ in rounds:
+    for n, summary in rounds:
         summary = summary or {}
         parts.append(f"| {n} | {summary.get('steps', '–')} | {_duration(summary.get('training_seconds', 0))} | "
                      f"{_duration(summary.get('wall_seconds', 0))} |")
-    training = sum((summary or {}).get("training_seconds", 0) for _, summary, _ in rounds)
-    wall = sum((summary or {}).get("wall_seconds", 0) for _, summary, _ in rounds)
+    training = sum((summary or {}).get("training_seconds", 0) for _, summary in rounds)
+    wall = sum((summary or {}).get("wall_seconds", 0) for _, summary in rounds)
     hardware = _where(rounds[0][1])
     parts += ["", f"In all {_duration(training)} of training steps and {_duration(wall)} with each round's setup, grids "
               f"and checkpoints" + (f", on {hardware}" if hardware else "") + " (the last session of a resumed round: "

@@ -63,8 +63,8 @@ def distill_results(output_dir: Path) -> List[Path]:
     return round_folders(output_dir) + [p for p in named if p.exists() or p.is_symlink()]
 
 
-def draw_comparison(output_dir: Path, teacher: str, steps: int, guidance: float, count: int = 16) -> None:
-    """The card's two grids: the student at the top of `output_dir` at its `steps`, and its first teacher by DDIM on
+def draw_comparison(student, output_dir: Path, teacher: str, steps: int, guidance: float, count: int = 16) -> None:
+    """The card's two grids in `output_dir`: the `student` pipeline at its `steps`, and its first teacher by DDIM on
     the same grid of `steps` (unclipped, as the student learned it; guided at `guidance` where it is class-conditional,
     the student at its own guidance of 1); image i from seed i in both, of class i mod K in a class-conditional pair."""
     from ddpm_hf.diffusion.distillation import student_scheduler
@@ -73,7 +73,7 @@ def draw_comparison(output_dir: Path, teacher: str, steps: int, guidance: float,
     from ddpm_hf.pipelines.guidance import num_classes
     from ddpm_hf.saved.weights import load_pipeline
 
-    student, by_ddim = load_pipeline(output_dir), load_pipeline(teacher)
+    by_ddim = load_pipeline(teacher)
     by_ddim.scheduler = student_scheduler(dict(by_ddim.scheduler.config), steps, by_ddim.scheduler.config.prediction_type)
     classes = num_classes(student.unet)
     labels = None if classes is None else [k % classes for k in range(2 * classes)]  # two rows, a class a column
@@ -119,8 +119,9 @@ def distill(teacher: str, output_dir, *, from_steps: int, to_steps: int, steps_p
             job.wait()
             current = str(folder)
         if job.finish():  # the last student at the top of the folder, as a pipeline of its own, with its card
-            save_pipeline(load_pipeline(current), output_dir)
-            draw_comparison(output_dir, teacher, to_steps, given.get("distill_guidance_scale", 1.0))
+            student = load_pipeline(current)
+            save_pipeline(student, output_dir)
+            draw_comparison(student, output_dir, teacher, to_steps, given.get("distill_guidance_scale", 1.0))
             job.record(rounds=done, complete=True)
             write_distill_card(output_dir)
         return Path(current)
