@@ -104,17 +104,20 @@ def main() -> None:
     parser.add_argument("--num_images", type=int, default=1000, help="images drawn by each sampler")
     parser.add_argument("--classifier_epochs", type=int, default=10)
     parser.add_argument("--teacher_steps", type=int, default=1000, help="the teacher's own sampler's steps")
+    parser.add_argument("--teacher_samples", type=int, default=None, help="distill on N images the teacher draws first "
+                        "(ddpm-distill --teacher_samples) instead of the training digits")
     args = parser.parse_args()
     os.environ.setdefault("DDPM_HF_CPU_THREADS", "2")
 
     started = time.perf_counter()
     distilled = Path(args.out) / "distilled"
+    data = ["--dataset", "digits"] if args.teacher_samples is None else ["--teacher_samples", str(args.teacher_samples)]
     subprocess.run([sys.executable, "-m", "ddpm_hf.commands.distill", args.teacher, str(distilled), "--to_steps", "1",
-                    "--from_steps", str(args.from_steps), "--steps_per_round", str(args.steps_per_round), "--dataset",
-                    "digits", "--batch_size", str(args.batch_size), "--report_to", "none", "--no-card_figures"],
-                   check=True)
+                    "--from_steps", str(args.from_steps), "--steps_per_round", str(args.steps_per_round), *data,
+                    "--batch_size", str(args.batch_size), "--report_to", "none", "--no-card_figures"], check=True)
+    trained_on = "the training digits" if args.teacher_samples is None else f"{args.teacher_samples} teacher samples"
     print(f"distillation: {time.perf_counter() - started:.0f} s ({args.from_steps} -> 1 steps, "
-          f"{args.steps_per_round} steps a round, batch {args.batch_size})", flush=True)
+          f"{args.steps_per_round} steps a round, batch {args.batch_size}, on {trained_on})", flush=True)
 
     from ddpm_hf import DDPMPipeline
     from ddpm_hf.sampling.samplers import use_scheduler, with_spacing

@@ -78,28 +78,40 @@ def test_the_target_is_algorithm_2_written_out_in_float64(N):
         np.testing.assert_allclose(ours[k].numpy(), expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("clip", [None, 1.0])
 @pytest.mark.parametrize("N", [1, 2, 4, 5, 50])
-def test_a_student_matching_its_target_lands_in_one_diffusers_ddim_step_where_the_teacher_lands_in_two(N):
-    """The teacher's two steps by diffusers' DDIM at 2N steps (ε-prediction, unclipped); the student's one step by
-    diffusers' DDIM at N steps, given x̃ as its x-prediction: the same z_t''. (Where 2N divides T: diffusers' DDIM
-    steps by T // 2N, which is the grid's own step only there.)"""
+def test_a_student_matching_its_target_lands_in_one_diffusers_ddim_step_where_the_teacher_lands_in_two(N, clip):
+    """The teacher's two steps by diffusers' DDIM at 2N steps (ε-prediction, its x̂ clipped to [-1, 1] as its own
+    scheduler would, or unclipped); the student's one step by diffusers' DDIM at N steps, given x̃ as its
+    x-prediction: the same z_t''. (Where 2N divides T: diffusers' DDIM steps by T // 2N, which is the grid's own step
+    only there.) A clipped teacher's x̃ lies within the clip, as the two x̂ it lies between do."""
+    from ddpm_hf.diffusion.distillation import network_x0
+
     config = student_scheduler_config(dict(DDPMScheduler().config), 2 * N, "epsilon")
-    teacher = diffusers.DDIMScheduler.from_config({**config, "clip_sample": False})
+    clipping = {"clip_sample": clip is not None, "clip_sample_range": clip or 1.0}
+    teacher = diffusers.DDIMScheduler.from_config({**config, **clipping})
     student = diffusers.DDIMScheduler.from_config({**config, "clip_sample": False, "prediction_type": "sample"})
     teacher.set_timesteps(2 * N)
     student.set_timesteps(N)
     # the schedulers' own float32 ᾱ, so that both sides use the same table
     coefficients = Coefficients(teacher.alphas_cumprod)
-    loss = DistillationLoss(eps_teacher_x0, teacher.alphas_cumprod, N, "sample")
+    x0_hat = network_x0(None, "epsilon", 2, forward=teacher_eps, clip=clip)  # as a round runs its teacher
+    loss = DistillationLoss(x0_hat, teacher.alphas_cumprod, N, "sample")
     for j in range(N):
         z = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(j))
         t, t_mid, t_end = loss.timesteps(torch.tensor([j]))
         assert int(teacher.timesteps[2 * j]) == int(t) and int(teacher.timesteps[2 * j + 1]) == int(t_mid)
-        z1 = teacher.step(teacher_eps(z, t).float(), int(t), z).prev_sample
-        z2 = teacher.step(teacher_eps(z1, t_mid).float(), int(t_mid), z1).prev_sample
-        x_tilde = target(eps_teacher_x0, z, t, t_mid, t_end, coefficients)
+        # ε re-derived from the clipped x̂, as ddpm_hf's pipeline steps a DDIM that clips (no-op where none does)
+        z1 = teacher.step(teacher_eps(z, t).float(), int(t), z, use_clipped_model_output=True).prev_sample
+        z2 = teacher.step(teacher_eps(z1, t_mid).float(), int(t_mid), z1, use_clipped_model_output=True).prev_sample
+        x_tilde = target(x0_hat, z, t, t_mid, t_end, coefficients)
         one = student.step(x_tilde.float(), int(t), z).prev_sample
         torch.testing.assert_close(one, z2, rtol=1e-4, atol=1e-5)
+        if clip is not None:
+            assert x_tilde.abs().max() <= clip + 1e-9
+    # the pure-noise end: an ε-teacher's unclipped x̂ is far outside the data's range, so the clip is what is tested
+    a, s = coefficients(torch.tensor([T - 1]), z)
+    assert eps_teacher_x0(z.double(), torch.tensor([T - 1]), a, s).abs().max() > 10
 
 
 def test_the_loss_is_zero_on_the_target_and_the_weighted_error_elsewhere():
@@ -227,13 +239,20 @@ def test_the_round_step_trains_on_the_students_grid_and_the_teachers_target(teac
     from ddpm_hf import DDPMPipeline
 
     teacher_unet = DDPMPipeline.from_pretrained(teacher).unet.eval()
-    by_hand = DistillationLoss(lambda z, tau, a, s: (z - s * teacher_unet(z.float(), tau).sample.double()) / a,
-                               DDPMScheduler().tables().alphas_cumprod, 2, "v_prediction")
+    assert DDPMPipeline.from_pretrained(teacher).scheduler.config.clip_sample  # so its x̂ is clipped to [-1, 1]
+
+    def teacher_x0(c):
+        return lambda z, tau, a, s: ((z - s * teacher_unet(z.float(), tau).sample.double()) / a).clamp(-c, c)
+
+    by_hand, unclipped = (DistillationLoss(teacher_x0(c), DDPMScheduler().tables().alphas_cumprod, 2, "v_prediction")
+                          for c in (1.0, float("inf")))
     student = run.raw_unet.eval()
     with torch.no_grad():
         got = run.loss(lambda z, t: student(z, t).sample, x0, noise, j)
         expected = by_hand(lambda z, t: student(z, t).sample, x0, noise, j)
+        not_expected = unclipped(lambda z, t: student(z, t).sample, x0, noise, j)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, not_expected, rtol=1e-2)
 
 
 @pytest.fixture(scope="module")
@@ -260,14 +279,16 @@ def test_a_conditional_teachers_target_is_its_two_ddim_steps_guided_at_w(conditi
     run = setup(round_config(tmp_path / "r", conditional_teacher, class_conditional=True, distill_guidance_scale=w,
                              label_dropout=0.0))
     resume(run)
-    teacher_unet = DDPMPipeline.from_pretrained(conditional_teacher).unet.eval()
+    teacher_pipe = DDPMPipeline.from_pretrained(conditional_teacher)
+    teacher_unet = teacher_pipe.unet.eval()
+    assert teacher_pipe.scheduler.config.clip_sample and teacher_pipe.scheduler.config.clip_sample_range == 1.0
     null = teacher_unet.config.num_class_embeds - 1
 
     def guided_x0(scale):
         def x0(z, tau, a, s, labels):
             e_c = teacher_unet(z.float(), tau, class_labels=labels).sample.double()
             e_u = teacher_unet(z.float(), tau, class_labels=torch.full_like(labels, null)).sample.double()
-            return (z - s * (e_u + scale * (e_c - e_u))) / a
+            return ((z - s * (e_u + scale * (e_c - e_u))) / a).clamp(-1, 1)  # as the teacher's scheduler clips
         return x0
 
     x0 = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
@@ -316,7 +337,7 @@ def test_ddpm_distill_distills_a_conditional_teacher_at_its_guidance_into_a_stud
 # ---------------------------------------------------------------- ddpm-distill: the rounds
 
 
-def distill_cli(teacher, out, *more):
+def distill_cli(teacher, out, *more, data=True):
     import sys
 
     from common import TINY, cli_args
@@ -325,6 +346,8 @@ def distill_cli(teacher, out, *more):
 
     flags = {k: v for k, v in TINY.items() if k not in DISTILLATION_SETS and k not in ("dropout", "ema_decay", "ema_warmup",
                                                                                       "learning_rate", "lr_scheduler", "lr_warmup_steps")}
+    if not data:  # --teacher_samples draws it
+        flags.pop("dataset")
     return [sys.executable, "-m", "ddpm_hf.commands.distill", teacher, out, *cli_args(flags), "--checkpointing_steps", "2",
             *map(str, more)]
 
@@ -379,9 +402,9 @@ def test_ddpm_distill_runs_its_rounds_and_leaves_the_last_student_on_top_for_pla
     assert card_is_ours(out / "README.md") and f"A 1-step student of `{teacher}`" in card
     assert ("| ![the student at 1 step](student_samples.png) | ![its teacher by DDIM at 1 step](teacher_ddim_samples.png) |"
             in card)
-    by_ddim = diffusers.DDPMPipeline.from_pretrained(teacher)
-    by_ddim.scheduler = diffusers.DDIMScheduler.from_config(student_scheduler_config(dict(by_ddim.scheduler.config), 1,
-                                                                                     "epsilon"))
+    by_ddim = diffusers.DDPMPipeline.from_pretrained(teacher)  # its own DDIM (it clips), on the student's grid
+    by_ddim.scheduler = diffusers.DDIMScheduler.from_config(by_ddim.scheduler.config, timestep_spacing="trailing")
+    assert by_ddim.scheduler.config.clip_sample and by_ddim.scheduler.config.set_alpha_to_one
     pairs = ((DDPMPipeline.from_pretrained(out), "student_samples.png"),
              (DDPMPipeline(by_ddim.unet, by_ddim.scheduler), "teacher_ddim_samples.png"))
     for pipe, picture in pairs:
@@ -439,6 +462,82 @@ def test_ddpm_distill_refuses_what_cannot_be_distilled_in_one_line_before_any_wo
 
     proc = run_in_process(distill_cli(teacher, tmp_path / "out", *more))
     assert __import__("re").search(said, one_error_line(proc))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_without_data_the_rounds_train_on_images_the_teacher_drew_first_by_its_ddim(teacher, tmp_path):
+    """--teacher_samples N: N images of the teacher by its DDIM at --from_steps (as ddpm_hf's pipeline draws them from
+    seeds 0..N-1), recorded as ddpm-sample records them, are the dataset of every round; the card says so."""
+    import json
+
+    from PIL import Image
+
+    from common import run_in_process
+
+    from ddpm_hf import DDPMPipeline
+    from ddpm_hf.sampling.samplers import use_scheduler, with_spacing
+
+    out = tmp_path / "distilled"
+    proc = run_in_process(distill_cli(teacher, out, "--to_steps", 1, "--from_steps", 2, "--steps_per_round", 2,
+                                      "--teacher_samples", 6, "--batch_size", 6, data=False))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    samples = out / "teacher-samples"
+    drawn = json.loads((samples / "sampling.json").read_text())
+    assert (drawn["scheduler"], drawn["num_inference_steps"], drawn["num_images"], drawn["complete"]) == ("ddim", 2, 6, True)
+    by_ddim = with_spacing(use_scheduler(DDPMPipeline.from_pretrained(teacher), "ddim"), "trailing")
+    by_ddim.set_progress_bar_config(disable=True)
+    images = by_ddim(batch_size=6, seeds=list(range(6)), num_inference_steps=2, output_type="np").images
+    for k in range(6):
+        saved = np.asarray(Image.open(samples / f"{k:06d}-seed{k}.png"), dtype=np.float64) / 255
+        np.testing.assert_allclose(saved, images[k, ..., 0], atol=1 / 255 + 1e-6)
+    config = json.loads((out / "round-1" / "training_config.json").read_text())
+    assert config["dataset"] == str(samples)
+    assert json.loads((out / "distill.json").read_text())["teacher_samples"] == 6
+    assert "trained on 6 images its teacher drew first (DDIM at 2 steps" in (out / "README.md").read_text()
+    # a rerun on data is another distillation: refused before any work, the folder as it was
+    again = run_in_process(distill_cli(teacher, out, "--to_steps", 1, "--from_steps", 2, "--steps_per_round", 2))
+    assert again.returncode != 0 and "distill again from scratch" in again.stderr
+
+
+@pytest.mark.parametrize("more, said", [
+    (["--teacher_samples", 8, "--dataset", "digits"], r"--teacher_samples 8 draws the images the rounds train on: drop "
+                                                      r"--dataset, or drop --teacher_samples to train on that data"),
+    (["--teacher_samples", 8, "--train_data_dir", "folder"], r"--teacher_samples 8 draws the images the rounds train "
+                                                             r"on: drop --dataset"),
+    (["--teacher_samples", 0], r"--teacher_samples 0: give at least 1 image"),
+    (["--teacher_samples", 6], r"--teacher_samples 6 is fewer than one batch of 8: draw at least 8, or lower --batch_size"),
+    (["--hub_model_id", "x"], r"--hub_model_id and --hub_private_repo need --push_to_hub"),
+])
+def test_teacher_samples_refuses_data_beside_it_and_no_images_in_one_line(teacher, tmp_path, more, said):
+    from common import one_error_line, run_in_process
+
+    proc = run_in_process(distill_cli(teacher, tmp_path / "out", "--to_steps", 4, *more, data=False))
+    assert __import__("re").search(said, one_error_line(proc))
+    assert not (tmp_path / "out").exists()
+
+
+def test_teacher_samples_of_a_class_conditional_teacher_are_refused_in_one_line(conditional_teacher, tmp_path):
+    from common import one_error_line, run_in_process
+
+    proc = run_in_process(distill_cli(conditional_teacher, tmp_path / "out", "--to_steps", 4, "--teacher_samples", 8,
+                                      data=False))
+    assert "--teacher_samples draws unlabelled images, and" in one_error_line(proc)
+    assert not (tmp_path / "out").exists()
+
+
+def test_ddpm_distill_refuses_a_teacher_whose_scheduler_thresholds_in_one_line(teacher, tmp_path):
+    import json
+    import shutil
+
+    from common import one_error_line, run_in_process
+
+    thresholding = tmp_path / "thresholding"
+    shutil.copytree(teacher, thresholding)
+    config = thresholding / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "thresholding": True}))
+    proc = run_in_process(distill_cli(thresholding, tmp_path / "out", "--to_steps", 4))
+    assert "its scheduler thresholds x̂ dynamically (thresholding: true)" in one_error_line(proc)
     assert not (tmp_path / "out").exists()
 
 

@@ -340,6 +340,42 @@ def test_ddpm_push_uploads_the_post_hoc_ema_snapshots_only_when_asked(pushed_run
                          "ema_snapshots/step-00000002-sigma_rel-0.05.safetensors": b"weights"}
 
 
+@pytest.mark.slow
+def test_ddpm_distill_push_to_hub_publishes_the_last_student_with_its_card_and_no_round(hub, tmp_path):
+    """`ddpm-distill --push_to_hub` checks the token first, then sends the top folder once the rounds end (as ddpm-push
+    sends it): the student's pipeline, its card naming the repo, the card's grids and distill.json; no round, no
+    checkpoint, no teacher sample. The pushed repo loads in plain diffusers and samples at its steps."""
+    import diffusers
+
+    from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
+
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher"
+    DDPMPipeline(build_unet("cpu-tiny", sample_size=8, in_channels=1, out_channels=1), DDPMScheduler()).save_pretrained(teacher)
+    out = tmp_path / "distilled"
+    command = [sys.executable, "-m", "ddpm_hf.commands.distill", str(teacher), str(out), "--to_steps", "1", "--from_steps",
+               "2", "--steps_per_round", "1", "--teacher_samples", "4", "--batch_size", "4", "--report_to", "none",
+               "--no-card_figures", "--push_to_hub", "--hub_model_id", "distilled"]
+    env = subprocess_env(hub, tmp_path / "hf-home")
+    refused = subprocess.run(command + ["--hub_token", READ_TOKEN], env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and not out.exists(), refused.stderr[-2000:]
+    result = subprocess.run(command + ["--hub_token", WRITE_TOKEN], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"to {hub.endpoint}/alice/distilled" in result.stdout and WRITE_TOKEN not in result.stdout + result.stderr
+    files = hub.files("alice/distilled")
+    assert set(files) == {".gitattributes", "README.md", "model_index.json", "unet/config.json",
+                          "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
+                          "student_samples.png", "teacher_ddim_samples.png", "distill.json"}
+    assert 'from_pretrained("alice/distilled")' in files["README.md"].decode()
+    assert files["unet/diffusion_pytorch_model.safetensors"] == (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    load = ("import sys, diffusers; pipe = diffusers.DDPMPipeline.from_pretrained(sys.argv[1]); "
+            "pipe.scheduler.set_timesteps(1); print(type(pipe.scheduler).__module__, pipe.scheduler.timesteps.tolist())")
+    loaded = subprocess.run([sys.executable, "-c", load, "alice/distilled"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert loaded.stdout.split() == ["diffusers.schedulers.scheduling_ddim", "[999]"]
+
+
 def test_ddpm_push_refuses_a_folder_without_a_pipeline(at_hub, tmp_path):
     (tmp_path / "training_config.json").write_text("{}")
     with pytest.raises(HubError, match=r"has no model_index.json: give the output folder of a finished training run"):

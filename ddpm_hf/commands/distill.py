@@ -52,6 +52,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--guidance_scale", type=float, default=1.0, help="a class-conditional teacher's classifier-free "
                         "guidance w, fixed for the distillation (0 unconditional, 1 conditional, > 1 guided): the student "
                         "draws the teacher's guided images with one forward pass a step, sampled at guidance 1")
+    parser.add_argument("--teacher_samples", type=int, default=None, metavar="N", help="where you have no data: the "
+                        "rounds train on N images the teacher draws first (its DDIM at --from_steps, into "
+                        "OUTPUT_DIR/teacher-samples/, kept and resumed) instead of --dataset; the student then learns "
+                        "the teacher on its own images, not on the data's (docs/distillation.md)")
     parser.add_argument("--hub_token", default=None, help="Hub token for --push_to_hub (default: HF_TOKEN or the login); "
                         "never saved or printed")
     add_training_flags(parser, leave_out=DISTILLATION_SETS)
@@ -61,6 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                "resume_from_checkpoint": "a rerun of the same command, which carries on", "overwrite_output_dir": "--overwrite",
                "distill_steps": "--to_steps and --from_steps", "distill_teacher": "TEACHER", "init_from": "TEACHER",
                "distill_guidance_scale": "--guidance_scale",
+               "hub_push_every": "--push_to_hub, which pushes the last student once, when the rounds end",
                "class_conditional": "the teacher (a class-conditional teacher makes class-conditional rounds)"}
     for arg in sys.argv[1:] if argv is None else argv:
         name = str(arg)[2:].split("=")[0] if str(arg).startswith("--") else None
@@ -72,14 +77,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     teacher, output_dir = args.pop("teacher"), args.pop("output_dir")
     to_steps, from_steps = args.pop("to_steps"), args.pop("from_steps")
     steps_per_round, overwrite, hub_token = args.pop("steps_per_round"), args.pop("overwrite"), args.pop("hub_token")
-    guidance = args.pop("guidance_scale")
+    guidance, teacher_samples = args.pop("guidance_scale"), args.pop("teacher_samples")
     if steps_per_round < 1:
         parser.error(f"--steps_per_round {steps_per_round} must be at least 1")
+    if teacher_samples is not None:
+        from ddpm_hf.sampling.counts import count_problem
+
+        from ddpm_hf.recipes.resolve import DIFFUSERS_ALIASES
+
+        if "dataset" in args or any(DIFFUSERS_ALIASES.get(k[len("alias:"):]) == "dataset" for k in args):
+            parser.error(f"--teacher_samples {teacher_samples} draws the images the rounds train on: drop --dataset, "
+                         "or drop --teacher_samples to train on that data")
+        problem = count_problem(teacher_samples, 1, 1)
+        if problem:
+            parser.error(f"--teacher_samples {teacher_samples}: give at least 1 image" if teacher_samples < 1 else
+                         problem.replace("--num_images", "--teacher_samples"))
     from ddpm_hf.choices import MAX_GUIDANCE
 
     if not 0 <= guidance <= MAX_GUIDANCE:  # NaN and inf too
         parser.error(f"--guidance_scale {guidance}: give a scale from 0 to {MAX_GUIDANCE:g} (0 unconditional, 1 "
                      "conditional, > 1 guided)")
+    # --push_to_hub publishes the last student (the top folder, as ddpm-push does) once the rounds end, not each round
+    hub = {k: args.pop(k) for k in ("push_to_hub", "hub_model_id", "hub_private_repo") if k in args}
+    if not hub.get("push_to_hub") and set(hub) - {"push_to_hub"}:
+        parser.error("--hub_model_id and --hub_private_repo need --push_to_hub")
     given = {k: v for k, v in args.items()}
 
     from ddpm_hf.diffusion.distillation import steps_problem
@@ -89,10 +110,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     scheduler = read_pipeline_json(teacher, (SCHEDULER_CONFIG, ROOT_LAYOUT_SCHEDULER_CONFIG))
     unet = read_pipeline_json(teacher, (UNET_CONFIG, ROOT_LAYOUT_UNET_CONFIG))
     T = scheduler.get("num_train_timesteps", 1000)
+    if scheduler.get("thresholding"):
+        parser.error(f"{teacher}: its scheduler thresholds x̂ dynamically (thresholding: true), which distillation does "
+                     "not follow yet; distill a teacher whose scheduler clips (clip_sample) or does neither")
     if unet.get("out_channels", 0) != unet.get("in_channels"):
         parser.error(f"{teacher}: its UNet gives {unet.get('out_channels')} channels for {unet.get('in_channels')} (a "
                      "learned variance): distilling it is not built yet; distill a fixed-variance teacher")
     if unet.get("num_class_embeds") is not None:  # the rounds are class-conditional, their teacher guided at w
+        if teacher_samples is not None:
+            parser.error(f"--teacher_samples draws unlabelled images, and {teacher} is class-conditional (its rounds "
+                         "train on labelled images): give its --dataset instead")
         given.update(class_conditional=True, distill_guidance_scale=guidance)
         # the student is sampled with its labels: a step spent on "no class" teaches it the unconditional teacher only
         given.setdefault("label_dropout", 0.0)
@@ -108,10 +135,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ddpm_hf.training.rounds import distill
 
     configure_logging()
+    state = distributed_state()
+    repo_id = None
+    if hub.get("push_to_hub") and state.is_main_process:  # a missing or bad token fails now, not after the rounds
+        from pathlib import Path
+
+        from huggingface_hub import HfApi
+
+        from ddpm_hf.publishing.hub import check_hub_access
+
+        repo_id = check_hub_access(HfApi(token=hub_token), hub.get("hub_model_id") or Path(output_dir).resolve().name,
+                                   hub_token, hub.get("hub_private_repo", False), output_dir)
     last = distill(teacher, output_dir, from_steps=from_steps, to_steps=to_steps, steps_per_round=steps_per_round,
-                   given=given, state=distributed_state(), overwrite=overwrite, hub_token=hub_token)
+                   given=given, state=state, overwrite=overwrite, hub_token=hub_token, teacher_samples=teacher_samples)
     print(f"distilled {teacher} to {to_steps} DDIM steps: {output_dir} (the last round: {last}); sample it at its "
           f"{to_steps} steps (ddpm-sample's --num_inference_steps, or num_inference_steps= in Python)")
+    if repo_id is not None:
+        from ddpm_hf.publishing.hub import push_output_folder
+
+        url, commit = push_output_folder(output_dir, repo_id=repo_id, token=hub_token,
+                                         private=hub.get("hub_private_repo", False))
+        print(f"pushed {output_dir} to {url} (commit {commit.oid[:12]})")
     return 0
 
 

@@ -6,10 +6,18 @@ objective is one more loss of the training step (`DistillationLoss`, the same ca
    τ_N = -1 is the clean image (ᾱ = 1). Point j of the N-grid is point 2j of the 2N-grid, so each student step is
    exactly two teacher steps, every round. Where N divides T it is diffusers' DDIM with timestep_spacing "trailing" and
    set_alpha_to_one (each step to t - T//N, the last to ᾱ = 1): the saved student samples there in plain diffusers.
-2. The teacher's two DDIM steps (η = 0, x̂ unclipped; Song et al. 2021, Eq. 12; Alg. 2 lines 7-8), t → t' → t'':
+2. The teacher's two DDIM steps (η = 0; Song et al. 2021, Eq. 12; Alg. 2 lines 7-8), t → t' → t'':
    z_t' = α_t'·x̂(z_t) + (σ_t'/σ_t)·(z_t - α_t·x̂(z_t)), with α² = ᾱ and σ² = 1 - ᾱ.
+   x̂ is clipped to [-c, c] where the teacher's own scheduler clips (clip_sample, c = clip_sample_range), as its sampler
+   does (the step's z_t - α_t·x̂ then takes the clipped x̂: ε re-derived from it, as ddpm_hf's pipeline steps a DDIM
+   that clips), and unclipped where it does not (every student: v's x̂ = α z - σ v is well-conditioned). The paper's teachers
+   predict v or x and step unclipped; an ε-teacher's x̂ = (z - σ ε̂)/α multiplies ε̂'s error by 1/α (156 at t = 999 on
+   the linear schedule): unclipped, x̃ there is that error (RMS 5.8 on the digits model, whose pixels are in [-1, 1])
+   and the first round cannot fit it (docs/distillation.md).
 3. The target (Alg. 2 line 9): the x̃ from which one DDIM step t → t'' lands on z_t'':
    x̃ = (z_t'' - (σ_t''/σ_t)·z_t) / (α_t'' - (σ_t''/σ_t)·α_t); at t'' = -1 (σ = 0, α = 1) it is z_t'' itself.
+   Written out, x̃ = λ·x̂(z_t) + (1 - λ)·x̂(z_t') with λ = σ_t''(α_t'/σ_t' - α_t/σ_t) / (α_t'' - (σ_t''/σ_t)·α_t) in
+   [0, 1] while α/σ grows along the chain: x̃ lies between the teacher's two x̂, so within [-c, c] where they are.
 4. The weight (Sec. 4): "truncated SNR", max(‖x - x̂‖², ‖ε - ε̂‖²) = max(SNR_t, 1)·‖x - x̂‖², which stays sound at
    the pure-noise end where SNR → 0; or "SNR+1", (1 + SNR_t)·‖x - x̂‖², which is v-prediction's own MSE.
 5. The student's parameterization: the student predicts v (or x); an ε-prediction's x̂ = (z - σ·ε̂)/α divides by
@@ -109,18 +117,25 @@ def target(x0_hat: Callable[..., torch.Tensor], z: torch.Tensor, t: torch.Tensor
     return (z2 - ratio * z) / (a2 - ratio * a)
 
 
+def teacher_clip(scheduler_config) -> Optional[float]:
+    """2. c, where a teacher's x̂ is clipped to [-c, c] as its own scheduler clips it; None where it is not."""
+    return float(scheduler_config.get("clip_sample_range", 1.0)) if scheduler_config.get("clip_sample") else None
+
+
 def network_x0(unet: Callable, prediction_type: str, channels: int,
-               forward: Optional[Callable] = None) -> Callable:
+               forward: Optional[Callable] = None, clip: Optional[float] = None) -> Callable:
     """x̂(z, τ, a, s) of a network predicting `prediction_type` (its first `channels` outputs: a learned variance's
-    are not used), run in the network's own dtype; `forward(z, τ)` replaces `unet(z, τ).sample`, and a
-    class-conditional teacher's `forward(z, τ, labels)` (guided, say) makes it x̂(z, τ, a, s, labels)."""
+    are not used), run in the network's own dtype, clipped to [-clip, clip] where `clip` is given (2.);
+    `forward(z, τ)` replaces `unet(z, τ).sample`, and a class-conditional teacher's `forward(z, τ, labels)` (guided,
+    say) makes it x̂(z, τ, a, s, labels)."""
     to_x0 = parameterization(prediction_type).x0
     run = forward or (lambda z, tau: unet(z, tau).sample)
     dtype = next(unet.parameters()).dtype if hasattr(unet, "parameters") else torch.float32  # once, not per call
 
     def x0_hat(z, tau, a, s, *labels):
         out = run(z.to(dtype), tau, *labels)[:, :channels].double()
-        return to_x0(out, z, a, s)
+        x0 = to_x0(out, z, a, s)
+        return x0 if clip is None else x0.clamp(-clip, clip)
 
     return x0_hat
 
@@ -167,21 +182,23 @@ class DistillationLoss:
         return (weight * (x_hat - x_tilde).pow(2).flatten(1).mean(1)).float()
 
 
-def student_scheduler_config(teacher_config: dict, num_steps: int, prediction_type: str) -> dict:
+def student_scheduler_config(teacher_config: dict, num_steps: int, prediction_type: str,
+                             clip: Optional[float] = None) -> dict:
     """The saved student's scheduler: diffusers' DDIMScheduler on the teacher's betas, whose set_timesteps(num_steps)
-    gives exactly the student's grid (1.): trailing spacing, each step to t - T//N and the last to ᾱ = 1. Unclipped,
-    as the student learned its teacher's unclipped steps (and so the same images in plain diffusers' DDPMPipeline,
-    which steps DDIM with its defaults, and in ddpm_hf's)."""
+    gives exactly the student's grid (1.): trailing spacing, each step to t - T//N and the last to ᾱ = 1. Unclipped
+    (its x̂ lies between its teacher's, 3.), and so the same images in plain diffusers' DDPMPipeline, which steps DDIM
+    with its defaults, and in ddpm_hf's. `clip`: the teacher's own DDIM on that grid instead, clipped as it clips."""
     keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
     config = {k: teacher_config[k] for k in keep if k in teacher_config}
+    clipping = {"clip_sample": False} if clip is None else {"clip_sample": True, "clip_sample_range": clip}
     return {**config, "prediction_type": prediction_type, "timestep_spacing": "trailing", "set_alpha_to_one": True,
-            "steps_offset": 0, "clip_sample": False, "thresholding": False}
+            "steps_offset": 0, "thresholding": False, **clipping}
 
 
-def student_scheduler(teacher_config: dict, num_steps: int, prediction_type: str):
+def student_scheduler(teacher_config: dict, num_steps: int, prediction_type: str, clip: Optional[float] = None):
     """The DDIMScheduler of `student_scheduler_config`: ddpm_hf's (`diffusion.ddim`, saved as diffusers' own), which
     also follows the grid of an intermediate round whose N does not divide T (diffusers' steps by T // N)."""
     from ddpm_hf.diffusion.ddim import DDIMScheduler
 
-    return DDIMScheduler.from_config(student_scheduler_config(teacher_config, num_steps, prediction_type))
+    return DDIMScheduler.from_config(student_scheduler_config(teacher_config, num_steps, prediction_type, clip))
 

@@ -130,6 +130,8 @@ DISTILL_RECORD = "distill.json"
 DISTILL_STUDENT_GRID = "student_samples.png"
 DISTILL_TEACHER_GRID = "teacher_ddim_samples.png"
 DISTILL_ROUND_PREFIX = "round-"
+# --teacher_samples: the images the teacher draws first, which every round trains on where the user has no data
+DISTILL_TEACHER_SAMPLES = "teacher-samples"
 
 
 def distill_round_dir(steps: int) -> str:
@@ -173,6 +175,7 @@ PUBLISHED = (
     MODEL_INDEX, UNET_CONFIG, UNET_WEIGHTS, SCHEDULER_CONFIG, MODEL_CARD, SAMPLE_GRID, f"{SAMPLE_GRIDS_DIR}/step-*.png",
     PROGRESSIVE, *DENOISING_ANIMATIONS, FIGURES_RECORD, METRICS, METRICS_DINOV2, TRAINING_CONFIG, LOSS_CURVE,
     EVALUATION, EVALUATION_TABLE, GUIDANCE_PLOT, POSTHOC_RECORD, EMA_SWEEP_PLOT,
+    DISTILL_RECORD, DISTILL_STUDENT_GRID, DISTILL_TEACHER_GRID,  # a distilled folder's: its protocol and card's grids
 )
 # what ddpm-push --push_snapshots adds: post-hoc EMA's snapshots, for others to reconstruct their own EMA lengths
 PUBLISHED_SNAPSHOTS = (f"{EMA_SNAPSHOTS_DIR}/*",)

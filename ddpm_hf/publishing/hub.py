@@ -24,7 +24,7 @@ from typing import List, Optional
 
 from ddpm_hf.errors import StateError
 from ddpm_hf.outputs.files import refuse_links, tmp_sibling
-from ddpm_hf.outputs.run_folder import MODEL_INDEX, PUBLISHED, PUBLISHED_SNAPSHOTS, TRAINING_CONFIG
+from ddpm_hf.outputs.run_folder import DISTILL_RECORD, MODEL_INDEX, PUBLISHED, PUBLISHED_SNAPSHOTS, TRAINING_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -179,9 +179,9 @@ class HubPusher:
 
 def push_output_folder(output_dir, *, repo_id: Optional[str] = None, token: Optional[str] = None, private: bool = False,
                        commit_message: str = "Upload DDPM pipeline with ddpm_hf", snapshots: bool = False):
-    """`ddpm-push`: check access, rewrite the model card for the repo, upload the allow-list; return
-    (repo URL, commit info)."""
-    from ddpm_hf.publishing.model_card import write_model_card
+    """`ddpm-push` (and `ddpm-distill --push_to_hub` at its end): check access, rewrite the model card for the repo (a
+    training run's, or a distilled folder's), upload the allow-list; return (repo URL, commit info)."""
+    from ddpm_hf.publishing.model_card import write_distill_card, write_model_card
 
     output_dir = Path(output_dir)
     refuse_links(output_dir, "ddpm-push")
@@ -190,7 +190,9 @@ def push_output_folder(output_dir, *, repo_id: Optional[str] = None, token: Opti
                        "(or a folder written by save_pretrained).")
     pusher = HubPusher(repo_id or output_dir.resolve().name, token, private, str(output_dir))
     try:
-        if (output_dir / TRAINING_CONFIG).is_file():
+        if (output_dir / DISTILL_RECORD).is_file():  # ddpm-distill's: its last student on top, its rounds not sent
+            write_distill_card(output_dir, pusher.repo_id)
+        elif (output_dir / TRAINING_CONFIG).is_file():
             write_model_card(output_dir, pusher.repo_id)
         else:
             logger.warning("%s has no %s, so no model card is written; the repo gets what is there.", output_dir,

@@ -463,6 +463,11 @@ def build_distill_card(output_dir, repo_id: Optional[str] = None):
              f"at batch {last.batch_size}, each student taking in one DDIM step what its teacher took in two{guided}. "
              f"It is a plain diffusers pipeline: a `UNet2DModel` and a `DDIMScheduler` whose `set_timesteps({steps})` "
              "gives exactly the steps it learned.", ""]
+    if record.get("teacher_samples"):
+        parts += [f"Its rounds trained on {record['teacher_samples']:,} images its teacher drew first (DDIM at "
+                  f"{record['from_steps']} steps, in `teacher-samples/`), not on data.", ""]
+    else:
+        parts += [f"Its rounds trained on `{last.dataset}`.", ""]
     at = f"{steps} step{'s' if steps != 1 else ''}"
     grids = [(f, caption) for f, caption in ((DISTILL_STUDENT_GRID, f"the student at {at}"),
                                              (DISTILL_TEACHER_GRID, f"its teacher by DDIM at {at}"))

@@ -443,7 +443,7 @@ DISTILLATION_SETS = ("output_dir", "distill_teacher", "distill_steps", "distill_
                      "init_from", "max_train_steps", "num_epochs", "resume_from_checkpoint", "overwrite_output_dir",
                      "unet_config", "unet_subfolder", "unet_preset", "channels", "resolution", "num_train_timesteps",
                      "beta_schedule", "beta_start", "beta_end", "variance_type", "loss", "timestep_sampler",
-                     "allow_config_change")
+                     "allow_config_change", "hub_push_every")
 
 # Recipes: values that replace the defaults. Each is a complete, named experiment.
 RECIPES: Dict[str, Dict[str, Any]] = {

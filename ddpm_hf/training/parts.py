@@ -170,9 +170,10 @@ def build_model(config: TrainingConfig, accelerator, total_steps: int, checkpoin
 
 def distillation_objective(config: TrainingConfig, scheduler: DDPMScheduler, device) -> tuple:
     """(the loss, the t-sampler) of a distillation round: `DistillationLoss` of the frozen teacher --distill_teacher
-    (its own prediction type; a learned variance's channels unused; a class-conditional one guided at
-    --distill_guidance_scale), on the run's float64 ᾱ, with the student's step j drawn uniformly from its N."""
-    from ddpm_hf.diffusion.distillation import DistillationLoss, network_x0
+    (its own prediction type, its x̂ clipped as its scheduler clips; a learned variance's channels unused; a
+    class-conditional one guided at --distill_guidance_scale), on the run's float64 ᾱ, with the student's step j
+    drawn uniformly from its N."""
+    from ddpm_hf.diffusion.distillation import DistillationLoss, network_x0, teacher_clip
     from ddpm_hf.saved.weights import load_pipeline
 
     teacher = load_pipeline(config.distill_teacher)
@@ -189,7 +190,7 @@ def distillation_objective(config: TrainingConfig, scheduler: DDPMScheduler, dev
 
         def forward(z, tau, labels):
             return GuidedNetwork(unet, labels, config.distill_guidance_scale)(z, tau).sample
-    x0_hat = network_x0(unet, theirs["prediction_type"], config.channels, forward)
+    x0_hat = network_x0(unet, theirs["prediction_type"], config.channels, forward, teacher_clip(theirs))
     loss = DistillationLoss(x0_hat, scheduler.tables().alphas_cumprod, config.distill_steps, config.prediction_type,
                             config.distill_weighting)
     return loss, make_timestep_sampler("uniform", config.distill_steps, device)

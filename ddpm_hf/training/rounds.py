@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ddpm_hf.errors import UsageError
 from ddpm_hf.outputs.files import remove_atomically
 from ddpm_hf.outputs.folder_jobs import FolderJob
 from ddpm_hf.outputs.run_folder import (
@@ -19,6 +20,7 @@ from ddpm_hf.outputs.run_folder import (
     DISTILL_ROUND_PREFIX,
     DISTILL_STUDENT_GRID,
     DISTILL_TEACHER_GRID,
+    DISTILL_TEACHER_SAMPLES,
     MODEL_CARD,
     MODEL_INDEX,
     TRAIN_SUMMARY,
@@ -59,22 +61,25 @@ def round_folders(output_dir: Path) -> List[Path]:
 def distill_results(output_dir: Path) -> List[Path]:
     """What ddpm-distill writes by name into its folder: the rounds, the top pipeline's index and the card's files
     (a folder holding them without distill.json holds someone else's: refused)."""
-    named = [Path(output_dir) / name for name in (MODEL_INDEX, MODEL_CARD, DISTILL_STUDENT_GRID, DISTILL_TEACHER_GRID)]
+    named = [Path(output_dir) / name for name in (MODEL_INDEX, MODEL_CARD, DISTILL_STUDENT_GRID, DISTILL_TEACHER_GRID,
+                                                  DISTILL_TEACHER_SAMPLES)]
     return round_folders(output_dir) + [p for p in named if p.exists() or p.is_symlink()]
 
 
 def draw_comparison(student, output_dir: Path, teacher: str, steps: int, guidance: float, count: int = 16) -> None:
     """The card's two grids in `output_dir`: the `student` pipeline at its `steps`, and its first teacher by DDIM on
-    the same grid of `steps` (unclipped, as the student learned it; guided at `guidance` where it is class-conditional,
-    the student at its own guidance of 1); image i from seed i in both, of class i mod K in a class-conditional pair."""
-    from ddpm_hf.diffusion.distillation import student_scheduler
+    the same grid of `steps` (clipped where its scheduler clips, as the student learned it; guided at `guidance`
+    where it is class-conditional, the student at its own guidance of 1); image i from seed i in both, of class i mod
+    K in a class-conditional pair."""
+    from ddpm_hf.diffusion.distillation import student_scheduler, teacher_clip
     from ddpm_hf.outputs.files import atomic_save_image
     from ddpm_hf.outputs.plots import image_grid
     from ddpm_hf.pipelines.guidance import num_classes
     from ddpm_hf.saved.weights import load_pipeline
 
     by_ddim = load_pipeline(teacher)
-    by_ddim.scheduler = student_scheduler(dict(by_ddim.scheduler.config), steps, by_ddim.scheduler.config.prediction_type)
+    config = dict(by_ddim.scheduler.config)
+    by_ddim.scheduler = student_scheduler(config, steps, config["prediction_type"], teacher_clip(config))
     classes = num_classes(student.unet)
     labels = None if classes is None else [k % classes for k in range(2 * classes)]  # two rows, a class a column
     seeds = list(range(count if labels is None else len(labels)))
@@ -85,25 +90,52 @@ def draw_comparison(student, output_dir: Path, teacher: str, steps: int, guidanc
         atomic_save_image(image_grid(images, cols=classes), output_dir / name)
 
 
+def draw_teacher_samples(teacher: str, folder: Path, num_images: int, steps: int, state, overwrite: bool) -> None:
+    """--teacher_samples: `num_images` images of the teacher by its DDIM at `steps` (trailing, clipped where it clips:
+    the first round's teacher), drawn as ddpm-sample draws (seed k for image k, its protocol in sampling.json, kept and
+    resumed, shared across processes)."""
+    from ddpm_hf.sampling.sample_folder import sample_command
+    from ddpm_hf.saved.weights import load_pipeline
+
+    pipe = load_pipeline(teacher)
+    sample_command(pipe, pipeline_name=teacher, folder=folder, num_images=num_images, batch_size=min(num_images, 100),
+                   sampler="ddim", num_inference_steps=steps, eta=None, seed=0, overwrite=overwrite, state=state,
+                   timestep_spacing="trailing")
+
+
 def distill(teacher: str, output_dir, *, from_steps: int, to_steps: int, steps_per_round: int,
-            given: Dict[str, Any], state=None, overwrite: bool = False, hub_token: Optional[str] = None) -> Path:
+            given: Dict[str, Any], state=None, overwrite: bool = False, hub_token: Optional[str] = None,
+            teacher_samples: Optional[int] = None) -> Path:
     """Run the rounds from `from_steps` to `to_steps` (checked by the caller: `distillation.steps_problem`) into
-    `output_dir`; returns the last round's folder. `given`: the training flags given, as train_ddpm.py takes them."""
+    `output_dir`; returns the last round's folder. `given`: the training flags given, as train_ddpm.py takes them;
+    with `teacher_samples` N, the rounds train on N images the teacher draws first (OUTPUT_DIR/teacher-samples/)."""
     from ddpm_hf.diffusion.distillation import rounds
     from ddpm_hf.saved.weights import load_pipeline, save_pipeline
     from ddpm_hf.training.loop import train
 
     output_dir = Path(output_dir)
+    samples = output_dir / DISTILL_TEACHER_SAMPLES
+    if teacher_samples is not None:
+        given = {**given, "dataset": str(samples)}
     protocol = {"teacher": teacher, "from_steps": from_steps, "to_steps": to_steps, "steps_per_round": steps_per_round,
                 "training": {k: given[k] for k in sorted(given)}}
+    if teacher_samples is not None:  # recorded only where used: a folder distilled on data keeps its protocol
+        protocol["teacher_samples"] = teacher_samples
+        # before anything is drawn or recorded: the first round's settings, as the rounds will read them
+        batch = round_config(teacher, rounds(from_steps, to_steps)[0], output_dir, steps_per_round, given).batch_size
+        if teacher_samples < batch:
+            raise UsageError(f"--teacher_samples {teacher_samples} is fewer than one batch of {batch}: draw at least "
+                             f"{batch}, or lower --batch_size.")
     with FolderJob(output_dir, DISTILL_RECORD, protocol, state, free=("teacher", "rounds", "complete"),
                    results=distill_results, results_are="files and folders named as ddpm-distill's") as job:
         job.check("a distillation", "distill again from scratch", overwrite)
         if overwrite and job.is_main:
-            for folder in round_folders(output_dir):
+            for folder in round_folders(output_dir) + ([samples] if samples.exists() else []):
                 remove_atomically(folder)
         done = [] if overwrite else list(job.recorded().get("rounds") or [])
         job.start((), False, rounds=done, complete=False)
+        if teacher_samples is not None:  # every round trains on them: drawn (or completed) before the first
+            draw_teacher_samples(teacher, samples, teacher_samples, from_steps, state, overwrite)
         current = teacher
         for steps in rounds(from_steps, to_steps):
             folder = output_dir / distill_round_dir(steps)
