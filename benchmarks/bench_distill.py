@@ -94,6 +94,15 @@ def draw(pipe, num_images: int, steps: int, batch: int = 100) -> torch.Tensor:
     return (torch.cat(out) * 255).round() / 127.5 - 1
 
 
+def comparison_figure(rows, path: Path, count: int = 12) -> None:
+    """One row per sampler (name, images in [-1, 1]), its first `count` images: image k from seed k in every row."""
+    from ddpm_hf.outputs.plots import image_grid, labelled_grid
+
+    grid = image_grid((torch.cat([images[:count] for _, images in rows]) + 1) / 2, cols=count, min_size=48)
+    cell = (grid.width // count, grid.height // len(rows))
+    labelled_grid(grid, [name for name, _ in rows], [f"seed {k}" for k in range(count)], cell).save(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", default="runs/digits", help="the teacher pipeline (the quick start's model)")
@@ -106,6 +115,8 @@ def main() -> None:
     parser.add_argument("--teacher_steps", type=int, default=1000, help="the teacher's own sampler's steps")
     parser.add_argument("--teacher_samples", type=int, default=None, help="distill on N images the teacher draws first "
                         "(ddpm-distill --teacher_samples) instead of the training digits")
+    parser.add_argument("--figure", default=None, help="also save a picture of each sampler's first 12 images (the "
+                        "teacher at its steps, then DDIM and the student at 4 and at 1 step) to this PNG")
     args = parser.parse_args()
     os.environ.setdefault("DDPM_HF_CPU_THREADS", "2")
 
@@ -132,7 +143,8 @@ def main() -> None:
     print(f"classifier trained in {time.perf_counter() - start:.0f} s", flush=True)
 
     start = time.perf_counter()
-    full = distance(net, draw(teacher, args.num_images, args.teacher_steps), reference)
+    drawn = {f"{args.teacher_steps} steps": draw(teacher, args.num_images, args.teacher_steps)}
+    full = distance(net, drawn[f"{args.teacher_steps} steps"], reference)
     print(f"teacher at {args.teacher_steps} steps: {time.perf_counter() - start:.0f} s", flush=True)
     ddim = with_spacing(use_scheduler(DDPMPipeline.from_pretrained(args.teacher), "ddim"), "trailing")
     ddim.set_progress_bar_config(disable=True)
@@ -140,14 +152,18 @@ def main() -> None:
     for n in STEPS:
         student = DDPMPipeline.from_pretrained(distilled / f"round-{n}")
         student.set_progress_bar_config(disable=True)
-        rows.append((n, distance(net, draw(student, args.num_images, n), reference),
-                     distance(net, draw(ddim, args.num_images, n), reference)))
+        drawn[f"DDIM {n}"], drawn[f"ours {n}"] = draw(ddim, args.num_images, n), draw(student, args.num_images, n)
+        rows.append((n, distance(net, drawn[f"ours {n}"], reference), distance(net, drawn[f"DDIM {n}"], reference)))
     print(f"\nFréchet distance to the {len(reference)} held-out digits, in the features of a digit classifier "
           f"(not an FID); {args.num_images} images each, seeds 0..{args.num_images - 1}")
     print(f"| steps | student (ddpm-distill) | teacher, DDIM | teacher at {args.teacher_steps} steps |")
     print("| ---: | ---: | ---: | ---: |")
     for n, student_fd, ddim_fd in rows:
         print(f"| {n} | {student_fd:.3f} | {ddim_fd:.3f} | {full:.3f} |")
+    if args.figure:
+        shown = [f"{args.teacher_steps} steps", "DDIM 4", "ours 4", "DDIM 1", "ours 1"]
+        comparison_figure([(name, drawn[name]) for name in shown], Path(args.figure))
+        print(f"figure: {args.figure} (rows: {', '.join(shown)}; 'ours' is the student)")
     four = next(r for r in rows if r[0] == 4)
     print(f"\nat 4 steps: DDIM / student = {four[2] / four[1]:.2f} (goal: at least 2); student / teacher at "
           f"{args.teacher_steps} = {four[1] / full:.2f} (goal: at most 1.5); {time.perf_counter() - started:.0f} s in all")

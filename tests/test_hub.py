@@ -345,8 +345,6 @@ def test_ddpm_distill_push_to_hub_publishes_the_last_student_with_its_card_and_n
     """`ddpm-distill --push_to_hub` checks the token first, then sends the top folder once the rounds end (as ddpm-push
     sends it): the student's pipeline, its card naming the repo, the card's grids and distill.json; no round, no
     checkpoint, no teacher sample. The pushed repo loads in plain diffusers and samples at its steps."""
-    import diffusers
-
     from ddpm_hf import DDPMPipeline, DDPMScheduler, build_unet
 
     torch.manual_seed(0)
