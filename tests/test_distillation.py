@@ -418,6 +418,43 @@ def test_ddpm_distill_runs_its_rounds_and_leaves_the_last_student_on_top_for_pla
 
 
 @pytest.mark.slow
+def test_edit_visualize_and_evaluate_draw_a_distilled_student_at_its_own_steps_unless_told(teacher, tmp_path,
+                                                                                           quick_frechet):
+    """A student learned only its grid's timesteps: every command that draws from a pipeline takes a distilled one at
+    the steps it was made for, as ddpm-sample does, and at --num_inference_steps where given."""
+    import json
+    import sys
+
+    from common import run_in_process
+    from PIL import Image
+    from test_evaluate_command import StandInInception
+
+    out = tmp_path / "distilled"
+    assert run_in_process(distill_cli(teacher, out, "--to_steps", 2, "--from_steps", 4, "--steps_per_round", 2)).returncode == 0
+    (tmp_path / "inputs").mkdir()
+    for k in range(2):
+        Image.new("L", (8, 8), 60 + 100 * k).save(tmp_path / "inputs" / f"{k}.png")
+    for more, steps in (([], 2), (["--num_inference_steps", 4], 4)):
+        edited = run_in_process([sys.executable, "-m", "ddpm_hf.commands.edit", out, tmp_path / "inputs",
+                                 tmp_path / f"edited-{steps}", "--strength", 0.5, *more])
+        assert edited.returncode == 0, edited.stderr[-3000:]
+        assert json.loads((tmp_path / f"edited-{steps}" / "edit.json").read_text())["num_inference_steps"] == steps
+        shown = run_in_process([sys.executable, "-m", "ddpm_hf.commands.visualize", out, tmp_path / f"figures-{steps}",
+                                "--figures", "progressive", "--seeds", 0, 1, *more])
+        assert shown.returncode == 0, shown.stderr[-3000:]
+        figures = json.loads((tmp_path / f"figures-{steps}" / "figures.json").read_text())
+        assert [entry["num_inference_steps"] for entry in figures.values()] == [steps]
+    torch.jit.script(StandInInception()).save(str(tmp_path / "stand-in.pt"))
+    evaluated = run_in_process([sys.executable, "-m", "ddpm_hf.commands.evaluate", out, tmp_path / "eval",
+                                "--num_images", 10, "--modes", "clean", "--nll_images", 0, "--reference", "digits",
+                                "--reference_split", "test", "--inception_weights", tmp_path / "stand-in.pt",
+                                "--cache_dir", tmp_path / "cache", "--fid_se_rounds", 0])
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    drawn = [json.loads(p.read_text()) for p in (tmp_path / "eval").rglob("sampling.json")]
+    assert [record["num_inference_steps"] for record in drawn] == [2]
+
+
+@pytest.mark.slow
 def test_a_signal_in_a_round_leaves_its_checkpoint_and_says_to_rerun_ddpm_distill_which_carries_on(teacher, tmp_path,
                                                                                                   monkeypatch):
     import json
@@ -506,6 +543,8 @@ def test_without_data_the_rounds_train_on_images_the_teacher_drew_first_by_its_d
     (["--teacher_samples", 8, "--train_data_dir", "folder"], r"--teacher_samples 8 draws the images the rounds train "
                                                              r"on: drop --dataset"),
     (["--teacher_samples", 0], r"--teacher_samples 0: give at least 1 image"),
+    (["--teacher_samples", 10**8], r"--teacher_samples 100000000 is more than one folder of PNGs holds well \(at "
+                                   r"most 10,000,000\): draw fewer"),
     (["--teacher_samples", 6], r"--teacher_samples 6 is fewer than one batch of 8: draw at least 8, or lower --batch_size"),
     (["--hub_model_id", "x"], r"--hub_model_id and --hub_private_repo need --push_to_hub"),
 ])

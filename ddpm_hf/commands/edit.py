@@ -32,7 +32,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "jump (j; default 10, as its paper)")
     parser.add_argument("--jump_n_sample", type=int, default=None, help="RePaint's resampling: jumps per point (r; "
                         "default 10, as its paper); 1 turns resampling off; the cost is about 1 + 2(r - 1) times the chain's")
-    parser.add_argument("--num_inference_steps", type=int, default=1000)
+    parser.add_argument("--num_inference_steps", type=int, default=1000, help="steps of the chain (a pipeline "
+                        "ddpm-distill made: the steps it was distilled for)")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0, help="input k is edited with seed + k")
     parser.add_argument("--overwrite", action="store_true", help="edit again from scratch in a folder made from other "

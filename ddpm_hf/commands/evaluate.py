@@ -29,7 +29,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "ddpm-lsun-church/bedroom/cat (Table 3, 256x256), ddpm-celebahq-256 (no published number)")
     parser.add_argument("--num_images", type=int, default=None, help="samples for FID and IS (default: the protocol's, "
                         "50,000)")
-    parser.add_argument("--num_inference_steps", type=int, default=None, help="DDPM steps (default: the protocol's, 1000)")
+    parser.add_argument("--num_inference_steps", type=int, default=None, help="steps of the chain (default: the "
+                        "protocol's, 1000; a pipeline ddpm-distill made: the steps it was distilled for)")
     parser.add_argument("--reference", default=None, help="the FID reference, as ddpm-metrics takes it (default: the "
                         "protocol's: cifar10; the LSUN and CelebA-HQ protocols name the set to pass)")
     parser.add_argument("--reference_split", default=None, help="the --reference dataset's split (default: train)")

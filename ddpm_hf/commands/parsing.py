@@ -88,6 +88,7 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+        self.given = set()  # the flags on the command line (a default is not a choice the user made)
 
     def add_argument(self, *args, **kwargs):
         if "help" not in kwargs and args and args[0] in SHARED_HELP:
@@ -101,7 +102,9 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
     def parse_args(self, args=None, namespace=None):
-        namespace, extras = self.parse_known_args(self._values_kept(args), namespace)
+        args = self._values_kept(args)
+        self.given = {a.split("=", 1)[0] for a in args if a.startswith("--")}  # flags never abbreviate
+        namespace, extras = self.parse_known_args(args, namespace)
         if extras:
             # an unknown flag's value is not news: name the flags (with a suggestion), and stray words only alone
             flags = [a for a in extras if a.startswith("-")]
@@ -144,7 +147,7 @@ class Parser(argparse.ArgumentParser):
         """A command's inputs that can be checked without torch (a pipeline folder, a dataset name, a chain no longer
         than the pipeline's T): called by the command after its own usage checks, before anything heavy loads."""
         from ddpm_hf.errors import MissingError
-        from ddpm_hf.outputs.run_folder import pipeline_source_problem, steps_problem
+        from ddpm_hf.outputs.run_folder import distilled_steps, pipeline_source_problem, steps_problem
         from ddpm_hf.paths import dataset_name_problem, samples_folder_problem, reference_problem
 
         problem_of = {"pipeline": pipeline_source_problem, "dataset": dataset_name_problem,
@@ -156,8 +159,14 @@ class Parser(argparse.ArgumentParser):
             problem = problem_of[kind](value) if kind == "pipeline" else problem_of[kind](value, named)
             if problem:
                 raise MissingError(problem)
+        pipeline = getattr(namespace, "pipeline", None)
+        if isinstance(pipeline, str) and hasattr(namespace, "num_inference_steps") and (
+                "--num_inference_steps" not in self.given):
+            # a distilled student learned only its own grid's timesteps: it is drawn (sampled, edited, visualized,
+            # evaluated) at the steps it was made for; the flag's shown default is any other pipeline's
+            namespace.num_inference_steps = distilled_steps(pipeline) or namespace.num_inference_steps
         steps = getattr(namespace, "num_inference_steps", None)
-        if isinstance(getattr(namespace, "pipeline", None), str) and isinstance(steps, int):
+        if isinstance(pipeline, str) and isinstance(steps, int):
             problem = steps_problem(namespace.pipeline, steps)
             if problem:
                 self.error(problem)

@@ -47,12 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.seed < 0:
         parser.error(f"--seed {args.seed}: seeds are integers from 0 (image k is drawn from seed + k)")
 
-    from ddpm_hf.outputs.run_folder import distilled_steps
     from ddpm_hf.sampling.counts import count_problem
-
-    given = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    if not any(a == "--num_inference_steps" or a.startswith("--num_inference_steps=") for a in given):
-        args.num_inference_steps = distilled_steps(args.pipeline) or args.num_inference_steps  # flags never abbreviate
 
     problem = count_problem(args.num_images, args.batch_size, args.num_inference_steps)
     if problem:  # before the pipeline is loaded and anything is written

@@ -28,7 +28,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--progressive_seeds", type=int, default=4, help="how many of --seeds make the "
                         "progressive figure (a row of x_t and a row of the predicted x_0 each)")
     parser.add_argument("--scheduler", choices=SAMPLERS, default="ddpm")
-    parser.add_argument("--num_inference_steps", type=int, default=1000)
+    parser.add_argument("--num_inference_steps", type=int, default=1000, help="steps of the chain (a pipeline "
+                        "ddpm-distill made: the steps it was distilled for)")
     parser.add_argument("--eta", type=float, default=None, help="DDIM's eta (ddim only)")
     parser.add_argument("--dataset", default=None, help="real images for forward and interpolate: anything "
                         "train_ddpm.py --dataset takes (cifar10, a Hub id, a folder of images, .parquet files)")
