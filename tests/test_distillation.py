@@ -425,7 +425,7 @@ def test_edit_visualize_and_evaluate_draw_a_distilled_student_at_its_own_steps_u
     import json
     import sys
 
-    from common import run_in_process
+    from common import one_error_line, run_in_process
     from PIL import Image
     from test_evaluate_command import StandInInception
 
@@ -444,6 +444,12 @@ def test_edit_visualize_and_evaluate_draw_a_distilled_student_at_its_own_steps_u
         assert shown.returncode == 0, shown.stderr[-3000:]
         figures = json.loads((tmp_path / f"figures-{steps}" / "figures.json").read_text())
         assert [entry["num_inference_steps"] for entry in figures.values()] == [steps]
+    # SDEdit that runs none of the student's steps is refused with what fits it (not more steps: it never learned them)
+    refused = run_in_process([sys.executable, "-m", "ddpm_hf.commands.edit", out, tmp_path / "inputs",
+                              tmp_path / "edited-none", "--strength", 0.2])
+    assert ("--strength 0.2 runs none of the 2 DDIM step(s)" in one_error_line(refused)
+            and "give a --strength above 0.25, or edit with its teacher" in one_error_line(refused))
+    assert not (tmp_path / "edited-none").exists()
     torch.jit.script(StandInInception()).save(str(tmp_path / "stand-in.pt"))
     evaluated = run_in_process([sys.executable, "-m", "ddpm_hf.commands.evaluate", out, tmp_path / "eval",
                                 "--num_images", 10, "--modes", "clean", "--nll_images", 0, "--reference", "digits",
