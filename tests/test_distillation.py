@@ -487,6 +487,44 @@ def test_a_signal_in_a_round_leaves_its_checkpoint_and_says_to_rerun_ddpm_distil
     assert json.loads((out / "distill.json").read_text())["rounds"] == [2, 1]
 
 
+@pytest.mark.slow
+def test_two_processes_share_the_teacher_samples_and_train_every_round_together(teacher, tmp_path):
+    """accelerate launch with 2 CPU processes (gloo): each teacher sample is drawn once, by one process, as one process
+    draws it (seed k for image k); each round trains with the batch split over both; the rounds end, and the command
+    says so, once (a training run ending inside the rounds left the processes' group in place)."""
+    import json
+    import subprocess
+
+    from PIL import Image
+
+    from common import launch_two
+
+    from ddpm_hf import DDPMPipeline
+    from ddpm_hf.sampling.samplers import use_scheduler, with_spacing
+
+    out = tmp_path / "distilled"
+    cli = distill_cli(teacher, out, "--to_steps", 1, "--from_steps", 4, "--steps_per_round", 2, "--teacher_samples", 8,
+                      "--batch_size", 4, data=False)
+    proc = subprocess.run(launch_two(*cli[1:]), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "distill.json").read_text())
+    assert (record["rounds"], record["complete"]) == ([2, 1], True)
+    samples = out / "teacher-samples"
+    assert sorted(p.name for p in samples.glob("*.png")) == [f"{k:06d}-seed{k}.png" for k in range(8)]
+    by_ddim = with_spacing(use_scheduler(DDPMPipeline.from_pretrained(teacher), "ddim"), "trailing")
+    by_ddim.set_progress_bar_config(disable=True)
+    images = by_ddim(batch_size=8, seeds=list(range(8)), num_inference_steps=4, output_type="np").images
+    for k in range(8):
+        saved = np.asarray(Image.open(samples / f"{k:06d}-seed{k}.png"), dtype=np.float64) / 255
+        np.testing.assert_allclose(saved, images[k, ..., 0], atol=1 / 255 + 1e-6)
+    for steps in (2, 1):
+        summary = json.loads((out / f"round-{steps}" / "train_summary.json").read_text())
+        assert (summary["hardware"]["processes"], summary["steps"], summary["images_seen"]) == (2, 2, 2 * 4)
+    # --batch_size is the global batch, as training's: each round splits it over the processes, its line said once
+    assert proc.stderr.count("Training 2 steps of 4 images (2 per process x 2 processes x 1 accumulation)") == 2
+    assert proc.stdout.count("to 1 DDIM steps:") == 1  # the closing line once, not once per process
+
+
 @pytest.mark.parametrize("more, said", [
     (["--to_steps", 3], r"--to_steps 3 does not divide the teacher's 1000 training timesteps"),
     (["--to_steps", 4, "--from_steps", 12], r"--from_steps 12 is not --to_steps 4 times a power of two"),

@@ -148,8 +148,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    hub_token, hub.get("hub_private_repo", False), output_dir)
     last = distill(teacher, output_dir, from_steps=from_steps, to_steps=to_steps, steps_per_round=steps_per_round,
                    given=given, state=state, overwrite=overwrite, hub_token=hub_token, teacher_samples=teacher_samples)
-    print(f"distilled {teacher} to {to_steps} DDIM steps: {output_dir} (the last round: {last}); sample it at its "
-          f"{to_steps} steps (ddpm-sample's --num_inference_steps, or num_inference_steps= in Python)")
+    if state.is_main_process:
+        print(f"distilled {teacher} to {to_steps} DDIM steps: {output_dir} (the last round: {last}); sample it at its "
+              f"{to_steps} steps (ddpm-sample's --num_inference_steps, or num_inference_steps= in Python)")
     if repo_id is not None:
         from ddpm_hf.publishing.hub import push_output_folder
 

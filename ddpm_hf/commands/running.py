@@ -58,8 +58,18 @@ def command(main=None, *, memory_hint: str = MEMORY_HINT):
                 emit_error(f"internal error ({type(e).__name__}: {e}); run again with --debug for the traceback and "
                            "report it, please")
             return 1
+        finally:
+            end_process_group()
 
     return wrapper
+
+
+def end_process_group() -> None:
+    """Under `accelerate launch`, end the processes' group once, as the command exits (not after each training run:
+    ddpm-distill runs several in the same processes). Without torch loaded there is none to end."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 def configure_logging() -> None:

@@ -586,7 +586,10 @@ def finish(run: Run, state: TrainState) -> None:
             logger.warning("%d of %d steps had a non-finite loss or gradient and were skipped (see train_summary.json).",
                            state.nonfinite_total, run.total_steps)
     run.accelerator.wait_for_everyone()
-    run.accelerator.end_training()
+    # not end_training(): it also ends the process group, which ddpm-distill's next round (a training run in the same
+    # processes) and its barriers still need; the command ends the group as it exits (commands.running)
+    for tracker in run.accelerator.trackers:
+        tracker.finish()
     if run.pusher is not None:
         try:
             run.pusher.push(run.output_dir, f"End of training: step {run.total_steps}")
