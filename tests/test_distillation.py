@@ -352,6 +352,22 @@ def distill_cli(teacher, out, *more, data=True):
             *map(str, more)]
 
 
+def assert_drawn_by_the_teachers_ddim(teacher, samples, count: int, steps: int) -> None:
+    """samples/ holds `count` images, image k as the teacher's DDIM (trailing, `steps` steps) draws it from seed k."""
+    from PIL import Image
+
+    from ddpm_hf import DDPMPipeline
+    from ddpm_hf.sampling.samplers import use_scheduler, with_spacing
+
+    assert sorted(p.name for p in samples.glob("*.png")) == [f"{k:06d}-seed{k}.png" for k in range(count)]
+    by_ddim = with_spacing(use_scheduler(DDPMPipeline.from_pretrained(teacher), "ddim"), "trailing")
+    by_ddim.set_progress_bar_config(disable=True)
+    images = by_ddim(batch_size=count, seeds=list(range(count)), num_inference_steps=steps, output_type="np").images
+    for k in range(count):
+        saved = np.asarray(Image.open(samples / f"{k:06d}-seed{k}.png"), dtype=np.float64) / 255
+        np.testing.assert_allclose(saved, images[k, ..., 0], atol=1 / 255 + 1e-6)
+
+
 @pytest.mark.slow
 def test_ddpm_distill_runs_its_rounds_and_leaves_the_last_student_on_top_for_plain_diffusers(teacher, tmp_path):
     import json
@@ -495,12 +511,7 @@ def test_two_processes_share_the_teacher_samples_and_train_every_round_together(
     import json
     import subprocess
 
-    from PIL import Image
-
     from common import launch_two
-
-    from ddpm_hf import DDPMPipeline
-    from ddpm_hf.sampling.samplers import use_scheduler, with_spacing
 
     out = tmp_path / "distilled"
     cli = distill_cli(teacher, out, "--to_steps", 1, "--from_steps", 4, "--steps_per_round", 2, "--teacher_samples", 8,
@@ -509,14 +520,7 @@ def test_two_processes_share_the_teacher_samples_and_train_every_round_together(
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((out / "distill.json").read_text())
     assert (record["rounds"], record["complete"]) == ([2, 1], True)
-    samples = out / "teacher-samples"
-    assert sorted(p.name for p in samples.glob("*.png")) == [f"{k:06d}-seed{k}.png" for k in range(8)]
-    by_ddim = with_spacing(use_scheduler(DDPMPipeline.from_pretrained(teacher), "ddim"), "trailing")
-    by_ddim.set_progress_bar_config(disable=True)
-    images = by_ddim(batch_size=8, seeds=list(range(8)), num_inference_steps=4, output_type="np").images
-    for k in range(8):
-        saved = np.asarray(Image.open(samples / f"{k:06d}-seed{k}.png"), dtype=np.float64) / 255
-        np.testing.assert_allclose(saved, images[k, ..., 0], atol=1 / 255 + 1e-6)
+    assert_drawn_by_the_teachers_ddim(teacher, out / "teacher-samples", 8, 4)
     for steps in (2, 1):
         summary = json.loads((out / f"round-{steps}" / "train_summary.json").read_text())
         assert (summary["hardware"]["processes"], summary["steps"], summary["images_seen"]) == (2, 2, 2 * 4)
@@ -552,12 +556,7 @@ def test_without_data_the_rounds_train_on_images_the_teacher_drew_first_by_its_d
     seeds 0..N-1), recorded as ddpm-sample records them, are the dataset of every round; the card says so."""
     import json
 
-    from PIL import Image
-
     from common import run_in_process
-
-    from ddpm_hf import DDPMPipeline
-    from ddpm_hf.sampling.samplers import use_scheduler, with_spacing
 
     out = tmp_path / "distilled"
     proc = run_in_process(distill_cli(teacher, out, "--to_steps", 1, "--from_steps", 2, "--steps_per_round", 2,
@@ -566,12 +565,7 @@ def test_without_data_the_rounds_train_on_images_the_teacher_drew_first_by_its_d
     samples = out / "teacher-samples"
     drawn = json.loads((samples / "sampling.json").read_text())
     assert (drawn["scheduler"], drawn["num_inference_steps"], drawn["num_images"], drawn["complete"]) == ("ddim", 2, 6, True)
-    by_ddim = with_spacing(use_scheduler(DDPMPipeline.from_pretrained(teacher), "ddim"), "trailing")
-    by_ddim.set_progress_bar_config(disable=True)
-    images = by_ddim(batch_size=6, seeds=list(range(6)), num_inference_steps=2, output_type="np").images
-    for k in range(6):
-        saved = np.asarray(Image.open(samples / f"{k:06d}-seed{k}.png"), dtype=np.float64) / 255
-        np.testing.assert_allclose(saved, images[k, ..., 0], atol=1 / 255 + 1e-6)
+    assert_drawn_by_the_teachers_ddim(teacher, samples, 6, 2)
     config = json.loads((out / "round-1" / "training_config.json").read_text())
     assert config["dataset"] == str(samples)
     assert json.loads((out / "distill.json").read_text())["teacher_samples"] == 6
