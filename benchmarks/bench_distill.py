@@ -161,9 +161,9 @@ def main() -> None:
     ddim.set_progress_bar_config(disable=True)
     # the rounds start from this sampler and each copies its teacher, so the students come about this close at best
     bound = distance(net, draw(ddim, args.num_images, args.from_steps), reference)
-    rows = []
+    rows, students = [], {}
     for n in STEPS:
-        student = DDPMPipeline.from_pretrained(distilled / f"round-{n}")
+        students[n] = student = DDPMPipeline.from_pretrained(distilled / f"round-{n}")
         student.set_progress_bar_config(disable=True)
         drawn[f"DDIM {n}"], drawn[f"ours {n}"] = draw(ddim, args.num_images, n), draw(student, args.num_images, n)
         rows.append((n, distance(net, drawn[f"ours {n}"], reference), distance(net, drawn[f"DDIM {n}"], reference)))
@@ -182,13 +182,11 @@ def main() -> None:
     print(f"\nat 4 steps: DDIM / student = {four[2] / four[1]:.2f} (goal: at least 2); student / teacher at "
           f"{args.teacher_steps} = {four[1] / full:.2f} (goal: at most 1.5)")
     if args.seed_sets > 1:
-        student = DDPMPipeline.from_pretrained(distilled / "round-4")
-        student.set_progress_bar_config(disable=True)
         ratios = [four[2] / four[1]]
         for k in range(1, args.seed_sets):
             first = k * args.num_images
             ours, theirs = (distance(net, draw(pipe, args.num_images, 4, first_seed=first), reference)
-                            for pipe in (student, ddim))
+                            for pipe in (students[4], ddim))
             ratios.append(theirs / ours)
             print(f"seeds {first}..{first + args.num_images - 1}: student {ours:.3f}, DDIM {theirs:.3f}", flush=True)
         print(f"at 4 steps, DDIM / student on {args.seed_sets} disjoint seed sets: "

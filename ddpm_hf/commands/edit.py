@@ -48,16 +48,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(label_flags_problem(args))
     parser.check_sources(args)
     from ddpm_hf.outputs.run_folder import distilled_steps
-    from ddpm_hf.pipelines.pipeline_ddpm import sdedit_steps
     from ddpm_hf.sampling.edit_folder import edit_command, edit_problem, input_files, refuse_overlap
 
-    steps = args.num_inference_steps
-    if (args.strength and 0 < args.strength <= 1 and not sdedit_steps(args.strength, steps)
-            and distilled_steps(args.pipeline) == steps):  # more steps would be timesteps the student never learned
-        parser.error(f"--strength {args.strength} runs none of the {steps} DDIM step(s) {args.pipeline} was distilled "
-                     f"for: give a --strength above {0.5 / steps:g}, or edit with its teacher")
-    problem = edit_problem(args.strength, args.mask, args.mask_half, num_inference_steps=args.num_inference_steps,
-                           batch_size=args.batch_size, jump_length=jump_length, jump_n_sample=jump_n_sample,
+    student = args.pipeline if distilled_steps(args.pipeline) == args.num_inference_steps else None
+    problem = edit_problem(args.strength, args.mask, args.mask_half, student,
+                           num_inference_steps=args.num_inference_steps, batch_size=args.batch_size, jump_length=jump_length, jump_n_sample=jump_n_sample,
                            seed=args.seed)
     if problem:  # before the pipeline is loaded
         parser.error(problem)

@@ -96,9 +96,11 @@ def mask_files(mask, inputs: Sequence[Path], root: Path) -> List[Path]:
     return found
 
 
-def edit_problem(strength: Optional[float], mask, mask_half: Optional[str], **counts: int) -> Optional[str]:
+def edit_problem(strength: Optional[float], mask, mask_half: Optional[str], distilled_for: Optional[str] = None,
+                 **counts: int) -> Optional[str]:
     """What is wrong with an edit's settings (one edit, a strength in [0, 1], `counts` at least 1, a seed from 0), or
-    None: checked before the pipeline is loaded."""
+    None: checked before the pipeline is loaded. `distilled_for`: the pipeline, where it is a student distilled for
+    exactly these steps (more steps would be timesteps it never learned)."""
     modes = [flag for flag, value in (("--strength", strength), ("--mask", mask), ("--mask_half", mask_half))
              if value is not None]
     if len(modes) != 1:
@@ -111,6 +113,9 @@ def edit_problem(strength: Optional[float], mask, mask_half: Optional[str], **co
             return f"--{flag} {value} must be at least {0 if flag == 'seed' else 1}"
     steps = counts.get("num_inference_steps", 1)
     if strength is not None and strength > 0 and sdedit_steps(strength, steps) == 0:
+        if distilled_for is not None:
+            return (f"--strength {strength} runs none of the {steps} DDIM step(s) {distilled_for} was distilled for: "
+                    f"give a --strength above {0.5 / steps:g}, or edit with its teacher")
         return (f"--strength {strength} of --num_inference_steps {steps} runs no step (it would return the inputs); "
                 f"raise --num_inference_steps to at least {int(0.5 / strength) + 1}, or --strength")
     return None
